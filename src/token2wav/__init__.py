@@ -1,0 +1,30 @@
+"""token2wav: a streaming speech-token to waveform engine for CosyVoice-family flow-matching decoders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ModelConfig, read_config
+from .loading import build_flow, build_vocoder, load_flow, load_vocoder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "read_config",
+    "ModelConfig",
+    "build_flow",
+    "load_flow",
+    "build_vocoder",
+    "load_vocoder",
+    "Token2Wav",
+    "Prompt",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The engine imports every model; keep `import token2wav` light for config-only users.
+    if name in ("Token2Wav", "Prompt"):
+        from .streaming import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'token2wav' has no attribute {name!r}")

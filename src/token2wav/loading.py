@@ -1,0 +1,106 @@
+"""From a config and a weights file to a ready, stateless model: build, load strictly, fold, place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import (
+    fold_weight_norm,
+    load_strict,
+    read_state_dict,
+    strip_generator_prefix,
+    upgrade_weight_norm_keys,
+)
+from .config import ModelConfig, build_module, read_config
+
+__all__ = ["build_flow", "load_flow", "build_vocoder", "load_vocoder", "resolve_model_dir", "BUNDLED_MODELS"]
+
+_ASSETS = Path(__file__).resolve().parent / "assets"
+# Models that ship inside the package, by name.
+BUNDLED_MODELS = {
+    "demo": _ASSETS / "demo",
+    "tiny": _ASSETS / "tiny",
+}
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A model directory from a path or the name of a bundled model."""
+    if isinstance(model, str) and model in BUNDLED_MODELS:
+        path = BUNDLED_MODELS[model]
+        if not path.is_dir():
+            raise FileNotFoundError(f"bundled model '{model}' is not installed (expected {path})")
+        return path
+    path = Path(model)
+    if not path.is_dir():
+        names = ", ".join(sorted(BUNDLED_MODELS))
+        raise FileNotFoundError(f"model '{model}' is neither a directory nor a bundled model ({names})")
+    return path
+
+
+def _config(config: str | Path | ModelConfig) -> ModelConfig:
+    return config if isinstance(config, ModelConfig) else read_config(config)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be one of float32, float16, bfloat16, float64; got {dtype}")
+
+
+def build_flow(config_path: str | Path | ModelConfig, device: str | torch.device = "meta") -> nn.Module:
+    """The flow (token -> mel) of a config, without weights. On 'meta' nothing is allocated."""
+    config = _config(config_path)
+    with torch.device(device):
+        flow = build_module(config.flow)
+    return flow.eval()
+
+
+def build_vocoder(config_path: str | Path | ModelConfig, device: str | torch.device = "meta") -> nn.Module:
+    """The vocoder (mel -> waveform) of a config, without weights. On 'meta' nothing is allocated."""
+    config = _config(config_path)
+    with torch.device(device):
+        vocoder = build_module(config.vocoder)
+    return vocoder.eval()
+
+
+def _place(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    module = module.to(device=device, dtype=dtype)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def load_flow(
+    config_path: str | Path | ModelConfig,
+    weights_path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Build the flow of a config and load `flow.pt` / `flow.safetensors` into it strictly."""
+    _check_dtype(dtype)
+    flow = build_flow(config_path, device="cpu")
+    state = read_state_dict(weights_path)
+    load_strict(flow, state, source=str(weights_path))
+    return _place(flow, device, dtype)
+
+
+def load_vocoder(
+    config_path: str | Path | ModelConfig,
+    weights_path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Build the vocoder of a config and load `hift.pt` / `.safetensors` strictly, then fold weight norm."""
+    _check_dtype(dtype)
+    config = _config(config_path)
+    vocoder = build_vocoder(config, device="cpu")
+    state = strip_generator_prefix(read_state_dict(weights_path))
+    state = upgrade_weight_norm_keys(state, vocoder)
+    load_strict(vocoder, state, source=str(weights_path))
+    fold_weight_norm(vocoder)
+    seed = config.extra.get("source_noise_seed")
+    if seed is not None and hasattr(vocoder, "set_source_noise"):
+        vocoder.set_source_noise(int(seed))
+    return _place(vocoder, device, dtype)
