@@ -1,0 +1,424 @@
+"""`token2wav bench`: first-chunk latency, per-chunk cost, RTF and memory, for every decoding mode in one run.
+
+Speed does not depend on the weights, so by default the full-size CosyVoice 2/3 architectures are built from their
+real configs with random weights. `--quick` uses a mid-size variant of the same architectures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, ModuleSpec, read_config
+from .loading import build_flow, build_vocoder, resolve_model_dir
+
+_CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
+MODES = ("offline", "cached", "window", "recompute")
+PROMPT_SECONDS = 3.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _override(spec: ModuleSpec, path: tuple[str, ...], **kwargs: Any) -> ModuleSpec:
+    """A copy of `spec` with kwargs replaced in the nested module at `path`."""
+    if not path:
+        return dataclasses.replace(spec, kwargs={**spec.kwargs, **kwargs})
+    child = spec.kwargs[path[0]]
+    return dataclasses.replace(spec, kwargs={**spec.kwargs, path[0]: _override(child, path[1:], **kwargs)})
+
+
+def mid_size(config: ModelConfig) -> ModelConfig:
+    """The same architecture at a size that runs a 30 s stream in seconds on two CPU cores."""
+    flow, vocoder = config.flow, config.vocoder
+    if config.family == "cosyvoice3":
+        flow = _override(flow, ("decoder", "estimator"), dim=256, depth=6, heads=4, dim_head=64)
+        flow = _override(flow, ("pre_lookahead_layer",), channels=256)
+    else:
+        flow = _override(flow, ("encoder",), num_blocks=2, linear_units=1024)
+        flow = _override(flow, ("decoder", "estimator"), channels=[128], n_blocks=1, num_mid_blocks=2,
+                         attention_head_dim=32, num_heads=4)
+    vocoder = _override(vocoder, (), base_channels=128)
+    vocoder = _override(vocoder, ("f0_predictor",), cond_channels=128)
+    return dataclasses.replace(config, flow=flow, vocoder=vocoder)
+
+
+def build_engine(model: str, quick: bool, device: str, dtype: torch.dtype):
+    """A Token2Wav engine on random weights (`cv2`/`cv3`) or from a model directory / bundled name."""
+    from .streaming.engine import Token2Wav
+
+    if model in ("cv2", "cv3"):
+        config = read_config(_CONFIGS / f"cosyvoice{model[-1]}.yaml")
+        if quick:
+            config = mid_size(config)
+        torch.manual_seed(0)
+        flow = build_flow(config, device="cpu")
+        vocoder = build_vocoder(config, device="cpu")
+        _scale_random_weights(flow)
+        flow = flow.to(device=device, dtype=dtype).eval()
+        vocoder = vocoder.to(device=device, dtype=dtype).eval()
+        return Token2Wav(flow=flow, vocoder=vocoder, config=config)
+    return Token2Wav.from_pretrained(resolve_model_dir(model), device=device, dtype=dtype)
+
+
+def _scale_random_weights(module: torch.nn.Module) -> None:
+    # Default inits blow activations up through 22 blocks; keep the random model numerically tame (speed is the same).
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() >= 2:
+                p.mul_(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: fall back to the process's lifetime peak
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def peak_memory(device: str) -> Iterator[dict[str, float]]:
+    """Peak resident memory (sampled) and, on CUDA, peak allocated GPU memory, over the block."""
+    result = {"peak_rss_mb": _rss_mb()}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            result["peak_rss_mb"] = max(result["peak_rss_mb"], _rss_mb())
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["peak_rss_mb"] = max(result["peak_rss_mb"], _rss_mb())
+        if device.startswith("cuda"):
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _workload(engine, seconds: float, seed: int) -> tuple[Any, list[int]]:
+    from .streaming.engine import Prompt
+
+    cfg = engine.config
+    rng = np.random.default_rng(seed)
+    n_prompt = int(round(PROMPT_SECONDS * cfg.token_rate))
+    prompt = Prompt(
+        tokens=rng.integers(0, cfg.vocab_size, n_prompt).tolist(),
+        mel=(rng.standard_normal((n_prompt * cfg.token_mel_ratio, cfg.mel_dim)) - 5.0).astype(np.float32),
+        embedding=rng.standard_normal(cfg.spk_embed_dim).astype(np.float32),
+    )
+    tokens = rng.integers(0, cfg.vocab_size, int(round(seconds * cfg.token_rate))).tolist()
+    return prompt, tokens
+
+
+def run_offline(engine, prompt, tokens, device: str) -> dict[str, Any]:
+    with peak_memory(device) as mem:
+        _sync(device)
+        start = time.perf_counter()
+        engine.synthesize(tokens, prompt=prompt, attention="chunk")
+        _sync(device)
+        total = time.perf_counter() - start
+    return {"total_s": total, "first_chunk_ms": total * 1e3, "first_chunk_cold_ms": total * 1e3,
+            "chunk_ms": [total * 1e3], **mem}
+
+
+def run_stream(engine, prompt, tokens, mode: str, device: str, hop: int) -> dict[str, Any]:
+    """Feed tokens as fast as the engine takes them, one hop at a time; time every chunk."""
+    kwargs: dict[str, Any] = {"hop": hop, "schedule": "fixed", "mode": mode}
+    if mode == "window":
+        kwargs["window_frames"] = 4 * engine.config.static_chunk_size
+    chunk_ms: list[float] = []
+    with peak_memory(device) as mem:
+        start = time.perf_counter()
+        with engine.stream(prompt, **kwargs) as session:
+            step = hop
+            for i in range(0, len(tokens), step):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = session.push(tokens[i : i + step])
+                _sync(device)
+                if out:
+                    chunk_ms.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            session.finish()
+            _sync(device)
+            chunk_ms.append((time.perf_counter() - t0) * 1e3)
+        total = time.perf_counter() - start
+    return {"total_s": total, "chunk_ms": chunk_ms, "first_chunk_ms": chunk_ms[0], **mem}
+
+
+def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int) -> dict[str, Any]:
+    """N streams at once from N threads; aggregate RTF and the spread of first-chunk latency."""
+    first: list[float] = [0.0] * sessions
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            start = time.perf_counter()
+            with engine.stream(prompt, hop=hop, schedule="fixed", mode="cached") as session:
+                got_first = False
+                for j in range(0, len(tokens), hop):
+                    if session.push(tokens[j : j + hop]) and not got_first:
+                        first[i] = (time.perf_counter() - start) * 1e3
+                        got_first = True
+                session.finish()
+                if not got_first:
+                    first[i] = (time.perf_counter() - start) * 1e3
+        except BaseException as exc:  # reported after join
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    audio_s = sessions * len(tokens) / engine.config.token_rate
+    ordered = sorted(first)
+    return {
+        "sessions": sessions,
+        "wall_s": wall,
+        "aggregate_rtf": wall / audio_s,
+        "first_chunk_ms_mean": statistics.fmean(first),
+        "first_chunk_ms_p50": float(np.percentile(ordered, 50)),
+        "first_chunk_ms_p99": float(np.percentile(ordered, 99)),
+    }
+
+
+def machine_info(device: str, dtype: torch.dtype) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+            "dtype": str(dtype).replace("torch.", ""), "commit": commit, "date": time.strftime("%Y-%m-%d")}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The benchmark targets, checked for every model and utterance length measured."""
+    out = []
+    for r in runs:
+        if r["mode"] != "cached":
+            continue
+        rec = next((x for x in runs if x["model"] == r["model"] and x["mode"] == "recompute"
+                    and x["utterance_s"] == r["utterance_s"]), None)
+        chunks = r["chunk_ms"]
+        # The last chunk is the flush: it holds the remainder, not a full hop, so compare full hops.
+        body = chunks[:-1] if len(chunks) > 2 else chunks
+        checks = [("cached total <= 1.10 x offline", r.get("vs_offline"), 1.10),
+                  ("last/first chunk compute <= 1.3", body[-1] / body[0] if body else None, 1.3)]
+        if rec:
+            checks.append(("warm first chunk <= 0.3 x recompute first chunk",
+                           r["first_chunk_ms"] / rec["first_chunk_ms"], 0.3))
+        for name, value, limit in checks:
+            out.append({"model": r["model"], "utterance_s": r["utterance_s"], "target": name,
+                        "value": value, "met": value is not None and value <= limit})
+    return out
+
+
+def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = report["runs"]
+    paths = []
+    models = sorted({r["model"] for r in runs})
+    longest = max(r["utterance_s"] for r in runs)
+
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in runs:
+            if r["model"] == model and r["utterance_s"] == longest and r["mode"] != "offline":
+                ax.plot(range(len(r["chunk_ms"])), r["chunk_ms"], marker=".", label=r["mode"])
+        ax.set(title=f"{model}: {longest:g} s stream", xlabel="chunk index", ylabel="chunk compute (ms)")
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "chunk_ms.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for mode in MODES:
+            pts = sorted((r["utterance_s"], r["total_s"]) for r in runs if r["model"] == model and r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=mode)
+        ax.set(title=f"{model}: total cost", xlabel="utterance (s)", ylabel="total compute (s)")
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "total_vs_length.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    conc = report.get("concurrency") or []
+    if conc:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model in models:
+            pts = sorted((c["sessions"], c["first_chunk_ms_p50"], c["first_chunk_ms_p99"])
+                         for c in conc if c["model"] == model)
+            if pts:
+                n, p50, p99 = zip(*pts)
+                ax.plot(n, p50, marker="o", label=f"{model} p50")
+                ax.plot(n, p99, marker="x", linestyle="--", label=f"{model} p99")
+        ax.set(title="first-chunk latency vs concurrency", xlabel="concurrent sessions", ylabel="ms")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "first_chunk_vs_sessions.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def run_bench(
+    models: list[str],
+    quick: bool,
+    utterances: list[float],
+    modes: list[str],
+    sessions: int,
+    device: str,
+    dtype: torch.dtype,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {"machine": machine_info(device, dtype), "quick": quick, "runs": [], "concurrency": []}
+    for model in models:
+        engine = build_engine(model, quick, device, dtype)
+        label = model if model in ("cv2", "cv3") else Path(str(model)).name
+        hop = engine.config.chunk_tokens
+        # Warm-up: first calls pay for allocator growth and kernel selection.
+        warm_prompt, warm_tokens = _workload(engine, 2.0, seed=1)
+        engine.synthesize(warm_tokens, prompt=warm_prompt, attention="chunk")
+        for seconds in utterances:
+            prompt, tokens = _workload(engine, seconds, seed=int(seconds))
+            offline_total = None
+            for mode in modes:
+                if mode == "offline":
+                    result = run_offline(engine, prompt, tokens, device)
+                    offline_total = result["total_s"]
+                else:
+                    # Cold: a prompt the engine has not seen; warm: the same prompt again (prompt cache hit).
+                    cold_prompt, _ = _workload(engine, 0.0, seed=10_000 + int(seconds) + len(report["runs"]))
+                    cold = run_stream(engine, cold_prompt, tokens, mode, device, hop)
+                    engine.prepare_prompt(prompt) if hasattr(engine, "prepare_prompt") else None
+                    result = run_stream(engine, prompt, tokens, mode, device, hop)
+                    result["first_chunk_cold_ms"] = cold["first_chunk_ms"]
+                    if offline_total:
+                        result["vs_offline"] = result["total_s"] / offline_total
+                result.update(model=label, mode=mode, utterance_s=seconds, rtf=result["total_s"] / seconds)
+                report["runs"].append(result)
+                log(f"{label:>5} {mode:>9} {seconds:5.0f}s  total {result['total_s']:7.2f}s  "
+                    f"rtf {result['rtf']:.3f}  first {result['first_chunk_ms']:8.1f}ms  "
+                    f"cold {result['first_chunk_cold_ms']:8.1f}ms  rss {result['peak_rss_mb']:.0f}MB")
+        if sessions > 1:
+            prompt, tokens = _workload(engine, min(utterances), seed=7)
+            levels = sorted({1, *[2**k for k in range(1, sessions.bit_length()) if 2**k < sessions], sessions})
+            for n in levels:
+                c = run_concurrent(engine, prompt, tokens, n, device, hop)
+                c["model"] = label
+                report["concurrency"].append(c)
+                log(f"{label:>5} sessions {n:3d}  aggregate rtf {c['aggregate_rtf']:.3f}  first chunk "
+                    f"mean {c['first_chunk_ms_mean']:.0f} p50 {c['first_chunk_ms_p50']:.0f} "
+                    f"p99 {c['first_chunk_ms_p99']:.0f} ms")
+        del engine
+    report["targets"] = targets(report["runs"])
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", action="append", default=None,
+                        help="cv2, cv3 (random weights, real architecture), a model directory or a bundled name; "
+                             "repeatable (default: cv3 and cv2)")
+    parser.add_argument("--quick", action="store_true", help="mid-size architectures, 10 s and 30 s only")
+    parser.add_argument("--utterance", type=float, action="append", default=None,
+                        help="target length in seconds (repeatable; default 10 30 60, --quick 10 30)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--sessions", type=int, default=1, help="also run up to N concurrent cached streams")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    parser.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
+
+
+def main(args: argparse.Namespace) -> int:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    if args.sessions < 1:
+        raise SystemExit("--sessions must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    utterances = args.utterance or ([10.0, 30.0] if args.quick else [10.0, 30.0, 60.0])
+    report = run_bench(args.model or ["cv3", "cv2"], args.quick, utterances, modes, args.sessions, args.device,
+                       getattr(torch, args.dtype))
+    for t in report["targets"]:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"target [{'met' if t['met'] else 'NOT met'}] {t['model']} {t['utterance_s']:g}s {t['target']}: {value}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    if args.plots:
+        for path in plot(report, args.plots):
+            print(f"wrote {path}")
+    return 0
