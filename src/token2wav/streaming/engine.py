@@ -1,0 +1,469 @@
+"""Token2Wav: one loaded model, offline synthesis and any number of independent streaming sessions.
+
+The engine holds the flow and vocoder (stateless modules, shared read-only), the model config, and a prompt
+cache: a voice prompt's flow state is computed once and reused by every session with the same prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..presets import PRESETS, PresetSettings, resolve_preset
+from .schedule import DEFAULT_MAX_HOP_CHUNKS, SCHEDULES, HopPlan, chunk_tokens, prompt_pad, validate_hop
+from .session import MODES, OUTPUTS, PreparedPrompt, RngSpec, StreamSession, as_tokens, make_rng
+from .state import PromptCache, tensor_digest, trim_flow_state
+
+__all__ = ["Token2Wav", "Prompt"]
+
+ATTENTIONS = ("full", "chunk")
+# A prompt whose mel and tokens disagree by at most this many tokens (or this share of the prompt) is trimmed
+# the reference's way, with a warning; a larger mismatch means they describe different audio.
+_TRIM_TOKENS = 2
+_TRIM_SHARE = 0.1
+
+
+def _to_tensor(value: Any, name: str, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+    elif isinstance(value, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(value))
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be array-like, got {type(value).__name__}") from exc
+    if dtype.is_floating_point:
+        if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+        return t.to(dtype)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {t.dtype}")
+    return t.to(dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class Prompt:
+    """A voice prompt: its speech tokens, its log-mel ``[frames, mel_dim]`` and a speaker embedding.
+
+    Accepts lists, numpy arrays or tensors; ``[1, P]`` tokens, ``[1, frames, mel_dim]`` mel and ``[1, D]``
+    embeddings are squeezed. Checks against a particular model (vocabulary, mel size, frames per token)
+    happen when a Token2Wav uses it.
+    """
+
+    tokens: Any
+    mel: Any
+    embedding: Any
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        tokens = _to_tensor(self.tokens, "Prompt.tokens", torch.int64)
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.dim() != 1:
+            raise ValueError(f"Prompt.tokens must be 1-D (or [1, P]), got shape {tuple(tokens.shape)}")
+        mel = _to_tensor(self.mel, "Prompt.mel", torch.float32)
+        if mel.dim() == 3 and mel.shape[0] == 1:
+            mel = mel[0]
+        if mel.dim() != 2:
+            raise ValueError(f"Prompt.mel must be [frames, mel_dim], got shape {tuple(mel.shape)}")
+        emb = _to_tensor(self.embedding, "Prompt.embedding", torch.float32)
+        if emb.dim() == 2 and emb.shape[0] == 1:
+            emb = emb[0]
+        if emb.dim() != 1:
+            raise ValueError(f"Prompt.embedding must be 1-D (or [1, D]), got shape {tuple(emb.shape)}")
+        if not torch.isfinite(mel).all() or not torch.isfinite(emb).all():
+            raise ValueError("Prompt.mel and Prompt.embedding must be finite")
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "mel", mel)
+        object.__setattr__(self, "embedding", emb)
+        object.__setattr__(self, "digest", tensor_digest(tokens, mel, emb))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.mel.shape[0])
+
+
+class Token2Wav:
+    """A loaded token-to-waveform model.
+
+    ``Token2Wav(flow, vocoder, config)`` wraps modules you built; ``Token2Wav.from_pretrained(dir)`` loads a
+    CosyVoice 2/3 release directory or one of ours. Thread-safe: sessions share only read-only state.
+    """
+
+    def __init__(
+        self,
+        flow: nn.Module,
+        vocoder: nn.Module | None,
+        config: Any,
+        *,
+        prompt_cache_size: int = 16,
+        n_timesteps: int = 10,
+    ) -> None:
+        self._flow = flow.eval()
+        self._vocoder = vocoder.eval() if vocoder is not None else None
+        self._config = config
+        self.n_timesteps = n_timesteps
+        # Checked here so a bad config fails at load time, naming the valid nearby values.
+        self._chunk = chunk_tokens(int(config.static_chunk_size), int(config.token_mel_ratio))
+        self.prompt_cache = PromptCache(prompt_cache_size)
+        self._quantized: nn.Module | None = None
+        self._quant_lock = threading.Lock()
+        ref = next(iter(flow.parameters()), None)
+        self._device = ref.device if ref is not None else torch.device("cpu")
+        self._dtype = ref.dtype if ref is not None else torch.float32
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> Token2Wav:
+        """Load a model directory (``cosyvoice{2,3}.yaml`` + ``flow``/``hift`` weights, ``.pt`` or
+        ``.safetensors``, or our ``token2wav.yaml``) or a bundled model by name."""
+        from ..checkpoints import find_weights_file
+        from ..config import read_config
+        from ..loading import load_flow, load_vocoder, resolve_model_dir
+
+        path = resolve_model_dir(model_dir)
+        config = read_config(path)
+        flow = load_flow(config, find_weights_file(path, ("flow",)), device=device, dtype=dtype)
+        voc_path = find_weights_file(path, ("hift", "vocoder"))
+        vocoder = load_vocoder(config, voc_path, device=device, dtype=dtype)
+        return cls(flow, vocoder, config, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ properties
+
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    @property
+    def flow(self) -> nn.Module:
+        return self._flow
+
+    @property
+    def vocoder(self) -> nn.Module | None:
+        return self._vocoder
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self._config.sample_rate)
+
+    @property
+    def token_rate(self) -> int:
+        return int(self._config.token_rate)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def chunk_tokens(self) -> int:
+        """The model's attention chunk in tokens."""
+        return self._chunk
+
+    @property
+    def causal_vocoder(self) -> bool:
+        return self._vocoder is not None and hasattr(self._vocoder, "stream_step")
+
+    # ------------------------------------------------------------------------------------------ prompts
+
+    def prepare_prompt(self, prompt: Prompt | None) -> PreparedPrompt:
+        """Check a prompt against this model and put it on the model's device.
+
+        Mel frames and tokens must cover the same audio: ``frames == tokens * token_mel_ratio``. A small
+        mismatch is trimmed as the reference front end does (keep ``min(frames // ratio, tokens)`` tokens and
+        ``ratio`` times as many frames) with a warning; a large one is an error.
+        """
+        cfg = self._config
+        ratio = int(cfg.token_mel_ratio)
+        if prompt is None:
+            return PreparedPrompt(
+                tokens=torch.zeros(1, 0, dtype=torch.int64, device=self._device),
+                feat=torch.zeros(1, 0, cfg.mel_dim, dtype=self._dtype, device=self._device),
+                embedding=torch.zeros(1, cfg.spk_embed_dim, dtype=self._dtype, device=self._device),
+                digest="none",
+            )
+        if not isinstance(prompt, Prompt):
+            raise TypeError(f"prompt must be a token2wav.Prompt or None, got {type(prompt).__name__}")
+        if prompt.mel.shape[1] != cfg.mel_dim:
+            raise ValueError(f"Prompt.mel must be [frames, {cfg.mel_dim}] for this model, "
+                             f"got shape {tuple(prompt.mel.shape)}")
+        if prompt.embedding.shape[0] != cfg.spk_embed_dim:
+            raise ValueError(f"Prompt.embedding must have {cfg.spk_embed_dim} values for this model, "
+                             f"got {prompt.embedding.shape[0]}")
+        tokens = as_tokens(prompt.tokens, cfg.vocab_size, name="Prompt.tokens")
+        mel = prompt.mel
+        n_tok, n_frames = tokens.shape[1], mel.shape[0]
+        keep = min(n_frames // ratio, n_tok)
+        if keep * ratio != n_frames or keep != n_tok:
+            lost = max(n_tok - keep, (n_frames - keep * ratio) / ratio)
+            if keep == 0 or lost > max(_TRIM_TOKENS, _TRIM_SHARE * max(n_tok, 1)):
+                raise ValueError(
+                    f"prompt mel has {n_frames} frames but its {n_tok} tokens need {n_tok * ratio} "
+                    f"(token_mel_ratio={ratio}); they must describe the same audio (trimming would drop "
+                    f"{lost:g} tokens' worth)"
+                )
+            warnings.warn(
+                f"prompt: {n_frames} mel frames vs {n_tok} tokens x {ratio}; trimmed to {keep} tokens and "
+                f"{keep * ratio} frames as the reference front end does",
+                UserWarning,
+                stacklevel=3,
+            )
+            tokens, mel = tokens[:, :keep], mel[: keep * ratio]
+        return PreparedPrompt(
+            tokens=tokens.to(self._device),
+            feat=mel.unsqueeze(0).to(device=self._device, dtype=self._dtype),
+            embedding=prompt.embedding.unsqueeze(0).to(device=self._device, dtype=self._dtype),
+            digest=tensor_digest(tokens, mel, prompt.embedding),
+        )
+
+    def _prompt_state(self, flow: nn.Module, prompt: PreparedPrompt, **options: Any) -> Any:
+        """The flow's cache after the prompt, computed once per (prompt, flow, options) and shared."""
+        if not hasattr(flow, "stream_start"):
+            raise NotImplementedError(
+                f"{type(flow).__name__} has no cached streaming API (stream_start / stream_step); "
+                "use mode='recompute'"
+            )
+        key = (prompt.digest, id(flow), tuple(sorted(options.items())))
+
+        def compute() -> Any:
+            with torch.inference_mode():
+                return flow.stream_start(prompt.tokens, prompt.feat, prompt.embedding, **options)
+
+        return self.prompt_cache.get_or_compute(key, compute)
+
+    # ------------------------------------------------------------------------------------------ presets
+
+    def quantized_flow(self) -> nn.Module:
+        """An int8 dynamically quantized copy of the flow's Linear layers (CPU), made once per engine."""
+        if self._device.type != "cpu":
+            raise ValueError(f"the constrained preset quantizes for the CPU; engine is on {self._device}")
+        with self._quant_lock:
+            if self._quantized is None:
+                clone = copy.deepcopy(self._flow).float()
+                quant = torch.ao.quantization.quantize_dynamic(clone, {nn.Linear}, dtype=torch.qint8)
+                self._quantized = quant.eval()
+            return self._quantized
+
+    def preset(self, name: str) -> PresetSettings:
+        return resolve_preset(name, self._config)
+
+    # ------------------------------------------------------------------------------------------ offline
+
+    def synthesize(
+        self,
+        tokens: Any,
+        prompt: Prompt | None = None,
+        attention: str = "full",
+        output: str = "audio",
+        rng: RngSpec = None,
+    ) -> np.ndarray:
+        """Decode all tokens at once. ``attention='full'`` is the reference's non-streaming decode;
+        ``'chunk'`` is the chunk-causal decode every streaming mode is checked against.
+
+        Returns float32 audio ``[samples]`` or mel ``[mel_dim, frames]``. ``rng`` seeds the CosyVoice 2
+        vocoder's random source (int, Generator or ``call -> Generator``; default seed 0).
+        """
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        ids = as_tokens(tokens, self._config.vocab_size, device=self._device)
+        if ids.shape[1] == 0:
+            raise ValueError("tokens is empty: synthesize needs at least one token")
+        p = self.prepare_prompt(prompt)
+        with torch.inference_mode():
+            mel = self._flow.inference(
+                ids, p.tokens, p.feat, p.embedding, streaming=attention == "chunk", finalize=True
+            )
+            if output == "mel":
+                return mel[0].float().cpu().numpy()
+            return self.vocode(mel, rng=rng)
+
+    def vocode(self, mel: torch.Tensor, rng: RngSpec = None) -> np.ndarray:
+        """Vocode a whole mel ``[1, mel_dim, frames]`` (or ``[mel_dim, frames]``) at once."""
+        if self._vocoder is None:
+            raise ValueError("this engine has no vocoder; use output='mel'")
+        if mel.dim() == 2:
+            mel = mel.unsqueeze(0)
+        mel = mel.to(device=self._device, dtype=self._dtype)
+        with torch.inference_mode():
+            if self.causal_vocoder:
+                speech = self._vocoder.inference(mel, finalize=True)[0]
+            else:
+                gen = make_rng(rng)[0](0)
+                speech = self._vocoder.inference(mel, generator=gen)[0]
+        return speech[0].float().cpu().numpy()
+
+    # ------------------------------------------------------------------------------------------ streaming
+
+    def _session_chunk(self, hop: int | None) -> tuple[int, int | None]:
+        """(chunk tokens the session decodes with, chunk_size override for the flow in frames or None)."""
+        trained = self._chunk
+        supported = getattr(self._config, "supported_chunk_tokens", None)
+        if hop is None or hop % trained == 0 or not supported:
+            return trained, None
+        lo, hi = supported
+        if lo <= hop <= hi:
+            return hop, hop * int(self._config.token_mel_ratio)
+        return trained, None
+
+    def stream(
+        self,
+        prompt: Prompt | None = None,
+        *,
+        hop: int | None = None,
+        schedule: str | None = None,
+        max_hop: int | None = None,
+        mode: str = "cached",
+        window_frames: int | None = None,
+        preset: str | None = None,
+        output: str = "audio",
+        rng: RngSpec = None,
+        pre_lookahead_len: int | None = None,
+    ) -> StreamSession:
+        """Start a streaming session. See StreamSession for push / finish / close.
+
+        hop: tokens per emission (default one chunk); the first emission adds the prompt pad.
+        schedule: 'fixed' (default) or 'exponential' (the reference's doubling up to ``max_hop``, default
+        four chunks), restarted for every session. mode: 'cached' (default), 'recompute' (the reference
+        algorithm) or 'window' (cached, attention limited to prompt + last ``window_frames`` frames).
+        preset: fills hop / schedule / max_hop left unset (see ``token2wav.presets``); 'constrained' also
+        decodes with an int8 flow. pre_lookahead_len: only where the model supports another lookahead.
+        """
+        cfg = self._config
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if schedule is not None and schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        settings: PresetSettings | None = None
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+            settings = resolve_preset(preset, cfg)
+            hop = settings.hop if hop is None else hop
+            schedule = settings.schedule if schedule is None else schedule
+            if schedule == "exponential" and max_hop is None:
+                max_hop = settings.max_hop
+        schedule = schedule or "fixed"
+        chunk, chunk_frames = self._session_chunk(hop)
+        dynamic = chunk_frames is not None
+        if hop is None:
+            hop = chunk
+        else:
+            try:
+                validate_hop(hop, chunk, name="hop")
+            except ValueError as exc:
+                supported = getattr(cfg, "supported_chunk_tokens", None)
+                if supported:
+                    raise ValueError(f"{exc}; or any hop in {supported[0]}..{supported[1]} tokens, which "
+                                     "this model supports as a dynamic chunk") from None
+                raise
+        if max_hop is not None:
+            if schedule != "exponential":
+                raise ValueError("max_hop only applies to schedule='exponential'")
+            validate_hop(max_hop, chunk, name="max_hop")
+            if max_hop < hop:
+                raise ValueError(f"max_hop={max_hop} must be >= hop={hop}")
+        elif schedule == "exponential":
+            max_hop = max(hop, DEFAULT_MAX_HOP_CHUNKS * chunk)
+        lookahead = int(cfg.pre_lookahead_len)
+        look_override = None
+        if pre_lookahead_len is not None and pre_lookahead_len != lookahead:
+            supported = getattr(cfg, "supported_pre_lookahead", None)
+            if not supported or not (supported[0] <= pre_lookahead_len <= supported[1]):
+                allowed = f"{supported[0]}..{supported[1]}" if supported else f"{lookahead} (trained value)"
+                raise ValueError(
+                    f"pre_lookahead_len={pre_lookahead_len} is not supported by this model: allowed {allowed}"
+                )
+            lookahead = look_override = int(pre_lookahead_len)
+        if mode == "recompute" and (dynamic or look_override is not None):
+            raise ValueError("mode='recompute' is the reference algorithm: trained chunk and lookahead only")
+        if mode == "window":
+            if window_frames is None:
+                raise ValueError("mode='window' needs window_frames (target frames kept in attention cache)")
+            if isinstance(window_frames, bool) or not isinstance(window_frames, int) or window_frames < 1:
+                raise ValueError(f"window_frames must be a positive int, got {window_frames!r}")
+            frames_per_chunk = chunk * int(cfg.token_mel_ratio)
+            if window_frames % frames_per_chunk:
+                raise ValueError(
+                    f"window_frames={window_frames} must be a multiple of the chunk "
+                    f"({frames_per_chunk} frames)"
+                )
+        elif window_frames is not None:
+            raise ValueError("window_frames only applies to mode='window'")
+
+        flow = self._flow
+        if settings is not None and settings.quantize:
+            flow = self.quantized_flow()
+        prepared = self.prepare_prompt(prompt)
+        plan = HopPlan(
+            hop=hop,
+            pad=prompt_pad(prepared.num_tokens, chunk),
+            lookahead=lookahead,
+            schedule=schedule,
+            max_hop=max_hop,
+        )
+        options: dict[str, Any] = {"n_timesteps": self.n_timesteps}
+        if chunk_frames is not None:
+            options["chunk_size"] = chunk_frames
+        prompt_state = None
+        if mode != "recompute":
+            if not hasattr(flow, "stream_step"):
+                raise NotImplementedError(
+                    f"{type(flow).__name__} has no cached streaming API yet; use mode='recompute'"
+                )
+
+            def prompt_state() -> Any:
+                return self._prompt_state(flow, prepared, **options)
+
+        window_fn = None
+        if mode == "window":
+            estimator = flow.decoder.estimator
+            chunk_mel = chunk * int(cfg.token_mel_ratio)
+            head = -(-prepared.feat.shape[1] // chunk_mel) * chunk_mel  # the prompt's chunks, always kept
+
+            def window_fn(state: Any, frames: int) -> Any:
+                return trim_flow_state(state, head_frames=head, window_frames=frames, estimator=estimator)
+        return StreamSession(
+            flow=flow,
+            vocoder=self._vocoder if output == "audio" else None,
+            prompt=prepared,
+            prompt_state=prompt_state,
+            plan=plan,
+            token_mel_ratio=int(cfg.token_mel_ratio),
+            vocab_size=int(cfg.vocab_size),
+            samples_per_frame=int(cfg.samples_per_frame),
+            mode=mode,
+            output=output,
+            window_frames=window_frames,
+            rng=rng,
+            chunk_size=chunk_frames,
+            lookahead=look_override,
+            n_timesteps=self.n_timesteps,
+            window_fn=window_fn,
+        )

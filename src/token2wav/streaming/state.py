@@ -1,0 +1,219 @@
+"""Per-session streaming state, and the prompt cache shared between sessions.
+
+A session's state is plain data: the tokens it has been given, where the next emission starts, the
+flow's cache (whatever ``flow.stream_step`` returns) and the vocoder's cache. Models never hold any of it,
+which is what lets one loaded model serve many sessions at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class CrossFadeVocoderState:
+    """The reference's CosyVoice 2 vocoder hand-over between calls.
+
+    Each call re-vocodes the previous call's last ``mel_tail`` frames ahead of its own mel, continues the
+    harmonic source from ``source_tail``, and cross-fades its first samples with ``speech_tail`` (the samples
+    the previous call held back) under a Hamming window.
+    """
+
+    mel_tail: torch.Tensor | None = None  # [1, mel_dim, mel_cache_len]
+    source_tail: torch.Tensor | None = None  # [1, 1, source_cache_len]
+    speech_tail: torch.Tensor | None = None  # [1, source_cache_len]
+
+
+@dataclass
+class RevocodeState:
+    """Recompute mode with a causal vocoder: all mel so far is re-vocoded by every call."""
+
+    mel: torch.Tensor | None = None  # [1, mel_dim, frames]
+    speech_offset: int = 0
+
+
+@dataclass
+class SessionState:
+    """Everything a session mutates. Replaced field by field only after a call has fully succeeded."""
+
+    tokens: torch.Tensor  # [1, n] int64, target tokens received so far
+    offset: int = 0  # first target token not yet emitted
+    index: int = 0  # number of emissions made
+    vocoder_calls: int = 0
+    flow_state: Any = None
+    vocoder_state: Any = None
+    finished: bool = False
+    closed: bool = False
+    chunk_frames: list[int] = field(default_factory=list)  # mel frames per emitted chunk (for inspection)
+
+    @property
+    def available(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt cache
+# ----------------------------------------------------------------------------------------------------
+
+
+def tensor_digest(*tensors: torch.Tensor | np.ndarray) -> str:
+    """A content hash of tensors: dtype, shape and bytes of each, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            arr = t.detach().cpu().contiguous().numpy()
+        else:
+            arr = np.ascontiguousarray(t)
+        h.update(str(arr.dtype).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+class PromptCache:
+    """A bounded, thread-safe LRU of prompt states keyed by content.
+
+    Concurrent requests for the same missing key compute it once: the first caller builds it under a
+    per-key lock while later callers wait on that lock, then read the stored value. Values are shared
+    read-only.
+    """
+
+    def __init__(self, maxsize: int = 16):
+        if maxsize < 0:
+            raise ValueError(f"maxsize must be >= 0, got {maxsize}")
+        self.maxsize = maxsize
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict[Hashable, threading.Lock] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            key_lock = self._building.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._items:  # built by another thread while we waited
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return self._items[key]
+                self.misses += 1
+            try:
+                value = compute()
+            except BaseException:
+                with self._lock:
+                    self._building.pop(key, None)
+                raise
+            with self._lock:
+                if self.maxsize > 0:
+                    self._items[key] = value
+                    self._items.move_to_end(key)
+                    while len(self._items) > self.maxsize:
+                        self._items.popitem(last=False)
+                self._building.pop(key, None)
+            return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Window mode: bounded attention cache
+# ----------------------------------------------------------------------------------------------------
+#
+# The flow's cached state keeps, per solver step, a DiT cache of keys/values for every committed frame.
+# Window mode keeps the first ``head_frames`` (the prompt's chunks) and the last ``window_frames`` and
+# drops the frames between. The estimator knows nothing about this, so the cache is kept self-consistent:
+#
+# * The DiT places new frames at cache position ``cache.offset`` (rotary angle and chunk mask). After
+#   dropping ``d`` frames that position is ``d`` too small, so every kept key is rotated back by ``d``
+#   positions too: only position differences enter rotary attention, and they stay exact.
+# * New frames see every cached key (all left chunks are visible), so the mask is right whenever the
+#   shift is a whole number of chunks, which holds because head, window and commits are chunk-aligned.
+# * The solver's fixed noise must stay at absolute frames: the step caches are wrapped in a CFMCache
+#   whose ``offset`` adds the shift back (``frames_done`` minus the cache length).
+
+
+def _windowed_cfm_cache_class() -> type:
+    from ..models.cfm import CFMCache
+
+    @dataclass(frozen=True)
+    class ShiftedCFMCache(CFMCache):
+        """CFMCache whose caches hold ``shift`` fewer frames than the absolute position they stand at."""
+
+        shift: int = 0
+
+        @property
+        def offset(self) -> int:
+            return int(self.steps[0].offset) + self.shift
+
+    return ShiftedCFMCache
+
+
+_SHIFTED: type | None = None
+
+
+def _rotate_positions(keys: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate keys ``[B, heads, T, dh]`` by ``angles`` ``[rot]`` on the first ``rot`` flattened channels.
+
+    The DiT applies rotary embeddings to the flattened ``[B, T, heads * dh]`` projection, channel pairs
+    ``(2i, 2i + 1)`` interleaved; a further rotation by the same per-pair angle composes with it.
+    """
+    b, h, t, dh = keys.shape
+    flat = keys.transpose(1, 2).reshape(b, t, h * dh)
+    rot = angles.shape[-1]
+    part = flat[..., :rot].unflatten(-1, (-1, 2))
+    cos, sin = angles[0::2].cos(), angles[0::2].sin()
+    x, y = part[..., 0], part[..., 1]
+    turned = torch.stack((x * cos - y * sin, x * sin + y * cos), dim=-1).flatten(-2)
+    flat = torch.cat((turned.to(flat.dtype), flat[..., rot:]), dim=-1)
+    return flat.reshape(b, t, h, dh).transpose(1, 2).contiguous()
+
+
+def trim_flow_state(state: Any, *, head_frames: int, window_frames: int, estimator: torch.nn.Module) -> Any:
+    """Drop cached frames between the first ``head_frames`` and the last ``window_frames`` (see above)."""
+    global _SHIFTED
+    from dataclasses import replace
+
+    cache = getattr(state, "cache", None)
+    if cache is None or not cache.steps:
+        return state
+    if _SHIFTED is None:
+        _SHIFTED = _windowed_cfm_cache_class()
+    kept = int(cache.steps[0].offset)
+    shift = int(state.frames_done) - kept
+    excess = kept - head_frames - window_frames
+    if excess <= 0:
+        return replace(state, cache=_SHIFTED(steps=cache.steps, shift=shift))
+    rotary = estimator.rotary_embed
+    angles = rotary.angles(-excess, 1)[0]
+    steps = []
+    for step in cache.steps:
+        keys, values = [], []
+        for k, v in zip(step.keys, step.values):
+            k = torch.cat((k[:, :, :head_frames], k[:, :, head_frames + excess :]), dim=2)
+            keys.append(_rotate_positions(k, angles.to(k.device)))
+            values.append(torch.cat((v[:, :, :head_frames], v[:, :, head_frames + excess :]), dim=2))
+        steps.append(replace(step, offset=kept - excess, keys=tuple(keys), values=tuple(values)))
+    return replace(state, cache=_SHIFTED(steps=tuple(steps), shift=shift + excess))
