@@ -1,0 +1,463 @@
+"""The ``token2wav`` command.
+
+Subcommands register themselves with :func:`subcommand`; adding one is one decorated function::
+
+    from token2wav.cli import arg, subcommand
+
+    @subcommand("hello", help="say hello", args=[arg("--name", default="world")])
+    def hello(args) -> int:
+        print(f"hello {args.name}")
+        return 0
+
+A module can also be a subcommand by itself: list it in :data:`COMMAND_MODULES` and give it two top-level
+functions, ``add_arguments(parser)`` and ``main(args) -> int``; the first line of its docstring is the help
+text. Such a module is imported only when its subcommand runs, so ``token2wav --help`` and the light
+commands stay fast. Entry points in the ``token2wav.commands`` group are loaded too (they register with
+:func:`subcommand` when imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COMMAND_MODULES", "arg", "build_parser", "main", "subcommand"]
+
+# Subcommand name -> module with top-level add_arguments(parser) and main(args); skipped while absent.
+COMMAND_MODULES: dict[str, str] = {
+    "bench": "token2wav.bench",
+    "demo": "token2wav.demo",
+    "tokenize": "token2wav.tokenizer",
+}
+ENTRY_POINT_GROUP = "token2wav.commands"
+
+CommandFn = Callable[[argparse.Namespace], "int | None"]
+
+
+@dataclass(frozen=True)
+class _Command:
+    name: str
+    help: str
+    args: tuple[tuple[tuple[str, ...], dict[str, Any]], ...]
+    configure: Callable[[argparse.ArgumentParser], None] | None
+    run: CommandFn
+
+
+_COMMANDS: dict[str, _Command] = {}
+
+
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One ``add_argument`` call, written down for :func:`subcommand`."""
+    return flags, kwargs
+
+
+def subcommand(
+    name: str,
+    *,
+    help: str,
+    args: Sequence[tuple[tuple[str, ...], dict[str, Any]]] = (),
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> Callable[[CommandFn], CommandFn]:
+    """Register ``fn(args) -> exit code`` as ``token2wav NAME``.
+
+    ``args`` lists :func:`arg` entries; ``configure(parser)`` may add anything ``args`` cannot express.
+    Registering a name twice replaces the earlier command (the last import wins).
+    """
+
+    def deco(fn: CommandFn) -> CommandFn:
+        _COMMANDS[name] = _Command(name, help, tuple(args), configure, fn)
+        return fn
+
+    return deco
+
+
+def _module_command_help(module: str) -> str | None:
+    """Help text of a command module, read from its source without importing it (None: not a command)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ModuleNotFoundError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    defs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    if not {"add_arguments", "main"} <= defs:
+        return None
+    doc = (ast.get_docstring(tree) or "").strip().splitlines()
+    first = doc[0] if doc else module
+    # "`token2wav bench`: what it does" -> "what it does"
+    return re.sub(r"^`[^`]*`\s*:\s*", "", first)
+
+
+def _load_entry_points() -> None:
+    try:
+        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # broken metadata must not break the built-in commands
+        eps = ()
+    for ep in eps:
+        _import_quietly(ep.value, ep.load)
+
+
+def _import_quietly(what: str, load: Callable[[], Any]) -> None:
+    # one command whose optional dependency is missing must not take the other commands down
+    try:
+        load()
+    except ImportError as e:
+        print(f"token2wav: commands from {what} unavailable: {e}", file=sys.stderr)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser. ``argv`` tells which module command (if any) must be imported to list its options."""
+    _load_entry_points()
+    parser = argparse.ArgumentParser(
+        prog="token2wav", description="Speech tokens to waveform: synthesis, streaming server and client."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    entries: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+    for name, module in COMMAND_MODULES.items():
+        if name in _COMMANDS:
+            continue
+        help_text = _module_command_help(module)
+        if help_text is not None:
+            entries[name] = (help_text, _module_configurer(name, module, name == selected))
+    for cmd in _COMMANDS.values():
+        entries[cmd.name] = (cmd.help, _command_configurer(cmd))
+    for name in sorted(entries):
+        help_text, configure = entries[name]
+        configure(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def _command_configurer(cmd: _Command) -> Callable[[argparse.ArgumentParser], None]:
+    def configure(p: argparse.ArgumentParser) -> None:
+        for flags, kwargs in cmd.args:
+            p.add_argument(*flags, **kwargs)
+        if cmd.configure is not None:
+            cmd.configure(p)
+        p.set_defaults(_run=cmd.run)
+
+    return configure
+
+
+def _module_configurer(name: str, module: str, selected: bool) -> Callable[[argparse.ArgumentParser], None]:
+    def configure(p: argparse.ArgumentParser) -> None:
+        if not selected:  # not running: no need to import it (keeps --help fast)
+            return
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.main)
+
+    return configure
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        code = args._run(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # bad input: one clear line, no traceback
+        print(f"token2wav {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(code or 0)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+_MODEL_ARGS = [
+    arg("--device", default="cpu", help="torch device (default: cpu)"),
+    arg("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype"),
+]
+
+
+def load_engine(model: str, device: str = "cpu", dtype: str = "float32") -> Any:
+    """Load MODEL (a model directory or a bundled model name)."""
+    import torch
+
+    from token2wav import Token2Wav
+
+    return Token2Wav.from_pretrained(model, device=device, dtype=getattr(torch, dtype))
+
+
+def _model_name(model: str) -> str:
+    p = Path(model)
+    return p.name if p.exists() else model
+
+
+def _write_wav(path: str, audio: Any, sample_rate: int) -> None:
+    from token2wav.serve.protocol import wav_bytes
+
+    data = wav_bytes(audio, sample_rate)
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        Path(path).write_bytes(data)
+
+
+def _load_prompt(path: str | None) -> Any:
+    if path is None:
+        return None
+    from token2wav import Prompt
+    from token2wav.tokens_io import load_prompt_npz
+
+    arrays = load_prompt_npz(path)
+    return Prompt(tokens=arrays.tokens, mel=arrays.mel, embedding=arrays.embedding)
+
+
+def _print_table(info: dict[str, Any], indent: str = "") -> None:
+    width = max((len(k) for k in info), default=0)
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_table(value, indent + "  ")
+        else:
+            print(f"{indent}{key:<{width}}  {value}")
+
+
+# ----------------------------------------------------------------------------------------- commands
+
+
+@subcommand(
+    "info",
+    help="show a model's rates, chunking, parameter count and presets",
+    args=[
+        arg("model", metavar="MODEL", help="model directory or bundled model name"),
+        arg("--json", action="store_true", help="print JSON"),
+        *_MODEL_ARGS,
+    ],
+)
+def _info(args: argparse.Namespace) -> int:
+    from token2wav.serve.protocol import describe_model
+
+    info = describe_model(load_engine(args.model, args.device, args.dtype), _model_name(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_table(info)
+    return 0
+
+
+@subcommand(
+    "synth",
+    help="synthesize a token file to a WAV file (offline, or through a streaming session)",
+    args=[
+        arg("--model", required=True, help="model directory or bundled model name"),
+        arg(
+            "--tokens",
+            required=True,
+            metavar="FILE|-",
+            help="JSON list, whitespace-separated ints, .npy, or LLM text with <|s_N|> markers",
+        ),
+        arg("--out", required=True, metavar="OUT.wav", help="output WAV ('-' for stdout)"),
+        arg("--prompt", metavar="PROMPT.npz", help="speaker prompt with arrays tokens, mel, embedding"),
+        arg("--stream", action="store_true", help="decode through a streaming session, token by token"),
+        arg("--preset", help="streaming preset (see `token2wav info`)"),
+        arg("--hop", type=int, help="streaming hop in tokens"),
+        arg("--mode", choices=["cached", "recompute", "window"], help="streaming mode"),
+        arg("--attention", choices=["full", "chunk"], help="offline attention (default: the engine's)"),
+        arg("--json", action="store_true", help="print a JSON summary (latency, RTF, chunks)"),
+        *_MODEL_ARGS,
+    ],
+)
+def _synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from token2wav.tokens_io import read_tokens
+
+    tokens = read_tokens(args.tokens)
+    if tokens.size == 0:
+        raise ValueError(f"tokens: {args.tokens} holds no tokens")
+    if not args.stream:
+        for opt in ("preset", "hop", "mode"):
+            if getattr(args, opt) is not None:
+                raise ValueError(f"--{opt} applies only with --stream")
+    elif args.attention is not None:
+        raise ValueError("--attention applies only without --stream (streaming is chunk-causal)")
+    t2w = load_engine(args.model, args.device, args.dtype)
+    prompt = _load_prompt(args.prompt)
+    sr = int(t2w.sample_rate)
+    show = tokens.size >= 4 * float(t2w.token_rate) * 5  # bar only when decoding takes a while
+    bar = tqdm(total=int(tokens.size), unit="tok", disable=None if show else True, file=sys.stderr)
+    first_latency: float | None = None
+    chunks = 0
+    t0 = time.perf_counter()
+    if args.stream:
+        opts = {k: getattr(args, k) for k in ("preset", "hop", "mode") if getattr(args, k) is not None}
+        session = t2w.stream(prompt=prompt, **opts)
+        pieces = []
+        try:
+            t0 = time.perf_counter()
+            for i in range(tokens.size):  # one token per push, the way an LLM emits them
+                for c in session.push(tokens[i : i + 1]):
+                    if len(c):
+                        first_latency = (
+                            first_latency if first_latency is not None else time.perf_counter() - t0
+                        )
+                        pieces.append(c)
+                        chunks += 1
+                bar.update(1)
+            last = session.finish()
+            if len(last):
+                first_latency = first_latency if first_latency is not None else time.perf_counter() - t0
+                pieces.append(last)
+                chunks += 1
+        finally:
+            session.close()
+        import numpy as np
+
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    else:
+        kwargs = {"prompt": prompt}
+        if args.attention is not None:
+            kwargs["attention"] = args.attention
+        audio = t2w.synthesize(tokens, **kwargs)
+        bar.update(int(tokens.size))
+        chunks = 1
+        first_latency = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    bar.close()
+    _write_wav(args.out, audio, sr)
+    audio_s = len(audio) / sr
+    summary = {
+        "out": args.out,
+        "tokens": int(tokens.size),
+        "samples": int(len(audio)),
+        "sample_rate": sr,
+        "audio_s": round(audio_s, 4),
+        "wall_s": round(wall, 4),
+        "rtf": round(wall / audio_s, 4) if audio_s else None,
+        "first_chunk_latency_s": None if first_latency is None else round(first_latency, 4),
+        "chunks": chunks,
+        "stream": bool(args.stream),
+    }
+    if args.stream:
+        summary.update({k: getattr(args, k) for k in ("preset", "hop", "mode")})
+    if args.json:
+        print(json.dumps(summary, indent=2), file=sys.stderr if args.out == "-" else sys.stdout)
+    elif args.out != "-":
+        print(
+            f"wrote {args.out}: {audio_s:.2f} s of audio in {wall:.2f} s (RTF {summary['rtf']}), "
+            f"{chunks} chunk(s), first chunk after {summary['first_chunk_latency_s']} s"
+        )
+    return 0
+
+
+@subcommand(
+    "serve",
+    help="run the HTTP/WebSocket streaming server",
+    args=[
+        arg("--model", required=True, help="model directory or bundled model name"),
+        arg("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)"),
+        arg("--port", type=int, default=50000, help="port (default: 50000)"),
+        arg("--max-sessions", type=int, default=16, help="open streams + synthesize requests at once"),
+        arg("--max-tokens", type=int, default=25 * 600, help="tokens one session may send"),
+        arg(
+            "--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / request body"
+        ),
+        arg("--idle-timeout", type=float, default=30.0, help="seconds a stream may stay silent"),
+        arg("--workers", type=int, default=4, help="threads running model work"),
+        arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
+        *_MODEL_ARGS,
+    ],
+)
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from token2wav.serve.app import create_app, uvicorn_config
+    from token2wav.serve.protocol import ServerLimits
+
+    limits = ServerLimits(
+        max_sessions=args.max_sessions,
+        max_tokens_per_session=args.max_tokens,
+        max_message_bytes=args.max_message_bytes,
+        idle_timeout_s=args.idle_timeout,
+        workers=args.workers,
+    )
+    t2w = load_engine(args.model, args.device, args.dtype)
+    app = create_app(t2w, name=_model_name(args.model), limits=limits)
+    print(
+        f"token2wav: serving {args.model} on http://{args.host}:{args.port} "
+        f"(stream: ws://{args.host}:{args.port}/v1/stream)",
+        file=sys.stderr,
+    )
+    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    return 0
+
+
+@subcommand(
+    "client",
+    help="stream a token file to a server at an LLM-like pace; report latency and RTF",
+    args=[
+        arg("--url", default="ws://127.0.0.1:50000/v1/stream", help="server (ws://HOST:PORT/v1/stream)"),
+        arg("--tokens", required=True, metavar="FILE|-", help="token file (same formats as synth)"),
+        arg("--rate", type=float, default=25.0, help="tokens per second to send (0: all at once)"),
+        arg("--out", metavar="OUT.wav", help="write the received audio"),
+        arg("--prompt", metavar="PROMPT.npz", help="register this prompt first and use it"),
+        arg("--prompt-id", help="use an already registered prompt"),
+        arg("--preset", help="streaming preset"),
+        arg("--hop", type=int, help="hop in tokens"),
+        arg("--mode", choices=["cached", "recompute", "window"], help="streaming mode"),
+        arg("--json", action="store_true", help="print a JSON summary"),
+    ],
+)
+def _client(args: argparse.Namespace) -> int:
+    from token2wav.serve.client import StreamError, register_prompt, stream_tokens_sync
+    from token2wav.tokens_io import load_prompt_npz, read_tokens
+
+    if args.prompt and args.prompt_id:
+        raise ValueError("give --prompt or --prompt-id, not both")
+    if args.rate < 0:
+        raise ValueError(f"--rate must be >= 0, got {args.rate}")
+    tokens = read_tokens(args.tokens)
+    prompt_id = args.prompt_id
+    try:
+        if args.prompt:
+            p = load_prompt_npz(args.prompt)
+            prompt_id = register_prompt(args.url, p.tokens, p.mel, p.embedding)
+        result = stream_tokens_sync(
+            args.url,
+            tokens,
+            rate=args.rate,
+            prompt_id=prompt_id,
+            preset=args.preset,
+            hop=args.hop,
+            mode=args.mode,
+        )
+    except (StreamError, OSError) as e:
+        print(f"token2wav client: error: {e}", file=sys.stderr)
+        return 1
+    if args.out:
+        _write_wav(args.out, result.audio, result.sample_rate)
+    summary = result.summary()
+    summary["tokens"] = int(tokens.size)
+    summary["rate"] = args.rate
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        lat = summary["first_chunk_latency_s"]
+        print(
+            f"{summary['chunks']} chunks, {summary['audio_s']:.2f} s of audio; first chunk after "
+            f"{lat if lat is None else f'{lat * 1e3:.1f} ms'}; RTF {summary['rtf']} (server compute), "
+            f"wall/audio {summary['wall_rtf']}"
+        )
+    return 0

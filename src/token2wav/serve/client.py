@@ -1,0 +1,233 @@
+"""Client for the token2wav server: stream tokens at an LLM-like pace, collect PCM, measure latency.
+
+Example::
+
+    from token2wav.serve.client import stream_tokens_sync
+    result = stream_tokens_sync("ws://127.0.0.1:50000/v1/stream", tokens, rate=25)
+    print(result.first_chunk_latency_s, result.rtf)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from token2wav.serve.protocol import pcm16_to_float
+
+__all__ = [
+    "StreamError",
+    "StreamResult",
+    "http_base_url",
+    "register_prompt",
+    "stream_tokens",
+    "stream_tokens_sync",
+]
+
+_MAX_TOKENS_PER_MESSAGE = 4096  # keeps each message far below the server's default size limit
+
+
+class StreamError(RuntimeError):
+    """The server ended the stream with an error (``code`` is the WebSocket close code)."""
+
+    def __init__(self, message: str, code: int | None = None, status: int | None = None) -> None:
+        super().__init__(message if code is None else f"{message} (close code {code})")
+        self.code = code
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class StreamResult:
+    pcm: bytes  # int16 little-endian, mono
+    sample_rate: int
+    chunks: list[dict[str, Any]] = field(default_factory=list)  # the server's chunk headers
+    first_chunk_latency_s: float | None = None  # first token sent -> first audio frame received
+    wall_s: float = 0.0  # first token sent -> done received
+    started: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def audio(self) -> np.ndarray:
+        return pcm16_to_float(self.pcm)
+
+    @property
+    def samples(self) -> int:
+        return len(self.pcm) // 2
+
+    @property
+    def audio_s(self) -> float:
+        return self.samples / self.sample_rate if self.sample_rate else 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return sum(float(c.get("compute_ms", 0.0)) for c in self.chunks) / 1e3
+
+    @property
+    def rtf(self) -> float:
+        """Server model time per second of audio (what a faster token source could not hide)."""
+        return self.compute_s / self.audio_s if self.audio_s else math.nan
+
+    @property
+    def wall_rtf(self) -> float:
+        """Wall time per second of audio; bounded below by the token pace."""
+        return self.wall_s / self.audio_s if self.audio_s else math.nan
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "chunks": len(self.chunks),
+            "samples": self.samples,
+            "sample_rate": self.sample_rate,
+            "audio_s": round(self.audio_s, 4),
+            "first_chunk_latency_s": None
+            if self.first_chunk_latency_s is None
+            else round(self.first_chunk_latency_s, 4),
+            "wall_s": round(self.wall_s, 4),
+            "rtf": round(self.rtf, 4) if self.audio_s else None,
+            "wall_rtf": round(self.wall_rtf, 4) if self.audio_s else None,
+        }
+
+
+def http_base_url(url: str) -> str:
+    """``ws://host:port/v1/stream`` -> ``http://host:port`` (``wss`` -> ``https``)."""
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+def ws_stream_url(url: str) -> str:
+    """Accept ``http://host:port`` or a full ``ws://.../v1/stream`` URL and return the latter."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    path = parts.path if parts.path not in ("", "/") else "/v1/stream"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def register_prompt(url: str, tokens: Any, mel: Any, embedding: Any, *, timeout: float = 60.0) -> str:
+    """POST a prompt to the server and return its ``prompt_id``."""
+    import httpx
+
+    body = {
+        "tokens": np.asarray(tokens).astype(int).reshape(-1).tolist(),
+        "mel": np.asarray(mel, dtype=np.float32).tolist(),
+        "embedding": np.asarray(embedding, dtype=np.float32).reshape(-1).tolist(),
+    }
+    r = httpx.post(http_base_url(url) + "/v1/prompts", json=body, timeout=timeout)
+    if r.status_code != 200:
+        raise StreamError(
+            f"prompt registration failed: HTTP {r.status_code}: {r.text[:200]}", status=r.status_code
+        )
+    return str(r.json()["prompt_id"])
+
+
+async def stream_tokens(
+    url: str,
+    tokens: Sequence[int] | np.ndarray,
+    *,
+    rate: float = 25.0,
+    prompt_id: str | None = None,
+    preset: str | None = None,
+    hop: int | None = None,
+    mode: str | None = None,
+    open_timeout: float = 10.0,
+    receive_timeout: float = 120.0,
+) -> StreamResult:
+    """Stream ``tokens`` to ``/v1/stream`` at ``rate`` tokens per second (``rate <= 0``: all at once).
+
+    Tokens due at the same moment go in one message, so a high rate costs few messages.
+    """
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
+    start: dict[str, Any] = {"type": "start"}
+    for key, value in (("prompt_id", prompt_id), ("preset", preset), ("hop", hop), ("mode", mode)):
+        if value is not None:
+            start[key] = value
+
+    async with connect(ws_stream_url(url), open_timeout=open_timeout, max_size=64 << 20) as ws:
+        await ws.send(json.dumps(start))
+        started = _expect(json.loads(await asyncio.wait_for(ws.recv(), receive_timeout)), "started")
+        result = StreamResult(pcm=b"", sample_rate=int(started["sample_rate"]), started=started)
+        t_first: list[float] = []
+
+        async def send_all() -> None:
+            t0 = time.perf_counter()
+            t_first.append(t0)
+            sent = 0
+            while sent < len(ids):
+                if rate > 0 and math.isfinite(rate):
+                    due = min(len(ids), int((time.perf_counter() - t0) * rate) + 1)
+                else:
+                    due = len(ids)
+                due = min(due, sent + _MAX_TOKENS_PER_MESSAGE)
+                if due > sent:
+                    await ws.send(json.dumps({"type": "tokens", "tokens": ids[sent:due]}))
+                    sent = due
+                if sent < len(ids) and rate > 0 and math.isfinite(rate):
+                    await asyncio.sleep(max(0.0, t0 + sent / rate - time.perf_counter()))
+            if not ids:
+                t_first.append(time.perf_counter())
+            await ws.send(json.dumps({"type": "end"}))
+
+        sender = asyncio.create_task(send_all())
+        pcm = bytearray()
+        try:
+            expecting_audio: dict[str, Any] | None = None
+            while True:
+                try:
+                    msg = await asyncio.wait_for(ws.recv(), receive_timeout)
+                except ConnectionClosed as e:
+                    rcvd = e.rcvd
+                    raise StreamError(
+                        f"connection closed before 'done': {rcvd.reason if rcvd else 'no close frame'}",
+                        rcvd.code if rcvd else None,
+                    ) from None
+                if isinstance(msg, bytes):
+                    if expecting_audio is None:
+                        raise StreamError("protocol error: audio frame without a chunk header")
+                    if len(msg) != 2 * int(expecting_audio["samples"]):
+                        raise StreamError("protocol error: audio frame length differs from its header")
+                    if result.first_chunk_latency_s is None:
+                        result.first_chunk_latency_s = time.perf_counter() - t_first[0]
+                    pcm.extend(msg)
+                    result.chunks.append(expecting_audio)
+                    expecting_audio = None
+                    continue
+                data = json.loads(msg)
+                kind = data.get("type")
+                if kind == "chunk":
+                    expecting_audio = data
+                elif kind == "done":
+                    result.wall_s = time.perf_counter() - t_first[0]
+                    break
+                elif kind == "error":
+                    raise StreamError(str(data.get("message")), data.get("code"), data.get("status"))
+            await sender
+        except Exception:
+            sender.cancel()
+            raise
+        finally:
+            if not sender.done():
+                sender.cancel()
+        result.pcm = bytes(pcm)
+        return result
+
+
+def _expect(data: dict[str, Any], kind: str) -> dict[str, Any]:
+    if data.get("type") == "error":
+        raise StreamError(str(data.get("message")), data.get("code"), data.get("status"))
+    if data.get("type") != kind:
+        raise StreamError(f"protocol error: expected a '{kind}' message, got {str(data)[:100]}")
+    return data
+
+
+def stream_tokens_sync(url: str, tokens: Sequence[int] | np.ndarray, **kwargs: Any) -> StreamResult:
+    """:func:`stream_tokens` for code without an event loop."""
+    return asyncio.run(stream_tokens(url, tokens, **kwargs))

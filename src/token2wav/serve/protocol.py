@@ -1,0 +1,346 @@
+"""Wire protocol of the streaming server: limits, message parsing and validation, PCM/WAV encoding.
+
+Everything here is plain Python + numpy so that the client, the command line and the tests can use it
+without importing FastAPI.
+
+WebSocket ``/v1/stream`` (client -> server, JSON text frames)::
+
+    {"type": "start", "prompt_id"?: str, "preset"?: str, "hop"?: int, "mode"?: str}
+    {"type": "tokens", "tokens": [int, ...]}            # any number of times
+    {"type": "end"}
+
+server -> client::
+
+    {"type": "started", "session": str, "sample_rate": int, "token_rate": float}
+    {"type": "chunk", "index": i, "samples": n, "compute_ms": x}   followed by one binary frame:
+    <n int16 little-endian PCM samples>
+    {"type": "done", "chunks": k, "samples": s}
+    {"type": "error", "code": <ws close code>, "status": <http status>, "message": str}  then close
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import wave
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "WS_GOING_AWAY",
+    "WS_INTERNAL_ERROR",
+    "WS_NORMAL",
+    "WS_POLICY_VIOLATION",
+    "WS_TOO_BIG",
+    "WS_TRY_AGAIN_LATER",
+    "EndMessage",
+    "PromptRequest",
+    "ProtocolError",
+    "ServerLimits",
+    "StartMessage",
+    "SynthesizeRequest",
+    "TokensMessage",
+    "decode_json",
+    "describe_model",
+    "parse_client_message",
+    "parse_prompt_request",
+    "parse_synthesize_request",
+    "pcm16_bytes",
+    "pcm16_to_float",
+    "validate_tokens",
+    "wav_bytes",
+]
+
+# WebSocket close codes (RFC 6455 section 7.4.1)
+WS_NORMAL = 1000
+WS_GOING_AWAY = 1001
+WS_POLICY_VIOLATION = 1008
+WS_TOO_BIG = 1009
+WS_INTERNAL_ERROR = 1011
+WS_TRY_AGAIN_LATER = 1013
+
+_HTTP_FOR_WS = {
+    WS_POLICY_VIOLATION: 400,
+    WS_TOO_BIG: 413,
+    WS_TRY_AGAIN_LATER: 503,
+    WS_INTERNAL_ERROR: 500,
+    WS_GOING_AWAY: 408,
+}
+
+MAX_HOP = 10_000
+AUDIO_FORMATS = ("wav", "pcm")
+ATTENTIONS = ("full", "chunk")
+MODES = ("cached", "recompute", "window")
+
+
+class ProtocolError(Exception):
+    """A client error with the HTTP status and the WebSocket close code that report it."""
+
+    def __init__(
+        self, message: str, *, ws_code: int = WS_POLICY_VIOLATION, status: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ws_code = ws_code
+        self.status = status if status is not None else _HTTP_FOR_WS.get(ws_code, 400)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "error", "code": self.ws_code, "status": self.status, "message": self.message}
+
+    @property
+    def close_reason(self) -> str:
+        # a close frame's reason must fit in 123 bytes of UTF-8
+        raw = self.message.encode("utf-8")
+        if len(raw) <= 123:
+            return self.message
+        return raw[:120].decode("utf-8", errors="ignore") + "..."
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Resource limits of one server process. Every value is checked by ``__post_init__``."""
+
+    max_sessions: int = 16  # open WebSocket streams + in-flight /v1/synthesize requests
+    max_tokens_per_session: int = 25 * 600  # ten minutes of speech at 25 tokens/s
+    max_message_bytes: int = 1 << 20  # one WebSocket message or one HTTP request body
+    idle_timeout_s: float = 30.0  # longest wait for the next client message on a stream
+    send_timeout_s: float = 30.0  # longest wait for a client to take one outgoing frame
+    max_prompts: int = 256  # registered prompts kept; the least recently used is dropped
+    workers: int = 4  # threads running model work
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_tokens_per_session", "max_message_bytes", "max_prompts", "workers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("idle_timeout_s", "send_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def decode_json(raw: str | bytes, *, what: str = "message") -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        raise ProtocolError(f"malformed JSON in {what}: {msg}") from None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_tokens(value: object, vocab_size: int, *, name: str = "tokens") -> np.ndarray:
+    """Check a JSON token list: ints in ``[0, vocab_size)``. Returns an int64 array."""
+    if not isinstance(value, list):
+        raise ProtocolError(f"'{name}' must be a list of integers, got {type(value).__name__}")
+    for v in value:
+        if not _is_int(v):
+            raise ProtocolError(f"'{name}' must hold only integers, found {json.dumps(v)[:40]}")
+    if not value:
+        return np.zeros(0, dtype=np.int64)
+    lo, hi = min(value), max(value)
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ProtocolError(f"token id {bad} in '{name}' is out of range [0, {vocab_size})")
+    return np.asarray(value, dtype=np.int64)
+
+
+def _opt_str(d: dict[str, Any], key: str, choices: tuple[str, ...] | None = None) -> str | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ProtocolError(f"'{key}' must be a non-empty string, got {json.dumps(v)[:40]}")
+    if choices is not None and v not in choices:
+        raise ProtocolError(f"'{key}' must be one of {', '.join(choices)}, got {v[:40]!r}")
+    return v
+
+
+def _float_array(value: object, name: str, ndim: int) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ProtocolError(f"'{name}' must be a {ndim}-D array of numbers") from None
+    if arr.ndim != ndim or arr.size == 0:
+        raise ProtocolError(f"'{name}' must be a non-empty {ndim}-D array of numbers, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ProtocolError(f"'{name}' must hold finite numbers")
+    return arr
+
+
+# ----------------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class StartMessage:
+    prompt_id: str | None = None
+    preset: str | None = None
+    hop: int | None = None
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class TokensMessage:
+    tokens: np.ndarray
+
+
+@dataclass(frozen=True)
+class EndMessage:
+    pass
+
+
+ClientMessage = StartMessage | TokensMessage | EndMessage
+
+_ALLOWED_KEYS = {
+    "start": {"type", "prompt_id", "preset", "hop", "mode"},
+    "tokens": {"type", "tokens"},
+    "end": {"type"},
+}
+
+
+def parse_client_message(raw: str | bytes, vocab_size: int) -> ClientMessage:
+    """Parse one WebSocket text frame. Raises :class:`ProtocolError` (close 1008) on anything malformed."""
+    data = decode_json(raw)
+    if not isinstance(data, dict):
+        raise ProtocolError(f"a message must be a JSON object, got {type(data).__name__}")
+    kind = data.get("type")
+    if kind not in _ALLOWED_KEYS:
+        raise ProtocolError(f"unknown message type {json.dumps(kind)[:40]}; expected start, tokens or end")
+    extra = set(data) - _ALLOWED_KEYS[kind]
+    if extra:
+        raise ProtocolError(f"unexpected field(s) in '{kind}' message: {', '.join(sorted(extra))[:60]}")
+    if kind == "tokens":
+        if "tokens" not in data:
+            raise ProtocolError("'tokens' message lacks the 'tokens' list")
+        return TokensMessage(validate_tokens(data["tokens"], vocab_size))
+    if kind == "end":
+        return EndMessage()
+    hop = data.get("hop")
+    if hop is not None and (not _is_int(hop) or not 1 <= hop <= MAX_HOP):
+        raise ProtocolError(f"'hop' must be an integer in [1, {MAX_HOP}], got {json.dumps(hop)[:40]}")
+    return StartMessage(
+        prompt_id=_opt_str(data, "prompt_id"),
+        preset=_opt_str(data, "preset"),
+        hop=hop,
+        mode=_opt_str(data, "mode", MODES),
+    )
+
+
+@dataclass(frozen=True)
+class SynthesizeRequest:
+    tokens: np.ndarray
+    prompt_id: str | None = None
+    format: str = "wav"
+    attention: str | None = None
+
+
+def parse_synthesize_request(raw: bytes, vocab_size: int) -> SynthesizeRequest:
+    data = decode_json(raw, what="request body")
+    if not isinstance(data, dict):
+        raise ProtocolError("request body must be a JSON object")
+    extra = set(data) - {"tokens", "prompt_id", "format", "attention"}
+    if extra:
+        raise ProtocolError(f"unexpected field(s): {', '.join(sorted(extra))[:60]}")
+    if "tokens" not in data:
+        raise ProtocolError("request lacks the 'tokens' list")
+    tokens = validate_tokens(data["tokens"], vocab_size)
+    if tokens.size == 0:
+        raise ProtocolError("'tokens' must not be empty")
+    return SynthesizeRequest(
+        tokens=tokens,
+        prompt_id=_opt_str(data, "prompt_id"),
+        format=_opt_str(data, "format", AUDIO_FORMATS) or "wav",
+        attention=_opt_str(data, "attention", ATTENTIONS),
+    )
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    tokens: np.ndarray
+    mel: np.ndarray
+    embedding: np.ndarray
+
+
+def parse_prompt_request(raw: bytes, vocab_size: int) -> PromptRequest:
+    data = decode_json(raw, what="request body")
+    if not isinstance(data, dict):
+        raise ProtocolError("request body must be a JSON object")
+    missing = [k for k in ("tokens", "mel", "embedding") if k not in data]
+    if missing:
+        raise ProtocolError(f"request lacks field(s): {', '.join(missing)}")
+    extra = set(data) - {"tokens", "mel", "embedding"}
+    if extra:
+        raise ProtocolError(f"unexpected field(s): {', '.join(sorted(extra))[:60]}")
+    tokens = validate_tokens(data["tokens"], vocab_size)
+    if tokens.size == 0:
+        raise ProtocolError("'tokens' must not be empty")
+    return PromptRequest(
+        tokens=tokens,
+        mel=_float_array(data["mel"], "mel", 2),
+        embedding=_float_array(data["embedding"], "embedding", 1),
+    )
+
+
+# ----------------------------------------------------------------------------------------- audio
+
+
+def pcm16_bytes(audio: np.ndarray) -> bytes:
+    """Float audio in [-1, 1] -> int16 little-endian bytes (clipped, rounded to nearest)."""
+    a = np.asarray(audio, dtype=np.float32).reshape(-1)
+    return np.round(np.clip(a, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def pcm16_to_float(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    """A mono 16-bit PCM WAV file in memory."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm16_bytes(audio))
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------- model facts
+
+
+def describe_model(t2w: Any, name: str = "") -> dict[str, Any]:
+    """The facts ``token2wav info`` prints and ``GET /v1/models`` returns, as plain JSON types."""
+    info: dict[str, Any] = {"name": name}
+    info.update(_engine_facts(t2w))
+    return info
+
+
+def _engine_facts(t2w: Any) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "sample_rate": int(t2w.sample_rate),
+        "token_rate": float(t2w.token_rate),
+    }
+    describe = getattr(t2w, "describe", None)
+    if callable(describe):
+        facts.update(_jsonable(describe()))
+    return facts
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    return value

@@ -1,0 +1,505 @@
+"""The HTTP/WebSocket server, end to end: a real uvicorn on a free loopback port, real clients.
+
+Every test is bounded (timeouts on every wait) and every server is stopped at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from token2wav.serve.app import create_app, uvicorn_config
+from token2wav.serve.client import StreamError, stream_tokens
+from token2wav.serve.metrics import parse_exposition
+from token2wav.serve.protocol import ServerLimits, pcm16_bytes
+
+TIMEOUT = 30.0  # upper bound for any single wait in this file
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+class _FakeSession:  # TEMPORARY stand-in until token2wav.Token2Wav lands
+    def __init__(self, eng: _FakeEngine, hop: int) -> None:
+        self.eng, self.hop, self.buf, self.done = eng, hop, [], 0
+        self.lock = threading.Lock()
+
+    def push(self, tokens: Any) -> list[np.ndarray]:
+        with self.lock:
+            self.eng._check(tokens)
+            self.buf.extend(int(t) for t in np.asarray(tokens).reshape(-1))
+            out = []
+            while len(self.buf) - self.done >= self.hop + 3:
+                time.sleep(0.002)
+                out.append(self.eng._wave(self.buf, self.done, self.done + self.hop))
+                self.done += self.hop
+            return out
+
+    def finish(self) -> np.ndarray:
+        with self.lock:
+            if not self.buf:
+                raise ValueError("finish() before any token")
+            out = self.eng._wave(self.buf, self.done, len(self.buf))
+            self.done = len(self.buf)
+            return out
+
+    def close(self) -> None:
+        with self.lock:
+            self.buf = []
+
+
+class _FakeEngine:
+    sample_rate = 24000
+    token_rate = 25
+    vocab_size = 64
+    spt = 960
+
+    def _check(self, tokens: Any) -> None:
+        a = np.asarray(tokens)
+        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
+            raise ValueError("token out of range")
+
+    def _wave(self, tokens: list[int], a: int, b: int) -> np.ndarray:
+        n = np.arange(a * self.spt, b * self.spt)
+        f = np.repeat(100.0 + 10.0 * np.asarray(tokens[a:b], dtype=np.float64), self.spt)
+        return (0.5 * np.sin(2 * np.pi * f * n / self.sample_rate)).astype(np.float32)
+
+    def synthesize(self, tokens: Any, prompt: Any = None, attention: str = "full", output: str = "audio"):
+        self._check(tokens)
+        t = [int(x) for x in np.asarray(tokens).reshape(-1)]
+        return self._wave(t, 0, len(t))
+
+    def stream(
+        self,
+        prompt: Any = None,
+        *,
+        hop: int | None = None,
+        preset: str | None = None,
+        mode: str = "cached",
+        schedule: Any = None,
+    ) -> _FakeSession:
+        if preset not in (None, "assistant", "balanced", "quality", "constrained"):
+            raise ValueError(
+                f"preset must be one of assistant, balanced, quality, constrained; got {preset!r}"
+            )
+        return _FakeSession(self, hop or 5)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    return _FakeEngine()
+
+
+# ------------------------------------------------------------------------------------------ servers
+
+
+@contextlib.contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on 127.0.0.1:<free port> in a thread; yields ``host:port``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+        sock.close()
+        assert not thread.is_alive(), "server thread did not stop"
+
+
+LIMITS = ServerLimits(
+    max_sessions=10,
+    max_tokens_per_session=400,
+    max_message_bytes=32 * 1024,
+    idle_timeout_s=10.0,
+    send_timeout_s=10.0,
+    workers=4,
+)
+
+
+@pytest.fixture(scope="module")
+def server(engine: Any) -> Iterator[dict[str, Any]]:
+    app = create_app(engine, name="test", limits=LIMITS, prompt_factory=_prompt_factory(engine))
+    with running_server(app) as addr:
+        yield {"http": f"http://{addr}", "ws": f"ws://{addr}/v1/stream", "app": app}
+
+
+def _prompt_factory(engine: Any) -> Any:
+    return lambda tokens, mel, embedding: {"tokens": tokens, "mel": mel, "embedding": embedding}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _tokens(n: int, seed: int, vocab: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def _pcm(audio: np.ndarray) -> np.ndarray:
+    return np.frombuffer(pcm16_bytes(audio), dtype="<i2")
+
+
+def _assert_pcm_close(got: np.ndarray, want: np.ndarray) -> None:
+    # int16 rounding of float audio that matches to ~1e-6 can flip by one step
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max(initial=0) <= 1
+
+
+def _metrics(base: str) -> dict[str, float]:
+    r = httpx.get(base + "/metrics", timeout=TIMEOUT)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    return parse_exposition(r.text)
+
+
+def _synth_pcm(base: str, tokens: list[int], **extra: Any) -> np.ndarray:
+    r = httpx.post(
+        base + "/v1/synthesize", json={"tokens": tokens, "format": "pcm", **extra}, timeout=TIMEOUT
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    return np.frombuffer(r.content, dtype="<i2")
+
+
+async def _exchange(url: str, messages: list[Any], *, read_until_close: bool = True) -> dict[str, Any]:
+    """Send raw frames, collect every reply until the server closes. Returns texts, binaries, close code."""
+    texts: list[dict[str, Any]] = []
+    binaries: list[bytes] = []
+    async with connect(url, open_timeout=TIMEOUT, max_size=None) as ws:
+        for m in messages:
+            await ws.send(json.dumps(m) if isinstance(m, dict) else m)
+        try:
+            while read_until_close:
+                msg = await asyncio.wait_for(ws.recv(), TIMEOUT)
+                if isinstance(msg, bytes):
+                    binaries.append(msg)
+                else:
+                    texts.append(json.loads(msg))
+        except ConnectionClosed:
+            pass
+        await asyncio.wait_for(ws.wait_closed(), TIMEOUT)
+        return {"texts": texts, "binaries": binaries, "code": ws.close_code, "reason": ws.close_reason}
+
+
+def _good_stream(url: str, vocab: int, n: int = 12) -> None:
+    r = asyncio.run(stream_tokens(url, _tokens(n, 99, vocab), rate=0))
+    assert r.samples > 0
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_health_models_metrics(server: dict[str, Any], engine: Any) -> None:
+    base = server["http"]
+    h = httpx.get(base + "/health", timeout=TIMEOUT).json()
+    assert h["status"] == "ok" and h["max_sessions"] == LIMITS.max_sessions
+    models = httpx.get(base + "/v1/models", timeout=TIMEOUT).json()["models"]
+    assert models[0]["name"] == "test"
+    assert models[0]["sample_rate"] == engine.sample_rate
+    m = _metrics(base)
+    assert m["token2wav_sessions_open"] == 0
+    assert "token2wav_first_chunk_latency_seconds_count" in m
+
+
+def test_stream_equals_synthesize(server: dict[str, Any], engine: Any) -> None:
+    tokens = _tokens(80, 1, engine.vocab_size)
+    offline = _pcm(engine.synthesize(np.asarray(tokens), attention="chunk"))
+    via_http = _synth_pcm(server["http"], tokens, attention="chunk")
+    _assert_pcm_close(via_http, offline)
+
+    res = asyncio.run(stream_tokens(server["ws"], tokens, rate=0, hop=5))
+    streamed = np.frombuffer(res.pcm, dtype="<i2")
+    _assert_pcm_close(streamed, offline)
+    assert len(res.chunks) >= 2
+    assert [c["index"] for c in res.chunks] == list(range(len(res.chunks)))
+    assert res.first_chunk_latency_s is not None and res.first_chunk_latency_s < res.wall_s
+    assert res.started["sample_rate"] == engine.sample_rate
+
+
+def test_synthesize_wav(server: dict[str, Any], engine: Any) -> None:
+    tokens = _tokens(30, 2, engine.vocab_size)
+    r = httpx.post(server["http"] + "/v1/synthesize", json={"tokens": tokens}, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+    with wave.open(io.BytesIO(r.content)) as w:
+        assert w.getframerate() == engine.sample_rate and w.getsampwidth() == 2 and w.getnchannels() == 1
+        frames = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    _assert_pcm_close(frames, _pcm(engine.synthesize(np.asarray(tokens))))
+    assert int(r.headers["x-samples"]) == frames.size
+
+
+def test_concurrent_sessions_match_single(server: dict[str, Any], engine: Any) -> None:
+    vocab = engine.vocab_size
+    jobs = [(_tokens(40 + 7 * i, 10 + i, vocab), 3 + i % 4) for i in range(8)]
+    single = [
+        np.frombuffer(asyncio.run(stream_tokens(server["ws"], t, rate=0, hop=h)).pcm, "<i2") for t, h in jobs
+    ]
+
+    async def all_at_once() -> list[Any]:
+        # an LLM-like pace for half of them so that pushes interleave
+        return await asyncio.gather(
+            *(
+                stream_tokens(server["ws"], t, rate=0 if i % 2 else 400.0, hop=h)
+                for i, (t, h) in enumerate(jobs)
+            )
+        )
+
+    t0 = time.perf_counter()
+    results = asyncio.run(all_at_once())
+    assert time.perf_counter() - t0 < TIMEOUT
+    for res, want in zip(results, single):
+        _assert_pcm_close(np.frombuffer(res.pcm, "<i2"), want)
+    assert _metrics(server["http"])["token2wav_sessions_open"] == 0
+
+
+BAD_STREAMS = [
+    # (id, frames to send, close code, words in the error message)
+    ("malformed-json", ['{"type": "start"'], 1008, "malformed JSON"),
+    ("not-an-object", ["[1, 2]"], 1008, "JSON object"),
+    ("unknown-type", [{"type": "hello"}], 1008, "unknown message type"),
+    ("extra-field", [{"type": "start", "voice": "x"}], 1008, "unexpected field"),
+    ("tokens-before-start", [{"type": "tokens", "tokens": [1]}], 1008, "before 'start'"),
+    ("end-before-start", [{"type": "end"}], 1008, "before 'start'"),
+    ("start-twice", [{"type": "start"}, {"type": "start"}], 1008, "'start' sent twice"),
+    ("token-too-big", [{"type": "start"}, {"type": "tokens", "tokens": [1, 10**6]}], 1008, "out of range"),
+    ("token-negative", [{"type": "start"}, {"type": "tokens", "tokens": [-1]}], 1008, "out of range"),
+    ("token-not-int", [{"type": "start"}, {"type": "tokens", "tokens": [1.5]}], 1008, "only integers"),
+    ("token-bool", [{"type": "start"}, {"type": "tokens", "tokens": [True]}], 1008, "only integers"),
+    ("tokens-not-list", [{"type": "start"}, {"type": "tokens", "tokens": "1 2"}], 1008, "list of integers"),
+    ("binary-frame", [{"type": "start"}, b"\x00\x01"], 1008, "binary frames"),
+    ("bad-hop", [{"type": "start", "hop": 0}], 1008, "'hop'"),
+    ("bad-mode", [{"type": "start", "mode": "fast"}], 1008, "'mode'"),
+    ("bad-preset", [{"type": "start", "preset": "turbo"}], 1008, "preset"),
+    ("unknown-prompt", [{"type": "start", "prompt_id": "p_nope"}], 1008, "unknown prompt_id"),
+    (
+        "message-too-big",
+        [{"type": "start"}, {"type": "tokens", "tokens": [1] * 20000}],
+        1009,
+        "max_message_bytes",
+    ),
+    (
+        "too-many-tokens",
+        [{"type": "start"}] + [{"type": "tokens", "tokens": [1] * 150}] * 3,
+        1009,
+        "max_tokens_per_session",
+    ),
+    (
+        "after-end",
+        [
+            {"type": "start"},
+            {"type": "tokens", "tokens": [1] * 10},
+            {"type": "end"},
+            {"type": "tokens", "tokens": [1]},
+        ],
+        1000,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize("frames, code, words", [b[1:] for b in BAD_STREAMS], ids=[b[0] for b in BAD_STREAMS])
+def test_bad_stream_input(
+    server: dict[str, Any], engine: Any, frames: list[Any], code: int, words: str | None
+) -> None:
+    out = asyncio.run(_exchange(server["ws"], frames))
+    assert out["code"] == code, out
+    if words is not None:
+        errors = [t for t in out["texts"] if t.get("type") == "error"]
+        assert len(errors) == 1 and words in errors[0]["message"], out["texts"]
+        assert errors[0]["code"] == code
+        assert words.split()[0].strip("'") in out["reason"] or len(out["reason"]) > 100
+    _good_stream(server["ws"], engine.vocab_size)  # the server is still fine
+
+
+BAD_HTTP = [
+    ("malformed-json", b'{"tokens": [1,', 400, "malformed JSON"),
+    ("not-object", b"[1, 2]", 400, "JSON object"),
+    ("no-tokens", b"{}", 400, "lacks the 'tokens'"),
+    ("empty-tokens", b'{"tokens": []}', 400, "must not be empty"),
+    ("out-of-range", b'{"tokens": [1, 100000]}', 400, "out of range"),
+    ("negative", b'{"tokens": [-3]}', 400, "out of range"),
+    ("bad-format", b'{"tokens": [1], "format": "mp3"}', 400, "'format'"),
+    ("bad-attention", b'{"tokens": [1], "attention": "half"}', 400, "'attention'"),
+    ("unknown-prompt", b'{"tokens": [1], "prompt_id": "p_nope"}', 404, "unknown prompt_id"),
+    ("too-many-tokens", json.dumps({"tokens": [1] * 401}).encode(), 413, "max_tokens_per_session"),
+    ("body-too-big", json.dumps({"tokens": [1] * 20000}).encode(), 413, "max_message_bytes"),
+]
+
+
+@pytest.mark.parametrize("body, status, words", [b[1:] for b in BAD_HTTP], ids=[b[0] for b in BAD_HTTP])
+def test_bad_synthesize_input(
+    server: dict[str, Any], engine: Any, body: bytes, status: int, words: str
+) -> None:
+    r = httpx.post(
+        server["http"] + "/v1/synthesize",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    assert _synth_pcm(server["http"], _tokens(10, 5, engine.vocab_size)).size > 0
+
+
+def test_chunked_body_over_limit_is_refused(server: dict[str, Any]) -> None:
+    def gen() -> Iterator[bytes]:  # no content-length: the server must count as it reads
+        yield b'{"tokens": ['
+        for _ in range(8):
+            yield b"1, " * 2000
+        yield b"1]}"
+
+    r = httpx.post(server["http"] + "/v1/synthesize", content=gen(), timeout=TIMEOUT)
+    assert r.status_code == 413
+
+
+def test_max_sessions(server: dict[str, Any], engine: Any) -> None:
+    async def scenario() -> None:
+        held = []
+        try:
+            for _ in range(LIMITS.max_sessions):
+                ws = await connect(server["ws"], open_timeout=TIMEOUT)
+                held.append(ws)
+                await ws.send(json.dumps({"type": "start"}))
+                assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"] == "started"
+            out = await _exchange(server["ws"], [])
+            assert out["code"] == 1013 and "busy" in out["texts"][0]["message"]
+            async with httpx.AsyncClient(timeout=TIMEOUT) as c:
+                r = await c.post(server["http"] + "/v1/synthesize", json={"tokens": [1, 2, 3]})
+                assert r.status_code == 503 and "busy" in r.json()["error"]
+        finally:
+            for ws in held:
+                await ws.close()
+
+    asyncio.run(scenario())
+    _wait_sessions_closed(server["http"])
+    _good_stream(server["ws"], engine.vocab_size)
+    assert _synth_pcm(server["http"], [1, 2, 3]).size > 0
+
+
+def _wait_sessions_closed(base: str) -> dict[str, float]:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        m = _metrics(base)
+        if m["token2wav_sessions_open"] == 0 or time.monotonic() > deadline:
+            return m
+        time.sleep(0.02)
+
+
+def test_aborted_streams_free_their_sessions(server: dict[str, Any], engine: Any) -> None:
+    vocab = engine.vocab_size
+    before = _metrics(server["http"])
+
+    async def abort(i: int) -> None:
+        ws = await connect(server["ws"], open_timeout=TIMEOUT)
+        await ws.send(json.dumps({"type": "start", "hop": 3}))
+        await ws.send(json.dumps({"type": "tokens", "tokens": _tokens(20 + i % 30, i, vocab)}))
+        if i % 3 == 0:
+            ws.transport.abort()  # vanish without a close frame, mid-stream
+        elif i % 3 == 1:
+            await asyncio.wait_for(ws.recv(), TIMEOUT)  # read 'started', then close politely mid-stream
+            await ws.close()
+        else:
+            await ws.close()  # close right away, possibly while the model is pushing
+
+    async def run_all() -> None:
+        for wave_start in range(0, 50, 10):  # ten at a time: stays below max_sessions
+            await asyncio.gather(*(abort(i) for i in range(wave_start, wave_start + 10)))
+            deadline = time.monotonic() + TIMEOUT
+            while _metrics(server["http"])["token2wav_sessions_open"] > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+
+    asyncio.run(run_all())
+    after = _wait_sessions_closed(server["http"])
+    assert after["token2wav_sessions_open"] == 0
+    assert (
+        after['token2wav_sessions_total{kind="stream"}'] - before['token2wav_sessions_total{kind="stream"}']
+        == 50
+    )
+    assert after["token2wav_disconnects_total"] - before["token2wav_disconnects_total"] == 50
+    _good_stream(server["ws"], vocab)
+
+
+def test_idle_timeout(engine: Any) -> None:
+    limits = ServerLimits(max_sessions=2, idle_timeout_s=0.3, workers=1)
+    app = create_app(engine, name="idle", limits=limits, prompt_factory=_prompt_factory(engine))
+    with running_server(app) as addr:
+        t0 = time.perf_counter()
+        out = asyncio.run(_exchange(f"ws://{addr}/v1/stream", [{"type": "start"}]))
+        assert out["code"] == 1008 and "idle timeout" in out["reason"]
+        assert out["texts"][0]["type"] == "started" and out["texts"][-1]["status"] == 408
+        assert time.perf_counter() - t0 < 5
+        m = _wait_sessions_closed(f"http://{addr}")
+        assert m['token2wav_rejected_total{reason="idle_timeout"}'] == 1
+
+
+def test_client_that_never_reads_does_not_stall_others(server: dict[str, Any], engine: Any) -> None:
+    vocab = engine.vocab_size
+
+    async def scenario() -> float:
+        hog = await connect(server["ws"], open_timeout=TIMEOUT, max_queue=1)
+        try:
+            await hog.send(json.dumps({"type": "start", "hop": 1}))
+            await hog.send(json.dumps({"type": "tokens", "tokens": _tokens(300, 7, vocab)}))
+            t0 = time.perf_counter()
+            res = await stream_tokens(server["ws"], _tokens(20, 8, vocab), rate=0)
+            assert res.samples > 0
+            return time.perf_counter() - t0
+        finally:
+            hog.transport.abort()
+
+    assert asyncio.run(scenario()) < 10
+    _wait_sessions_closed(server["http"])
+
+
+def test_prompt_registration_and_reuse(server: dict[str, Any], engine: Any) -> None:
+    rng = np.random.default_rng(3)
+    body = {
+        "tokens": _tokens(10, 4, engine.vocab_size),
+        "mel": rng.random((20, 80)).round(4).tolist(),
+        "embedding": rng.random(192).round(4).tolist(),
+    }
+    r1 = httpx.post(server["http"] + "/v1/prompts", json=body, timeout=TIMEOUT)
+    r2 = httpx.post(server["http"] + "/v1/prompts", json=body, timeout=TIMEOUT)
+    assert r1.status_code == 200, r1.text
+    pid = r1.json()["prompt_id"]
+    assert r2.json()["prompt_id"] == pid  # same content, same id: computed once
+
+    tokens = _tokens(40, 6, engine.vocab_size)
+    offline = _synth_pcm(server["http"], tokens, prompt_id=pid, attention="chunk")
+    res = asyncio.run(stream_tokens(server["ws"], tokens, rate=0, prompt_id=pid))
+    _assert_pcm_close(np.frombuffer(res.pcm, "<i2"), offline)
+
+    nan_body = json.dumps({**body, "mel": [[float("nan")] * 80]}).encode()  # Python writes NaN; JSON has none
+    bad = httpx.post(server["http"] + "/v1/prompts", content=nan_body, timeout=TIMEOUT)
+    assert bad.status_code == 400 and "finite" in bad.json()["error"]
+    bad = httpx.post(server["http"] + "/v1/prompts", json={"tokens": [1]}, timeout=TIMEOUT)
+    assert bad.status_code == 400 and "lacks field" in bad.json()["error"]
+
+
+def test_client_reports_server_errors(server: dict[str, Any]) -> None:
+    with pytest.raises(StreamError) as e:
+        asyncio.run(stream_tokens(server["ws"], [1, 2, 3], rate=0, preset="turbo"))
+    assert e.value.code == 1008
