@@ -1,0 +1,278 @@
+"""Conditional flow matching (CosyVoice's ``CausalConditionalCFM``): Euler ODE solver with classifier-free
+guidance at inference, the flow-matching regression loss for training."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CausalConditionalCFM", "CFMCache", "NOISE_FRAMES", "NOISE_CHANNELS", "fixed_noise"]
+
+# The reference draws its fixed noise once: seed 0, then randn([1, 80, 50 * 300]) (300 s at 50 frames/s).
+NOISE_CHANNELS = 80
+NOISE_FRAMES = 50 * 300
+_NOISE_SEED = 0
+_noise_master: Tensor | None = None
+
+
+def fixed_noise() -> Tensor:
+    """The reference's fixed noise ``[1, 80, 15000]`` (float32, CPU), drawn from a private generator.
+
+    Equal to ``torch.manual_seed(0); torch.randn([1, 80, 15000])`` but leaves the global RNG untouched.
+    Created on first use and shared (read-only) by every CFM.
+    """
+    global _noise_master
+    if _noise_master is None:
+        gen = torch.Generator(device="cpu").manual_seed(_NOISE_SEED)
+        _noise_master = torch.randn([1, NOISE_CHANNELS, NOISE_FRAMES], generator=gen)
+    return _noise_master
+
+
+def noise_sha256() -> str:
+    return hashlib.sha256(fixed_noise().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _param(params: Any, name: str, default: Any) -> Any:
+    # cfm_params arrives as a plain dict from our config loader, or attribute-style (DictConfig-like)
+    if isinstance(params, Mapping):
+        return params.get(name, default)
+    return getattr(params, name, default)
+
+
+@dataclass(frozen=True)
+class CFMCache:
+    """Estimator caches for a cached solve: one per Euler step, each over the batch of two CFG branches
+    (row 0 conditional, row 1 unconditional). ``offset`` frames are covered. Immutable and shareable."""
+
+    steps: tuple[Any, ...]
+
+    @property
+    def offset(self) -> int:
+        return int(self.steps[0].offset) if self.steps else 0
+
+    @property
+    def n_timesteps(self) -> int:
+        return len(self.steps)
+
+
+class CausalConditionalCFM(nn.Module):
+    """Flow-matching decoder around an estimator (the DiT or the U-Net).
+
+    Constructor kwargs follow the reference. ``cfm_params`` keys used: ``sigma_min``, ``t_scheduler``
+    (``'cosine'`` or linear), ``training_cfg_rate``, ``inference_cfg_rate``. The initial noise for frame ``f``
+    is always column ``f`` of the reference's fixed noise (``fixed_noise``), so a frame's noise does not
+    depend on how the sequence was cut. Frames past 15000 (300 s, where the reference fails) reuse the
+    noise modulo 15000.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        cfm_params: Any,
+        n_spks: int = 1,
+        spk_emb_dim: int = 64,
+        estimator: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_feats = in_channels
+        self.n_spks = n_spks
+        self.spk_emb_dim = spk_emb_dim
+        self.solver = _param(cfm_params, "solver", "euler")
+        self.sigma_min = float(_param(cfm_params, "sigma_min", 1e-4))
+        self.t_scheduler = _param(cfm_params, "t_scheduler", "cosine")
+        self.training_cfg_rate = float(_param(cfm_params, "training_cfg_rate", 0.0))
+        self.inference_cfg_rate = float(_param(cfm_params, "inference_cfg_rate", 0.0))
+        if self.solver != "euler":
+            raise ValueError(f"cfm_params.solver must be 'euler', got {self.solver!r}")
+        self.estimator = estimator
+        self._noise_copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    # ------------------------------------------------------------------ noise / schedule
+    def noise(
+        self, start: int, stop: int, channels: int, *, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        """Fixed noise for absolute frames ``[start, stop)``: ``[1, channels, stop - start]``."""
+        if channels > NOISE_CHANNELS:
+            raise ValueError(f"the fixed noise has {NOISE_CHANNELS} channels, the model needs {channels}")
+        if start < 0 or stop < start:
+            raise ValueError(f"bad noise range [{start}, {stop})")
+        key = (torch.device(device), dtype)
+        table = self._noise_copies.get(key)
+        if table is None:
+            table = fixed_noise().to(device=device, dtype=dtype)
+            self._noise_copies[key] = table
+        idx = torch.arange(start, stop, device=device) % NOISE_FRAMES
+        if stop <= NOISE_FRAMES:
+            return table[:, :channels, start:stop]
+        return table[:, :channels].index_select(2, idx)
+
+    def time_span(self, n_timesteps: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if not isinstance(n_timesteps, int) or isinstance(n_timesteps, bool) or n_timesteps < 1:
+            raise ValueError(f"n_timesteps must be an int >= 1, got {n_timesteps!r}")
+        span = torch.linspace(0, 1, n_timesteps + 1, device=device, dtype=dtype)
+        if self.t_scheduler == "cosine":
+            span = 1 - torch.cos(span * 0.5 * torch.pi)
+        return span
+
+    # ------------------------------------------------------------------ inference
+    def _guided(self, raw: Tensor) -> Tensor:
+        cond_v, uncond_v = raw.chunk(2, dim=0)
+        return (1.0 + self.inference_cfg_rate) * cond_v - self.inference_cfg_rate * uncond_v
+
+    @staticmethod
+    def _pair(value: Tensor) -> Tensor:
+        # conditional branch gets the value, the unconditional branch zeros
+        return torch.cat([value, torch.zeros_like(value)], dim=0)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        mu: Tensor,
+        mask: Tensor,
+        n_timesteps: int,
+        temperature: float = 1.0,
+        spks: Tensor | None = None,
+        cond: Tensor | None = None,
+        streaming: bool = False,
+        chunk_size: int | None = None,
+    ) -> tuple[Tensor, None]:
+        """Sample mel ``[1, C, T]`` for ``mu`` ``[1, C, T]`` (frames from 0). Returns ``(mel, None)`` like the
+        reference. ``chunk_size`` overrides the estimator's chunk when streaming (DiT estimators only)."""
+        if mu.shape[0] != 1:
+            raise ValueError(f"mu must have batch 1, got {mu.shape[0]}")
+        z = self.noise(0, mu.shape[2], mu.shape[1], device=mu.device, dtype=mu.dtype) * temperature
+        span = self.time_span(n_timesteps, mu.device, mu.dtype)
+        return self.solve_euler(z, span, mu, mask, spks, cond, streaming, chunk_size), None
+
+    def solve_euler(
+        self,
+        x: Tensor,
+        t_span: Tensor,
+        mu: Tensor,
+        mask: Tensor,
+        spks: Tensor | None,
+        cond: Tensor | None,
+        streaming: bool = False,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """Fixed-step Euler from ``t_span[0]`` to ``t_span[-1]`` with guidance (batch of two per step)."""
+        extra = {} if chunk_size is None else {"chunk_size": chunk_size}
+        if cond is None:
+            cond = torch.zeros_like(x)
+        mask_in = torch.cat([mask, mask], dim=0)
+        mu_in = self._pair(mu)
+        spks_in = self._pair(spks) if spks is not None else None
+        cond_in = self._pair(cond)
+        # the reference accumulates t by adding dt (not indexing t_span); keep that rounding
+        t = t_span[0]
+        dt = t_span[1] - t_span[0]
+        for step in range(1, len(t_span)):
+            x_in = torch.cat([x, x], dim=0)
+            t_in = t.reshape(1).expand(2).contiguous()
+            raw = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming, **extra)
+            x = x + dt * self._guided(raw)
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        return x.float()
+
+    def empty_cache(self, n_timesteps: int, device: torch.device, dtype: torch.dtype) -> CFMCache:
+        return CFMCache(tuple(self.estimator.empty_cache(2, device, dtype) for _ in range(n_timesteps)))
+
+    @torch.inference_mode()
+    def solve_chunk(
+        self,
+        mu: Tensor,
+        spks: Tensor | None,
+        cond: Tensor,
+        *,
+        cache: CFMCache,
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+    ) -> tuple[Tensor, CFMCache]:
+        """Solve only the new frames ``[cache.offset, cache.offset + T)`` (mu, cond ``[1, C, T]``).
+
+        Step ``k`` of the Euler loop runs the estimator's ``forward_chunk`` against ``cache.steps[k]``, which
+        holds what the earlier frames produced at that step, for both guidance branches. Returns the new
+        frames' mel and a new cache covering them too; ``cache`` is not modified.
+        """
+        if mu.shape[0] != 1:
+            raise ValueError(f"mu must have batch 1, got {mu.shape[0]}")
+        start, length = cache.offset, mu.shape[2]
+        x = self.noise(start, start + length, mu.shape[1], device=mu.device, dtype=mu.dtype) * temperature
+        span = self.time_span(cache.n_timesteps, mu.device, mu.dtype)
+        mu_in = self._pair(mu)
+        spks_in = self._pair(spks) if spks is not None else None
+        cond_in = self._pair(cond)
+        t = span[0]
+        dt = span[1] - span[0]
+        new_steps = []
+        for step in range(1, len(span)):
+            x_in = torch.cat([x, x], dim=0)
+            t_in = t.reshape(1).expand(2).contiguous()
+            raw, step_cache = self.estimator.forward_chunk(
+                x_in, mu_in, t_in, spks_in, cond_in, cache=cache.steps[step - 1], chunk_size=chunk_size
+            )
+            new_steps.append(step_cache)
+            x = x + dt * self._guided(raw)
+            t = t + dt
+            if step < len(span) - 1:
+                dt = span[step + 1] - t
+        return x.float(), CFMCache(tuple(new_steps))
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(
+        self,
+        x1: Tensor,
+        mask: Tensor,
+        mu: Tensor,
+        spks: Tensor | None = None,
+        cond: Tensor | None = None,
+        chunk_size: int | None = None,
+        *,
+        streaming: bool | None = None,
+        t_sampling: str = "uniform",
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Flow-matching loss, as the reference trains.
+
+        x1 target mel, mu, cond ``[B, C, T]``; mask ``[B, 1, T]``; spks ``[B, spk]``.
+        ``t ~ U(0, 1)`` per item (``t_sampling='cosine'`` maps it through ``1 - cos(t*pi/2)``, which the
+        reference did before commit 1822c5c), ``y = (1 - (1 - sigma_min) t) z + t x1``, target
+        ``u = x1 - (1 - sigma_min) z``. With probability ``training_cfg_rate`` an item loses mu, spks and
+        cond (trains the unconditional branch). Attention: ``chunk_size`` > 0 chunk-causal with that size,
+        ``streaming=True`` without a chunk size uses the estimator's default chunk, else full attention.
+        Returns ``(masked MSE, y)``.
+        """
+        if t_sampling not in ("uniform", "cosine"):
+            raise ValueError(f"t_sampling must be 'uniform' or 'cosine', got {t_sampling!r}")
+        batch = mu.shape[0]
+        t = torch.rand([batch, 1, 1], device=mu.device, dtype=mu.dtype, generator=generator)
+        if t_sampling == "cosine":
+            t = 1 - torch.cos(t * 0.5 * math.pi)
+        z = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
+        y = (1 - (1 - self.sigma_min) * t) * z + t * x1
+        u = x1 - (1 - self.sigma_min) * z
+        if cond is None:
+            cond = torch.zeros_like(x1)
+        if self.training_cfg_rate > 0:
+            keep = torch.rand(batch, device=x1.device, generator=generator) > self.training_cfg_rate
+            mu = mu * keep.view(-1, 1, 1)
+            cond = cond * keep.view(-1, 1, 1)
+            if spks is not None:
+                spks = spks * keep.view(-1, 1)
+        if chunk_size is not None and chunk_size > 0:
+            pred = self.estimator(
+                y, mask, mu, t.view(batch), spks, cond, streaming=True, chunk_size=chunk_size
+            )
+        else:
+            pred = self.estimator(y, mask, mu, t.view(batch), spks, cond, streaming=bool(streaming))
+        loss = F.mse_loss(pred * mask, u * mask, reduction="sum") / (torch.sum(mask) * u.shape[1])
+        return loss, y

@@ -1,0 +1,424 @@
+"""CosyVoice 3 flow estimator: a diffusion transformer (DiT) over mel frames.
+
+Module and parameter names follow the reference (``cosyvoice/flow/DiT``) so its state dict loads strictly.
+Two entry points share every layer:
+
+* ``DiT.forward`` runs a whole (padded) batch, full or chunk-causal attention, as the reference does.
+* ``DiT.forward_chunk`` runs only new frames against a ``DiTCache`` holding everything the earlier frames
+  contribute (per-layer keys/values and the causal position-conv tails). With chunk-causal attention and
+  the cached frames ending on the chunk grid, it gives the rows of the full forward for those frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from token2wav.masks import add_chunk_mask, make_chunk_mask
+
+__all__ = ["DiT", "DiTCache"]
+
+_LN_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class DiTCache:
+    """What frames ``[0, offset)`` leave behind for later frames, for one batch (e.g. the two CFG branches).
+
+    keys/values: per transformer block, ``[B, heads, offset, dim_head]``; keys already carry the rotary
+    rotation of their absolute positions. pos_tail1/pos_tail2: ``[B, dim, kernel - 1]``, the last inputs of
+    the two causal position convolutions (zeros before position 0, like the reference's left padding).
+    Treated as immutable: ``forward_chunk`` builds new tensors and never writes into these, so one cache
+    (e.g. a voice prompt's) can back many sessions at once.
+    """
+
+    offset: int
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    pos_tail1: Tensor
+    pos_tail2: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos_tail1.shape[0]
+
+
+def _sinusoidal(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
+    """``[B]`` times -> ``[B, dim]`` features: sines then cosines of geometrically spaced frequencies."""
+    half = dim // 2
+    rate = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, device=t.device).float() * -rate)
+    # same operation order as the reference so the float32 rounding matches
+    args = scale * t.unsqueeze(1) * freqs.unsqueeze(0)
+    return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, freq_embed_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_embed_dim = freq_embed_dim
+        self.time_mlp = nn.Sequential(nn.Linear(freq_embed_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        feats = _sinusoidal(t, self.freq_embed_dim).to(t.dtype)
+        return self.time_mlp(feats)
+
+
+class CausalConvPositionEmbedding(nn.Module):
+    """Two causal grouped convolutions with Mish; the embedding added to the projected input."""
+
+    def __init__(self, dim: int, kernel_size: int = 31, groups: int = 16) -> None:
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=0), nn.Mish())
+        self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups, padding=0), nn.Mish())
+
+    def forward(self, x: Tensor, tail1: Tensor, tail2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x ``[B, T, D]`` new frames; tails ``[B, D, kernel-1]`` the inputs just before them.
+
+        Returns the embedding ``[B, T, D]`` and the two new tails.
+        """
+        keep = self.kernel_size - 1
+        seq1 = torch.cat([tail1, x.transpose(1, 2)], dim=2)
+        hid = self.conv1(seq1)
+        seq2 = torch.cat([tail2, hid], dim=2)
+        out = self.conv2(seq2)
+        return out.transpose(1, 2), seq1[:, :, seq1.shape[2] - keep :], seq2[:, :, seq2.shape[2] - keep :]
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, mel_dim: int, text_dim: int, out_dim: int, spk_dim: int | None = None) -> None:
+        super().__init__()
+        self.spk_dim = 0 if spk_dim is None else spk_dim
+        self.proj = nn.Linear(mel_dim * 2 + text_dim + self.spk_dim, out_dim)
+        self.conv_pos_embed = CausalConvPositionEmbedding(dim=out_dim)
+
+    def forward(
+        self, x: Tensor, cond: Tensor, mu: Tensor, spks: Tensor | None, tail1: Tensor, tail2: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        parts = [x, cond, mu]
+        if self.spk_dim > 0:
+            if spks is None:
+                raise ValueError("spks is required: the estimator was built with spk_dim > 0")
+            parts.append(spks.unsqueeze(1).expand(-1, x.shape[1], -1))
+        h = self.proj(torch.cat(parts, dim=-1))
+        pos, tail1, tail2 = self.conv_pos_embed(h, tail1, tail2)
+        return pos + h, tail1, tail2
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position frequencies in the x-transformers layout.
+
+    ``inv_freq[i] = base ** (-2i / dim)``; each frequency covers an adjacent channel pair ``(2i, 2i + 1)``
+    (interleaved, not split halves). ``inv_freq`` is a persistent buffer because the checkpoint holds it.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def angles(self, start: int, length: int) -> Tensor:
+        """``[length, dim]`` rotation angles for absolute positions ``[start, start + length)``."""
+        pos = torch.arange(start, start + length, device=self.inv_freq.device).to(self.inv_freq.dtype)
+        freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        return torch.stack((freqs, freqs), dim=-1).flatten(-2)
+
+
+def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` channels of ``x`` ``[B, T, inner]`` pairwise; keep the rest.
+
+    The reference rotates *before* splitting into heads, so only the first head's channels turn.
+    """
+    rot = cos.shape[-1]
+    head, rest = x[..., :rot], x[..., rot:]
+    pairs = head.unflatten(-1, (-1, 2))
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return torch.cat((head * cos + swapped * sin, rest), dim=-1)
+
+
+class AdaLayerNormZero(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, dim * 6)
+
+    def forward(self, x: Tensor, emb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.linear(self.silu(emb)).chunk(6, dim=1)
+        normed = F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS)
+        return normed * (1 + scale_a[:, None]) + shift_a[:, None], gate_a, shift_f, scale_f, gate_f
+
+
+class AdaLayerNormZeroFinal(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, dim * 2)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.linear(self.silu(emb)).chunk(2, dim=1)
+        normed = F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS)
+        return normed * (1 + scale)[:, None, :] + shift[:, None, :]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: float = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = int(dim * mult)
+        self.ff = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")),
+            nn.Dropout(dropout),
+            nn.Linear(inner, dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ff(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(dropout)])
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        past_k: Tensor | None = None,
+        past_v: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x ``[B, T, dim]`` (new frames); mask bool, broadcastable to ``[B, heads, T, past + T]``.
+
+        Returns the projected output and the full keys/values ``[B, heads, past + T, dim_head]``.
+        """
+        batch, length, _ = x.shape
+        q = _apply_rotary(self.to_q(x), cos, sin)
+        k = _apply_rotary(self.to_k(x), cos, sin)
+        v = self.to_v(x)
+        q, k, v = (z.view(batch, length, self.heads, self.dim_head).transpose(1, 2) for z in (q, k, v))
+        if past_k is not None and past_k.shape[2] > 0:
+            k = torch.cat([past_k, k], dim=2)
+            v = torch.cat([past_v, v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head)
+        out = self.to_out[1](self.to_out[0](out))
+        return out, k, v
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: float = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.attn_norm = AdaLayerNormZero(dim)
+        self.attn = Attention(dim, heads, dim_head, dropout)
+        self.ff_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=_LN_EPS)
+        self.ff = FeedForward(dim, mult=ff_mult, dropout=dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        mask: Tensor,
+        row_valid: Tensor | None,
+        cos: Tensor,
+        sin: Tensor,
+        past_k: Tensor | None = None,
+        past_v: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        normed, gate_a, shift_f, scale_f, gate_f = self.attn_norm(x, t)
+        attn, k, v = self.attn(normed, mask, cos, sin, past_k, past_v)
+        if row_valid is not None:
+            # padded query rows attend to something arbitrary; zero them like the reference
+            attn = attn.masked_fill(~row_valid.unsqueeze(-1), 0.0)
+        x = x + gate_a.unsqueeze(1) * attn
+        ff_in = self.ff_norm(x) * (1 + scale_f[:, None]) + shift_f[:, None]
+        x = x + gate_f.unsqueeze(1) * self.ff(ff_in)
+        return x, k, v
+
+
+class DiT(nn.Module):
+    """Velocity estimator ``(x, mask, mu, t, spks, cond) -> dx/dt``, all mel tensors ``[B, C, T]``.
+
+    Constructor kwargs are the reference's. ``dropout`` applies in training only. ``num_decoding_left_chunks``
+    is stored but, as in the reference, attention always sees all left chunks. ``out_channels`` is stored
+    only: the output has ``mel_dim`` channels.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int = 8,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.1,
+        ff_mult: float = 4,
+        mel_dim: int = 80,
+        mu_dim: int | None = None,
+        long_skip_connection: bool = False,
+        spk_dim: int | None = None,
+        out_channels: int | None = None,
+        static_chunk_size: int = 50,
+        num_decoding_left_chunks: int = 2,
+    ) -> None:
+        super().__init__()
+        if mu_dim is None:
+            mu_dim = mel_dim
+        self.time_embed = TimestepEmbedding(dim)
+        self.input_embed = InputEmbedding(mel_dim, mu_dim, dim, spk_dim)
+        self.rotary_embed = RotaryEmbedding(dim_head)
+        self.dim = dim
+        self.depth = depth
+        self.heads = heads
+        self.dim_head = dim_head
+        self.mel_dim = mel_dim
+        self.transformer_blocks = nn.ModuleList(
+            [DiTBlock(dim, heads, dim_head, ff_mult=ff_mult, dropout=dropout) for _ in range(depth)]
+        )
+        self.long_skip_connection = nn.Linear(dim * 2, dim, bias=False) if long_skip_connection else None
+        self.norm_out = AdaLayerNormZeroFinal(dim)
+        self.proj_out = nn.Linear(dim, mel_dim)
+        self.out_channels = out_channels
+        self.static_chunk_size = static_chunk_size
+        self.num_decoding_left_chunks = num_decoding_left_chunks
+
+    # ------------------------------------------------------------------ helpers
+    def _chunk(self, chunk_size: int | None) -> int:
+        if chunk_size is None:
+            return int(self.static_chunk_size)
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        return chunk_size
+
+    def _time(self, t: Tensor, batch: int) -> Tensor:
+        if t.dim() == 0:
+            t = t.repeat(batch)
+        return self.time_embed(t)
+
+    def _trunk(
+        self,
+        h: Tensor,
+        temb: Tensor,
+        mask: Tensor,
+        row_valid: Tensor | None,
+        offset: int,
+        cache: DiTCache | None,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        angles = self.rotary_embed.angles(offset, h.shape[1])
+        cos, sin = angles.cos(), angles.sin()
+        residual = h
+        keys, values = [], []
+        for i, block in enumerate(self.transformer_blocks):
+            past_k = cache.keys[i] if cache is not None else None
+            past_v = cache.values[i] if cache is not None else None
+            h, k, v = block(h, temb, mask, row_valid, cos, sin, past_k, past_v)
+            keys.append(k)
+            values.append(v)
+        if self.long_skip_connection is not None:
+            h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
+        h = self.norm_out(h, temb)
+        return self.proj_out(h).transpose(1, 2), keys, values
+
+    # ------------------------------------------------------------------ API
+    def empty_cache(
+        self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> DiTCache:
+        """The cache of zero frames (what ``forward_chunk`` starts from at position 0)."""
+        ref = self.proj_out.weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        keep = self.input_embed.conv_pos_embed.kernel_size - 1
+        kv = torch.zeros(batch, self.heads, 0, self.dim_head, device=device, dtype=dtype)
+        tail = torch.zeros(batch, self.dim, keep, device=device, dtype=dtype)
+        return DiTCache(0, (kv,) * self.depth, (kv,) * self.depth, tail, tail)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        mu: Tensor,
+        t: Tensor,
+        spks: Tensor | None = None,
+        cond: Tensor | None = None,
+        streaming: bool = False,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """x, mu, cond ``[B, C, T]``; mask ``[B, 1, T]`` (1 = valid); t ``[B]`` or 0-d; spks ``[B, spk_dim]``.
+
+        streaming: chunk-causal attention with ``chunk_size`` frames (default ``static_chunk_size``);
+        otherwise full attention over the valid frames. Returns ``[B, mel_dim, T]``.
+        """
+        batch, _, length = x.shape
+        if cond is None:
+            cond = torch.zeros_like(x)
+        temb = self._time(t, batch)
+        empty = self.empty_cache(batch, x.device, x.dtype)
+        h, _, _ = self.input_embed(
+            x.transpose(1, 2),
+            cond.transpose(1, 2),
+            mu.transpose(1, 2),
+            spks,
+            empty.pos_tail1,
+            empty.pos_tail2,
+        )
+        valid = mask.bool()
+        chunk = self._chunk(chunk_size) if streaming else 0
+        attn_mask = add_chunk_mask(valid, chunk, -1)
+        if attn_mask.shape[1] == 1:
+            attn_mask = attn_mask.expand(batch, length, length)
+        row_valid = valid[:, 0, :]
+        out, _, _ = self._trunk(h, temb, attn_mask.unsqueeze(1), row_valid, 0, None)
+        return out
+
+    def forward_chunk(
+        self,
+        x: Tensor,
+        mu: Tensor,
+        t: Tensor,
+        spks: Tensor | None,
+        cond: Tensor,
+        *,
+        cache: DiTCache,
+        chunk_size: int | None = None,
+    ) -> tuple[Tensor, DiTCache]:
+        """Estimate the velocity of the new frames ``[cache.offset, cache.offset + T)`` only.
+
+        x, mu, cond ``[B, C, T]`` cover just the new frames (no padding); the cache holds every earlier frame
+        of the same batch. The new rows use the chunk-causal mask on the absolute grid (``chunk_size``,
+        default ``static_chunk_size``; ``<= 0`` lets every new frame see all new frames). The result equals
+        the matching rows of ``forward(..., streaming=True)`` over the whole sequence whenever
+        ``cache.offset`` is a multiple of the chunk size (earlier chunks never see later frames).
+        Returns ``(velocity [B, mel_dim, T], cache covering offset + T frames)``; ``cache`` is not modified.
+        """
+        batch, _, length = x.shape
+        if cache.batch_size != batch:
+            raise ValueError(f"cache holds batch {cache.batch_size}, inputs have batch {batch}")
+        if len(cache.keys) != self.depth:
+            raise ValueError(f"cache has {len(cache.keys)} layers, the estimator has {self.depth}")
+        temb = self._time(t, batch)
+        h, tail1, tail2 = self.input_embed(
+            x.transpose(1, 2),
+            cond.transpose(1, 2),
+            mu.transpose(1, 2),
+            spks,
+            cache.pos_tail1,
+            cache.pos_tail2,
+        )
+        chunk = self._chunk(chunk_size)
+        mask = make_chunk_mask(length, chunk, -1, offset=cache.offset, device=x.device)
+        out, keys, values = self._trunk(h, temb, mask, None, cache.offset, cache)
+        new_cache = DiTCache(cache.offset + length, tuple(keys), tuple(values), tail1, tail2)
+        return out, new_cache
