@@ -549,15 +549,17 @@ class CausalConditionalDecoder(nn.Module):
         spks: Tensor | None = None,
         cond: Tensor | None = None,
         streaming: bool = False,
+        chunk_size: int | None = None,
     ) -> Tensor:
         """Velocity ``[B, out_channels, T]``, computed as the reference does.
 
         x, mu, cond: ``[B, 80, T]``; mask: ``[B, 1, T]``; t: ``[B]``; spks: ``[B, 80]``.
-        streaming: chunk-causal attention (``static_chunk_size`` frames) instead of full attention.
+        streaming: chunk-causal attention (``chunk_size`` frames, default ``static_chunk_size``) instead of
+        full attention.
         """
         temb = self._time(t, x.size(0))
         h = self._inputs(x, mu, spks, cond)
-        chunk = self.static_chunk_size if streaming else 0
+        chunk = (self.static_chunk_size if chunk_size is None else int(chunk_size)) if streaming else 0
 
         skips = []
         masks = [mask]
@@ -630,6 +632,10 @@ class CausalConditionalDecoder(nn.Module):
         return UNetCache(offset=0, chunk_size=chunk, conv_tails=tails, keys=(empty,) * n_blocks,
                          values=(empty,) * n_blocks)
 
+    def empty_cache(self, batch_size: int = 2, device=None, dtype: torch.dtype | None = None) -> UNetCache:
+        """Same as :meth:`init_cache` with the default chunk size (the CFM's cached solver calls this)."""
+        return self.init_cache(batch_size, device=device, dtype=dtype)
+
     def _check_streamable(self) -> None:
         if len(self.down_blocks) != 1:
             raise ValueError(
@@ -670,6 +676,11 @@ class CausalConditionalDecoder(nn.Module):
         if cache is None:
             cache = self.init_cache(batch, chunk_size=chunk_size, device=x.device, dtype=x.dtype)
         chunk = cache.chunk_size if chunk_size is None else int(chunk_size)
+        if chunk <= 0:
+            raise ValueError(f"chunk_size must be > 0 for incremental decoding, got {chunk}")
+        if cache.offset == 0:
+            # nothing computed yet: an empty cache takes the chunk size of its first call
+            cache = UNetCache(0, chunk, cache.conv_tails, cache.keys, cache.values)
         if chunk != cache.chunk_size:
             raise ValueError(f"chunk_size={chunk} differs from the cache's chunk size {cache.chunk_size}")
         if cache.batch_size != batch:
