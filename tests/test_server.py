@@ -33,75 +33,17 @@ TIMEOUT = 30.0  # upper bound for any single wait in this file
 # ------------------------------------------------------------------------------------------ the engine
 
 
-class _FakeSession:  # TEMPORARY stand-in until token2wav.Token2Wav lands
-    def __init__(self, eng: _FakeEngine, hop: int) -> None:
-        self.eng, self.hop, self.buf, self.done = eng, hop, [], 0
-        self.lock = threading.Lock()
-
-    def push(self, tokens: Any) -> list[np.ndarray]:
-        with self.lock:
-            self.eng._check(tokens)
-            self.buf.extend(int(t) for t in np.asarray(tokens).reshape(-1))
-            out = []
-            while len(self.buf) - self.done >= self.hop + 3:
-                time.sleep(0.002)
-                out.append(self.eng._wave(self.buf, self.done, self.done + self.hop))
-                self.done += self.hop
-            return out
-
-    def finish(self) -> np.ndarray:
-        with self.lock:
-            if not self.buf:
-                raise ValueError("finish() before any token")
-            out = self.eng._wave(self.buf, self.done, len(self.buf))
-            self.done = len(self.buf)
-            return out
-
-    def close(self) -> None:
-        with self.lock:
-            self.buf = []
-
-
-class _FakeEngine:
-    sample_rate = 24000
-    token_rate = 25
-    vocab_size = 64
-    spt = 960
-
-    def _check(self, tokens: Any) -> None:
-        a = np.asarray(tokens)
-        if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
-            raise ValueError("token out of range")
-
-    def _wave(self, tokens: list[int], a: int, b: int) -> np.ndarray:
-        n = np.arange(a * self.spt, b * self.spt)
-        f = np.repeat(100.0 + 10.0 * np.asarray(tokens[a:b], dtype=np.float64), self.spt)
-        return (0.5 * np.sin(2 * np.pi * f * n / self.sample_rate)).astype(np.float32)
-
-    def synthesize(self, tokens: Any, prompt: Any = None, attention: str = "full", output: str = "audio"):
-        self._check(tokens)
-        t = [int(x) for x in np.asarray(tokens).reshape(-1)]
-        return self._wave(t, 0, len(t))
-
-    def stream(
-        self,
-        prompt: Any = None,
-        *,
-        hop: int | None = None,
-        preset: str | None = None,
-        mode: str = "cached",
-        schedule: Any = None,
-    ) -> _FakeSession:
-        if preset not in (None, "assistant", "balanced", "quality", "constrained"):
-            raise ValueError(
-                f"preset must be one of assistant, balanced, quality, constrained; got {preset!r}"
-            )
-        return _FakeSession(self, hop or 5)
-
-
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    return _FakeEngine()
+    from token2wav import Token2Wav
+
+    t2w = Token2Wav.from_pretrained("tiny")  # the bundled tiny random model (CosyVoice 3 layout)
+    t2w.synthesize([1, 2, 3, 4], attention="chunk")  # one-time set-up cost stays out of the timed tests
+    return t2w
+
+
+def _vocab(engine: Any) -> int:
+    return int(engine.config.vocab_size)
 
 
 # ------------------------------------------------------------------------------------------ servers
@@ -143,13 +85,9 @@ LIMITS = ServerLimits(
 
 @pytest.fixture(scope="module")
 def server(engine: Any) -> Iterator[dict[str, Any]]:
-    app = create_app(engine, name="test", limits=LIMITS, prompt_factory=_prompt_factory(engine))
+    app = create_app(engine, name="test", limits=LIMITS)
     with running_server(app) as addr:
         yield {"http": f"http://{addr}", "ws": f"ws://{addr}/v1/stream", "app": app}
-
-
-def _prompt_factory(engine: Any) -> Any:
-    return lambda tokens, mel, embedding: {"tokens": tokens, "mel": mel, "embedding": embedding}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -226,12 +164,13 @@ def test_health_models_metrics(server: dict[str, Any], engine: Any) -> None:
 
 
 def test_stream_equals_synthesize(server: dict[str, Any], engine: Any) -> None:
-    tokens = _tokens(80, 1, engine.vocab_size)
+    tokens = _tokens(80, 1, _vocab(engine))
     offline = _pcm(engine.synthesize(np.asarray(tokens), attention="chunk"))
     via_http = _synth_pcm(server["http"], tokens, attention="chunk")
     _assert_pcm_close(via_http, offline)
 
-    res = asyncio.run(stream_tokens(server["ws"], tokens, rate=0, hop=5))
+    # 1000 tokens/s: one token per message, so the chunks come from many small pushes
+    res = asyncio.run(stream_tokens(server["ws"], tokens, rate=1000.0, hop=25))
     streamed = np.frombuffer(res.pcm, dtype="<i2")
     _assert_pcm_close(streamed, offline)
     assert len(res.chunks) >= 2
@@ -241,7 +180,7 @@ def test_stream_equals_synthesize(server: dict[str, Any], engine: Any) -> None:
 
 
 def test_synthesize_wav(server: dict[str, Any], engine: Any) -> None:
-    tokens = _tokens(30, 2, engine.vocab_size)
+    tokens = _tokens(30, 2, _vocab(engine))
     r = httpx.post(server["http"] + "/v1/synthesize", json={"tokens": tokens}, timeout=TIMEOUT)
     assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
     with wave.open(io.BytesIO(r.content)) as w:
@@ -251,19 +190,38 @@ def test_synthesize_wav(server: dict[str, Any], engine: Any) -> None:
     assert int(r.headers["x-samples"]) == frames.size
 
 
+def _single_session(engine: Any, tokens: list[int], opts: dict[str, Any]) -> np.ndarray:
+    session = engine.stream(**opts)
+    try:
+        pieces = session.push(np.asarray(tokens)) + [session.finish()]
+    finally:
+        session.close()
+    return _pcm(np.concatenate(pieces))
+
+
+CONCURRENT_OPTS = [
+    {"hop": 25},
+    {"hop": 50},
+    {"preset": "balanced"},
+    {"preset": "quality"},
+    {"preset": "assistant"},
+    {},
+    {"preset": "balanced", "hop": 50},
+    {"hop": 25, "mode": "recompute"},
+]
+
+
 def test_concurrent_sessions_match_single(server: dict[str, Any], engine: Any) -> None:
-    vocab = engine.vocab_size
-    jobs = [(_tokens(40 + 7 * i, 10 + i, vocab), 3 + i % 4) for i in range(8)]
-    single = [
-        np.frombuffer(asyncio.run(stream_tokens(server["ws"], t, rate=0, hop=h)).pcm, "<i2") for t, h in jobs
-    ]
+    vocab = _vocab(engine)
+    jobs = [(_tokens(40 + 7 * i, 10 + i, vocab), CONCURRENT_OPTS[i]) for i in range(8)]
+    single = [_single_session(engine, t, o) for t, o in jobs]
 
     async def all_at_once() -> list[Any]:
-        # an LLM-like pace for half of them so that pushes interleave
+        # half of them at an LLM-like pace, half all at once, so that pushes of different sessions interleave
         return await asyncio.gather(
             *(
-                stream_tokens(server["ws"], t, rate=0 if i % 2 else 400.0, hop=h)
-                for i, (t, h) in enumerate(jobs)
+                stream_tokens(server["ws"], t, rate=0 if i % 2 else 200.0, **o)
+                for i, (t, o) in enumerate(jobs)
             )
         )
 
@@ -291,6 +249,7 @@ BAD_STREAMS = [
     ("tokens-not-list", [{"type": "start"}, {"type": "tokens", "tokens": "1 2"}], 1008, "list of integers"),
     ("binary-frame", [{"type": "start"}, b"\x00\x01"], 1008, "binary frames"),
     ("bad-hop", [{"type": "start", "hop": 0}], 1008, "'hop'"),
+    ("hop-not-a-chunk-multiple", [{"type": "start", "hop": 7}], 1008, "multiple"),
     ("bad-mode", [{"type": "start", "mode": "fast"}], 1008, "'mode'"),
     ("bad-preset", [{"type": "start", "preset": "turbo"}], 1008, "preset"),
     ("unknown-prompt", [{"type": "start", "prompt_id": "p_nope"}], 1008, "unknown prompt_id"),
@@ -302,7 +261,8 @@ BAD_STREAMS = [
     ),
     (
         "too-many-tokens",
-        [{"type": "start"}] + [{"type": "tokens", "tokens": [1] * 150}] * 3,
+        # 20 tokens make no chunk yet; the next 390 cross the limit of 400 and are refused before any work
+        [{"type": "start"}, {"type": "tokens", "tokens": [1] * 20}, {"type": "tokens", "tokens": [1] * 390}],
         1009,
         "max_tokens_per_session",
     ),
@@ -331,7 +291,7 @@ def test_bad_stream_input(
         assert len(errors) == 1 and words in errors[0]["message"], out["texts"]
         assert errors[0]["code"] == code
         assert words.split()[0].strip("'") in out["reason"] or len(out["reason"]) > 100
-    _good_stream(server["ws"], engine.vocab_size)  # the server is still fine
+    _good_stream(server["ws"], _vocab(engine))  # the server is still fine
 
 
 BAD_HTTP = [
@@ -361,7 +321,7 @@ def test_bad_synthesize_input(
     )
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
-    assert _synth_pcm(server["http"], _tokens(10, 5, engine.vocab_size)).size > 0
+    assert _synth_pcm(server["http"], _tokens(10, 5, _vocab(engine))).size > 0
 
 
 def test_chunked_body_over_limit_is_refused(server: dict[str, Any]) -> None:
@@ -395,7 +355,7 @@ def test_max_sessions(server: dict[str, Any], engine: Any) -> None:
 
     asyncio.run(scenario())
     _wait_sessions_closed(server["http"])
-    _good_stream(server["ws"], engine.vocab_size)
+    _good_stream(server["ws"], _vocab(engine))
     assert _synth_pcm(server["http"], [1, 2, 3]).size > 0
 
 
@@ -409,12 +369,12 @@ def _wait_sessions_closed(base: str) -> dict[str, float]:
 
 
 def test_aborted_streams_free_their_sessions(server: dict[str, Any], engine: Any) -> None:
-    vocab = engine.vocab_size
+    vocab = _vocab(engine)
     before = _metrics(server["http"])
 
     async def abort(i: int) -> None:
         ws = await connect(server["ws"], open_timeout=TIMEOUT)
-        await ws.send(json.dumps({"type": "start", "hop": 3}))
+        await ws.send(json.dumps({"type": "start", "hop": 25}))
         await ws.send(json.dumps({"type": "tokens", "tokens": _tokens(20 + i % 30, i, vocab)}))
         if i % 3 == 0:
             ws.transport.abort()  # vanish without a close frame, mid-stream
@@ -444,7 +404,7 @@ def test_aborted_streams_free_their_sessions(server: dict[str, Any], engine: Any
 
 def test_idle_timeout(engine: Any) -> None:
     limits = ServerLimits(max_sessions=2, idle_timeout_s=0.3, workers=1)
-    app = create_app(engine, name="idle", limits=limits, prompt_factory=_prompt_factory(engine))
+    app = create_app(engine, name="idle", limits=limits)
     with running_server(app) as addr:
         t0 = time.perf_counter()
         out = asyncio.run(_exchange(f"ws://{addr}/v1/stream", [{"type": "start"}]))
@@ -456,12 +416,12 @@ def test_idle_timeout(engine: Any) -> None:
 
 
 def test_client_that_never_reads_does_not_stall_others(server: dict[str, Any], engine: Any) -> None:
-    vocab = engine.vocab_size
+    vocab = _vocab(engine)
 
     async def scenario() -> float:
         hog = await connect(server["ws"], open_timeout=TIMEOUT, max_queue=1)
         try:
-            await hog.send(json.dumps({"type": "start", "hop": 1}))
+            await hog.send(json.dumps({"type": "start", "hop": 25}))
             await hog.send(json.dumps({"type": "tokens", "tokens": _tokens(300, 7, vocab)}))
             t0 = time.perf_counter()
             res = await stream_tokens(server["ws"], _tokens(20, 8, vocab), rate=0)
@@ -477,7 +437,7 @@ def test_client_that_never_reads_does_not_stall_others(server: dict[str, Any], e
 def test_prompt_registration_and_reuse(server: dict[str, Any], engine: Any) -> None:
     rng = np.random.default_rng(3)
     body = {
-        "tokens": _tokens(10, 4, engine.vocab_size),
+        "tokens": _tokens(10, 4, _vocab(engine)),
         "mel": rng.random((20, 80)).round(4).tolist(),
         "embedding": rng.random(192).round(4).tolist(),
     }
@@ -487,7 +447,7 @@ def test_prompt_registration_and_reuse(server: dict[str, Any], engine: Any) -> N
     pid = r1.json()["prompt_id"]
     assert r2.json()["prompt_id"] == pid  # same content, same id: computed once
 
-    tokens = _tokens(40, 6, engine.vocab_size)
+    tokens = _tokens(40, 6, _vocab(engine))
     offline = _synth_pcm(server["http"], tokens, prompt_id=pid, attention="chunk")
     res = asyncio.run(stream_tokens(server["ws"], tokens, rate=0, prompt_id=pid))
     _assert_pcm_close(np.frombuffer(res.pcm, "<i2"), offline)

@@ -274,6 +274,7 @@ def _info(args: argparse.Namespace) -> int:
         arg("--preset", help="streaming preset (see `token2wav info`)"),
         arg("--hop", type=int, help="streaming hop in tokens"),
         arg("--mode", choices=["cached", "recompute", "window"], help="streaming mode"),
+        arg("--window-frames", type=int, help="attention window (target mel frames) for --mode window"),
         arg("--attention", choices=["full", "chunk"], help="offline attention (default: the engine's)"),
         arg("--json", action="store_true", help="print a JSON summary (latency, RTF, chunks)"),
         *_MODEL_ARGS,
@@ -288,21 +289,25 @@ def _synth(args: argparse.Namespace) -> int:
     if tokens.size == 0:
         raise ValueError(f"tokens: {args.tokens} holds no tokens")
     if not args.stream:
-        for opt in ("preset", "hop", "mode"):
+        for opt in ("preset", "hop", "mode", "window_frames"):
             if getattr(args, opt) is not None:
-                raise ValueError(f"--{opt} applies only with --stream")
+                raise ValueError(f"--{opt.replace('_', '-')} applies only with --stream")
     elif args.attention is not None:
         raise ValueError("--attention applies only without --stream (streaming is chunk-causal)")
     t2w = load_engine(args.model, args.device, args.dtype)
     prompt = _load_prompt(args.prompt)
     sr = int(t2w.sample_rate)
-    show = tokens.size >= 4 * float(t2w.token_rate) * 5  # bar only when decoding takes a while
+    show = tokens.size >= 20 * float(t2w.token_rate)  # a bar only for inputs of 20 s of speech or more
     bar = tqdm(total=int(tokens.size), unit="tok", disable=None if show else True, file=sys.stderr)
     first_latency: float | None = None
     chunks = 0
     t0 = time.perf_counter()
     if args.stream:
-        opts = {k: getattr(args, k) for k in ("preset", "hop", "mode") if getattr(args, k) is not None}
+        opts = {
+            k: getattr(args, k)
+            for k in ("preset", "hop", "mode", "window_frames")
+            if getattr(args, k) is not None
+        }
         session = t2w.stream(prompt=prompt, **opts)
         pieces = []
         try:
@@ -351,7 +356,7 @@ def _synth(args: argparse.Namespace) -> int:
         "stream": bool(args.stream),
     }
     if args.stream:
-        summary.update({k: getattr(args, k) for k in ("preset", "hop", "mode")})
+        summary.update({k: getattr(args, k) for k in ("preset", "hop", "mode", "window_frames")})
     if args.json:
         print(json.dumps(summary, indent=2), file=sys.stderr if args.out == "-" else sys.stdout)
     elif args.out != "-":
@@ -417,6 +422,7 @@ def _serve(args: argparse.Namespace) -> int:
         arg("--preset", help="streaming preset"),
         arg("--hop", type=int, help="hop in tokens"),
         arg("--mode", choices=["cached", "recompute", "window"], help="streaming mode"),
+        arg("--window-frames", type=int, help="attention window (target mel frames) for --mode window"),
         arg("--json", action="store_true", help="print a JSON summary"),
     ],
 )
@@ -442,6 +448,7 @@ def _client(args: argparse.Namespace) -> int:
             preset=args.preset,
             hop=args.hop,
             mode=args.mode,
+            window_frames=args.window_frames,
         )
     except (StreamError, OSError) as e:
         print(f"token2wav client: error: {e}", file=sys.stderr)

@@ -114,14 +114,10 @@ class ServerState:
 
 
 def _vocab_size(t2w: Any) -> int:
-    v = getattr(t2w, "vocab_size", None)
-    if v is None:
-        cfg = getattr(t2w, "config", None)
-        flow = getattr(cfg, "flow", None)
-        v = getattr(flow, "vocab_size", None)
-    if v is None:
-        raise ValueError("t2w: cannot find the model's vocab_size (needed to validate token ids)")
-    return int(v)
+    try:
+        return int(t2w.config.vocab_size)
+    except AttributeError:
+        raise ValueError("t2w: engine config has no vocab_size (needed to check token ids)") from None
 
 
 def _prompt_id(req: P.PromptRequest) -> str:
@@ -407,12 +403,12 @@ class _StreamHandler:
                 raise P.ProtocolError("wrong message order: 'start' sent twice")
             prompt = st.lookup_prompt(msg.prompt_id, status=400)
             kwargs: dict[str, Any] = {"prompt": prompt}
-            for key in ("preset", "hop", "mode"):
+            for key in ("preset", "hop", "mode", "window_frames"):
                 if getattr(msg, key) is not None:
                     kwargs[key] = getattr(msg, key)
             try:
                 self.session = await self._call(lambda: st.t2w.stream(**kwargs))
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, NotImplementedError) as e:
                 raise P.ProtocolError(f"cannot start session: {e}") from None
             await self._send_json(
                 {

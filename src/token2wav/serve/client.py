@@ -135,6 +135,7 @@ async def stream_tokens(
     preset: str | None = None,
     hop: int | None = None,
     mode: str | None = None,
+    window_frames: int | None = None,
     open_timeout: float = 10.0,
     receive_timeout: float = 120.0,
 ) -> StreamResult:
@@ -147,7 +148,14 @@ async def stream_tokens(
 
     ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
     start: dict[str, Any] = {"type": "start"}
-    for key, value in (("prompt_id", prompt_id), ("preset", preset), ("hop", hop), ("mode", mode)):
+    options = {
+        "prompt_id": prompt_id,
+        "preset": preset,
+        "hop": hop,
+        "mode": mode,
+        "window_frames": window_frames,
+    }
+    for key, value in options.items():
         if value is not None:
             start[key] = value
 

@@ -5,7 +5,7 @@ without importing FastAPI.
 
 WebSocket ``/v1/stream`` (client -> server, JSON text frames)::
 
-    {"type": "start", "prompt_id"?: str, "preset"?: str, "hop"?: int, "mode"?: str}
+    {"type": "start", "prompt_id"?: str, "preset"?: str, "hop"?: int, "mode"?: str, "window_frames"?: int}
     {"type": "tokens", "tokens": [int, ...]}            # any number of times
     {"type": "end"}
 
@@ -71,6 +71,7 @@ _HTTP_FOR_WS = {
 }
 
 MAX_HOP = 10_000
+MAX_WINDOW_FRAMES = 1_000_000
 AUDIO_FORMATS = ("wav", "pcm")
 ATTENTIONS = ("full", "chunk")
 MODES = ("cached", "recompute", "window")
@@ -185,6 +186,7 @@ class StartMessage:
     preset: str | None = None
     hop: int | None = None
     mode: str | None = None
+    window_frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ class EndMessage:
 ClientMessage = StartMessage | TokensMessage | EndMessage
 
 _ALLOWED_KEYS = {
-    "start": {"type", "prompt_id", "preset", "hop", "mode"},
+    "start": {"type", "prompt_id", "preset", "hop", "mode", "window_frames"},
     "tokens": {"type", "tokens"},
     "end": {"type"},
 }
@@ -223,14 +225,16 @@ def parse_client_message(raw: str | bytes, vocab_size: int) -> ClientMessage:
         return TokensMessage(validate_tokens(data["tokens"], vocab_size))
     if kind == "end":
         return EndMessage()
-    hop = data.get("hop")
-    if hop is not None and (not _is_int(hop) or not 1 <= hop <= MAX_HOP):
-        raise ProtocolError(f"'hop' must be an integer in [1, {MAX_HOP}], got {json.dumps(hop)[:40]}")
+    for key, top in (("hop", MAX_HOP), ("window_frames", MAX_WINDOW_FRAMES)):
+        v = data.get(key)
+        if v is not None and (not _is_int(v) or not 1 <= v <= top):
+            raise ProtocolError(f"'{key}' must be an integer in [1, {top}], got {json.dumps(v)[:40]}")
     return StartMessage(
         prompt_id=_opt_str(data, "prompt_id"),
         preset=_opt_str(data, "preset"),
-        hop=hop,
+        hop=data.get("hop"),
         mode=_opt_str(data, "mode", MODES),
+        window_frames=data.get("window_frames"),
     )
 
 
@@ -318,29 +322,47 @@ def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
 
 def describe_model(t2w: Any, name: str = "") -> dict[str, Any]:
     """The facts ``token2wav info`` prints and ``GET /v1/models`` returns, as plain JSON types."""
-    info: dict[str, Any] = {"name": name}
-    info.update(_engine_facts(t2w))
-    return info
-
-
-def _engine_facts(t2w: Any) -> dict[str, Any]:
-    facts: dict[str, Any] = {
+    cfg = t2w.config
+    ratio = int(cfg.token_mel_ratio)
+    rate = float(t2w.token_rate)
+    lookahead = int(cfg.pre_lookahead_len)
+    flow_params = sum(p.numel() for p in t2w.flow.parameters())
+    voc_params = sum(p.numel() for p in t2w.vocoder.parameters()) if t2w.vocoder is not None else 0
+    info: dict[str, Any] = {
+        "name": name,
+        "family": str(getattr(cfg, "family", "")),
         "sample_rate": int(t2w.sample_rate),
-        "token_rate": float(t2w.token_rate),
+        "token_rate": rate,
+        "token_mel_ratio": ratio,
+        "pre_lookahead_len": lookahead,
+        "static_chunk_size": int(cfg.static_chunk_size),
+        "chunk_tokens": int(cfg.static_chunk_size) // ratio,
+        "vocab_size": int(cfg.vocab_size),
+        "mel_dim": int(cfg.mel_dim),
+        "spk_embed_dim": int(cfg.spk_embed_dim),
+        "samples_per_token": int(cfg.samples_per_frame) * ratio,
+        "parameters": {"flow": flow_params, "vocoder": voc_params, "total": flow_params + voc_params},
+        "device": str(getattr(t2w, "device", "cpu")),
+        "dtype": str(getattr(t2w, "dtype", "")).replace("torch.", ""),
     }
-    describe = getattr(t2w, "describe", None)
-    if callable(describe):
-        facts.update(_jsonable(describe()))
-    return facts
+    supported = getattr(cfg, "supported_chunk_tokens", None)
+    if supported:
+        info["supported_chunk_tokens"] = [int(supported[0]), int(supported[1])]
+    presets: dict[str, Any] = {}
+    from token2wav.presets import PRESETS
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if hasattr(value, "__dataclass_fields__"):
-        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
-    return value
+    for preset in PRESETS:
+        s = t2w.preset(preset)
+        first = int(s.first_chunk_tokens(lookahead))
+        presets[preset] = {
+            "hop": int(s.hop),
+            "schedule": s.schedule,
+            "max_hop": None if s.max_hop is None else int(s.max_hop),
+            "chunk_tokens": int(s.chunk_tokens),
+            "int8_flow": bool(s.quantize),
+            "first_chunk_tokens": first,  # without a prompt's alignment pad
+            "first_chunk_audio_wait_s": round(first / rate, 3),
+            "summary": s.summary,
+        }
+    info["presets"] = presets
+    return info
