@@ -1,0 +1,180 @@
+"""The `token2wav` command line: subcommand registration, info, synth (offline and streamed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from token2wav import cli
+
+MODEL = "tiny"  # the bundled tiny random model
+
+
+def _read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path)) as w:
+        assert w.getnchannels() == 1 and w.getsampwidth() == 2
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2"), w.getframerate()
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    # int16 rounding of audio equal to ~1e-6 may differ by one step
+    return a.shape == b.shape and int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max(initial=0)) <= 1
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens.json"
+    path.write_text(json.dumps(np.random.default_rng(5).integers(0, 512, 60).tolist()))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ registration
+
+
+def test_subcommand_decorator_registers_one_function(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))
+
+    @cli.subcommand("hello", help="say hello", args=[cli.arg("--name", default="world")])
+    def hello(args) -> int:
+        print(f"hello {args.name}")
+        return 3
+
+    assert cli.main(["hello", "--name", "token"]) == 3
+    assert capsys.readouterr().out == "hello token\n"
+
+
+def test_module_command_is_discovered_without_import(tmp_path, monkeypatch, capsys) -> None:
+    pkg = tmp_path / "t2w_extra_cmd.py"
+    pkg.write_text(
+        textwrap.dedent(
+            '''
+            """`token2wav extra`: an extra command for the test."""
+            IMPORTED = True
+
+            def add_arguments(parser):
+                parser.add_argument("--times", type=int, default=1)
+
+            def main(args):
+                print("extra " * args.times)
+                return 0
+            '''
+        )
+    )
+    (tmp_path / "t2w_not_a_cmd.py").write_text('"""No add_arguments/main here."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(
+        cli,
+        "COMMAND_MODULES",
+        {"extra": "t2w_extra_cmd", "plain": "t2w_not_a_cmd", "missing": "t2w_no_such_module_anywhere"},
+    )
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "an extra command for the test" in out
+    assert "plain" not in out and "missing" not in out
+    assert "t2w_extra_cmd" not in sys.modules  # listing did not import it
+    assert cli.main(["extra", "--times", "2"]) == 0
+    assert capsys.readouterr().out.strip() == "extra extra"
+
+
+def test_python_dash_m_lists_builtin_commands() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "token2wav", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    for name in ("info", "synth", "serve", "client"):
+        assert name in r.stdout
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def test_info_json(capsys) -> None:
+    assert cli.main(["info", MODEL, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == MODEL
+    assert info["sample_rate"] == 24000 and info["token_rate"] == 25
+    assert info["token_mel_ratio"] == 2 and info["pre_lookahead_len"] == 3 and info["static_chunk_size"] == 50
+    assert info["parameters"]["total"] == info["parameters"]["flow"] + info["parameters"]["vocoder"] > 0
+    assert set(info["presets"]) == {"assistant", "balanced", "quality", "constrained"}
+    assert info["presets"]["balanced"]["hop"] == 25
+    assert cli.main(["info", MODEL]) == 0
+    table = capsys.readouterr().out
+    assert "sample_rate" in table and "assistant:" in table
+
+
+def test_synth_offline_and_streamed_agree(token_file, tmp_path, capsys) -> None:
+    chunk_wav, stream_wav = tmp_path / "chunk.wav", tmp_path / "stream.wav"
+    args = ["synth", "--model", MODEL, "--tokens", str(token_file)]
+    assert cli.main([*args, "--out", str(chunk_wav), "--attention", "chunk", "--json"]) == 0
+    offline = json.loads(capsys.readouterr().out)
+    assert offline["tokens"] == 60 and offline["chunks"] == 1 and not offline["stream"]
+    assert cli.main([*args, "--out", str(stream_wav), "--stream", "--preset", "balanced", "--json"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    assert streamed["stream"] and streamed["chunks"] >= 2 and streamed["preset"] == "balanced"
+    assert 0 < streamed["first_chunk_latency_s"] <= streamed["wall_s"]
+    assert streamed["rtf"] > 0
+    a, sr_a = _read_wav(chunk_wav)
+    b, sr_b = _read_wav(stream_wav)
+    assert sr_a == sr_b == 24000 and a.size == streamed["samples"] == offline["samples"]
+    assert _close(a, b)
+
+
+def test_synth_reads_llm_text_from_stdin_and_uses_a_prompt(tmp_path, monkeypatch, capsys) -> None:
+    tokens = np.random.default_rng(6).integers(0, 512, 30)
+    text = "<|speech_start|>" + "".join(f"<|s_{t}|>" for t in tokens) + "<|speech_end|>"
+
+    class Stdin:
+        buffer = io.BytesIO(text.encode())
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    rng = np.random.default_rng(7)
+    prompt = tmp_path / "prompt.npz"
+    np.savez(prompt, tokens=rng.integers(0, 512, 10), mel=rng.random((20, 80)), embedding=rng.random(192))
+    out = tmp_path / "p.wav"
+    assert (
+        cli.main(["synth", "--model", MODEL, "--tokens", "-", "--out", str(out), "--prompt", str(prompt)])
+        == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    audio, _ = _read_wav(out)
+    assert audio.size == 30 * 960
+
+
+@pytest.mark.parametrize(
+    "extra, tokens, words",
+    [
+        ([], "1 2 99999", "outside the model's vocabulary"),
+        ([], "", "holds no tokens"),
+        ([], "1 two 3", "cannot read 'two'"),
+        (["--hop", "25"], "1 2 3", "--hop applies only with --stream"),
+        (["--stream", "--hop", "7"], "1 2 3", "multiple"),
+        (["--stream", "--attention", "full"], "1 2 3", "--attention applies only without --stream"),
+    ],
+)
+def test_synth_bad_input_is_one_clear_line(tmp_path, capsys, extra, tokens, words) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text(tokens)
+    code = cli.main(
+        ["synth", "--model", MODEL, "--tokens", str(path), "--out", str(tmp_path / "x.wav"), *extra]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys, token_file) -> None:
+    code = cli.main(
+        ["synth", "--model", "no-such-model", "--tokens", str(token_file), "--out", str(tmp_path / "x.wav")]
+    )
+    assert code == 2
+    assert "no-such-model" in capsys.readouterr().err
