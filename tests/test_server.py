@@ -449,8 +449,19 @@ def test_prompt_registration_and_reuse(server: dict[str, Any], engine: Any) -> N
 
     tokens = _tokens(40, 6, _vocab(engine))
     offline = _synth_pcm(server["http"], tokens, prompt_id=pid, attention="chunk")
-    res = asyncio.run(stream_tokens(server["ws"], tokens, rate=0, prompt_id=pid))
-    _assert_pcm_close(np.frombuffer(res.pcm, "<i2"), offline)
+    before = _metrics(server["http"])
+    for _ in range(2):
+        res = asyncio.run(stream_tokens(server["ws"], tokens, rate=0, prompt_id=pid))
+        _assert_pcm_close(np.frombuffer(res.pcm, "<i2"), offline)
+    after = _metrics(server["http"])
+    # the prompt's flow state was computed by the first session only
+    assert after["token2wav_prompt_cache_misses"] - before["token2wav_prompt_cache_misses"] == 1
+    assert after["token2wav_prompt_cache_hits"] - before["token2wav_prompt_cache_hits"] >= 1
+
+    wrong_dim = httpx.post(
+        server["http"] + "/v1/prompts", json={**body, "mel": [[0.0] * 40] * 20}, timeout=TIMEOUT
+    )
+    assert wrong_dim.status_code == 400 and "invalid prompt" in wrong_dim.json()["error"]
 
     nan_body = json.dumps({**body, "mel": [[float("nan")] * 80]}).encode()  # Python writes NaN; JSON has none
     bad = httpx.post(server["http"] + "/v1/prompts", content=nan_body, timeout=TIMEOUT)
@@ -463,3 +474,54 @@ def test_client_reports_server_errors(server: dict[str, Any]) -> None:
     with pytest.raises(StreamError) as e:
         asyncio.run(stream_tokens(server["ws"], [1, 2, 3], rate=0, preset="turbo"))
     assert e.value.code == 1008
+
+
+def test_client_command(server: dict[str, Any], engine: Any, tmp_path, capsys) -> None:
+    from token2wav import cli
+
+    tokens = _tokens(60, 21, _vocab(engine))
+    token_file = tmp_path / "tokens.txt"
+    token_file.write_text("".join(f"<|s_{t}|>" for t in tokens))
+    rng = np.random.default_rng(22)
+    arrays = {
+        "tokens": np.asarray(_tokens(12, 23, _vocab(engine))),
+        "mel": rng.random((24, 80)),
+        "embedding": rng.random(192),
+    }
+    np.savez(tmp_path / "prompt.npz", **arrays)
+    out = tmp_path / "client.wav"
+    argv = [
+        "client",
+        "--url",
+        server["ws"],
+        "--tokens",
+        str(token_file),
+        "--rate",
+        "250",
+        "--out",
+        str(out),
+        "--prompt",
+        str(tmp_path / "prompt.npz"),
+        "--json",
+    ]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tokens"] == 60 and summary["chunks"] >= 2
+    assert 0 < summary["first_chunk_latency_s"] < summary["wall_s"]
+    assert summary["rtf"] > 0 and summary["wall_rtf"] > 0
+    with wave.open(str(out)) as w:
+        got = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    # registering the same arrays again gives the same id: the client's prompt is the one used below
+    pid = httpx.post(
+        server["http"] + "/v1/prompts",
+        timeout=TIMEOUT,
+        json={
+            "tokens": arrays["tokens"].tolist(),
+            "mel": arrays["mel"].astype(np.float32).tolist(),
+            "embedding": arrays["embedding"].astype(np.float32).tolist(),
+        },
+    ).json()["prompt_id"]
+    _assert_pcm_close(got, _synth_pcm(server["http"], tokens, prompt_id=pid, attention="chunk"))
+
+    assert cli.main(["client", "--url", server["ws"], "--tokens", str(token_file), "--preset", "turbo"]) == 1
+    assert "preset" in capsys.readouterr().err

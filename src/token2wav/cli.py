@@ -379,6 +379,7 @@ def _synth(args: argparse.Namespace) -> int:
         arg(
             "--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / request body"
         ),
+        arg("--max-prompt-bytes", type=int, default=16 << 20, help="largest /v1/prompts request body"),
         arg("--idle-timeout", type=float, default=30.0, help="seconds a stream may stay silent"),
         arg("--workers", type=int, default=4, help="threads running model work"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
@@ -395,6 +396,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_tokens_per_session=args.max_tokens,
         max_message_bytes=args.max_message_bytes,
+        max_prompt_bytes=args.max_prompt_bytes,
         idle_timeout_s=args.idle_timeout,
         workers=args.workers,
     )

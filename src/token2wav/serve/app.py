@@ -65,6 +65,19 @@ class _Metrics:
             ["call"],
         )
         self.prompts = r.gauge("token2wav_prompts_registered", "Prompts held in the prompt registry.")
+        # read from the engine's prompt cache when /metrics is scraped
+        self.cache_hits = r.gauge(
+            "token2wav_prompt_cache_hits", "Sessions that reused a cached prompt state."
+        )
+        self.cache_misses = r.gauge("token2wav_prompt_cache_misses", "Prompt states computed.")
+        self.cache_entries = r.gauge("token2wav_prompt_cache_entries", "Prompt states held by the engine.")
+
+    def collect(self, t2w: Any) -> None:
+        cache = getattr(t2w, "prompt_cache", None)
+        if cache is not None:
+            self.cache_hits.set(getattr(cache, "hits", 0))
+            self.cache_misses.set(getattr(cache, "misses", 0))
+            self.cache_entries.set(len(cache))
 
 
 @dataclass
@@ -132,18 +145,18 @@ def _error_response(err: P.ProtocolError) -> JSONResponse:
     return JSONResponse({"error": err.message, "status": err.status}, status_code=err.status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, limit_name: str = "max_message_bytes") -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise P.ProtocolError(
-            f"request body of {declared} bytes exceeds max_message_bytes={limit}", ws_code=P.WS_TOO_BIG
+            f"request body of {declared} bytes exceeds {limit_name}={limit}", ws_code=P.WS_TOO_BIG
         )
     chunks: list[bytes] = []
     size = 0
     async for part in request.stream():
         size += len(part)
         if size > limit:  # chunked uploads carry no length: count as we go
-            raise P.ProtocolError(f"request body exceeds max_message_bytes={limit}", ws_code=P.WS_TOO_BIG)
+            raise P.ProtocolError(f"request body exceeds {limit_name}={limit}", ws_code=P.WS_TOO_BIG)
         chunks.append(part)
     return b"".join(chunks)
 
@@ -198,13 +211,14 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        state.metrics.collect(t2w)
         return Response(state.metrics.registry.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/prompts")
     async def register_prompt(request: Request) -> Response:
         try:
             req = P.parse_prompt_request(
-                await _read_body(request, limits.max_message_bytes), state.vocab_size
+                await _read_body(request, limits.max_prompt_bytes, "max_prompt_bytes"), state.vocab_size
             )
             pid = _prompt_id(req)
             if pid not in state.prompts:

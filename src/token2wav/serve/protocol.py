@@ -106,14 +106,23 @@ class ServerLimits:
 
     max_sessions: int = 16  # open WebSocket streams + in-flight /v1/synthesize requests
     max_tokens_per_session: int = 25 * 600  # ten minutes of speech at 25 tokens/s
-    max_message_bytes: int = 1 << 20  # one WebSocket message or one HTTP request body
+    max_message_bytes: int = 1 << 20  # one WebSocket message or one /v1/synthesize request body
+    max_prompt_bytes: int = 16 << 20  # one /v1/prompts body (a mel as JSON text is large)
     idle_timeout_s: float = 30.0  # longest wait for the next client message on a stream
     send_timeout_s: float = 30.0  # longest wait for a client to take one outgoing frame
     max_prompts: int = 256  # registered prompts kept; the least recently used is dropped
     workers: int = 4  # threads running model work
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_tokens_per_session", "max_message_bytes", "max_prompts", "workers"):
+        ints = (
+            "max_sessions",
+            "max_tokens_per_session",
+            "max_message_bytes",
+            "max_prompt_bytes",
+            "max_prompts",
+            "workers",
+        )
+        for name in ints:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
