@@ -1,4 +1,4 @@
-"""The cached (O(new frames)) streaming path of the CosyVoice 3 flow equals the chunk-causal offline flow."""
+"""The cached (O(new frames)) streaming path of the flows equals their chunk-causal offline path."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from token2wav.models.cfm import CausalConditionalCFM
+from token2wav.models.conformer import UpsampleConformerEncoder
 from token2wav.models.dit import DiT
-from token2wav.models.flow import CausalMaskedDiffWithDiT, FlowStreamState
+from token2wav.models.flow import CausalMaskedDiffWithDiT, CausalMaskedDiffWithXvec, FlowStreamState
 from token2wav.models.lookahead import PreLookaheadLayer
+from token2wav.models.unet import CausalConditionalDecoder
 
 DATA = Path(__file__).resolve().parent / "data"
 TOL = 1e-5  # FIXTURES.md: a project's own streaming vs its own offline, fp32
@@ -270,22 +272,29 @@ def test_estimator_runs_only_on_new_frames(monkeypatch):
     assert mel.shape[2] == total - before
 
 
-def test_runtime_lookahead_shorter_than_trained():
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_runtime_lookahead_shorter_than_trained(lookahead):
     ratio, look, chunk = 2, 5, 50
     flow = random_flow(ratio, look, chunk, seed=5)
-    token, prompt_token, prompt_feat, embedding = random_inputs(80, 25, ratio)
-    state = flow.stream_start(prompt_token, prompt_feat, embedding, n_timesteps=3)
-    for lookahead in (0, 2):
-        mel, st = flow.stream_step(state, token[:, : 25 + lookahead], finalize=False, lookahead=lookahead)
-        # the first call of a session is the reference's non-final call with that many context tokens
-        ref = flow.inference(
-            token[:, : 25 + lookahead], prompt_token, prompt_feat, embedding, streaming=True, finalize=False,
-            lookahead=lookahead, n_timesteps=3,
-        )  # fmt: skip
-        assert mel.shape == ref.shape == (1, 80, 50)
-        assert (mel - ref).abs().max().item() <= TOL
-        rest, st = flow.stream_step(st, token, finalize=True)
-        assert rest.shape[2] == 160 - 50 and st.finished
+    token, prompt_token, prompt_feat, embedding = random_inputs(130, 25, ratio)
+    kw = {"streaming": True, "n_timesteps": 3, "lookahead": lookahead}
+    start = flow.stream_start(prompt_token, prompt_feat, embedding, n_timesteps=3)
+    # first call: the reference-style non-final call with `lookahead` context tokens
+    mel, _ = flow.stream_step(start, token[:, : 25 + lookahead], finalize=False, lookahead=lookahead)
+    ref = flow.inference(
+        token[:, : 25 + lookahead], prompt_token, prompt_feat, embedding, finalize=False, **kw
+    )
+    assert mel.shape == ref.shape == (1, 80, 50)
+    assert (mel - ref).abs().max().item() <= TOL
+    # whole streams: every chunk sees `lookahead` tokens past its end, whatever the hop schedule
+    ref = flow.inference(token, prompt_token, prompt_feat, embedding, finalize=True, **kw)
+    full = flow.inference(
+        token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3
+    )
+    assert (ref - full).abs().max().item() > 1e-3  # shorter lookahead really changes the result
+    for schedule in ("fixed", "exponential"):
+        pieces, _ = run_stream(flow, start, token, lookahead, schedule, 0, lookahead=lookahead)
+        assert_pieces_match(pieces, ref)
 
 
 def test_stream_errors():
@@ -328,3 +337,49 @@ def test_empty_prompt_and_single_call():
     state = flow.stream_start(prompt_token, prompt_feat, embedding, n_timesteps=2)
     mel, _ = flow.stream_step(state, token, finalize=True)
     assert_pieces_match([mel], ref)
+
+
+# CosyVoice 2: the same session API over the conformer encoder's and the U-Net's own caches
+
+
+def build_cv2_flow() -> CausalMaskedDiffWithXvec:
+    """The flow of tests/data/cv2_config.yaml, with its keyword arguments, loaded with cv2_flow_state."""
+    encoder = UpsampleConformerEncoder(
+        output_size=512, attention_heads=8, linear_units=16, num_blocks=1, dropout_rate=0.1,
+        positional_dropout_rate=0.1, attention_dropout_rate=0.1, normalize_before=True, input_layer="linear",
+        pos_enc_layer_type="rel_pos_espnet", selfattention_layer_type="rel_selfattn", input_size=512,
+        use_cnn_module=False, macaron_style=False, static_chunk_size=25,
+    )  # fmt: skip
+    estimator = CausalConditionalDecoder(
+        in_channels=320, out_channels=80, channels=[64], dropout=0.0, attention_head_dim=16, n_blocks=1,
+        num_mid_blocks=2, num_heads=4, act_fn="gelu", static_chunk_size=50, num_decoding_left_chunks=-1,
+    )  # fmt: skip
+    cfm = CausalConditionalCFM(
+        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=estimator
+    )
+    flow = CausalMaskedDiffWithXvec(
+        input_size=512, output_size=80, spk_embed_dim=192, output_type="mel", vocab_size=64,
+        input_frame_rate=25, only_mask_loss=True, token_mel_ratio=2, pre_lookahead_len=3, encoder=encoder,
+        decoder=cfm,
+    )  # fmt: skip
+    state = load_file(DATA / "cv2_flow_state.safetensors")
+    flow.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return flow.eval()
+
+
+@pytest.mark.parametrize("n_prompt,schedule", [(50, "fixed"), (13, "exponential")])
+def test_cv2_cached_equals_offline(n_prompt, schedule):
+    flow = build_cv2_flow()
+    fx2 = load_file(DATA / "cv2_flow.safetensors")
+    token, embedding = fx2["token"], fx2["embedding"]
+    prompt_token, prompt_feat = fx2["prompt_token"][:, :n_prompt], fx2["prompt_feat"][:, : 2 * n_prompt]
+    ref = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True)
+    start = flow.stream_start(prompt_token, prompt_feat, embedding)
+    assert start.frames_done == (50 if n_prompt == 50 else 0)
+    pieces, final = run_stream(flow, start, token, 3, schedule, -n_prompt % 25)
+    assert_pieces_match(pieces, ref)
+    assert final.finished and final.frames_emitted == 400
+    if n_prompt == 50:
+        assert (torch.cat(pieces, dim=2) - fx2["offline_stream"]).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="lookahead"):
+        flow.stream_step(start, token[:, :28], finalize=False, lookahead=2)

@@ -5,8 +5,8 @@ Both take the reference's constructor kwargs and submodule names (strict state-d
 * ``inference(token, prompt_token, prompt_feat, embedding, *, streaming, finalize, n_timesteps=10)``: the
   reference's ``inference`` for batch 1, minus its length arguments, returning the target mel ``[1, 80, T]``.
 * a session API, ``stream_start`` / ``stream_step``, giving the mel of a growing token sequence piece by
-  piece. For CosyVoice 3 it is cached: each call runs the estimator on the new frames only (O(new frames)
-  per call, plus attention to the cached keys). For CosyVoice 2 it recomputes the whole prefix each call.
+  piece. It is cached: each call runs the network on the new frames only (O(new frames) per call, plus
+  attention to the cached keys of earlier frames), for the DiT and for the conformer + U-Net alike.
 
 Streaming contract (both flows). ``tokens`` passed to ``stream_step`` are *all* target tokens so far. On a
 non-final call the last ``lookahead`` of them are lookahead context: their frames are not produced yet.
@@ -52,8 +52,9 @@ class FlowStreamState:
     tensors held here, so the state ``stream_start`` returns can be shared by any number of sessions.
 
     frames_done: absolute mel frames (prompt included, from the prompt's first frame) already committed;
-    for the cached flow, ``cache`` covers exactly these frames. tokens: the target tokens seen so far
-    (``[1, n]`` int64), used to check that each call extends the previous one.
+    ``cache`` (the solver's per-step estimator caches) covers exactly these frames, ``encoder_cache``
+    (CosyVoice 2 only) the tokens behind them. tokens: the target tokens seen so far (``[1, n]`` int64), used
+    to check that each call extends the previous one.
     """
 
     prompt_token: Tensor
@@ -65,6 +66,7 @@ class FlowStreamState:
     frames_done: int
     tokens: Tensor
     cache: CFMCache | None = None
+    encoder_cache: Any = None
     finished: bool = False
 
     @property
@@ -230,7 +232,7 @@ class _FlowBase(nn.Module):
         chunk_size: Any,
         n_timesteps: Any,
     ) -> tuple[Tensor, int, int]:
-        """Validate a ``stream_step`` call; return (tokens, available frames, commit end frame)."""
+        """Validate a ``stream_step`` call; return (tokens, runtime lookahead, commit end frame)."""
         if not isinstance(state, FlowStreamState):
             raise TypeError(f"state must be a FlowStreamState, got {type(state).__name__}")
         if state.finished:
@@ -255,18 +257,94 @@ class _FlowBase(nn.Module):
         look = self._check_lookahead(lookahead)
         n_prompt = state.prompt_token.shape[1]
         if finalize:
-            avail = (n_prompt + tokens.shape[1]) * self.token_mel_ratio
-            return tokens, avail, avail
+            return tokens, look, (n_prompt + tokens.shape[1]) * self.token_mel_ratio
         if tokens.shape[1] < look:
             raise ValueError(f"tokens must hold at least lookahead={look} tokens on a non-final call")
         avail = (n_prompt + tokens.shape[1] - look) * self.token_mel_ratio
         chunk = state.chunk_size
         end = avail // chunk * chunk if chunk > 0 else avail
-        return tokens, avail, end
+        return tokens, look, end
 
-    def _target_part(self, state: FlowStreamState, mel: Tensor, start: int) -> Tensor:
-        # mel covers absolute frames from ``start``; drop what still belongs to the prompt
-        return mel[:, :, max(state.prompt_frames - start, 0) :]
+    def _encode(
+        self, state: FlowStreamState, all_tokens: Tensor, start: int, stop: int, finalize: bool, look: int
+    ) -> tuple[Tensor, Any]:
+        """``(mu [1, C, stop - start], new encoder cache)`` for absolute frames ``[start, stop)``; ``look`` is
+        the session's runtime lookahead."""
+        raise NotImplementedError
+
+    def _advance(
+        self, state: FlowStreamState, all_tokens: Tensor, end: int, finalize: bool, look: int
+    ) -> tuple[Tensor, FlowStreamState]:
+        """Commit frames ``[state.frames_done, end)``: their mel (absolute frames) and the advanced state."""
+        start = state.frames_done
+        cache = state.cache
+        if cache is None:
+            cache = self.decoder.empty_cache(state.n_timesteps, state.spks.device, state.spks.dtype)
+        mu, encoder_cache = self._encode(state, all_tokens, start, end, finalize, look)
+        cond = self._conditions(state.prompt_feat, start, end)
+        mel, cache = self.decoder.solve_chunk(mu, state.spks, cond, cache=cache, chunk_size=state.chunk_size)
+        return mel, replace(state, frames_done=end, cache=cache, encoder_cache=encoder_cache)
+
+    @torch.inference_mode()
+    def stream_start(
+        self,
+        prompt_token: Tensor,
+        prompt_feat: Tensor,
+        embedding: Tensor,
+        *,
+        n_timesteps: int = 10,
+        chunk_size: int | None = None,
+    ) -> FlowStreamState:
+        """Start a session for a voice prompt; returns a state shareable (read-only) by many sessions.
+
+        Precomputes, for every solver step, the caches of the prompt's leading whole chunks whose inputs are
+        all inside the prompt (a frame's ``mu`` needs its token plus ``pre_lookahead_len`` more).
+        ``n_timesteps`` and ``chunk_size`` (mel frames, default the estimator's ``static_chunk_size``) are
+        fixed for the session.
+        """
+        state = self._new_state(prompt_token, prompt_feat, embedding, n_timesteps, chunk_size)
+        n_prompt = state.prompt_token.shape[1]
+        chunk = state.chunk_size
+        ratio = self.token_mel_ratio
+        # frames f < end need tokens <= (end - 1) // ratio + pre_lookahead_len, all inside the prompt
+        end = 0
+        while (end + chunk - 1) // ratio + self.pre_lookahead_len < n_prompt:
+            end += chunk
+        if end == 0:
+            return state
+        _, state = self._advance(state, state.prompt_token, end, False, self.pre_lookahead_len)
+        return state
+
+    @torch.inference_mode()
+    def stream_step(
+        self,
+        state: FlowStreamState,
+        tokens: Tensor,
+        *,
+        finalize: bool,
+        lookahead: int | None = None,
+        chunk_size: int | None = None,
+        n_timesteps: int | None = None,
+    ) -> tuple[Tensor, FlowStreamState]:
+        """Advance a session: ``tokens`` ``[1, n]`` are all target tokens so far.
+
+        Returns ``(mel, new_state)`` where mel ``[1, output_size, k]`` (float32) holds the target frames
+        committed by this call (see the module docstring for the chunk rule; ``k`` may be 0). On a non-final
+        call the last ``lookahead`` tokens (default ``pre_lookahead_len``; fewer is a shorter runtime
+        lookahead, the missing ones count as zeros; CosyVoice 2 takes only the full lookahead) only serve as
+        context. ``chunk_size`` and ``n_timesteps`` must be None or the session's. ``state`` is left
+        untouched.
+        """
+        tokens, look, end = self._plan(state, tokens, finalize, lookahead, chunk_size, n_timesteps)
+        start = state.frames_done
+        if end <= start:
+            empty = state.prompt_feat.new_zeros(1, self.output_size, 0).float()
+            return empty, replace(state, tokens=tokens, finished=finalize)
+        all_tokens = torch.cat([state.prompt_token, tokens], dim=1)
+        mel, new_state = self._advance(state, all_tokens, end, finalize, look)
+        # mel starts at absolute frame ``start``; drop what still belongs to the prompt
+        mel = mel[:, :, max(state.prompt_frames - start, 0) :]
+        return mel, replace(new_state, tokens=tokens, finished=finalize)
 
 
 class CausalMaskedDiffWithDiT(_FlowBase):
@@ -331,6 +409,11 @@ class CausalMaskedDiffWithDiT(_FlowBase):
         last ``lookahead`` (default ``pre_lookahead_len``) tokens are context only, so ``T = (N - lookahead)
         * token_mel_ratio``; on a final call ``T = N * token_mel_ratio``. ``streaming`` selects chunk-causal
         attention with ``chunk_size`` frames (default: the estimator's ``static_chunk_size``).
+
+        A runtime ``lookahead`` shorter than ``pre_lookahead_len`` with ``streaming=True`` applies to every
+        chunk, final call included: the frames of a chunk see target tokens at most ``lookahead`` past the
+        chunk's last token (zeros stand for later ones; prompt tokens are always visible). This is what the
+        streaming API computes for any hop schedule. Without streaming it only sets the context split.
         """
         token = self._check_tokens("token", token)
         prompt_token, prompt_feat = self._check_prompt(prompt_token, prompt_feat)
@@ -338,25 +421,32 @@ class CausalMaskedDiffWithDiT(_FlowBase):
         n_timesteps = self._check_n_timesteps(n_timesteps)
         if not isinstance(finalize, bool) or not isinstance(streaming, bool):
             raise TypeError("streaming and finalize must be bools")
-        look = 0 if finalize else self._check_lookahead(lookahead)
-        if token.shape[1] < look:
+        look = self._check_lookahead(lookahead)
+        split_look = 0 if finalize else look
+        if token.shape[1] < split_look:
             raise ValueError(f"token must hold at least lookahead={look} tokens on a non-final call")
         if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
 
         spks = self._speaker(embedding)
-        emb = self.input_embedding(torch.cat([prompt_token, token], dim=1))
-        split = emb.shape[1] - look
-        h = self.pre_lookahead_layer(emb[:, :split], emb[:, split:])
-        h = h.repeat_interleave(self.token_mel_ratio, dim=1)
-        total = h.shape[1]
+        all_tokens = torch.cat([prompt_token, token], dim=1)
+        total = (all_tokens.shape[1] - split_look) * self.token_mel_ratio
         n_prompt = prompt_feat.shape[1]
         if total == n_prompt:
-            return h.new_zeros(1, self.output_size, 0).float()
+            return prompt_feat.new_zeros(1, self.output_size, 0).float()
+        if streaming and look < self.pre_lookahead_len:
+            chunk = int(self.decoder.estimator.static_chunk_size) if chunk_size is None else chunk_size
+            mu = self._mu_frames(all_tokens, 0, total, look, prompt_token.shape[1], chunk)
+        else:
+            # the reference's computation, on the whole sequence
+            emb = self.input_embedding(all_tokens)
+            split = emb.shape[1] - split_look
+            h = self.pre_lookahead_layer(emb[:, :split], emb[:, split:])
+            mu = h.repeat_interleave(self.token_mel_ratio, dim=1).transpose(1, 2).contiguous()
         cond = self._conditions(prompt_feat, 0, total)
-        mask = torch.ones(1, 1, total, device=h.device, dtype=h.dtype)
+        mask = torch.ones(1, 1, total, device=mu.device, dtype=mu.dtype)
         feat, _ = self.decoder(
-            mu=h.transpose(1, 2).contiguous(),
+            mu=mu,
             mask=mask,
             spks=spks,
             cond=cond,
@@ -367,12 +457,12 @@ class CausalMaskedDiffWithDiT(_FlowBase):
         return feat[:, :, n_prompt:].float()
 
     # ------------------------------------------------------------------ cached streaming
-    def _mu(self, all_tokens: Tensor, start: int, stop: int) -> Tensor:
-        """``mu`` ``[1, C, stop - start]`` for absolute frames, from a window of tokens around them.
+    def _mu_window(self, all_tokens: Tensor, start: int, stop: int) -> Tensor:
+        """``mu`` ``[1, stop - start, C]`` for absolute frames, from a window of tokens around them.
 
-        Every token of ``all_tokens`` is real (prompt, target, lookahead context); tokens past its end are
-        zeros. The window adds the ``history_len`` tokens on the left and ``pre_lookahead_len`` on the right
-        that the layer's two convolutions reach, so the result equals a whole-sequence run.
+        Every token of ``all_tokens`` is used as given; tokens past its end are zeros. The window adds the
+        ``history_len`` tokens on the left and ``pre_lookahead_len`` on the right that the layer's two
+        convolutions reach, so the result equals a whole-sequence run.
         """
         ratio = self.token_mel_ratio
         layer = self.pre_lookahead_layer
@@ -384,77 +474,29 @@ class CausalMaskedDiffWithDiT(_FlowBase):
         h = layer(emb[:, first - lo : last - lo], emb[:, last - lo :], history=emb[:, : first - lo])
         h = h.repeat_interleave(ratio, dim=1)
         skip = start - first * ratio
-        return h[:, skip : skip + stop - start].transpose(1, 2).contiguous()
+        return h[:, skip : skip + stop - start]
 
-    def _advance(
-        self, state: FlowStreamState, all_tokens: Tensor, end: int
-    ) -> tuple[Tensor, FlowStreamState]:
-        start = state.frames_done
-        cache = state.cache
-        if cache is None:
-            cache = self.decoder.empty_cache(state.n_timesteps, state.spks.device, state.spks.dtype)
-        mu = self._mu(all_tokens, start, end)
-        cond = self._conditions(state.prompt_feat, start, end)
-        mel, cache = self.decoder.solve_chunk(mu, state.spks, cond, cache=cache, chunk_size=state.chunk_size)
-        return mel, replace(state, frames_done=end, cache=cache)
+    def _mu_frames(
+        self, all_tokens: Tensor, start: int, stop: int, look: int, n_prompt: int, chunk: int
+    ) -> Tensor:
+        """``mu`` ``[1, C, stop - start]``. With ``look < pre_lookahead_len``: chunk by chunk, each chunk
+        seeing target tokens up to ``look`` past its last token (prompt tokens always)."""
+        if look >= self.pre_lookahead_len:
+            return self._mu_window(all_tokens, start, stop).transpose(1, 2).contiguous()
+        parts = []
+        frame = start
+        while frame < stop:
+            chunk_end = min((frame // chunk + 1) * chunk, stop)
+            visible = max((chunk_end - 1) // self.token_mel_ratio + 1 + look, n_prompt)
+            parts.append(self._mu_window(all_tokens[:, :visible], frame, chunk_end))
+            frame = chunk_end
+        return torch.cat(parts, dim=1).transpose(1, 2).contiguous()
 
-    @torch.inference_mode()
-    def stream_start(
-        self,
-        prompt_token: Tensor,
-        prompt_feat: Tensor,
-        embedding: Tensor,
-        *,
-        n_timesteps: int = 10,
-        chunk_size: int | None = None,
-    ) -> FlowStreamState:
-        """Start a session for a voice prompt; returns a state shareable (read-only) by many sessions.
-
-        Precomputes, for every solver step, the estimator cache of the prompt's leading whole chunks whose
-        inputs are all inside the prompt (a frame's ``mu`` needs its token plus ``pre_lookahead_len`` more).
-        ``n_timesteps`` and ``chunk_size`` (mel frames, default the estimator's ``static_chunk_size``) are
-        fixed for the session.
-        """
-        state = self._new_state(prompt_token, prompt_feat, embedding, n_timesteps, chunk_size)
+    def _encode(
+        self, state: FlowStreamState, all_tokens: Tensor, start: int, stop: int, finalize: bool, look: int
+    ) -> tuple[Tensor, None]:
         n_prompt = state.prompt_token.shape[1]
-        chunk = state.chunk_size
-        ratio = self.token_mel_ratio
-        # frames f < end need tokens <= (end - 1) // ratio + pre_lookahead_len, all inside the prompt
-        end = 0
-        while (end + chunk - 1) // ratio + self.pre_lookahead_len < n_prompt:
-            end += chunk
-        if end == 0:
-            return state
-        _, state = self._advance(state, state.prompt_token, end)
-        return state
-
-    @torch.inference_mode()
-    def stream_step(
-        self,
-        state: FlowStreamState,
-        tokens: Tensor,
-        *,
-        finalize: bool,
-        lookahead: int | None = None,
-        chunk_size: int | None = None,
-        n_timesteps: int | None = None,
-    ) -> tuple[Tensor, FlowStreamState]:
-        """Advance a session: ``tokens`` ``[1, n]`` are all target tokens so far.
-
-        Returns ``(mel, new_state)`` where mel ``[1, output_size, k]`` (float32) holds the target frames
-        committed by this call (see the module docstring for the chunk rule; ``k`` may be 0). On a non-final
-        call the last ``lookahead`` tokens (default ``pre_lookahead_len``; fewer is a shorter runtime
-        lookahead, the missing ones count as zeros) only serve as context. ``chunk_size`` and ``n_timesteps``
-        must be None or the session's. ``state`` is left untouched.
-        """
-        tokens, _, end = self._plan(state, tokens, finalize, lookahead, chunk_size, n_timesteps)
-        start = state.frames_done
-        if end <= start:
-            empty = state.prompt_feat.new_zeros(1, self.output_size, 0).float()
-            return empty, replace(state, tokens=tokens, finished=finalize)
-        all_tokens = torch.cat([state.prompt_token, tokens], dim=1)
-        mel, new_state = self._advance(state, all_tokens, end)
-        return self._target_part(state, mel, start), replace(new_state, tokens=tokens, finished=finalize)
+        return self._mu_frames(all_tokens, start, stop, look, n_prompt, state.chunk_size), None
 
 
 class CausalMaskedDiffWithXvec(_FlowBase):
@@ -486,6 +528,11 @@ class CausalMaskedDiffWithXvec(_FlowBase):
         )  # fmt: skip
         if encoder is None:
             raise ValueError("encoder (an UpsampleConformerEncoder) is required")
+        stride = getattr(encoder, "up_stride", token_mel_ratio)
+        if stride != token_mel_ratio:
+            raise ValueError(
+                f"token_mel_ratio ({token_mel_ratio}) must equal the encoder's upsampling ({stride})"
+            )
         self.encoder = encoder
         self.encoder_proj = nn.Linear(encoder.output_size(), output_size)
         self.decoder = decoder
@@ -499,7 +546,15 @@ class CausalMaskedDiffWithXvec(_FlowBase):
         return self.pre_lookahead_len
 
     def _stream_chunk(self, chunk_size: Any) -> int:
+        # the encoder's token chunks and the estimator's frame chunks must share one grid
         native = int(getattr(self.decoder.estimator, "static_chunk_size", 0))
+        token_chunk = int(getattr(self.encoder, "static_chunk_size", 0))
+        if native <= 0 or token_chunk * self.token_mel_ratio != native:
+            raise ValueError(
+                "streaming needs chunk-causal models on one grid: encoder static_chunk_size "
+                f"({token_chunk} tokens) * token_mel_ratio ({self.token_mel_ratio}) must equal the "
+                f"estimator's static_chunk_size ({native} frames)"
+            )
         if chunk_size is not None and chunk_size != native:
             raise ValueError(f"chunk_size must be None or the estimator's static_chunk_size {native}")
         return native
@@ -549,42 +604,22 @@ class CausalMaskedDiffWithXvec(_FlowBase):
         )  # fmt: skip
         return feat[:, :, n_prompt:].float()
 
-    # ------------------------------------------------------------------ streaming (recomputing)
-    @torch.inference_mode()
-    def stream_start(
-        self,
-        prompt_token: Tensor,
-        prompt_feat: Tensor,
-        embedding: Tensor,
-        *,
-        n_timesteps: int = 10,
-        chunk_size: int | None = None,
-    ) -> FlowStreamState:
-        """Start a session (nothing is precomputed for this flow; each step recomputes the prefix)."""
-        state = self._new_state(prompt_token, prompt_feat, embedding, n_timesteps, chunk_size)
-        return replace(state, frames_done=state.prompt_frames)
+    # ------------------------------------------------------------------ cached streaming
+    def _encode(
+        self, state: FlowStreamState, all_tokens: Tensor, start: int, stop: int, finalize: bool, look: int
+    ) -> tuple[Tensor, Any]:
+        """Encode the tokens behind frames ``[start, stop)`` with the encoder's cached ``forward_chunk``.
 
-    @torch.inference_mode()
-    def stream_step(
-        self,
-        state: FlowStreamState,
-        tokens: Tensor,
-        *,
-        finalize: bool,
-        lookahead: int | None = None,
-        chunk_size: int | None = None,
-        n_timesteps: int | None = None,
-    ) -> tuple[Tensor, FlowStreamState]:
-        """Same contract as ``CausalMaskedDiffWithDiT.stream_step``; reruns ``inference`` on the prefix."""
-        tokens, _, end = self._plan(state, tokens, finalize, lookahead, chunk_size, n_timesteps)
-        start = state.frames_done
-        if end <= start:
-            empty = state.prompt_feat.new_zeros(1, self.output_size, 0).float()
-            return empty, replace(state, tokens=tokens, finished=finalize)
-        mel = self.inference(
-            tokens, state.prompt_token, state.prompt_feat, state.embedding, streaming=True, finalize=finalize,
-            n_timesteps=state.n_timesteps,
-        )  # fmt: skip
-        n_prompt = state.prompt_frames
-        piece = mel[:, :, start - n_prompt : end - n_prompt]
-        return piece, replace(state, frames_done=end, tokens=tokens, finished=finalize)
+        Commits start and (except on the final call) end on the chunk grid, which is a token-chunk boundary of
+        the encoder too, so the frames map to whole tokens ``[start / ratio, stop / ratio)``.
+        """
+        ratio = self.token_mel_ratio
+        first, last = start // ratio, stop // ratio
+        xs_new = self.input_embedding(all_tokens[:, first:last])
+        context = None
+        if not finalize:
+            context = self.input_embedding(all_tokens[:, last : last + self.pre_lookahead_len])
+        h, encoder_cache = self.encoder.forward_chunk(
+            xs_new, context=context, cache=state.encoder_cache, finalize=finalize
+        )
+        return self.encoder_proj(h).transpose(1, 2).contiguous(), encoder_cache
