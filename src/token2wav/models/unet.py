@@ -523,13 +523,13 @@ class CausalConditionalDecoder(nn.Module):
         return h
 
     def _bias(self, valid: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
-        """Additive attention bias ``[B, H, T, T]`` laid out as the reference passes it to attention."""
+        """Additive attention bias ``[B, H, T, T]`` with the reference's values (0 allowed, -1e10 blocked)."""
         allowed = add_chunk_mask(valid.bool(), chunk)
         if allowed.size(1) == 1:
             allowed = allowed.repeat(1, valid.size(-1), 1)
         bias = (1.0 - allowed.to(dtype)) * _MASK_BIAS
-        return bias.repeat_interleave(self.num_heads, dim=0).view(valid.size(0), self.num_heads,
-                                                                   bias.size(1), bias.size(2))
+        # same values for every head; a broadcast view instead of the reference's per-head copies
+        return bias.unsqueeze(1).expand(-1, self.num_heads, -1, -1)
 
     @staticmethod
     def _transformers(blocks: nn.ModuleList, x: Tensor, bias: Tensor, t: Tensor) -> Tensor:
@@ -561,12 +561,20 @@ class CausalConditionalDecoder(nn.Module):
         h = self._inputs(x, mu, spks, cond)
         chunk = (self.static_chunk_size if chunk_size is None else int(chunk_size)) if streaming else 0
 
+        biases: dict[int, Tensor] = {}
+
+        def bias_for(m: Tensor) -> Tensor:
+            # one bias per distinct mask tensor (a single-level U-Net uses one mask throughout)
+            if id(m) not in biases:
+                biases[id(m)] = self._bias(m, chunk, h.dtype)
+            return biases[id(m)]
+
         skips = []
         masks = [mask]
         for resnet, blocks, down in self.down_blocks:
             mask_down = masks[-1]
             h = resnet(h, mask_down, temb)
-            h = self._transformers(blocks, h, self._bias(mask_down, chunk, h.dtype), temb)
+            h = self._transformers(blocks, h, bias_for(mask_down), temb)
             skips.append(h)
             h = down(h * mask_down)
             masks.append(mask_down[:, :, ::2])
@@ -574,13 +582,13 @@ class CausalConditionalDecoder(nn.Module):
         mask_mid = masks[-1]
         for resnet, blocks in self.mid_blocks:
             h = resnet(h, mask_mid, temb)
-            h = self._transformers(blocks, h, self._bias(mask_mid, chunk, h.dtype), temb)
+            h = self._transformers(blocks, h, bias_for(mask_mid), temb)
         mask_up = mask
         for resnet, blocks, up in self.up_blocks:
             mask_up = masks.pop()
             skip = skips.pop()
             h = resnet(torch.cat([h[:, :, :skip.size(-1)], skip], dim=1), mask_up, temb)
-            h = self._transformers(blocks, h, self._bias(mask_up, chunk, h.dtype), temb)
+            h = self._transformers(blocks, h, bias_for(mask_up), temb)
             h = up(h * mask_up)
         h = self.final_block(h, mask_up)
         return self.final_proj(h * mask_up) * mask
