@@ -237,6 +237,15 @@ class ConvRNNF0Predictor(nn.Module):
         return self.classifier(h).squeeze(-1).abs()
 
 
+def _fingerprint(w: Tensor) -> tuple[float, float]:
+    w = w.to(torch.float64)
+    return float(w.abs().sum()), float(w.pow(2).sum())
+
+
+def _snapshot_f0_weights(module: nn.Module, incompatible_keys) -> None:
+    module.take_weight_snapshot()
+
+
 class CausalConvRNNF0Predictor(nn.Module):
     """Causal F0 predictor: a k=4 conv that looks 3 frames ahead, then four causal k=3 convs.
 
@@ -260,22 +269,56 @@ class CausalConvRNNF0Predictor(nn.Module):
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
         self._memo: tuple[tuple, list[tuple[Tensor, Tensor | None]]] | None = None
+        self._snapshot: list[tuple[Tensor, tuple[float, float]] | None] | None = None
+        self.register_load_state_dict_post_hook(_snapshot_f0_weights)
 
     @property
     def lookahead(self) -> int:
         """Mel frames of right context the first conv needs."""
         return self.condnet[0].right_context
 
+    def _convs(self) -> list[nn.Module]:
+        return [self.condnet[2 * i] for i in range(5)]
+
+    def take_weight_snapshot(self) -> None:
+        """Keep float64 weights evaluated from g and v, so folding weight norm later loses nothing.
+
+        Runs automatically after ``load_state_dict``.  A snapshot is only used while the folded weight
+        still matches it (same sums within 1 %), so weights changed afterwards are never shadowed.
+        """
+        snap = []
+        with torch.no_grad():
+            for conv in self._convs():
+                if parametrize.is_parametrized(conv, "weight"):
+                    w64 = _weight_in(conv, torch.float64).detach().cpu().clone()
+                    snap.append((w64, _fingerprint(w64)))
+                else:
+                    snap.append(None)
+        self._snapshot = snap
+
+    def _weight64(self, i: int, conv: nn.Module, device: torch.device) -> Tensor:
+        if parametrize.is_parametrized(conv, "weight"):
+            return _weight_in(conv, torch.float64)
+        entry = self._snapshot[i] if self._snapshot is not None else None
+        if entry is not None and entry[0].shape == conv.weight.shape:
+            now = _fingerprint(conv.weight.detach())
+            if all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(now, entry[1])):
+                return entry[0].to(device)
+        return conv.weight.to(torch.float64)
+
     def _params_in(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor | None]]:
-        convs = [self.condnet[2 * i] for i in range(5)]
+        """Weights and biases of the five convs and the head in ``dtype``, memoised per parameter version."""
         key_parts: list = [dtype]
-        for p in list(self.parameters()):
+        for p in self.parameters():
             key_parts += [id(p), p._version, p.dtype, p.device]
         key = tuple(key_parts)
         if self._memo is not None and self._memo[0] == key:
             return self._memo[1]
         with torch.no_grad():
-            params = [(_weight_in(c, dtype), c.bias.to(dtype)) for c in convs]
+            params = []
+            for i, c in enumerate(self._convs()):
+                w = self._weight64(i, c, c.bias.device) if dtype == torch.float64 else _weight_in(c, dtype)
+                params.append((w.to(dtype), c.bias.to(dtype)))
             params.append((self.classifier.weight.to(dtype), self.classifier.bias.to(dtype)))
         if dtype != self.classifier.weight.dtype:  # only memoise converted copies
             self._memo = (key, params)
@@ -373,7 +416,11 @@ def reference_noise_offset(vocab_size: int, flow_input_size: int, spk_embed_dim:
     embedding and speaker projection and then the F0 predictor, one draw per parameter element.
     """
     n = vocab_size * flow_input_size + spk_embed_dim * flow_output_size + flow_output_size
-    return n + sum(p.numel() for p in f0_predictor.parameters())
+    for m in f0_predictor.modules():
+        if isinstance(m, (nn.Conv1d, nn.Linear)):  # weight norm's g is computed, not drawn
+            w = m.parametrizations.weight.original1 if parametrize.is_parametrized(m, "weight") else m.weight
+            n += w.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return n
 
 
 # ------------------------------------------------------------------------------------------ source module

@@ -1,0 +1,123 @@
+"""CosyVoice 2 HiFT vocoder against the reference fixtures (tests/data/cv2_hift.*)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from token2wav import build_vocoder
+from token2wav.models.hift import HiFTGenerator, fold_weight_norm
+
+DATA = Path(__file__).parent / "data"
+
+
+def _load(name: str) -> torch.nn.Module:
+    model = build_vocoder(DATA / f"{name}_config.yaml", device="cpu")
+    state = {k: v.float() for k, v in load_file(DATA / f"{name}_hift_state.safetensors").items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # these modules run many small ops; on a shared, busy CPU extra OpenMP threads only add waiting
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def hift() -> HiFTGenerator:
+    model = _load("cv2")
+    assert isinstance(model, HiFTGenerator)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fx() -> dict[str, torch.Tensor]:
+    return load_file(DATA / "cv2_hift.safetensors")
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()
+
+
+def test_f0(hift, fx):
+    with torch.inference_mode():
+        assert _maxdiff(hift.f0_predictor(fx["mel_a"]), fx["f0_a"]) < 1e-3
+        assert _maxdiff(hift.f0_predictor(fx["mel_b"]), fx["f0_b"]) < 1e-3
+
+
+def test_decode_given_stored_source(hift, fx):
+    with torch.inference_mode():
+        assert _maxdiff(hift.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < 1e-5
+        assert _maxdiff(hift.decode(fx["mel_b"], fx["source_b"]), fx["speech_b"]) < 1e-5
+
+
+def test_full_call_with_global_seed(hift, fx):
+    with torch.random.fork_rng():
+        torch.manual_seed(103)
+        speech, source = hift.inference(fx["mel_a"])
+        torch.manual_seed(104)
+        speech_b, source_b = hift.inference(fx["mel_b"], cache_source=fx["cache_source_b"])
+    assert _maxdiff(source, fx["source_a"]) < 1e-4
+    assert _maxdiff(speech, fx["speech_a"]) < 1e-4
+    assert _maxdiff(source_b, fx["source_b"]) < 1e-4
+    assert _maxdiff(speech_b, fx["speech_b"]) < 1e-4
+    n = fx["cache_source_b"].shape[-1]
+    assert torch.equal(source_b[..., :n], fx["cache_source_b"])
+
+
+def test_initial_phases_follow_reference_draw_order(hift, fx):
+    with torch.random.fork_rng(), torch.inference_mode():
+        torch.manual_seed(103)
+        f0 = hift.f0_predictor(fx["mel_a"])
+        _, rand_ini = hift.m_source.random_source(f0)
+    assert torch.equal(rand_ini, fx["sine_rand_ini_a"])
+
+
+def test_explicit_generator_leaves_global_rng_alone(hift, fx):
+    before = torch.random.get_rng_state()
+    speech, source = hift.inference(fx["mel_a"], generator=torch.Generator().manual_seed(103))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert _maxdiff(source, fx["source_a"]) < 1e-4
+    assert _maxdiff(speech, fx["speech_a"]) < 1e-4
+
+
+def test_folded_weight_norm_gives_same_speech(fx):
+    model = _load("cv2")
+    assert fold_weight_norm(model) > 0
+    assert not any("parametrizations" in k for k in model.state_dict())
+    with torch.inference_mode():
+        assert _maxdiff(model.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < 1e-5
+
+
+def test_bad_inputs(hift, fx):
+    mel = fx["mel_a"]
+    with pytest.raises(ValueError, match="rank 3"):
+        hift.inference(mel[0])
+    with pytest.raises(ValueError, match="80 mel channels"):
+        hift.inference(torch.zeros(1, 81, 10))
+    with pytest.raises(TypeError, match="floating"):
+        hift.inference(torch.zeros(1, 80, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache_source"):
+        hift.inference(mel, cache_source=torch.zeros(1, 3840))
+    with pytest.raises(ValueError, match="cache_source"):
+        hift.inference(mel[..., :2], cache_source=torch.zeros(1, 1, 3840))
+    with pytest.raises(ValueError, match="source"):
+        hift.decode(mel, torch.zeros(1, 1, 100))
+
+
+def test_full_size_layout_matches_manifest():
+    manifest = json.loads((DATA / "manifests" / "cosyvoice2_hift.json").read_text())
+    model = build_vocoder(DATA / "real_configs" / "cosyvoice2.yaml", device="meta")
+    state = model.state_dict()
+    assert sorted(state) == sorted(manifest["keys"])
+    for key, info in manifest["keys"].items():
+        assert list(state[key].shape) == info["shape"], key
+    assert sum(t.numel() for t in state.values()) == manifest["num_parameters"]

@@ -1,0 +1,150 @@
+"""CosyVoice 3 causal HiFT vocoder against the reference fixtures (tests/data/cv3_hift.*)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn.utils import parametrize
+
+from token2wav import build_vocoder
+from token2wav.models.hift import CausalHiFTGenerator, fold_weight_norm, reference_noise_offset
+
+DATA = Path(__file__).parent / "data"
+NOISE_SEED = 7000  # the fixtures' re-drawn fixed noise (see FIXTURES.md)
+
+
+def _load() -> CausalHiFTGenerator:
+    model = build_vocoder(DATA / "cv3_config.yaml", device="cpu")
+    state = {k: v.float() for k, v in load_file(DATA / "cv3_hift_state.safetensors").items()}
+    model.load_state_dict(state, strict=True)
+    model.set_source_noise(NOISE_SEED)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # these modules run many small ops; on a shared, busy CPU extra OpenMP threads only add waiting
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def hift() -> CausalHiFTGenerator:
+    model = _load()
+    assert isinstance(model, CausalHiFTGenerator)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fx() -> dict[str, torch.Tensor]:
+    return load_file(DATA / "cv3_hift.safetensors")
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()
+
+
+def test_seeded_noise_check_values(hift, fx):
+    assert torch.equal(hift.source_rand_ini, fx["causal_noise_rand_ini"])
+    assert torch.equal(hift.source_noise(0, 1920), fx["causal_noise_sine_waves_head"])
+    assert torch.equal(hift.source_noise(0, 1920, "uv"), fx["causal_noise_uv_head"])
+    # read in pieces and out of order: rows depend on the position only
+    assert torch.equal(hift.source_noise(1000, 1920), fx["causal_noise_sine_waves_head"][:, 1000:])
+
+
+def test_noise_far_positions_match_one_big_draw():
+    model = CausalHiFTGenerator(base_channels=8, sampling_rate=24000, upsample_rates=[8, 5, 3],
+                                upsample_kernel_sizes=[16, 11, 7], source_resblock_kernel_sizes=[7, 7, 11],
+                                source_resblock_dilation_sizes=[[1, 3, 5]] * 3)
+    model.set_source_noise(5, length=40000)
+    full = torch.rand(1, 40000, 9, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(model.source_noise(33000, 40000), full[:, 33000:])
+    assert torch.equal(model.source_noise(16000, 17000), full[:, 16000:17000])
+    with pytest.raises(ValueError, match="covers 40000"):
+        model.source_noise(39000, 40001)
+
+
+def test_reference_real_config_noise():
+    """The default noise equals what the reference draws with the released CosyVoice 3 config."""
+    info = json.loads((DATA / "manifests" / "cosyvoice3_hift.json").read_text())["hyperparameters"]
+    noise = info["fixed_noise_as_built_from_this_config"]
+    model = build_vocoder(DATA / "real_configs" / "cosyvoice3.yaml", device="meta")
+    # the default offset is the real config's: flow embedding + speaker projection + F0 predictor draws
+    assert reference_noise_offset(6561, 80, 192, 80, model.f0_predictor) == 3_852_961
+    small = build_vocoder(DATA / "cv3_config.yaml", device="cpu")  # cheap host for the same default noise
+    assert small.source_rand_ini[0].tolist() == noise["rand_ini"]
+    assert small.source_noise(0, 1)[0, 0].tolist() == noise["sine_waves_first_row"]
+    assert small.source_noise(0, 5, "uv")[0, :, 0].tolist() == noise["uv_first5"]
+
+
+def test_f0_float64(hift, fx):
+    mel = fx["mel"]
+    with torch.inference_mode():
+        f0 = hift.f0_predictor(mel.double())
+        f0_nf = hift.f0_predictor(mel.double(), finalize=False)
+    assert f0.dtype == torch.float64
+    assert _maxdiff(f0, fx["f0_finalize"]) < 1e-8
+    assert _maxdiff(f0_nf, fx["f0_nofinalize"]) < 1e-8
+    assert all(p.dtype == torch.float32 for p in hift.parameters())  # never cast permanently
+
+
+def test_inference_finalize(hift, fx):
+    speech, source = hift.inference(fx["mel"], finalize=True)
+    assert _maxdiff(speech, fx["speech_finalize"]) < 1e-5
+    assert _maxdiff(source, fx["source_finalize"]) < 1e-5
+    assert all(p.dtype == torch.float32 for p in hift.parameters())
+
+
+def test_inference_no_finalize(hift, fx):
+    speech, source = hift.inference(fx["mel"], finalize=False)
+    assert speech.shape[-1] == (60 - 8) * 480
+    assert source.shape[-1] == (60 - 3) * 480
+    assert _maxdiff(speech, fx["speech_nofinalize"]) < 1e-5
+    assert _maxdiff(source, fx["source_finalize"][..., : source.shape[-1]]) < 1e-5
+
+
+def test_reference_prefix_streaming_loop(hift, fx):
+    mel = fx["stream_mel"]
+    for k, i in enumerate(range(0, 90, 30)):
+        end = i + 30 + 8
+        speech = hift.inference(mel[:, :, :end], finalize=end >= 90)[0][:, 480 * i:]
+        assert _maxdiff(speech, fx[f"stream_step{k}"]) < 1e-5, k
+
+
+def test_folding_keeps_float64_f0(fx):
+    model = _load()
+    fold_weight_norm(model)
+    assert parametrize.is_parametrized(model.f0_predictor.condnet[0], "weight")  # kept on purpose
+    assert not parametrize.is_parametrized(model.conv_pre, "weight")
+    # a generic fold that removes every parametrisation still gives the float64 F0 (snapshot at load time)
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    with torch.inference_mode():
+        assert _maxdiff(model.f0_predictor(fx["mel"].double()), fx["f0_finalize"]) < 1e-8
+    assert _maxdiff(model.inference(fx["mel"])[0], fx["speech_finalize"]) < 1e-5
+
+
+def test_bad_inputs(hift):
+    with pytest.raises(ValueError, match="rank 3"):
+        hift.inference(torch.zeros(80, 10))
+    with pytest.raises(ValueError, match="80 mel channels"):
+        hift.inference(torch.zeros(1, 40, 10))
+    with pytest.raises(ValueError, match="seed|length"):
+        hift.set_source_noise(1, length=-1)
+
+
+def test_full_size_layout_matches_manifest():
+    manifest = json.loads((DATA / "manifests" / "cosyvoice3_hift.json").read_text())
+    model = build_vocoder(DATA / "real_configs" / "cosyvoice3.yaml", device="meta")
+    state = model.state_dict()
+    assert sorted(state) == sorted(manifest["keys"])
+    for key, info in manifest["keys"].items():
+        assert list(state[key].shape) == info["shape"], key
+    assert sum(t.numel() for t in state.values()) == manifest["num_parameters"]
