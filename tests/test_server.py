@@ -38,7 +38,10 @@ def engine() -> Any:
     from token2wav import Token2Wav
 
     t2w = Token2Wav.from_pretrained("tiny")  # the bundled tiny random model (CosyVoice 3 layout)
-    t2w.synthesize([1, 2, 3, 4], attention="chunk")  # one-time set-up cost stays out of the timed tests
+    # one-time set-up costs (first offline call, first streaming call) stay out of the tests' timings
+    t2w.synthesize([1, 2, 3, 4], attention="chunk")
+    with t2w.stream() as s:
+        s.push(list(range(30)))
     return t2w
 
 
@@ -164,7 +167,7 @@ def test_health_models_metrics(server: dict[str, Any], engine: Any) -> None:
 
 
 def test_stream_equals_synthesize(server: dict[str, Any], engine: Any) -> None:
-    tokens = _tokens(80, 1, _vocab(engine))
+    tokens = _tokens(70, 1, _vocab(engine))
     offline = _pcm(engine.synthesize(np.asarray(tokens), attention="chunk"))
     via_http = _synth_pcm(server["http"], tokens, attention="chunk")
     _assert_pcm_close(via_http, offline)
@@ -177,6 +180,18 @@ def test_stream_equals_synthesize(server: dict[str, Any], engine: Any) -> None:
     assert [c["index"] for c in res.chunks] == list(range(len(res.chunks)))
     assert res.first_chunk_latency_s is not None and res.first_chunk_latency_s < res.wall_s
     assert res.started["sample_rate"] == engine.sample_rate
+
+
+def test_one_big_message_is_pushed_chunk_by_chunk(server: dict[str, Any], engine: Any) -> None:
+    key = 'token2wav_model_call_seconds_count{call="push"}'
+    before = _metrics(server["http"]).get(key, 0.0)
+    tokens = _tokens(60, 30, _vocab(engine))
+    res = asyncio.run(stream_tokens(server["ws"], tokens, rate=0))  # one message with all 60 tokens
+    assert _metrics(server["http"])[key] - before == 3  # pieces of one chunk: 25 + 25 + 10
+    assert len(res.chunks) == 3  # two emitted while pushing, one by finish
+    _assert_pcm_close(
+        np.frombuffer(res.pcm, "<i2"), _pcm(engine.synthesize(np.asarray(tokens), attention="chunk"))
+    )
 
 
 def test_synthesize_wav(server: dict[str, Any], engine: Any) -> None:
@@ -213,7 +228,7 @@ CONCURRENT_OPTS = [
 
 def test_concurrent_sessions_match_single(server: dict[str, Any], engine: Any) -> None:
     vocab = _vocab(engine)
-    jobs = [(_tokens(40 + 7 * i, 10 + i, vocab), CONCURRENT_OPTS[i]) for i in range(8)]
+    jobs = [(_tokens(35 + 5 * i, 10 + i, vocab), CONCURRENT_OPTS[i]) for i in range(8)]
     single = [_single_session(engine, t, o) for t, o in jobs]
 
     async def all_at_once() -> list[Any]:

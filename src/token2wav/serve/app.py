@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -330,6 +331,8 @@ class _StreamHandler:
         self.samples = 0
         self.first_sent = False
         self.done = False
+        self.stop = threading.Event()  # tells a running push job to stop between pieces
+        self.piece = 25  # tokens per push inside one message; set from the model at 'start'
 
     # -- model calls: keep a handle on the future so a vanished client cannot close a busy session
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -342,6 +345,7 @@ class _StreamHandler:
                 self.pending = None
 
     def close_session(self) -> None:
+        self.stop.set()
         session, self.session = self.session, None
         if session is None:
             return
@@ -424,6 +428,8 @@ class _StreamHandler:
                 self.session = await self._call(lambda: st.t2w.stream(**kwargs))
             except (ValueError, TypeError, NotImplementedError) as e:
                 raise P.ProtocolError(f"cannot start session: {e}") from None
+            chunk = int(getattr(st.t2w, "chunk_tokens", 25))
+            self.piece = max(1, min(chunk, msg.hop or chunk))
             await self._send_json(
                 {
                     "type": "started",
@@ -449,11 +455,7 @@ class _StreamHandler:
             st.metrics.tokens_total.inc(float(n))
             if n == 0:
                 return
-            t0 = time.perf_counter()
-            chunks = await self._call(self.session.push, msg.tokens)
-            elapsed = time.perf_counter() - t0
-            st.metrics.compute.observe(elapsed, call="push")
-            await self._send_chunks([np.asarray(c) for c in chunks], elapsed, arrived)
+            await self._push(msg.tokens, arrived)
             return
         # end
         if self.tokens > 0:
@@ -464,6 +466,35 @@ class _StreamHandler:
             await self._send_chunks([np.asarray(last)], elapsed, arrived)
         await self._send_json({"type": "done", "chunks": self.chunks, "samples": self.samples})
         self.done = True
+
+    async def _push(self, tokens: np.ndarray, arrived: float) -> None:
+        """Push a message's tokens in pieces of at most one chunk, all in one worker job, and send each chunk
+        as soon as it exists: a client that sends many tokens at once still gets its first chunk early."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        session, piece, stop = self.session, self.piece, self.stop
+
+        def post(item: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            for i in range(0, tokens.size, piece):
+                if stop.is_set():  # the client left: do not compute audio nobody will read
+                    return
+                t0 = time.perf_counter()
+                chunks = session.push(tokens[i : i + piece])
+                post((chunks, time.perf_counter() - t0))
+
+        fut = self.state.executor.submit(work)
+        self.pending = fut
+        fut.add_done_callback(lambda _f: post(None))  # queued after every piece's result
+        while (item := await queue.get()) is not None:
+            chunks, elapsed = item
+            self.state.metrics.compute.observe(elapsed, call="push")
+            await self._send_chunks([np.asarray(c) for c in chunks], elapsed, arrived)
+        fut.result()  # re-raise a failed push
+        self.pending = None
 
     async def _send_chunks(self, chunks: list[np.ndarray], elapsed: float, arrived: float) -> None:
         chunks = [c.reshape(-1) for c in chunks if c.size > 0]
