@@ -19,7 +19,16 @@ from torch import nn
 
 from ..presets import PRESETS, PresetSettings, resolve_preset
 from .schedule import DEFAULT_MAX_HOP_CHUNKS, SCHEDULES, HopPlan, chunk_tokens, prompt_pad, validate_hop
-from .session import MODES, OUTPUTS, PreparedPrompt, RngSpec, StreamSession, as_tokens, make_rng
+from .session import (
+    MODES,
+    OUTPUTS,
+    PreparedPrompt,
+    RngSpec,
+    StreamSession,
+    as_tokens,
+    make_rng,
+    vocoder_kind,
+)
 from .state import PromptCache, tensor_digest, trim_flow_state
 
 __all__ = ["Token2Wav", "Prompt"]
@@ -184,8 +193,9 @@ class Token2Wav:
         return self._chunk
 
     @property
-    def causal_vocoder(self) -> bool:
-        return self._vocoder is not None and hasattr(self._vocoder, "stream_step")
+    def vocoder_kind(self) -> str | None:
+        """'causal', 'hifigan', 'crossfade' or None; see ``session.vocoder_kind``."""
+        return vocoder_kind(self._vocoder)
 
     # ------------------------------------------------------------------------------------------ prompts
 
@@ -296,7 +306,8 @@ class Token2Wav:
         p = self.prepare_prompt(prompt)
         with torch.inference_mode():
             mel = self._flow.inference(
-                ids, p.tokens, p.feat, p.embedding, streaming=attention == "chunk", finalize=True
+                ids, p.tokens, p.feat, p.embedding, streaming=attention == "chunk", finalize=True,
+                n_timesteps=self.n_timesteps,
             )
             if output == "mel":
                 return mel[0].float().cpu().numpy()
@@ -310,8 +321,11 @@ class Token2Wav:
             mel = mel.unsqueeze(0)
         mel = mel.to(device=self._device, dtype=self._dtype)
         with torch.inference_mode():
-            if self.causal_vocoder:
+            kind = vocoder_kind(self._vocoder)
+            if kind == "causal":
                 speech = self._vocoder.inference(mel, finalize=True)[0]
+            elif kind == "hifigan":
+                speech = self._vocoder(mel)[:, 0]
             else:
                 gen = make_rng(rng)[0](0)
                 speech = self._vocoder.inference(mel, generator=gen)[0]

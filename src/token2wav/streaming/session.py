@@ -113,6 +113,20 @@ def make_rng(rng: RngSpec) -> tuple[Callable[[int], torch.Generator | None], tor
     raise TypeError(f"rng must be an int seed, a torch.Generator or a callable, got {type(rng).__name__}")
 
 
+def vocoder_kind(vocoder: torch.nn.Module | None) -> str | None:
+    """How a vocoder streams: 'causal' (own stream_step, e.g. CausalHiFT), 'hifigan' (our HiFi-GAN with
+    its windowed ``vocode_stream``) or 'crossfade' (CosyVoice 2's HiFT, driven the reference's way)."""
+    if vocoder is None:
+        return None
+    if hasattr(vocoder, "stream_step"):
+        return "causal"
+    from ..models.hifigan import HiFiGANGenerator
+
+    if isinstance(vocoder, HiFiGANGenerator):
+        return "hifigan"
+    return "crossfade"
+
+
 def _hamming(n: int) -> torch.Tensor:
     # Symmetric Hamming window in float64, as numpy.hamming; the blend is computed in float64 then rounded.
     return torch.from_numpy(np.hamming(n))
@@ -166,7 +180,8 @@ class StreamSession:
         self._device = prompt.tokens.device
         self._lock = threading.Lock()  # one call at a time per session; sessions never share one
         self.state = SessionState(tokens=torch.zeros(1, 0, dtype=torch.int64, device=self._device))
-        self.causal_vocoder = vocoder is not None and hasattr(vocoder, "stream_step")
+        self.vocoder_kind = vocoder_kind(vocoder)
+        self.last_mel: np.ndarray | None = None
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -255,8 +270,10 @@ class StreamSession:
             )
         work.offset, work.index = em.end, em.index + 1
         work.chunk_frames.append(want)
+        mel_out = mel[0].float().cpu().numpy()
+        self.last_mel = mel_out  # the mel behind the newest chunk, for inspection and tests
         if self.output == "mel":
-            return mel[0].float().cpu().numpy()
+            return mel_out
         speech = self._vocode(work, mel, em.finalize)
         return speech[0].float().cpu().numpy()
 
@@ -266,7 +283,8 @@ class StreamSession:
         if self.mode == "recompute":
             # The reference's final call leaves `stream` at False: full attention over everything.
             mel = self.flow.inference(
-                tokens, p.tokens, p.feat, p.embedding, streaming=not em.finalize, finalize=em.finalize
+                tokens, p.tokens, p.feat, p.embedding, streaming=not em.finalize, finalize=em.finalize,
+                n_timesteps=self.n_timesteps,
             )
             return mel[:, :, em.start * self.ratio :]
         if work.flow_state is None:
@@ -283,7 +301,12 @@ class StreamSession:
 
     def _vocode(self, work: SessionState, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
         voc = self.vocoder
-        if self.causal_vocoder:
+        if self.vocoder_kind == "hifigan":
+            from ..models.hifigan import vocode_stream
+
+            out, work.vocoder_state = vocode_stream(voc, mel, work.vocoder_state, final=finalize)
+            return out
+        if self.vocoder_kind == "causal":
             if self.mode == "recompute":
                 st = work.vocoder_state or RevocodeState()
                 full = mel if st.mel is None else torch.cat([st.mel, mel], dim=2)

@@ -1,0 +1,253 @@
+"""Cached streaming equals the chunk-causal offline decode at every chunk.
+
+Small random CosyVoice 3 models are built here from a config written in the reference's YAML format, with
+token_mel_ratio 2 and 3 and pre_lookahead_len 3 and 5, and streamed with fixed and exponential schedules,
+prompts whose length is and is not a multiple of the chunk, and several push sizes (one token at a time
+included).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from token2wav.config import read_config
+from token2wav.loading import build_flow, build_vocoder
+from token2wav.streaming.engine import Prompt, Token2Wav
+from token2wav.streaming.schedule import HopPlan, plan_stream, prompt_pad
+
+MEL_TOL = 1e-4  # the issue's bound; measured below ~1e-6
+AUDIO_TOL = 1e-4
+
+TEMPLATE = """
+sample_rate: 24000
+spk_embed_dim: 192
+token_frame_rate: 25
+token_mel_ratio: {ratio}
+chunk_size: {chunk}
+num_decoding_left_chunks: -1
+flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT
+    input_size: 80
+    output_size: 80
+    spk_embed_dim: !ref <spk_embed_dim>
+    output_type: 'mel'
+    vocab_size: 100
+    input_frame_rate: !ref <token_frame_rate>
+    only_mask_loss: True
+    token_mel_ratio: !ref <token_mel_ratio>
+    pre_lookahead_len: {look}
+    pre_lookahead_layer: !new:cosyvoice.transformer.upsample_encoder.PreLookaheadLayer
+        in_channels: 80
+        channels: 32
+        pre_lookahead_len: {look}
+    decoder: !new:cosyvoice.flow.flow_matching.CausalConditionalCFM
+        in_channels: 240
+        n_spks: 1
+        spk_emb_dim: 80
+        cfm_params: !new:omegaconf.DictConfig
+            content:
+                sigma_min: 1e-06
+                solver: 'euler'
+                t_scheduler: 'cosine'
+                training_cfg_rate: 0.2
+                inference_cfg_rate: 0.7
+                reg_loss_type: 'l1'
+        estimator: !new:cosyvoice.flow.DiT.dit.DiT
+            dim: 32
+            depth: 2
+            heads: 2
+            dim_head: 16
+            ff_mult: 2
+            mel_dim: 80
+            mu_dim: 80
+            spk_dim: 80
+            out_channels: 80
+            static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
+            num_decoding_left_chunks: !ref <num_decoding_left_chunks>
+hift: !new:cosyvoice.hifigan.generator.CausalHiFTGenerator
+    in_channels: 80
+    base_channels: 16
+    nb_harmonics: 8
+    sampling_rate: !ref <sample_rate>
+    nsf_alpha: 0.1
+    nsf_sigma: 0.003
+    nsf_voiced_threshold: 10
+    upsample_rates: [8, 5, 3]
+    upsample_kernel_sizes: [16, 11, 7]
+    istft_params:
+        n_fft: 16
+        hop_len: 4
+    resblock_kernel_sizes: [3, 7, 11]
+    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    source_resblock_kernel_sizes: [7, 7, 11]
+    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    lrelu_slope: 0.1
+    audio_limit: 0.99
+    conv_pre_look_right: 4
+    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.CausalConvRNNF0Predictor
+        num_class: 1
+        in_channels: 80
+        cond_channels: 16
+"""
+
+
+def tiny_engine(tmp_dir, *, ratio: int = 2, chunk: int = 4, look: int = 3, seed: int = 0,
+                vocoder: bool = True, n_timesteps: int = 3) -> Token2Wav:
+    """A random CosyVoice 3 model at toy size (chunk in tokens)."""
+    path = tmp_dir / f"cv3_r{ratio}_c{chunk}_l{look}.yaml"
+    path.write_text(TEMPLATE.format(ratio=ratio, chunk=chunk, look=look))
+    cfg = read_config(path)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        flow = build_flow(cfg, device="cpu")
+        voc = build_vocoder(cfg, device="cpu") if vocoder else None
+    if voc is not None and hasattr(voc, "set_source_noise"):
+        voc.set_source_noise(seed)
+    return Token2Wav(flow, voc, cfg, n_timesteps=n_timesteps)
+
+
+def random_prompt(engine: Token2Wav, n_tokens: int, seed: int = 1) -> Prompt:
+    g = np.random.default_rng(seed)
+    cfg = engine.config
+    return Prompt(
+        tokens=g.integers(0, cfg.vocab_size, n_tokens),
+        mel=(g.standard_normal((n_tokens * cfg.token_mel_ratio, 80)) * 2 - 5).astype(np.float32),
+        embedding=g.standard_normal(192).astype(np.float32),
+    )
+
+
+def random_tokens(engine: Token2Wav, n: int, seed: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, engine.config.vocab_size, n)
+
+
+def run_stream(engine, prompt, tokens, push: int, **kwargs) -> list[np.ndarray]:
+    outs = []
+    with engine.stream(prompt, **kwargs) as s:
+        for i in range(0, len(tokens), push):
+            outs.extend(s.push(tokens[i : i + push]))
+        outs.append(s.finish())
+    return outs
+
+
+def expected_frames(engine, prompt_tokens: int, n: int, push: int, **kwargs) -> list[int]:
+    """Mel frames per chunk that the schedule module predicts for this stream."""
+    cfg = engine.config
+    chunk = engine.chunk_tokens
+    hop = kwargs.get("hop") or chunk
+    sched = kwargs.get("schedule") or "fixed"
+    max_hop = kwargs.get("max_hop") or (4 * chunk if sched == "exponential" else None)
+    plan = HopPlan(hop, prompt_pad(prompt_tokens, chunk), cfg.pre_lookahead_len, sched, max_hop)
+    pushes = [min(push, n - i) for i in range(0, n, push)]
+    return [(e.end - e.start) * cfg.token_mel_ratio for e in plan_stream(plan, pushes)]
+
+
+@pytest.fixture(scope="module")
+def tmp_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cfg")
+
+
+# (ratio, chunk tokens, lookahead, prompt tokens, target tokens)
+CASES = [
+    (2, 4, 3, 8, 37),  # prompt a multiple of the chunk
+    (2, 4, 3, 7, 37),  # prompt not a multiple
+    (3, 4, 5, 5, 29),  # ratio 3, lookahead 5
+    (3, 3, 3, 9, 26),  # ratio 3, prompt a multiple
+    (2, 4, 5, 10, 31),  # lookahead 5, prompt not a multiple
+]
+
+
+@pytest.mark.parametrize("ratio,chunk,look,n_prompt,n", CASES)
+def test_cached_mel_equals_chunk_causal_offline(tmp_dir, ratio, chunk, look, n_prompt, n):
+    engine = tiny_engine(tmp_dir, ratio=ratio, chunk=chunk, look=look, vocoder=False)
+    prompt = random_prompt(engine, n_prompt)
+    tokens = random_tokens(engine, n)
+    offline = engine.synthesize(tokens, prompt, attention="chunk", output="mel")
+    assert offline.shape == (80, n * ratio)
+    for schedule in ("fixed", "exponential"):
+        for push in (1, 5, n):
+            outs = run_stream(engine, prompt, tokens, push, schedule=schedule, output="mel")
+            sizes = [o.shape[1] for o in outs]
+            assert sizes == expected_frames(engine, n_prompt, n, push, schedule=schedule)
+            start = 0
+            for k, o in enumerate(outs):
+                want = offline[:, start : start + o.shape[1]]
+                diff = float(np.abs(o - want).max()) if o.size else 0.0
+                assert diff <= MEL_TOL, (schedule, push, k, diff)
+                start += o.shape[1]
+            assert start == offline.shape[1]
+
+
+def test_no_prompt_and_larger_hops(tmp_dir):
+    engine = tiny_engine(tmp_dir, vocoder=False)
+    tokens = random_tokens(engine, 41)
+    offline = engine.synthesize(tokens, None, attention="chunk", output="mel")
+    for kwargs in ({"hop": 8}, {"hop": 4, "schedule": "exponential", "max_hop": 8}, {"preset": "quality"}):
+        mel = np.concatenate(run_stream(engine, None, tokens, 3, output="mel", **kwargs), axis=1)
+        assert np.abs(mel - offline).max() <= MEL_TOL, kwargs
+
+
+def test_prompt_cache_is_shared_and_bounded(tmp_dir):
+    engine = tiny_engine(tmp_dir, vocoder=False)
+    engine.prompt_cache.maxsize = 2
+    prompts = [random_prompt(engine, 8, seed=s) for s in range(3)]
+    tokens = random_tokens(engine, 12)
+    first = np.concatenate(run_stream(engine, prompts[0], tokens, 12, output="mel"), axis=1)
+    assert engine.prompt_cache.misses == 1
+    again = np.concatenate(run_stream(engine, prompts[0], tokens, 4, output="mel"), axis=1)
+    assert engine.prompt_cache.hits == 1 and engine.prompt_cache.misses == 1
+    np.testing.assert_array_equal(first, again)  # the shared state was not modified by the first session
+    # An equal prompt built from other objects hits the same entry (content hash).
+    clone = Prompt(prompts[0].tokens.clone(), prompts[0].mel.clone(), prompts[0].embedding.clone())
+    run_stream(engine, clone, tokens, 12, output="mel")
+    assert engine.prompt_cache.hits == 2
+    for p in prompts[1:]:
+        run_stream(engine, p, tokens, 12, output="mel")
+    assert len(engine.prompt_cache) == 2  # LRU bound
+
+
+def test_window_mode_deviation(tmp_dir, capsys):
+    """Window mode is exact while nothing is dropped, and an approximation after; report the deviation."""
+    engine = tiny_engine(tmp_dir, vocoder=False)
+    prompt = random_prompt(engine, 7)
+    tokens = random_tokens(engine, 80)
+    offline = engine.synthesize(tokens, prompt, attention="chunk", output="mel")
+    chunk_frames = engine.chunk_tokens * engine.config.token_mel_ratio
+    big = np.concatenate(
+        run_stream(engine, prompt, tokens, 80, output="mel", mode="window", window_frames=200 * chunk_frames),
+        axis=1,
+    )
+    assert np.abs(big - offline).max() <= MEL_TOL
+    report = []
+    for chunks in (1, 2, 4, 8):
+        frames = chunks * chunk_frames
+        mel = np.concatenate(
+            run_stream(engine, prompt, tokens, 80, output="mel", mode="window", window_frames=frames), axis=1
+        )
+        assert mel.shape == offline.shape and np.isfinite(mel).all()
+        dev = float(np.abs(mel - offline).max())
+        report.append((chunks, dev))
+    with capsys.disabled():
+        print("\nwindow mode: max |mel - chunk-causal offline| by window (chunks):",
+              ", ".join(f"{c}: {d:.3g}" for c, d in report))
+    # Dropping context changes the output, and the change shrinks as the window grows.
+    assert report[0][1] > MEL_TOL
+    assert report[-1][1] <= report[0][1]
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "exponential"])
+def test_cached_audio_equals_offline_chunk_causal_audio(tmp_dir, schedule):
+    pytest.importorskip("token2wav.models.hift")
+    engine = tiny_engine(tmp_dir)
+    prompt = random_prompt(engine, 7)
+    tokens = random_tokens(engine, 45)
+    offline = engine.synthesize(tokens, prompt, attention="chunk")
+    for push in (1, 7):
+        outs = run_stream(engine, prompt, tokens, push, schedule=schedule)
+        audio = np.concatenate(outs)
+        assert audio.shape == offline.shape
+        start = 0
+        for k, o in enumerate(outs):
+            diff = float(np.abs(o - offline[start : start + o.size]).max()) if o.size else 0.0
+            assert diff <= AUDIO_TOL, (push, k, diff)
+            start += o.size
