@@ -251,3 +251,34 @@ def test_cached_audio_equals_offline_chunk_causal_audio(tmp_dir, schedule):
             diff = float(np.abs(o - offline[start : start + o.size]).max()) if o.size else 0.0
             assert diff <= AUDIO_TOL, (push, k, diff)
             start += o.size
+
+
+def test_window_mode_is_exactly_windowed_attention(tmp_dir, monkeypatch):
+    """With one chunk per call, window mode equals an offline chunk-causal decode whose mask also hides
+    every key older than ``window_frames`` before the row's chunk, except the prompt's chunks: this checks
+    the cache trimming, the re-rotated keys and the absolute noise positions together."""
+    import token2wav.models.dit as dit
+    from token2wav.masks import fill_empty_rows, make_chunk_mask
+
+    engine = tiny_engine(tmp_dir, vocoder=False)
+    prompt = random_prompt(engine, 7)
+    tokens = random_tokens(engine, 60)
+    chunk = engine.chunk_tokens * engine.config.token_mel_ratio
+    head = -(-7 * engine.config.token_mel_ratio // chunk) * chunk
+    window = 2 * chunk
+    outs = run_stream(engine, prompt, tokens, 1, output="mel", mode="window", window_frames=window)
+    streamed = np.concatenate(outs, axis=1)
+
+    def windowed(valid, chunk_size, num_left_chunks=-1):
+        size = valid.shape[-1]
+        causal = make_chunk_mask(size, chunk_size, -1, device=valid.device)
+        recent = make_chunk_mask(size, chunk_size, window // chunk_size, device=valid.device)
+        in_head = torch.arange(size, device=valid.device).unsqueeze(0) < head
+        return fill_empty_rows(valid & (recent | (causal & in_head)).unsqueeze(0))
+
+    monkeypatch.setattr(dit, "add_chunk_mask", windowed)
+    reference = engine.synthesize(tokens, prompt, attention="chunk", output="mel")
+    monkeypatch.undo()
+    plain = engine.synthesize(tokens, prompt, attention="chunk", output="mel")
+    assert np.abs(streamed - reference).max() <= MEL_TOL
+    assert np.abs(streamed - plain).max() > MEL_TOL  # the window did drop context
