@@ -200,3 +200,27 @@ def _tensors(cache: CausalHiFTCache) -> list[torch.Tensor]:
     for v in cache.__dict__.values():
         walk(v)
     return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stream_equals_cuda_offline_and_reference(hift, fx):
+    model = build_vocoder(DATA / "cv3_config.yaml", device="cpu")
+    state = {k: v.float() for k, v in load_file(DATA / "cv3_hift_state.safetensors").items()}
+    model.load_state_dict(state, strict=True)
+    fold_weight_norm(model)
+    model.set_source_noise(7000)
+    model = model.to("cuda").eval()
+    mel = fx["stream_mel"].cuda()
+    offline = model.inference(mel)[0]
+    ref = torch.cat([fx[f"stream_step{k}"] for k in range(3)], dim=-1)
+    assert _maxdiff(offline.cpu(), ref) < TOL
+    assert _maxdiff(model.inference(fx["mel"].cuda())[0].cpu(), fx["speech_finalize"]) < TOL
+    for chunk in (1, 7, 50):
+        streamed, _ = _stream(model, mel, chunk)
+        assert _maxdiff(streamed, offline) < TOL, chunk
+    gen = torch.Generator().manual_seed(6)
+    long_mel = (torch.randn(1, 80, 1500, generator=gen) * 2 - 5).cuda()
+    offline = model.inference(long_mel)[0]
+    streamed, _ = _stream(model, long_mel, 50)
+    assert _maxdiff(streamed, offline) < TOL
+    assert _maxdiff(offline.cpu(), hift.inference(long_mel.cpu())[0]) < 1e-4

@@ -481,16 +481,18 @@ class SourceModuleHnNSF(nn.Module):
     def causal_frames(self, f0: Tensor, phase_sum: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """CosyVoice 3 source for consecutive F0 frames [B, n].
 
-        ``phase_sum`` [B, H] float64 is the running sum of increments before these frames (CPU float32
-        cumsum accumulates in float64 and rounds each output; continuing the float64 sum reproduces a scan
-        over the whole sequence bit for bit).  ``noise`` holds the fixed uniform rows [1, n*scale, H] for
-        these samples.  Returns the source [B, 1, n*scale] and the new running sum.
+        ``phase_sum`` [B, H] float64 (kept on the CPU) is the running sum of increments before these frames
+        (CPU float32 cumsum accumulates in float64 and rounds each output; continuing the float64 sum
+        reproduces a scan over the whole sequence bit for bit).  ``noise`` holds the fixed uniform rows
+        [1, n*scale, H] for these samples.  Returns the source [B, 1, n*scale] and the new running sum.
         """
         up = self.upsample_scale
-        inc = self._frame_increments(f0)
-        acc = torch.cumsum(torch.cat([phase_sum.unsqueeze(1), inc.to(torch.float64)], dim=1), dim=1)
-        cycles = acc[:, 1:].to(f0.dtype) * 2 * math.pi
-        sines = torch.sin(cycles * up) * self.sine_amp  # phase is constant over a frame (nearest up-sampling)
+        inc = self._frame_increments(f0.cpu())
+        # The scan runs on the CPU whatever the device: it is tiny (frames x harmonics), and a GPU scan would
+        # associate the sums differently from one chunk to the next.
+        acc = torch.cumsum(torch.cat([phase_sum.cpu().unsqueeze(1), inc.to(torch.float64)], dim=1), dim=1)
+        cycles = (acc[:, 1:].to(f0.dtype) * 2 * math.pi * up).to(f0.device)
+        sines = torch.sin(cycles) * self.sine_amp  # constant over a frame (nearest up-sampling)
         uv = (f0 > self.voiced_threshold).to(f0.dtype).unsqueeze(-1)  # [B, n, 1]
         sines = sines.repeat_interleave(up, dim=1)
         uv = uv.repeat_interleave(up, dim=1)
@@ -683,7 +685,7 @@ class CausalHiFTCache:
     mel_frames: int  # mel frames received so far
     f0_pending: Tensor  # float64 mel frames waiting for the F0 predictor's look-ahead
     f0_tails: tuple[Tensor, ...]  # left context of the F0 predictor's causal convs (float64)
-    phase_sum: Tensor  # [B, H] float64 running sum of per-frame phase increments
+    phase_sum: Tensor  # [B, H] float64 running sum of per-frame phase increments (always on the CPU)
     source_samples: int  # source samples made so far (= position in the fixed noise)
     stft_buf: Tensor  # source samples (padded coordinates) not yet consumed by the STFT
     stft_started: bool  # whether the leading reflect padding has been applied
@@ -845,7 +847,7 @@ class CausalHiFTGenerator(_HiFTBase):
             mel_frames=0,
             f0_pending=f0_pending,
             f0_tails=f0_tails,
-            phase_sum=torch.zeros(batch_size, self.nb_harmonics + 1, device=dev, dtype=torch.float64),
+            phase_sum=torch.zeros(batch_size, self.nb_harmonics + 1, dtype=torch.float64),  # CPU scan
             source_samples=0,
             stft_buf=torch.zeros(batch_size, 0, device=dev, dtype=dt),
             stft_started=False,
