@@ -249,9 +249,10 @@ class ConformerEncoderLayer(nn.Module):
         self.size = size
         self.normalize_before = normalize_before
 
-    def _residual(self, x: Tensor, norm: nn.LayerNorm, fn, scale: float = 1.0) -> Tensor:
-        y = fn(norm(x) if self.normalize_before else x)
-        x = x + scale * y if scale != 1.0 else x + y
+    def _pre(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        return norm(x) if self.normalize_before else x
+
+    def _post(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
         return x if self.normalize_before else norm(x)
 
     def forward(
@@ -264,17 +265,13 @@ class ConformerEncoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Returns ``(x, keys, values)``; keys/values include ``past_k/past_v`` (see the attention)."""
         if self.feed_forward_macaron is not None:
-            x = self._residual(x, self.norm_ff_macaron, self.feed_forward_macaron, self.ff_scale)
-        store: list[Tensor] = []
-
-        def attend(h: Tensor) -> Tensor:
-            out, k, v = self.self_attn(h, mask, pos_emb, past_k, past_v)
-            store.extend((k, v))
-            return out
-
-        x = self._residual(x, self.norm_mha, attend)
-        x = self._residual(x, self.norm_ff, self.feed_forward, self.ff_scale)
-        return x, store[0], store[1]
+            y = self.feed_forward_macaron(self._pre(x, self.norm_ff_macaron))
+            x = self._post(x + self.ff_scale * y, self.norm_ff_macaron)
+        y, keys, values = self.self_attn(self._pre(x, self.norm_mha), mask, pos_emb, past_k, past_v)
+        x = self._post(x + y, self.norm_mha)
+        y = self.feed_forward(self._pre(x, self.norm_ff))
+        x = self._post(x + self.ff_scale * y, self.norm_ff)
+        return x, keys, values
 
 
 # ----------------------------------------------------------------------------------------------------
