@@ -109,7 +109,7 @@ def test_info_json(capsys) -> None:
     assert info["presets"]["balanced"]["hop"] == 25
     assert cli.main(["info", MODEL]) == 0
     table = capsys.readouterr().out
-    assert "sample_rate" in table and "assistant:" in table
+    assert "sample_rate" in table and "parameters" in table and "assistant" in table
 
 
 def test_synth_offline_and_streamed_agree(token_file, tmp_path, capsys) -> None:
@@ -178,3 +178,48 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys, token_file) -> None:
     )
     assert code == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_serve_command_starts_and_answers(tmp_path) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:  # a free loopback port (tiny race with other processes, acceptable here)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "token2wav",
+        "serve",
+        "--model",
+        MODEL,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        health = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health is not None and health["status"] == "ok" and health["model"] == MODEL, proc.poll()
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/synthesize", json={"tokens": [1, 2, 3, 4], "format": "pcm"}
+        )
+        assert r.status_code == 200 and len(r.content) == 2 * 4 * 960
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)

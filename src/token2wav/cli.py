@@ -249,11 +249,18 @@ def _print_table(info: dict[str, Any], indent: str = "") -> None:
 def _info(args: argparse.Namespace) -> int:
     from token2wav.serve.protocol import describe_model
 
-    info = describe_model(load_engine(args.model, args.device, args.dtype), _model_name(args.model))
+    t2w = load_engine(args.model, args.device, args.dtype)
+    info = describe_model(t2w, _model_name(args.model))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
+        from token2wav.presets import describe_presets
+
+        params = info.pop("parameters")
+        info.pop("presets")
+        info["parameters"] = f"{params['total']:,} (flow {params['flow']:,}, vocoder {params['vocoder']:,})"
         _print_table(info)
+        print(describe_presets(t2w.config))
     return 0
 
 
@@ -277,6 +284,11 @@ def _info(args: argparse.Namespace) -> int:
         arg("--window-frames", type=int, help="attention window (target mel frames) for --mode window"),
         arg("--attention", choices=["full", "chunk"], help="offline attention (default: the engine's)"),
         arg("--json", action="store_true", help="print a JSON summary (latency, RTF, chunks)"),
+        arg(
+            "--warmup",
+            action="store_true",
+            help="decode a few tokens first so timings exclude one-time costs",
+        ),
         *_MODEL_ARGS,
     ],
 )
@@ -296,6 +308,8 @@ def _synth(args: argparse.Namespace) -> int:
         raise ValueError("--attention applies only without --stream (streaming is chunk-causal)")
     t2w = load_engine(args.model, args.device, args.dtype)
     prompt = _load_prompt(args.prompt)
+    if args.warmup:
+        _warm_up(t2w)
     sr = int(t2w.sample_rate)
     show = tokens.size >= 20 * float(t2w.token_rate)  # a bar only for inputs of 20 s of speech or more
     bar = tqdm(total=int(tokens.size), unit="tok", disable=None if show else True, file=sys.stderr)
@@ -367,6 +381,17 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm_up(t2w: Any) -> None:
+    """Run one short offline decode and one streamed chunk so the first client does not pay one-time costs."""
+    n = int(getattr(t2w, "chunk_tokens", 25)) + int(t2w.config.pre_lookahead_len)
+    t2w.synthesize([0] * n, attention="chunk")
+    session = t2w.stream()
+    try:
+        session.push([0] * n)
+    finally:
+        session.close()
+
+
 @subcommand(
     "serve",
     help="run the HTTP/WebSocket streaming server",
@@ -401,6 +426,12 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     t2w = load_engine(args.model, args.device, args.dtype)
+    t0 = time.perf_counter()
+    _warm_up(t2w)
+    print(
+        f"token2wav: model {args.model} loaded and warmed up ({time.perf_counter() - t0:.1f} s)",
+        file=sys.stderr,
+    )
     app = create_app(t2w, name=_model_name(args.model), limits=limits)
     print(
         f"token2wav: serving {args.model} on http://{args.host}:{args.port} "
