@@ -351,6 +351,9 @@ def test_chunked_body_over_limit_is_refused(server: dict[str, Any]) -> None:
 
 
 def test_max_sessions(server: dict[str, Any], engine: Any) -> None:
+    busy = 'token2wav_rejected_total{reason="busy"}'
+    before = _metrics(server["http"]).get(busy, 0.0)
+
     async def scenario() -> None:
         held = []
         try:
@@ -369,7 +372,7 @@ def test_max_sessions(server: dict[str, Any], engine: Any) -> None:
                 await ws.close()
 
     asyncio.run(scenario())
-    _wait_sessions_closed(server["http"])
+    assert _wait_sessions_closed(server["http"])[busy] - before == 2  # one stream, one synthesize
     _good_stream(server["ws"], _vocab(engine))
     assert _synth_pcm(server["http"], [1, 2, 3]).size > 0
 

@@ -98,8 +98,7 @@ class ServerState:
 
     def try_admit(self, kind: str) -> bool:
         if self.open_sessions >= self.limits.max_sessions:
-            self.metrics.rejected_total.inc(reason="busy")
-            return False
+            return False  # the caller reports (and counts) the refusal
         self.open_sessions += 1
         self.metrics.sessions_open.set(self.open_sessions)
         self.metrics.sessions_total.inc(kind=kind)
@@ -256,7 +255,7 @@ def create_app(
                 )
             prompt = state.lookup_prompt(req.prompt_id)
             if not state.try_admit("synthesize"):
-                return _error_response(state.busy_error())
+                raise state.busy_error()
         except P.ProtocolError as e:
             state.metrics.rejected_total.inc(reason=_reason(e))
             return _error_response(e)
