@@ -273,7 +273,15 @@ class Token2Wav:
         with self._quant_lock:
             if self._quantized is None:
                 clone = copy.deepcopy(self._flow).float()
-                quant = torch.ao.quantization.quantize_dynamic(clone, {nn.Linear}, dtype=torch.qint8)
+                # Linear layers whose `.weight` the models read for device/dtype stay float (they are tiny).
+                keep = {"spk_embed_affine_layer", "decoder.estimator.proj_out",
+                        "decoder.estimator.final_proj"}
+                qconfig = torch.ao.quantization.default_dynamic_qconfig
+                spec = {name: qconfig for name, mod in clone.named_modules()
+                        if isinstance(mod, nn.Linear) and name not in keep}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch marks eager-mode quantization as deprecated
+                    quant = torch.ao.quantization.quantize_dynamic(clone, spec, dtype=torch.qint8)
                 self._quantized = quant.eval()
             return self._quantized
 
