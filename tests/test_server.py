@@ -221,7 +221,7 @@ CONCURRENT_OPTS = [
     {"preset": "quality"},
     {"preset": "assistant"},
     {},
-    {"preset": "balanced", "hop": 50},
+    {"preset": "constrained"},
     {"hop": 25, "mode": "recompute"},
 ]
 
