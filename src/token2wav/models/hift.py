@@ -465,17 +465,19 @@ class SourceModuleHnNSF(nn.Module):
         b, t = f0.shape
         h, up = self.harmonic_num + 1, self.upsample_scale
         length = t * up
-        rand_ini = torch.rand(b, h, generator=generator, device=f0.device)
+        # draw where the generator lives (a CPU generator may serve a CUDA model), then move
+        dev = generator.device if generator is not None else f0.device
+        rand_ini = torch.rand(b, h, generator=generator, device=dev).to(f0.device)
         rand_ini[:, 0] = 0
         cycles = torch.cumsum(self._frame_increments(f0), dim=1) * 2 * math.pi
         phase = F.interpolate(cycles.transpose(1, 2) * up, scale_factor=float(up), mode="linear")  # [B, H, L]
         sines = torch.sin(phase) * self.sine_amp
         uv = (f0 > self.voiced_threshold).to(f0.dtype).repeat_interleave(up, dim=1).unsqueeze(1)  # [B, 1, L]
-        noise = torch.empty(b, h, length, device=f0.device, dtype=f0.dtype).transpose(1, 2)
+        noise = torch.empty(b, h, length, device=dev, dtype=f0.dtype).transpose(1, 2)
         noise.normal_(generator=generator)
-        mixed = sines * uv + self._noise_amp(uv) * noise.transpose(1, 2)
+        mixed = sines * uv + self._noise_amp(uv) * noise.transpose(1, 2).to(f0.device)
         merged = torch.tanh(self.l_linear(mixed.transpose(1, 2)))  # [B, L, 1]
-        torch.empty(b, length, 1, device=f0.device, dtype=f0.dtype).normal_(generator=generator)
+        torch.empty(b, length, 1, device=dev, dtype=f0.dtype).normal_(generator=generator)
         return merged.transpose(1, 2), rand_ini
 
     def causal_frames(self, f0: Tensor, phase_sum: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
