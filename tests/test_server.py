@@ -281,6 +281,8 @@ BAD_STREAMS = [
         1009,
         "max_tokens_per_session",
     ),
+    # far over the limit: refused by the WebSocket layer itself before the app sees it
+    ("frame-over-protocol-cap", [{"type": "start"}, "x" * 100_000], 1009, None),
     (
         "after-end",
         [

@@ -460,6 +460,9 @@ def _serve(args: argparse.Namespace) -> int:
     ],
 )
 def _client(args: argparse.Namespace) -> int:
+    import httpx
+    from websockets.exceptions import WebSocketException
+
     from token2wav.serve.client import StreamError, register_prompt, stream_tokens_sync
     from token2wav.tokens_io import load_prompt_npz, read_tokens
 
@@ -483,7 +486,7 @@ def _client(args: argparse.Namespace) -> int:
             mode=args.mode,
             window_frames=args.window_frames,
         )
-    except (StreamError, OSError) as e:
+    except (StreamError, OSError, WebSocketException, httpx.HTTPError) as e:
         print(f"token2wav client: error: {e}", file=sys.stderr)
         return 1
     if args.out:
