@@ -108,9 +108,9 @@ class CausalConditionalCFM(nn.Module):
         if table is None:
             table = fixed_noise().to(device=device, dtype=dtype)
             self._noise_copies[key] = table
-        idx = torch.arange(start, stop, device=device) % NOISE_FRAMES
         if stop <= NOISE_FRAMES:
             return table[:, :channels, start:stop]
+        idx = torch.arange(start, stop, device=device) % NOISE_FRAMES
         return table[:, :channels].index_select(2, idx)
 
     def time_span(self, n_timesteps: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -18,6 +18,12 @@ first hop ends on a chunk boundary (as the reference's ``token2wav`` does) and h
 final call (``finalize=True``) returns every remaining frame. Concatenated, the pieces equal
 ``inference(all tokens, streaming=True, finalize=True)`` (same chunk size), up to float rounding.
 
+Runtime lookahead: ``stream_step(..., lookahead=l)`` with ``l < pre_lookahead_len`` (CosyVoice 3 only) lets
+the frames of every chunk see target tokens at most ``l`` past the chunk's last token; later ones count as
+zeros (prompt tokens are always visible). The result does not depend on the hop schedule and equals
+``inference(all tokens, streaming=True, finalize=True, lookahead=l)``. With ``l = pre_lookahead_len`` (the
+default) nothing is hidden that the layer could see, which is the reference's behaviour.
+
 Prompt alignment: the prompt's mel must have exactly ``len(prompt_token) * token_mel_ratio`` frames. The
 reference front end guarantees this by trimming both to ``n = min(frames // ratio, tokens)`` (see
 ``align_prompt``); a mismatch here is an error instead of the reference's silent misalignment.
