@@ -252,6 +252,8 @@ BAD_STREAMS = [
     # (id, frames to send, close code, words in the error message)
     ("malformed-json", ['{"type": "start"'], 1008, "malformed JSON"),
     ("not-an-object", ["[1, 2]"], 1008, "JSON object"),
+    ("deep-nesting", ["[" * 10000 + "]" * 10000], 1008, "nested too deeply"),
+    ("huge-int-literal", ['{"type": "tokens", "tokens": [' + "9" * 5000 + "]}"], 1008, "malformed JSON"),
     ("unknown-type", [{"type": "hello"}], 1008, "unknown message type"),
     ("extra-field", [{"type": "start", "voice": "x"}], 1008, "unexpected field"),
     ("tokens-before-start", [{"type": "tokens", "tokens": [1]}], 1008, "before 'start'"),
@@ -314,6 +316,8 @@ def test_bad_stream_input(
 BAD_HTTP = [
     ("malformed-json", b'{"tokens": [1,', 400, "malformed JSON"),
     ("not-object", b"[1, 2]", 400, "JSON object"),
+    ("deep-nesting", b"[" * 10000 + b"]" * 10000, 400, "nested too deeply"),
+    ("not-utf8", b'{"tokens": [1]}\xff', 400, "malformed JSON"),
     ("no-tokens", b"{}", 400, "lacks the 'tokens'"),
     ("empty-tokens", b'{"tokens": []}', 400, "must not be empty"),
     ("out-of-range", b'{"tokens": [1, 100000]}', 400, "out of range"),

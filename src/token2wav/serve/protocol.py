@@ -138,9 +138,14 @@ class ServerLimits:
 def decode_json(raw: str | bytes, *, what: str = "message") -> Any:
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-        raise ProtocolError(f"malformed JSON in {what}: {msg}") from None
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"malformed JSON in {what}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ProtocolError(f"malformed JSON in {what}: not UTF-8") from None
+    except RecursionError:  # hostile nesting depth
+        raise ProtocolError(f"malformed JSON in {what}: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer literal with thousands of digits
+        raise ProtocolError(f"malformed JSON in {what}: {str(e)[:60]}") from None
 
 
 def _is_int(v: object) -> bool:
