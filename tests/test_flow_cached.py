@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from token2wav.models.cfm import CausalConditionalCFM
 from token2wav.models.conformer import UpsampleConformerEncoder
-from token2wav.models.dit import DiT
+from token2wav.models.dit import DiT, append_rows
 from token2wav.models.flow import CausalMaskedDiffWithDiT, CausalMaskedDiffWithXvec, FlowStreamState
 from token2wav.models.lookahead import PreLookaheadLayer
 from token2wav.models.unet import CausalConditionalDecoder
@@ -30,9 +30,7 @@ def build_flow(*, vocab=512, ratio=2, look=3, chunk=50, dim=64, depth=2, heads=4
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, ff_mult=2, mel_dim=80, mu_dim=80, spk_dim=80,
         out_channels=80, static_chunk_size=chunk, num_decoding_left_chunks=-1,
     )  # fmt: skip
-    cfm = CausalConditionalCFM(
-        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=estimator
-    )
+    cfm = CausalConditionalCFM(in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=estimator)
     return CausalMaskedDiffWithDiT(
         input_size=80, output_size=80, spk_embed_dim=192, vocab_size=vocab, input_frame_rate=25,
         token_mel_ratio=ratio, pre_lookahead_len=look,
@@ -42,9 +40,7 @@ def build_flow(*, vocab=512, ratio=2, look=3, chunk=50, dim=64, depth=2, heads=4
 
 def random_flow(ratio: int, look: int, chunk: int, seed: int) -> CausalMaskedDiffWithDiT:
     torch.manual_seed(seed)
-    flow = build_flow(
-        vocab=64, ratio=ratio, look=look, chunk=chunk, dim=32, depth=2, heads=2, dim_head=16, pla=32
-    )
+    flow = build_flow(vocab=64, ratio=ratio, look=look, chunk=chunk, dim=32, depth=2, heads=2, dim_head=16, pla=32)
     # default inits give near-constant outputs; widen the weights so mistakes show up as large differences
     with torch.no_grad():
         for p in flow.parameters():
@@ -180,9 +176,7 @@ def test_unpadded_first_hop_holds_back_partial_chunk():
     ratio, look, chunk = 2, 3, 50
     flow = random_flow(ratio, look, chunk, seed=1)
     token, prompt_token, prompt_feat, embedding = random_inputs(110, 13, ratio)
-    ref = flow.inference(
-        token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3
-    )
+    ref = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3)
     state = flow.stream_start(prompt_token, prompt_feat, embedding, n_timesteps=3)
     assert state.frames_done == 0
     # prompt 26 frames + 25 tokens = 76 frames: only the first chunk (50) is complete -> 24 target frames
@@ -214,6 +208,12 @@ def test_prompt_cache_is_shared_read_only():
         out_a.append(mel)
         mel, sb = flow.stream_step(sb, token_b[:, : n + look], finalize=False)
         out_b.append(mel)
+        if n == 25:
+            # the first session extends the prompt's key storage in place (rows past every existing view),
+            # the second finds those rows taken and copies
+            first = start.cache.steps[0].keys[0]
+            assert sa.cache.steps[0].keys[0].data_ptr() == first.data_ptr()
+            assert sb.cache.steps[0].keys[0].data_ptr() != first.data_ptr()
     for seq, st, out in ((token_a, sa, out_a), (token_b, sb, out_b)):
         out.append(flow.stream_step(st, seq, finalize=True)[0])
 
@@ -227,9 +227,7 @@ def test_prompt_cache_is_shared_read_only():
     again.append(flow.stream_step(sc, token_a, finalize=True)[0])
     assert all(torch.equal(x, y) for x, y in zip(out_a, again, strict=True))
     for seq, out in ((token_a, out_a), (token_b, out_b)):
-        ref = flow.inference(
-            seq, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3
-        )
+        ref = flow.inference(seq, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3)
         assert_pieces_match(out, ref)
     # an old state stays valid: stepping it again gives the same result as the first time
     mel, _ = flow.stream_step(start, token_a[:, : 25 + look], finalize=False)
@@ -281,16 +279,12 @@ def test_runtime_lookahead_shorter_than_trained(lookahead):
     start = flow.stream_start(prompt_token, prompt_feat, embedding, n_timesteps=3)
     # first call: the reference-style non-final call with `lookahead` context tokens
     mel, _ = flow.stream_step(start, token[:, : 25 + lookahead], finalize=False, lookahead=lookahead)
-    ref = flow.inference(
-        token[:, : 25 + lookahead], prompt_token, prompt_feat, embedding, finalize=False, **kw
-    )
+    ref = flow.inference(token[:, : 25 + lookahead], prompt_token, prompt_feat, embedding, finalize=False, **kw)
     assert mel.shape == ref.shape == (1, 80, 50)
     assert (mel - ref).abs().max().item() <= TOL
     # whole streams: every chunk sees `lookahead` tokens past its end, whatever the hop schedule
     ref = flow.inference(token, prompt_token, prompt_feat, embedding, finalize=True, **kw)
-    full = flow.inference(
-        token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3
-    )
+    full = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3)
     assert (ref - full).abs().max().item() > 1e-3  # shorter lookahead really changes the result
     for schedule in ("fixed", "exponential"):
         pieces, _ = run_stream(flow, start, token, lookahead, schedule, 0, lookahead=lookahead)
@@ -331,9 +325,7 @@ def test_empty_prompt_and_single_call():
     token, _, _, embedding = random_inputs(40, 0, 3)
     prompt_token = torch.zeros(1, 0, dtype=torch.long)
     prompt_feat = torch.zeros(1, 0, 80)
-    ref = flow.inference(
-        token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=2
-    )
+    ref = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=2)
     state = flow.stream_start(prompt_token, prompt_feat, embedding, n_timesteps=2)
     mel, _ = flow.stream_step(state, token, finalize=True)
     assert_pieces_match([mel], ref)
@@ -354,9 +346,7 @@ def build_cv2_flow() -> CausalMaskedDiffWithXvec:
         in_channels=320, out_channels=80, channels=[64], dropout=0.0, attention_head_dim=16, n_blocks=1,
         num_mid_blocks=2, num_heads=4, act_fn="gelu", static_chunk_size=50, num_decoding_left_chunks=-1,
     )  # fmt: skip
-    cfm = CausalConditionalCFM(
-        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=estimator
-    )
+    cfm = CausalConditionalCFM(in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=estimator)
     flow = CausalMaskedDiffWithXvec(
         input_size=512, output_size=80, spk_embed_dim=192, output_type="mel", vocab_size=64,
         input_frame_rate=25, only_mask_loss=True, token_mel_ratio=2, pre_lookahead_len=3, encoder=encoder,
@@ -383,3 +373,20 @@ def test_cv2_cached_equals_offline(n_prompt, schedule):
         assert (torch.cat(pieces, dim=2) - fx2["offline_stream"]).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="lookahead"):
         flow.stream_step(start, token[:, :28], finalize=False, lookahead=2)
+
+
+def test_append_rows_never_changes_existing_views():
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(1, 2, n, 4, generator=g) for n in (3, 2, 5))
+    view1, store = append_rows(torch.zeros(1, 2, 0, 4), a, None)
+    assert torch.equal(view1, a)
+    view2, store2 = append_rows(view1, b, store)  # room left and nobody else appended: in place
+    assert store2 is store and view2.data_ptr() == view1.data_ptr()
+    assert torch.equal(view2, torch.cat([a, b], dim=2)) and torch.equal(view1, a)
+    view3, store3 = append_rows(view1, c, store)  # rows past view1 are taken: copy
+    assert store3 is not store
+    assert torch.equal(view3, torch.cat([a, c], dim=2))
+    assert torch.equal(view2, torch.cat([a, b], dim=2)) and torch.equal(view1, a)
+    view4, _ = append_rows(view3.clone(), b, store3)  # not a view of the store: copy
+    assert view4.data_ptr() != view3.data_ptr()
+    assert torch.equal(view4, torch.cat([a, c, b], dim=2))

@@ -12,7 +12,8 @@ Two entry points share every layer:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,62 @@ from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
 
-__all__ = ["DiT", "DiTCache"]
+__all__ = ["DiT", "DiTCache", "RowStore", "append_rows"]
 
 _LN_EPS = 1e-6
+
+
+class RowStore:
+    """Growable storage ``[B, H, capacity, D]`` behind cached key/value views.
+
+    Rows ``[0, length)`` are written once and never changed again. A cache holds the view
+    ``data[:, :, :offset]``; extending it writes rows ``[offset, offset + n)`` in place, which is allowed only
+    while nobody has written past ``offset`` (``length == offset``). Every existing view keeps seeing exactly
+    what it saw, so caches stay immutable in effect, and a cache shared by many sessions (a voice prompt's)
+    is extended in place by at most one of them; the others copy.
+    """
+
+    __slots__ = ("data", "length", "lock")
+
+    def __init__(self, data: Tensor, length: int) -> None:
+        self.data = data
+        self.length = length
+        self.lock = threading.Lock()
+
+    def owns(self, view: Tensor) -> bool:
+        """Whether ``view`` is this store's prefix of ``view.shape[2]`` rows."""
+        data = self.data
+        return (
+            view.data_ptr() == data.data_ptr()
+            and view.shape[:2] == data.shape[:2]
+            and view.stride() == data.stride()
+            and view.device == data.device
+            and view.dtype == data.dtype
+        )
+
+
+def append_rows(past: Tensor, new: Tensor, store: RowStore | None) -> tuple[Tensor, RowStore]:
+    """``cat([past, new], dim=2)`` without copying ``past`` when ``store`` holds it with room to spare.
+
+    Returns the joined view and the store behind it. Falls back to a fresh store (one copy of ``past``)
+    when ``past`` is not a view of ``store``, when another cache already extended that store beyond
+    ``past``, or when it is full; capacity grows by half so the copies add up to O(total rows).
+    """
+    n_past, n_new = past.shape[2], new.shape[2]
+    total = n_past + n_new
+    if store is not None and n_past > 0 and store.owns(past):
+        with store.lock:
+            if store.length == n_past and store.data.shape[2] >= total:
+                store.data[:, :, n_past:total] = new
+                store.length = total
+                return store.data[:, :, :total], store
+    batch, heads, _, width = new.shape
+    capacity = total + max(total // 2, 2 * n_new)
+    data = new.new_empty(batch, heads, capacity, width)
+    data[:, :, :n_past] = past
+    data[:, :, n_past:total] = new
+    fresh = RowStore(data, total)
+    return data[:, :, :total], fresh
 
 
 @dataclass(frozen=True)
@@ -32,8 +86,9 @@ class DiTCache:
     keys/values: per transformer block, ``[B, heads, offset, dim_head]``; keys already carry the rotary
     rotation of their absolute positions. pos_tail1/pos_tail2: ``[B, dim, kernel - 1]``, the last inputs of
     the two causal position convolutions (zeros before position 0, like the reference's left padding).
-    Treated as immutable: ``forward_chunk`` builds new tensors and never writes into these, so one cache
-    (e.g. a voice prompt's) can back many sessions at once.
+    Immutable in effect: ``forward_chunk`` never changes what these tensors show, so one cache (e.g. a voice
+    prompt's) can back many sessions at once. stores: per block, the ``RowStore`` behind keys and values
+    (``()`` when unknown); it only lets the next chunk append without copying the earlier rows.
     """
 
     offset: int
@@ -41,6 +96,7 @@ class DiTCache:
     values: tuple[Tensor, ...]
     pos_tail1: Tensor
     pos_tail2: Tensor
+    stores: tuple[tuple[RowStore | None, RowStore | None], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -198,25 +254,28 @@ class Attention(nn.Module):
         mask: Tensor,
         cos: Tensor,
         sin: Tensor,
-        past_k: Tensor | None = None,
-        past_v: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
         """x ``[B, T, dim]`` (new frames); mask bool, broadcastable to ``[B, heads, T, past + T]``.
 
-        Returns the projected output and the full keys/values ``[B, heads, past + T, dim_head]``.
+        past: cached keys, values ``[B, heads, past, dim_head]`` and their stores, or None.
+        Returns the projected output, the full keys/values ``[B, heads, past + T, dim_head]`` and their stores.
         """
         batch, length, _ = x.shape
         q = _apply_rotary(self.to_q(x), cos, sin)
         k = _apply_rotary(self.to_k(x), cos, sin)
         v = self.to_v(x)
         q, k, v = (z.view(batch, length, self.heads, self.dim_head).transpose(1, 2) for z in (q, k, v))
-        if past_k is not None and past_k.shape[2] > 0:
-            k = torch.cat([past_k, k], dim=2)
-            v = torch.cat([past_v, v], dim=2)
+        stores: tuple[RowStore | None, RowStore | None] = (None, None)
+        if past is not None:
+            past_k, past_v, k_store, v_store = past
+            k, k_store = append_rows(past_k, k, k_store)
+            v, v_store = append_rows(past_v, v, v_store)
+            stores = (k_store, v_store)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head)
         out = self.to_out[1](self.to_out[0](out))
-        return out, k, v
+        return out, k, v, stores
 
 
 class DiTBlock(nn.Module):
@@ -235,18 +294,17 @@ class DiTBlock(nn.Module):
         row_valid: Tensor | None,
         cos: Tensor,
         sin: Tensor,
-        past_k: Tensor | None = None,
-        past_v: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
         normed, gate_a, shift_f, scale_f, gate_f = self.attn_norm(x, t)
-        attn, k, v = self.attn(normed, mask, cos, sin, past_k, past_v)
+        attn, k, v, stores = self.attn(normed, mask, cos, sin, past)
         if row_valid is not None:
             # padded query rows attend to something arbitrary; zero them like the reference
             attn = attn.masked_fill(~row_valid.unsqueeze(-1), 0.0)
         x = x + gate_a.unsqueeze(1) * attn
         ff_in = self.ff_norm(x) * (1 + scale_f[:, None]) + shift_f[:, None]
         x = x + gate_f.unsqueeze(1) * self.ff(ff_in)
-        return x, k, v
+        return x, k, v, stores
 
 
 class DiT(nn.Module):
@@ -316,21 +374,30 @@ class DiT(nn.Module):
         row_valid: Tensor | None,
         offset: int,
         cache: DiTCache | None,
-    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    ) -> tuple[Tensor, DiTCache | None]:
+        """Blocks and output head; with a cache, also the cache's keys/values extended by these frames."""
         angles = self.rotary_embed.angles(offset, h.shape[1])
         cos, sin = angles.cos(), angles.sin()
         residual = h
-        keys, values = [], []
+        keys, values, stores = [], [], []
         for i, block in enumerate(self.transformer_blocks):
-            past_k = cache.keys[i] if cache is not None else None
-            past_v = cache.values[i] if cache is not None else None
-            h, k, v = block(h, temb, mask, row_valid, cos, sin, past_k, past_v)
+            past = None
+            if cache is not None:
+                k_store, v_store = cache.stores[i] if cache.stores else (None, None)
+                past = (cache.keys[i], cache.values[i], k_store, v_store)
+            h, k, v, layer_stores = block(h, temb, mask, row_valid, cos, sin, past)
             keys.append(k)
             values.append(v)
+            stores.append(layer_stores)
         if self.long_skip_connection is not None:
             h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
         h = self.norm_out(h, temb)
-        return self.proj_out(h).transpose(1, 2), keys, values
+        out = self.proj_out(h).transpose(1, 2)
+        if cache is None:
+            return out, None
+        new = DiTCache(offset + residual.shape[1], tuple(keys), tuple(values), cache.pos_tail1, cache.pos_tail2,
+                       tuple(stores))  # fmt: skip
+        return out, new
 
     # ------------------------------------------------------------------ API
     def empty_cache(
@@ -380,7 +447,7 @@ class DiT(nn.Module):
         if attn_mask.shape[1] == 1:
             attn_mask = attn_mask.expand(batch, length, length)
         row_valid = valid[:, 0, :]
-        out, _, _ = self._trunk(h, temb, attn_mask.unsqueeze(1), row_valid, 0, None)
+        out, _ = self._trunk(h, temb, attn_mask.unsqueeze(1), row_valid, 0, None)
         return out
 
     def forward_chunk(
@@ -419,6 +486,5 @@ class DiT(nn.Module):
         )
         chunk = self._chunk(chunk_size)
         mask = make_chunk_mask(length, chunk, -1, offset=cache.offset, device=x.device)
-        out, keys, values = self._trunk(h, temb, mask, None, cache.offset, cache)
-        new_cache = DiTCache(cache.offset + length, tuple(keys), tuple(values), tail1, tail2)
-        return out, new_cache
+        out, extended = self._trunk(h, temb, mask, None, cache.offset, cache)
+        return out, replace(extended, pos_tail1=tail1, pos_tail2=tail2)
