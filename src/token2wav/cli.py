@@ -317,11 +317,7 @@ def _synth(args: argparse.Namespace) -> int:
     chunks = 0
     t0 = time.perf_counter()
     if args.stream:
-        opts = {
-            k: getattr(args, k)
-            for k in ("preset", "hop", "mode", "window_frames")
-            if getattr(args, k) is not None
-        }
+        opts = {k: getattr(args, k) for k in ("preset", "hop", "mode", "window_frames") if getattr(args, k) is not None}
         session = t2w.stream(prompt=prompt, **opts)
         pieces = []
         try:
@@ -329,9 +325,7 @@ def _synth(args: argparse.Namespace) -> int:
             for i in range(tokens.size):  # one token per push, the way an LLM emits them
                 for c in session.push(tokens[i : i + 1]):
                     if len(c):
-                        first_latency = (
-                            first_latency if first_latency is not None else time.perf_counter() - t0
-                        )
+                        first_latency = first_latency if first_latency is not None else time.perf_counter() - t0
                         pieces.append(c)
                         chunks += 1
                 bar.update(1)
@@ -401,12 +395,11 @@ def _warm_up(t2w: Any) -> None:
         arg("--port", type=int, default=50000, help="port (default: 50000)"),
         arg("--max-sessions", type=int, default=16, help="open streams + synthesize requests at once"),
         arg("--max-tokens", type=int, default=25 * 600, help="tokens one session may send"),
-        arg(
-            "--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / request body"
-        ),
+        arg("--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / request body"),
         arg("--max-prompt-bytes", type=int, default=16 << 20, help="largest /v1/prompts request body"),
         arg("--idle-timeout", type=float, default=30.0, help="seconds a stream may stay silent"),
         arg("--workers", type=int, default=4, help="threads running model work"),
+        arg("--threads", type=int, help="torch intra-op threads (default: torch's choice)"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
         *_MODEL_ARGS,
     ],
@@ -425,6 +418,12 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         workers=args.workers,
     )
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     t2w = load_engine(args.model, args.device, args.dtype)
     t0 = time.perf_counter()
     _warm_up(t2w)
