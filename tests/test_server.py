@@ -294,6 +294,7 @@ BAD_STREAMS = [
 
 @pytest.mark.parametrize("frames, code, words", [b[1:] for b in BAD_STREAMS], ids=[b[0] for b in BAD_STREAMS])
 def test_bad_stream_input(server: dict[str, Any], engine: Any, frames: list[Any], code: int, words: str | None) -> None:
+    errors_before = _metrics(server["http"])["token2wav_internal_errors_total"]
     out = asyncio.run(_exchange(server["ws"], frames))
     assert out["code"] == code, out
     if words is not None:
@@ -302,6 +303,7 @@ def test_bad_stream_input(server: dict[str, Any], engine: Any, frames: list[Any]
         assert errors[0]["code"] == code
         assert words.split()[0].strip("'") in out["reason"] or len(out["reason"]) > 100
     _good_stream(server["ws"], _vocab(engine))  # the server is still fine
+    assert _metrics(server["http"])["token2wav_internal_errors_total"] == errors_before
 
 
 BAD_HTTP = [
@@ -409,6 +411,7 @@ def test_aborted_streams_free_their_sessions(server: dict[str, Any], engine: Any
     assert after["token2wav_sessions_open"] == 0
     assert after['token2wav_sessions_total{kind="stream"}'] - before['token2wav_sessions_total{kind="stream"}'] == 50
     assert after["token2wav_disconnects_total"] - before["token2wav_disconnects_total"] == 50
+    assert after["token2wav_internal_errors_total"] == before["token2wav_internal_errors_total"]
     _good_stream(server["ws"], vocab)
 
 

@@ -39,16 +39,12 @@ _COMPUTE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 class _Metrics:
     def __init__(self) -> None:
         r = self.registry = Registry()
-        self.sessions_open = r.gauge(
-            "token2wav_sessions_open", "Streams and synthesize requests in progress."
-        )
+        self.sessions_open = r.gauge("token2wav_sessions_open", "Streams and synthesize requests in progress.")
         self.sessions_total = r.counter("token2wav_sessions_total", "Sessions admitted.", ["kind"])
         self.rejected_total = r.counter(
             "token2wav_rejected_total", "Requests refused or ended by a limit or a client error.", ["reason"]
         )
-        self.disconnects_total = r.counter(
-            "token2wav_disconnects_total", "Streams the client left before done."
-        )
+        self.disconnects_total = r.counter("token2wav_disconnects_total", "Streams the client left before done.")
         self.errors_total = r.counter("token2wav_internal_errors_total", "Requests failed by a server error.")
         self.tokens_total = r.counter("token2wav_tokens_total", "Speech tokens received.")
         self.chunks_total = r.counter("token2wav_chunks_total", "Audio chunks sent on streams.")
@@ -67,9 +63,7 @@ class _Metrics:
         )
         self.prompts = r.gauge("token2wav_prompts_registered", "Prompts held in the prompt registry.")
         # read from the engine's prompt cache when /metrics is scraped
-        self.cache_hits = r.gauge(
-            "token2wav_prompt_cache_hits", "Sessions that reused a cached prompt state."
-        )
+        self.cache_hits = r.gauge("token2wav_prompt_cache_hits", "Sessions that reused a cached prompt state.")
         self.cache_misses = r.gauge("token2wav_prompt_cache_misses", "Prompt states computed.")
         self.cache_entries = r.gauge("token2wav_prompt_cache_entries", "Prompt states held by the engine.")
 
@@ -148,9 +142,7 @@ def _error_response(err: P.ProtocolError) -> JSONResponse:
 async def _read_body(request: Request, limit: int, limit_name: str = "max_message_bytes") -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise P.ProtocolError(
-            f"request body of {declared} bytes exceeds {limit_name}={limit}", ws_code=P.WS_TOO_BIG
-        )
+        raise P.ProtocolError(f"request body of {declared} bytes exceeds {limit_name}={limit}", ws_code=P.WS_TOO_BIG)
     chunks: list[bytes] = []
     size = 0
     async for part in request.stream():
@@ -238,16 +230,12 @@ def create_app(
         except P.ProtocolError as e:
             state.metrics.rejected_total.inc(reason=_reason(e))
             return _error_response(e)
-        return JSONResponse(
-            {"prompt_id": pid, "tokens": int(req.tokens.size), "mel_frames": int(req.mel.shape[0])}
-        )
+        return JSONResponse({"prompt_id": pid, "tokens": int(req.tokens.size), "mel_frames": int(req.mel.shape[0])})
 
     @app.post("/v1/synthesize")
     async def synthesize(request: Request) -> Response:
         try:
-            req = P.parse_synthesize_request(
-                await _read_body(request, limits.max_message_bytes), state.vocab_size
-            )
+            req = P.parse_synthesize_request(await _read_body(request, limits.max_message_bytes), state.vocab_size)
             if req.tokens.size > limits.max_tokens_per_session:
                 raise P.ProtocolError(
                     f"{req.tokens.size} tokens exceed max_tokens_per_session={limits.max_tokens_per_session}",
@@ -371,18 +359,14 @@ class _StreamHandler:
         try:
             msg = await asyncio.wait_for(self.ws.receive(), limits.idle_timeout_s)
         except asyncio.TimeoutError:
-            raise P.ProtocolError(
-                f"idle timeout: no message for {limits.idle_timeout_s:g} s", status=408
-            ) from None
+            raise P.ProtocolError(f"idle timeout: no message for {limits.idle_timeout_s:g} s", status=408) from None
         if msg["type"] == "websocket.disconnect":
             raise _Disconnected("client closed")
         text = msg.get("text")
         if text is None:
             raise P.ProtocolError("binary frames are not accepted: send JSON text messages")
         if len(text) > limits.max_message_bytes or len(text.encode("utf-8")) > limits.max_message_bytes:
-            raise P.ProtocolError(
-                f"message exceeds max_message_bytes={limits.max_message_bytes}", ws_code=P.WS_TOO_BIG
-            )
+            raise P.ProtocolError(f"message exceeds max_message_bytes={limits.max_message_bytes}", ws_code=P.WS_TOO_BIG)
         return text
 
     async def fail(self, err: P.ProtocolError) -> None:
@@ -390,9 +374,7 @@ class _StreamHandler:
         with contextlib.suppress(_Disconnected, Exception):
             await self._send_json(err.to_json())
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self.ws.close(err.ws_code, err.close_reason), self.state.limits.send_timeout_s
-            )
+            await asyncio.wait_for(self.ws.close(err.ws_code, err.close_reason), self.state.limits.send_timeout_s)
 
     # -- the protocol
     async def run(self) -> None:
@@ -400,7 +382,8 @@ class _StreamHandler:
             while not self.done:
                 raw = await self._receive_text()
                 await self._handle(P.parse_client_message(raw, self.state.vocab_size))
-            await asyncio.wait_for(self.ws.close(P.WS_NORMAL), self.state.limits.send_timeout_s)
+            with contextlib.suppress(Exception):  # a client gone right after 'done' is no error
+                await asyncio.wait_for(self.ws.close(P.WS_NORMAL), self.state.limits.send_timeout_s)
         except P.ProtocolError as e:
             await self.fail(e)
         except (_Disconnected, WebSocketDisconnect):
