@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -129,6 +130,12 @@ def test_batch_streams(hift):
     streamed, _ = _stream(hift, mel, 11)
     for b in range(2):
         assert _maxdiff(streamed[b:b + 1], hift.inference(mel[b:b + 1])[0]) < TOL
+
+
+def test_deepcopy(hift, fx):
+    twin = copy.deepcopy(hift)
+    mel = fx["stream_mel"][:, :, :20]
+    assert torch.equal(twin.inference(mel)[0], hift.inference(mel)[0])
 
 
 def test_errors(hift, fx):

@@ -763,6 +763,17 @@ class CausalHiFTGenerator(_HiFTBase):
         self._rand_ini: Tensor | None = None
         self._noise_lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # locks cannot be pickled or deep-copied; the noise tables are rebuilt lazily from the spec
+        state = self.__dict__.copy()
+        state["_noise_lock"] = None
+        state["_noise_tables"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._noise_lock = threading.Lock()
+
     # ------------------------------------------------------------------ fixed noise
     def set_source_noise(self, seed: int, length: int | None = None) -> None:
         """Fixed noise from dedicated generators: initial phases from ``seed`` (column 0 zeroed), sine
