@@ -104,10 +104,16 @@ def _pcm(audio: np.ndarray) -> np.ndarray:
     return np.frombuffer(pcm16_bytes(audio), dtype="<i2")
 
 
-def _assert_pcm_close(got: np.ndarray, want: np.ndarray) -> None:
-    # int16 rounding of float audio that matches to ~1e-6 can flip by one step
+def _assert_pcm_close(got: np.ndarray, want: np.ndarray, steps: int = 2) -> None:
+    """Equal up to ``steps`` int16 steps (1 step = 3.1e-5).
+
+    Streamed and offline chunk-causal mel agree to ~1e-6, but the vocoder integrates F0 into a phase, which
+    turns that into audio differences that grow with length: measured 1.9e-5 (0.6 step) at 90 tokens, 1.3e-4
+    at 250 on the tiny model. The tests stay at <= 70 tokens; identical computations (a session vs the same
+    session run alone) are held to one step, the int16 rounding flip.
+    """
     assert got.shape == want.shape, (got.shape, want.shape)
-    assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max(initial=0) <= 1
+    assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max(initial=0) <= steps
 
 
 def _metrics(base: str) -> dict[str, float]:
@@ -237,7 +243,7 @@ def test_concurrent_sessions_match_single(server: dict[str, Any], engine: Any) -
     results = asyncio.run(all_at_once())
     assert time.perf_counter() - t0 < TIMEOUT
     for res, want in zip(results, single):
-        _assert_pcm_close(np.frombuffer(res.pcm, "<i2"), want)
+        _assert_pcm_close(np.frombuffer(res.pcm, "<i2"), want, steps=1)
     assert _metrics(server["http"])["token2wav_sessions_open"] == 0
 
 
