@@ -25,8 +25,8 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:
-    # int16 rounding of audio equal to ~1e-6 may differ by one step
-    return a.shape == b.shape and int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max(initial=0)) <= 1
+    # streamed vs offline chunk-causal audio: float rounding, amplified by the vocoder's phase (see test_server)
+    return a.shape == b.shape and int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max(initial=0)) <= 2
 
 
 @pytest.fixture(scope="module")
