@@ -30,6 +30,22 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @pytest.fixture(scope="module")
+def shared_engine():
+    return cli.load_engine(MODEL)
+
+
+@pytest.fixture(autouse=True)
+def _reuse_engine(monkeypatch, shared_engine):
+    # every command below would load the same bundled model again; one copy keeps the file fast
+    real = cli.load_engine
+
+    def load(model: str, device: str = "cpu", dtype: str = "float32"):
+        return shared_engine if (model, device, dtype) == (MODEL, "cpu", "float32") else real(model, device, dtype)
+
+    monkeypatch.setattr(cli, "load_engine", load)
+
+
+@pytest.fixture(scope="module")
 def token_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokens") / "tokens.json"
     path.write_text(json.dumps(np.random.default_rng(5).integers(0, 512, 60).tolist()))
@@ -87,9 +103,7 @@ def test_module_command_is_discovered_without_import(tmp_path, monkeypatch, caps
 
 
 def test_python_dash_m_lists_builtin_commands() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "token2wav", "--help"], capture_output=True, text=True, timeout=120
-    )
+    r = subprocess.run([sys.executable, "-m", "token2wav", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for name in ("info", "synth", "serve", "client"):
         assert name in r.stdout
@@ -141,10 +155,7 @@ def test_synth_reads_llm_text_from_stdin_and_uses_a_prompt(tmp_path, monkeypatch
     prompt = tmp_path / "prompt.npz"
     np.savez(prompt, tokens=rng.integers(0, 512, 10), mel=rng.random((20, 80)), embedding=rng.random(192))
     out = tmp_path / "p.wav"
-    assert (
-        cli.main(["synth", "--model", MODEL, "--tokens", "-", "--out", str(out), "--prompt", str(prompt)])
-        == 0
-    )
+    assert cli.main(["synth", "--model", MODEL, "--tokens", "-", "--out", str(out), "--prompt", str(prompt)]) == 0
     assert "wrote" in capsys.readouterr().out
     audio, _ = _read_wav(out)
     assert audio.size == 30 * 960
@@ -164,9 +175,7 @@ def test_synth_reads_llm_text_from_stdin_and_uses_a_prompt(tmp_path, monkeypatch
 def test_synth_bad_input_is_one_clear_line(tmp_path, capsys, extra, tokens, words) -> None:
     path = tmp_path / "t.txt"
     path.write_text(tokens)
-    code = cli.main(
-        ["synth", "--model", MODEL, "--tokens", str(path), "--out", str(tmp_path / "x.wav"), *extra]
-    )
+    code = cli.main(["synth", "--model", MODEL, "--tokens", str(path), "--out", str(tmp_path / "x.wav"), *extra])
     assert code == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -212,9 +221,7 @@ def test_serve_command_starts_and_answers(tmp_path) -> None:
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert health is not None and health["status"] == "ok" and health["model"] == MODEL, proc.poll()
-        r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/synthesize", json={"tokens": [1, 2, 3, 4], "format": "pcm"}
-        )
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/synthesize", json={"tokens": [1, 2, 3, 4], "format": "pcm"})
         assert r.status_code == 200 and len(r.content) == 2 * 4 * 960
     finally:
         proc.terminate()
