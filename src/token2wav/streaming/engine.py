@@ -227,6 +227,7 @@ class Token2Wav:
         mel = prompt.mel
         n_tok, n_frames = tokens.shape[1], mel.shape[0]
         keep = min(n_frames // ratio, n_tok)
+        digest = prompt.digest
         if keep * ratio != n_frames or keep != n_tok:
             lost = max(n_tok - keep, (n_frames - keep * ratio) / ratio)
             if keep == 0 or lost > max(_TRIM_TOKENS, _TRIM_SHARE * max(n_tok, 1)):
@@ -242,11 +243,12 @@ class Token2Wav:
                 stacklevel=3,
             )
             tokens, mel = tokens[:, :keep], mel[: keep * ratio]
+            digest = tensor_digest(tokens, mel, prompt.embedding)
         return PreparedPrompt(
             tokens=tokens.to(self._device),
             feat=mel.unsqueeze(0).to(device=self._device, dtype=self._dtype),
             embedding=prompt.embedding.unsqueeze(0).to(device=self._device, dtype=self._dtype),
-            digest=tensor_digest(tokens, mel, prompt.embedding),
+            digest=digest,
         )
 
     def _prompt_state(self, flow: nn.Module, prompt: PreparedPrompt, **options: Any) -> Any:
@@ -466,6 +468,11 @@ class Token2Wav:
         window_fn = None
         if mode == "window":
             estimator = flow.decoder.estimator
+            if not hasattr(estimator, "rotary_embed"):
+                raise NotImplementedError(
+                    f"mode='window' trims the DiT's attention cache; {type(flow).__name__} has none "
+                    "(use mode='cached')"
+                )
             chunk_mel = chunk * int(cfg.token_mel_ratio)
             head = -(-prepared.feat.shape[1] // chunk_mel) * chunk_mel  # the prompt's chunks, always kept
 

@@ -215,5 +215,8 @@ def trim_flow_state(state: Any, *, head_frames: int, window_frames: int, estimat
             k = torch.cat((k[:, :, :head_frames], k[:, :, head_frames + excess :]), dim=2)
             keys.append(_rotate_positions(k, angles.to(k.device)))
             values.append(torch.cat((v[:, :, :head_frames], v[:, :, head_frames + excess :]), dim=2))
-        steps.append(replace(step, offset=kept - excess, keys=tuple(keys), values=tuple(values)))
+        fields = {"offset": kept - excess, "keys": tuple(keys), "values": tuple(values)}
+        if hasattr(step, "stores"):
+            fields["stores"] = ()  # fresh tensors: no growable storage behind them yet
+        steps.append(replace(step, **fields))
     return replace(state, cache=_SHIFTED(steps=tuple(steps), shift=shift + excess))
