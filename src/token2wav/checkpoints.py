@@ -97,15 +97,20 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
     model.load_state_dict(dict(state), strict=True)
 
 
-def fold_weight_norm(model: nn.Module) -> nn.Module:
-    """Replace weight-norm parametrizations by the plain weight they compute (inference needs only that)."""
+def fold_weight_norm(model: nn.Module) -> int:
+    """Replace weight-norm parametrizations by the plain weight they compute (inference needs only that).
+
+    A module flagged ``keep_weight_norm = True`` keeps its parametrization: the causal F0 predictor evaluates
+    g and v in float64, which a folded float32 weight cannot reproduce. Returns how many were folded."""
     from torch.nn.utils import parametrize
 
+    folded = 0
     for module in model.modules():
-        if parametrize.is_parametrized(module):
+        if parametrize.is_parametrized(module) and not getattr(module, "keep_weight_norm", False):
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    return model
+                folded += 1
+    return folded
 
 
 def find_weights_file(model_dir: Path, stems: tuple[str, ...]) -> Path:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
+from ..checkpoints import fold_weight_norm as _fold_weight_norm
+
 __all__ = [
     "CausalConvRNNF0Predictor",
     "CausalHiFTCache",
@@ -56,18 +58,9 @@ def _wn(module: nn.Module) -> nn.Module:
 
 
 def fold_weight_norm(module: nn.Module) -> int:
-    """Replace weight-norm parametrisations by plain weights (for inference, after loading).
-
-    Convs flagged with ``keep_weight_norm`` keep theirs: the causal F0 predictor evaluates its weights in
-    float64 from g and v, which a folded float32 weight cannot reproduce.  Returns how many were folded.
-    """
-    targets = [
-        m for m in module.modules()
-        if parametrize.is_parametrized(m, "weight") and not getattr(m, "keep_weight_norm", False)
-    ]
-    for m in targets:
-        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-    return len(targets)
+    """Fold weight norm for inference; see :func:`token2wav.checkpoints.fold_weight_norm` (which keeps the
+    parametrisation of convs flagged ``keep_weight_norm``). Returns how many were folded."""
+    return _fold_weight_norm(module)
 
 
 def _weight_in(conv: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -237,15 +230,6 @@ class ConvRNNF0Predictor(nn.Module):
         return self.classifier(h).squeeze(-1).abs()
 
 
-def _fingerprint(w: Tensor) -> tuple[float, float]:
-    w = w.to(torch.float64)
-    return float(w.abs().sum()), float(w.pow(2).sum())
-
-
-def _snapshot_f0_weights(module: nn.Module, incompatible_keys) -> None:
-    module.take_weight_snapshot()
-
-
 class CausalConvRNNF0Predictor(nn.Module):
     """Causal F0 predictor: a k=4 conv that looks 3 frames ahead, then four causal k=3 convs.
 
@@ -269,8 +253,6 @@ class CausalConvRNNF0Predictor(nn.Module):
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
         self._memo: tuple[tuple, list[tuple[Tensor, Tensor | None]]] | None = None
-        self._snapshot: list[tuple[Tensor, tuple[float, float]] | None] | None = None
-        self.register_load_state_dict_post_hook(_snapshot_f0_weights)
 
     @property
     def lookahead(self) -> int:
@@ -280,30 +262,11 @@ class CausalConvRNNF0Predictor(nn.Module):
     def _convs(self) -> list[nn.Module]:
         return [self.condnet[2 * i] for i in range(5)]
 
-    def take_weight_snapshot(self) -> None:
-        """Keep float64 weights evaluated from g and v, so folding weight norm later loses nothing.
-
-        Runs automatically after ``load_state_dict``.  A snapshot is only used while the folded weight
-        still matches it (same sums within 1 %), so weights changed afterwards are never shadowed.
-        """
-        snap = []
-        with torch.no_grad():
-            for conv in self._convs():
-                if parametrize.is_parametrized(conv, "weight"):
-                    w64 = _weight_in(conv, torch.float64).detach().cpu().clone()
-                    snap.append((w64, _fingerprint(w64)))
-                else:
-                    snap.append(None)
-        self._snapshot = snap
-
-    def _weight64(self, i: int, conv: nn.Module, device: torch.device) -> Tensor:
+    def _weight64(self, conv: nn.Module) -> Tensor:
+        # These convs keep their weight norm (keep_weight_norm), so g and v are evaluated in float64 as the
+        # reference does after casting the predictor; a folded float32 weight would lose the F0 tolerance.
         if parametrize.is_parametrized(conv, "weight"):
             return _weight_in(conv, torch.float64)
-        entry = self._snapshot[i] if self._snapshot is not None else None
-        if entry is not None and entry[0].shape == conv.weight.shape:
-            now = _fingerprint(conv.weight.detach())
-            if all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(now, entry[1])):
-                return entry[0].to(device)
         return conv.weight.to(torch.float64)
 
     def _params_in(self, dtype: torch.dtype) -> list[tuple[Tensor, Tensor | None]]:
@@ -316,8 +279,8 @@ class CausalConvRNNF0Predictor(nn.Module):
             return self._memo[1]
         with torch.no_grad():
             params = []
-            for i, c in enumerate(self._convs()):
-                w = self._weight64(i, c, c.bias.device) if dtype == torch.float64 else _weight_in(c, dtype)
+            for c in self._convs():
+                w = self._weight64(c) if dtype == torch.float64 else _weight_in(c, dtype)
                 params.append((w.to(dtype), c.bias.to(dtype)))
             params.append((self.classifier.weight.to(dtype), self.classifier.bias.to(dtype)))
         if dtype != self.classifier.weight.dtype:  # only memoise converted copies
