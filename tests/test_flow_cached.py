@@ -25,6 +25,15 @@ CFM_PARAMS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # these models are tiny: a second intra-op thread only adds spin-waiting on a busy 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build_flow(*, vocab=512, ratio=2, look=3, chunk=50, dim=64, depth=2, heads=4, dim_head=16, pla=64):
     estimator = DiT(
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, ff_mult=2, mel_dim=80, mu_dim=80, spk_dim=80,
@@ -357,7 +366,7 @@ def build_cv2_flow() -> CausalMaskedDiffWithXvec:
     return flow.eval()
 
 
-@pytest.mark.parametrize("n_prompt,schedule", [(50, "fixed"), (13, "exponential")])
+@pytest.mark.parametrize("n_prompt,schedule", [(50, "exponential"), (13, "fixed")])
 def test_cv2_cached_equals_offline(n_prompt, schedule):
     flow = build_cv2_flow()
     fx2 = load_file(DATA / "cv2_flow.safetensors")

@@ -27,6 +27,15 @@ CFM_PARAMS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # these models are tiny: a second intra-op thread only adds spin-waiting on a busy 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build_flow(
     *,
     vocab: int = 512,
@@ -44,9 +53,7 @@ def build_flow(
         dim=dim, depth=depth, heads=heads, dim_head=dim_head, ff_mult=2, mel_dim=80, mu_dim=80, spk_dim=80,
         out_channels=80, static_chunk_size=chunk, num_decoding_left_chunks=-1,
     )  # fmt: skip
-    cfm = CausalConditionalCFM(
-        in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=estimator
-    )
+    cfm = CausalConditionalCFM(in_channels=240, cfm_params=CFM_PARAMS, n_spks=1, spk_emb_dim=80, estimator=estimator)
     layer = PreLookaheadLayer(in_channels=80, channels=pla_channels, pre_lookahead_len=look)
     return CausalMaskedDiffWithDiT(
         input_size=80, output_size=80, spk_embed_dim=192, output_type="mel", vocab_size=vocab,
@@ -110,9 +117,7 @@ def test_stream_steps_growing_prefix(flow, fx, meta):
         i = step["i"]
         prefix = token[:, : i + chunk + look]
         assert prefix.shape[1] == step["prefix_len"]
-        out = flow.inference(
-            prefix, prompt_token, prompt_feat, embedding, streaming=True, finalize=step["finalize"]
-        )
+        out = flow.inference(prefix, prompt_token, prompt_feat, embedding, streaming=True, finalize=step["finalize"])
         out = out[:, :, ratio * i :]
         want = fx[f"stream_step{step['step']}"]
         assert out.shape == want.shape
@@ -123,12 +128,8 @@ def test_chunk_size_override_changes_attention(flow, fx):
     token, prompt_token, prompt_feat, embedding = _inputs(fx)
     token = token[:, :40]
     base = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True)
-    same = flow.inference(
-        token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, chunk_size=50
-    )
-    other = flow.inference(
-        token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, chunk_size=20
-    )
+    same = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, chunk_size=50)
+    other = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, chunk_size=20)
     assert torch.equal(base, same)
     assert (base - other).abs().max() > 1e-4
 
@@ -171,9 +172,7 @@ def test_input_errors(flow, fx):
     with pytest.raises(ValueError, match=r"embedding must have shape \[1, 192\]"):
         flow.inference(token, prompt_token, prompt_feat, embedding[:, :100], **kw)
     with pytest.raises(ValueError, match="lookahead"):
-        flow.inference(
-            token, prompt_token, prompt_feat, embedding, streaming=True, finalize=False, lookahead=4
-        )
+        flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=False, lookahead=4)
     with pytest.raises(ValueError, match="n_timesteps"):
         flow.inference(token, prompt_token, prompt_feat, embedding, n_timesteps=0, **kw)
 
@@ -189,21 +188,15 @@ def test_align_prompt():
 
 def test_ratio3_lookahead5_smoke():
     torch.manual_seed(3)
-    flow = build_flow(
-        vocab=100, ratio=3, look=5, chunk=24, dim=32, depth=1, heads=2, dim_head=16, pla_channels=32
-    )
+    flow = build_flow(vocab=100, ratio=3, look=5, chunk=24, dim=32, depth=1, heads=2, dim_head=16, pla_channels=32)
     g = torch.Generator().manual_seed(5)
     token = torch.randint(0, 100, (1, 17), generator=g)
     prompt_token = torch.randint(0, 100, (1, 7), generator=g)
     prompt_feat = torch.rand(1, 21, 80, generator=g)
     embedding = torch.rand(1, 192, generator=g)
-    fin = flow.inference(
-        token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3
-    )
+    fin = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=True, n_timesteps=3)
     assert fin.shape == (1, 80, 17 * 3) and torch.isfinite(fin).all()
-    part = flow.inference(
-        token, prompt_token, prompt_feat, embedding, streaming=True, finalize=False, n_timesteps=3
-    )
+    part = flow.inference(token, prompt_token, prompt_feat, embedding, streaming=True, finalize=False, n_timesteps=3)
     assert part.shape == (1, 80, (17 - 5) * 3)
     short = flow.inference(
         token,

@@ -30,9 +30,7 @@ def test_chunk_mask_matches_loop(size, chunk, left):
     assert torch.equal(make_chunk_mask(size, chunk, left), _chunk_mask_loop(size, chunk, left))
 
 
-@pytest.mark.parametrize(
-    "offset,size,chunk,left", [(4, 6, 4, -1), (6, 5, 4, -1), (3, 9, 2, 1), (10, 1, 5, -1)]
-)
+@pytest.mark.parametrize("offset,size,chunk,left", [(4, 6, 4, -1), (6, 5, 4, -1), (3, 9, 2, 1), (10, 1, 5, -1)])
 def test_chunk_mask_offset_rows_are_rows_of_full_mask(offset, size, chunk, left):
     full = make_chunk_mask(offset + size, chunk, left)
     part = make_chunk_mask(size, chunk, left, offset=offset)

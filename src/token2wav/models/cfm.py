@@ -95,9 +95,7 @@ class CausalConditionalCFM(nn.Module):
         self._noise_copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     # ------------------------------------------------------------------ noise / schedule
-    def noise(
-        self, start: int, stop: int, channels: int, *, device: torch.device, dtype: torch.dtype
-    ) -> Tensor:
+    def noise(self, start: int, stop: int, channels: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Fixed noise for absolute frames ``[start, stop)``: ``[1, channels, stop - start]``."""
         if channels > NOISE_CHANNELS:
             raise ValueError(f"the fixed noise has {NOISE_CHANNELS} channels, the model needs {channels}")
@@ -269,9 +267,7 @@ class CausalConditionalCFM(nn.Module):
             if spks is not None:
                 spks = spks * keep.view(-1, 1)
         if chunk_size is not None and chunk_size > 0:
-            pred = self.estimator(
-                y, mask, mu, t.view(batch), spks, cond, streaming=True, chunk_size=chunk_size
-            )
+            pred = self.estimator(y, mask, mu, t.view(batch), spks, cond, streaming=True, chunk_size=chunk_size)
         else:
             pred = self.estimator(y, mask, mu, t.view(batch), spks, cond, streaming=bool(streaming))
         loss = F.mse_loss(pred * mask, u * mask, reduction="sum") / (torch.sum(mask) * u.shape[1])

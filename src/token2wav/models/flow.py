@@ -43,9 +43,7 @@ from token2wav.models.cfm import CFMCache
 __all__ = ["CausalMaskedDiffWithDiT", "CausalMaskedDiffWithXvec", "FlowStreamState", "align_prompt"]
 
 
-def align_prompt(
-    prompt_token: Tensor, prompt_feat: Tensor, token_mel_ratio: int = 2
-) -> tuple[Tensor, Tensor]:
+def align_prompt(prompt_token: Tensor, prompt_feat: Tensor, token_mel_ratio: int = 2) -> tuple[Tensor, Tensor]:
     """Trim a prompt the way the reference front end does: both to ``n = min(frames // ratio, tokens)``
     tokens. prompt_token ``[1, N]``, prompt_feat ``[1, F, C]``."""
     n = min(prompt_feat.shape[1] // token_mel_ratio, prompt_token.shape[1])
@@ -152,9 +150,7 @@ class _FlowBase(nn.Module):
         if value.numel() > 0:
             low, high = int(value.min()), int(value.max())
             if low < 0 or high >= self.vocab_size:
-                raise ValueError(
-                    f"{name} ids must lie in [0, {self.vocab_size}), got values in [{low}, {high}]"
-                )
+                raise ValueError(f"{name} ids must lie in [0, {self.vocab_size}), got values in [{low}, {high}]")
         return value.to(device=self._device, dtype=torch.long)
 
     def _check_prompt(self, prompt_token: Any, prompt_feat: Any) -> tuple[Tensor, Tensor]:
@@ -482,9 +478,7 @@ class CausalMaskedDiffWithDiT(_FlowBase):
         skip = start - first * ratio
         return h[:, skip : skip + stop - start]
 
-    def _mu_frames(
-        self, all_tokens: Tensor, start: int, stop: int, look: int, n_prompt: int, chunk: int
-    ) -> Tensor:
+    def _mu_frames(self, all_tokens: Tensor, start: int, stop: int, look: int, n_prompt: int, chunk: int) -> Tensor:
         """``mu`` ``[1, C, stop - start]``. With ``look < pre_lookahead_len``: chunk by chunk, each chunk
         seeing target tokens up to ``look`` past its last token (prompt tokens always)."""
         if look >= self.pre_lookahead_len:
@@ -536,9 +530,7 @@ class CausalMaskedDiffWithXvec(_FlowBase):
             raise ValueError("encoder (an UpsampleConformerEncoder) is required")
         stride = getattr(encoder, "up_stride", token_mel_ratio)
         if stride != token_mel_ratio:
-            raise ValueError(
-                f"token_mel_ratio ({token_mel_ratio}) must equal the encoder's upsampling ({stride})"
-            )
+            raise ValueError(f"token_mel_ratio ({token_mel_ratio}) must equal the encoder's upsampling ({stride})")
         self.encoder = encoder
         self.encoder_proj = nn.Linear(encoder.output_size(), output_size)
         self.decoder = decoder
@@ -546,9 +538,7 @@ class CausalMaskedDiffWithXvec(_FlowBase):
     def _check_lookahead(self, lookahead: Any) -> int:
         # the CosyVoice 2 encoder only takes a full-length lookahead context
         if lookahead is not None and lookahead != self.pre_lookahead_len:
-            raise ValueError(
-                f"lookahead must be None or {self.pre_lookahead_len} for this flow, got {lookahead!r}"
-            )
+            raise ValueError(f"lookahead must be None or {self.pre_lookahead_len} for this flow, got {lookahead!r}")
         return self.pre_lookahead_len
 
     def _stream_chunk(self, chunk_size: Any) -> int:

@@ -31,9 +31,7 @@ class PreLookaheadLayer(nn.Module):
         """How many input frames left of a window ``forward(history=...)`` needs to be exact."""
         return self.conv2.kernel_size[0] - 1
 
-    def forward(
-        self, inputs: Tensor, context: Tensor | None = None, *, history: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, inputs: Tensor, context: Tensor | None = None, *, history: Tensor | None = None) -> Tensor:
         """Run the layer on ``inputs`` ``[B, T, C]``.
 
         context: the features of up to ``pre_lookahead_len`` frames that follow ``inputs`` (the lookahead
