@@ -325,3 +325,23 @@ def test_cv2_cached_mel_and_crossfaded_audio(capsys):
         print(f"\nCV2 cached audio vs offline chunk-causal audio: max |diff| {dev:.3g} "
               f"(|audio| max {np.abs(offline).max():.3g}; random source per call + cross-fades)")
     assert dev > AUDIO_TOL
+
+
+def test_hifigan_vocoder_streams_like_offline(tmp_dir):
+    """Our own format's HiFi-GAN vocoder (the demo voice) is streamed with its windowed vocode_stream."""
+    from token2wav.models.hifigan import HiFiGANGenerator
+
+    base = tiny_engine(tmp_dir, vocoder=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        gen = HiFiGANGenerator(upsample_rates=(8, 8, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4),
+                               upsample_initial_channel=32, sampling_rate=24000).eval()
+    engine = Token2Wav(base.flow, gen, base.config, n_timesteps=3)
+    assert engine.vocoder_kind == "hifigan"
+    prompt = random_prompt(engine, 7)
+    tokens = random_tokens(engine, 45)
+    offline = engine.synthesize(tokens, prompt, attention="chunk")
+    for push in (1, 7):
+        audio = np.concatenate(run_stream(engine, prompt, tokens, push, schedule="exponential"))
+        assert audio.shape == offline.shape
+        assert np.abs(audio - offline).max() <= AUDIO_TOL
