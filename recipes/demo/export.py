@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--vocoder-ckpt", type=Path, required=True)
     ap.add_argument("--prompts", type=Path, required=True, help="rendered training utterances")
     ap.add_argument("--heldout", type=Path, required=True)
-    ap.add_argument("--prompt-frames", type=int, default=260, help="preferred prompt length (mel frames)")
+    ap.add_argument("--prompt-frames", type=int, default=128, help="preferred prompt length (mel frames)")
     ap.add_argument("--demo-per-voice", type=int, default=10)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
