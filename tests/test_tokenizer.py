@@ -128,3 +128,24 @@ def test_shipped_speakers():
         assert entry["prompt_token"].shape == (1, n) and n > 50
         assert entry["prompt_feat"].shape == (1, 2 * n, 80)
         assert int(entry["prompt_token"].max()) < 2048
+
+
+@pytest.mark.skipif(not (DEMO / "tokenizer.safetensors").exists(), reason="demo assets not present")
+def test_tokenize_command(tmp_path):
+    import argparse
+    import json
+
+    import soundfile as sf
+
+    from token2wav import tokenizer
+
+    g = torch.Generator().manual_seed(2)
+    wave = 0.3 * torch.randn(24000, generator=g)
+    sf.write(str(tmp_path / "x.wav"), wave.numpy(), 24000)
+    parser = argparse.ArgumentParser()
+    tokenizer.add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "x.wav"), "-o", str(tmp_path / "t.json")])
+    assert tokenizer.main(args) == 0
+    tokens = json.loads((tmp_path / "t.json").read_text())
+    assert len(tokens) == 43  # 1 s -> 22050 samples -> 86 frames -> 43 tokens
+    assert tokens == KMeansTokenizer.from_file(DEMO / "tokenizer.safetensors")(wave, 24000)

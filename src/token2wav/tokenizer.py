@@ -1,4 +1,4 @@
-"""Speech tokenizer of the bundled demo voice: log-mel analysis, then nearest k-means centroid.
+"""Audio -> speech tokens of the demo voice (log-mel, then the nearest k-means centroid).
 
 A token stands for `stack` consecutive mel frames (token_mel_ratio). The analysis is the one the
 HiFi-GAN "universal" vocoder was trained with, so the same front end serves prompts, training targets
@@ -284,3 +284,36 @@ def load_speakers(path: str | Path) -> dict[str, dict[str, Tensor]]:
                 "prompt_feat": f.get_tensor(f"{name}.prompt_feat").float(),
             }
     return out
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+# `token2wav tokenize` (listed in token2wav.cli.COMMAND_MODULES): the module docstring's first line is its help.
+
+
+def add_arguments(parser) -> None:  # argparse.ArgumentParser
+    parser.add_argument("audio", help="audio file (any rate, mono or multi-channel; read with soundfile)")
+    parser.add_argument("--model", default="demo", help="bundled model name or model directory (default: demo)")
+    parser.add_argument("-o", "--output", default="-", help="where to write the tokens as JSON ('-' = stdout)")
+
+
+def main(args) -> int:
+    import json
+    import sys
+
+    import soundfile as sf
+
+    from token2wav.loading import resolve_model_dir
+
+    path = resolve_model_dir(args.model) / "tokenizer.safetensors"
+    if not path.is_file():
+        print(f"error: model '{args.model}' has no tokenizer ({path} missing)", file=sys.stderr)
+        return 2
+    wave, sample_rate = sf.read(args.audio, dtype="float32", always_2d=True)
+    tokens = KMeansTokenizer.from_file(path)(torch.from_numpy(wave.T.copy()), int(sample_rate))
+    text = json.dumps(tokens)
+    if args.output == "-":
+        print(text)
+    else:
+        Path(args.output).write_text(text + "\n")
+        print(f"{len(tokens)} tokens -> {args.output}", file=sys.stderr)
+    return 0
