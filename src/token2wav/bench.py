@@ -48,14 +48,14 @@ def mid_size(config: ModelConfig) -> ModelConfig:
     """The same architecture at a size that runs a 30 s stream in seconds on two CPU cores."""
     flow, vocoder = config.flow, config.vocoder
     if config.family == "cosyvoice3":
-        flow = _override(flow, ("decoder", "estimator"), dim=256, depth=6, heads=4, dim_head=64)
+        flow = _override(flow, ("decoder", "estimator"), dim=256, depth=4, heads=4, dim_head=64)
         flow = _override(flow, ("pre_lookahead_layer",), channels=256)
     else:
         flow = _override(flow, ("encoder",), num_blocks=2, linear_units=1024)
         flow = _override(flow, ("decoder", "estimator"), channels=[128], n_blocks=1, num_mid_blocks=2,
                          attention_head_dim=32, num_heads=4)
-    vocoder = _override(vocoder, (), base_channels=128)
-    vocoder = _override(vocoder, ("f0_predictor",), cond_channels=128)
+    vocoder = _override(vocoder, (), base_channels=64)
+    vocoder = _override(vocoder, ("f0_predictor",), cond_channels=64)
     return dataclasses.replace(config, flow=flow, vocoder=vocoder)
 
 
@@ -385,10 +385,10 @@ def run_bench(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None,
                         help="cv2, cv3 (random weights, real architecture), a model directory or a bundled name; "
-                             "repeatable (default: cv3 and cv2)")
-    parser.add_argument("--quick", action="store_true", help="mid-size architectures, 10 s and 30 s only")
+                             "repeatable (default: cv3 and cv2; --quick: cv3)")
+    parser.add_argument("--quick", action="store_true", help="mid-size CosyVoice 3 architecture, 10 s and 20 s (about 2 minutes on 2 cores)")
     parser.add_argument("--utterance", type=float, action="append", default=None,
-                        help="target length in seconds (repeatable; default 10 30 60, --quick 10 30)")
+                        help="target length in seconds (repeatable; default 10 30 60, --quick 10 20)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--sessions", type=int, default=1, help="also run up to N concurrent cached streams")
     parser.add_argument("--device", default="cpu")
@@ -409,9 +409,9 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    utterances = args.utterance or ([10.0, 30.0] if args.quick else [10.0, 30.0, 60.0])
-    report = run_bench(args.model or ["cv3", "cv2"], args.quick, utterances, modes, args.sessions, args.device,
-                       getattr(torch, args.dtype))
+    utterances = args.utterance or ([10.0, 20.0] if args.quick else [10.0, 30.0, 60.0])
+    models = args.model or (["cv3"] if args.quick else ["cv3", "cv2"])
+    report = run_bench(models, args.quick, utterances, modes, args.sessions, args.device, getattr(torch, args.dtype))
     for t in report["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"target [{'met' if t['met'] else 'NOT met'}] {t['model']} {t['utterance_s']:g}s {t['target']}: {value}")

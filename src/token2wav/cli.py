@@ -277,6 +277,7 @@ def _info(args: argparse.Namespace) -> int:
         ),
         arg("--out", required=True, metavar="OUT.wav", help="output WAV ('-' for stdout)"),
         arg("--prompt", metavar="PROMPT.npz", help="speaker prompt with arrays tokens, mel, embedding"),
+        arg("--speaker", help="a voice bundled with the model (e.g. slt, rms, awb for demo)"),
         arg("--stream", action="store_true", help="decode through a streaming session, token by token"),
         arg("--preset", help="streaming preset (see `token2wav info`)"),
         arg("--hop", type=int, help="streaming hop in tokens"),
@@ -307,7 +308,12 @@ def _synth(args: argparse.Namespace) -> int:
     elif args.attention is not None:
         raise ValueError("--attention applies only without --stream (streaming is chunk-causal)")
     t2w = load_engine(args.model, args.device, args.dtype)
-    prompt = _load_prompt(args.prompt)
+    if args.speaker is not None:
+        if args.prompt is not None:
+            raise ValueError("--speaker and --prompt are alternatives: give one")
+        prompt = t2w.speaker_prompt(args.speaker)
+    else:
+        prompt = _load_prompt(args.prompt)
     if args.warmup:
         _warm_up(t2w)
     sr = int(t2w.sample_rate)

@@ -16,14 +16,17 @@ def _default_model() -> str:
     return "demo" if (BUNDLED_MODELS["demo"] / "token2wav.yaml").is_file() else "tiny"
 
 
-def _utterance(t2w, model: str) -> tuple[list[int], str | None]:
-    """The bundled held-out tokens of the demo voice, or seeded random tokens for a model without any."""
+def _utterance(t2w, speaker: str | None) -> tuple[list[int], str | None, str | None]:
+    """(tokens, text, speaker) of a bundled held-out utterance, or seeded random tokens for a model without any."""
     tokens_file = Path(t2w.config.path).parent / "demo_tokens.json"
     if tokens_file.is_file():
-        data = json.loads(tokens_file.read_text())
-        return [int(t) for t in data["tokens"]], data.get("text")
+        utterances = json.loads(tokens_file.read_text())["utterances"]
+        if speaker is not None:
+            utterances = [u for u in utterances if u["speaker"] == speaker] or utterances
+        u = utterances[0]
+        return [int(t) for t in u["tokens"]], u.get("text"), speaker or u.get("speaker")
     rng = np.random.default_rng(0)
-    return rng.integers(0, t2w.config.vocab_size, 8 * t2w.config.token_rate).tolist(), None
+    return rng.integers(0, t2w.config.vocab_size, 8 * t2w.config.token_rate).tolist(), None, speaker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +47,12 @@ def main(args: argparse.Namespace) -> int:
         print("note: the bundled demo voice is not installed; running the tiny model with RANDOM weights "
               "(the whole pipeline runs, the audio is noise-like)")
     t2w = Token2Wav.from_pretrained(model)
-    tokens, text = _utterance(t2w, model)
-    prompt = None
-    speakers = getattr(t2w, "speakers", None) or []
-    if speakers:
-        prompt = t2w.speaker_prompt(args.speaker or speakers[0])
+    if args.speaker is not None and args.speaker not in t2w.speakers:
+        raise SystemExit(f"--speaker must be one of {t2w.speakers or 'none (this model has no bundled voices)'}")
+    tokens, text, speaker = _utterance(t2w, args.speaker)
+    prompt = t2w.speaker_prompt(speaker) if speaker in t2w.speakers else None
     if text:
-        print(f"text: {text}")
+        print(f"text ({speaker}, held out from training): {text}")
     print(f"model: {model}  tokens: {len(tokens)} ({len(tokens) / t2w.token_rate:.1f} s)  preset: {args.preset}")
 
     pieces: list[np.ndarray] = []

@@ -130,6 +130,9 @@ class Token2Wav:
         self.prompt_cache = PromptCache(prompt_cache_size)
         self._quantized: nn.Module | None = None
         self._quant_lock = threading.Lock()
+        self._assets_lock = threading.Lock()  # speakers / tokenizer of bundled models, loaded on first use
+        self._speakers: dict[str, dict[str, torch.Tensor]] | None = None
+        self._tokenizer: Any = None
         ref = next(iter(flow.parameters()), None)
         self._device = ref.device if ref is not None else torch.device("cpu")
         self._dtype = ref.dtype if ref is not None else torch.float32
@@ -266,6 +269,51 @@ class Token2Wav:
 
         return self.prompt_cache.get_or_compute(key, compute)
 
+    def _default_lookahead_override(self) -> int | None:
+        """The config's run-time lookahead where it differs from the flow's trained (maximum) one.
+
+        Models trained with random lookahead (the demo voice: trained up to 5, run at 3 by default) need it
+        passed explicitly; for released models the two are equal and nothing is passed."""
+        configured = int(self._config.pre_lookahead_len)
+        trained = int(getattr(self._flow, "pre_lookahead_len", configured))
+        return configured if configured != trained else None
+
+    # ------------------------------------------------------------------------------------------ voices
+
+    def _asset(self, key: str) -> Path:
+        files = self._config.extra.get("files") or {}
+        if key not in files:
+            raise ValueError(f"this model ships no {key} (only bundled token2wav-format models such as 'demo' do)")
+        return Path(self._config.path).parent / files[key]
+
+    @property
+    def speakers(self) -> list[str]:
+        """Names of the voices that ship with the model (empty for CosyVoice releases: bring a Prompt)."""
+        return list(self._config.extra.get("speakers") or [])
+
+    def speaker_prompt(self, name: str) -> Prompt:
+        """The bundled voice prompt (embedding, prompt tokens and mel) of speaker ``name``."""
+        if name not in self.speakers:
+            raise ValueError(f"speaker must be one of {self.speakers}, got {name!r}")
+        with self._assets_lock:
+            if self._speakers is None:
+                from ..tokenizer import load_speakers
+
+                self._speakers = load_speakers(self._asset("speakers"))
+        entry = self._speakers[name]
+        return Prompt(entry["prompt_token"][0], entry["prompt_feat"][0], entry["embedding"][0])
+
+    def tokenize(self, wave: np.ndarray, sample_rate: int) -> list[int]:
+        """Speech tokens of a waveform (mono float, any sample rate), with the model's own tokenizer."""
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
+        with self._assets_lock:
+            if self._tokenizer is None:
+                from ..tokenizer import KMeansTokenizer
+
+                self._tokenizer = KMeansTokenizer.from_file(self._asset("tokenizer"))
+        return self._tokenizer(wave, sample_rate)
+
     # ------------------------------------------------------------------------------------------ presets
 
     def quantized_flow(self) -> nn.Module:
@@ -314,10 +362,14 @@ class Token2Wav:
         if ids.shape[1] == 0:
             raise ValueError("tokens is empty: synthesize needs at least one token")
         p = self.prepare_prompt(prompt)
+        extra: dict[str, Any] = {}
+        look = self._default_lookahead_override()
+        if attention == "chunk" and look is not None:
+            extra["lookahead"] = look  # the same lookahead a default stream decodes with
         with torch.inference_mode():
             mel = self._flow.inference(
                 ids, p.tokens, p.feat, p.embedding, streaming=attention == "chunk", finalize=True,
-                n_timesteps=self.n_timesteps,
+                n_timesteps=self.n_timesteps, **extra,
             )
             if output == "mel":
                 return mel[0].float().cpu().numpy()
@@ -425,6 +477,8 @@ class Token2Wav:
                     f"pre_lookahead_len={pre_lookahead_len} is not supported by this model: allowed {allowed}"
                 )
             lookahead = look_override = int(pre_lookahead_len)
+        elif look_override is None:
+            look_override = self._default_lookahead_override()
         if mode == "recompute" and (dynamic or look_override is not None):
             raise ValueError("mode='recompute' is the reference algorithm: trained chunk and lookahead only")
         if mode == "window":

@@ -1,0 +1,76 @@
+"""The bundled demo voice: loads from its own format, exposes its voices and tokenizer, streams exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import token2wav
+from token2wav.demo import _utterance
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return token2wav.Token2Wav.from_pretrained("demo")
+
+
+def test_config_declares_runtime_ranges(demo):
+    cfg = demo.config
+    assert cfg.format == "token2wav"
+    assert cfg.sample_rate == 22050 and cfg.token_mel_ratio == 2
+    assert cfg.supported_chunk_tokens == (12, 50)
+    assert cfg.supported_pre_lookahead == (0, 5)
+    assert sum(p.numel() for p in demo.flow.parameters()) <= 10_000_000
+
+
+def test_speakers_and_prompts(demo):
+    assert demo.speakers == ["slt", "rms", "awb"]
+    prompt = demo.speaker_prompt("rms")
+    assert prompt.mel.shape[0] == 2 * prompt.tokens.shape[0]
+    assert prompt.mel.shape[1] == 80 and prompt.embedding.shape == (192,)
+    with pytest.raises(ValueError, match=r"speaker must be one of \['slt', 'rms', 'awb'\]"):
+        demo.speaker_prompt("kal")
+
+
+def test_tokenize_roundtrip_shape(demo):
+    sr = 16000
+    t = np.arange(sr) / sr
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    tokens = demo.tokenize(wave, sr)
+    # one token per two 256-sample frames at 22.05 kHz: 1 s -> about 43 tokens
+    assert 40 <= len(tokens) <= 44
+    assert all(0 <= x < demo.config.vocab_size for x in tokens)
+    with pytest.raises(ValueError, match="sample_rate must be a positive int"):
+        demo.tokenize(wave, 0)
+
+
+def test_default_stream_equals_chunk_synthesis(demo):
+    # The demo flow was trained with lookahead up to 5 and runs at 3 by default: stream and offline chunk decode
+    # must use the same value, so they agree to float rounding.
+    tokens, _, speaker = _utterance(demo, "slt")
+    tokens = tokens[:90]
+    prompt = demo.speaker_prompt(speaker)
+    offline = demo.synthesize(tokens, prompt=prompt, attention="chunk", output="mel")
+    with demo.stream(prompt, output="mel") as s:
+        pieces = [c for i in range(0, len(tokens), 7) for c in s.push(tokens[i : i + 7])]
+        pieces.append(s.finish())
+    streamed = np.concatenate([p for p in pieces if p.size], axis=1)
+    assert streamed.shape == offline.shape == (80, 2 * len(tokens))
+    assert np.abs(streamed - offline).max() < 1e-4
+    lookahead5 = demo.flow.inference(
+        torch.tensor([tokens]), *_prompt_tensors(demo, prompt), streaming=True, finalize=True
+    )[0].numpy()
+    assert np.abs(lookahead5 - offline).max() > 1e-3  # the lookahead really is 3, not the trained 5
+
+
+def _prompt_tensors(demo, prompt):
+    p = demo.prepare_prompt(prompt)
+    return p.tokens, p.feat, p.embedding
+
+
+def test_bad_lookahead_and_hop(demo):
+    with pytest.raises(ValueError, match=r"pre_lookahead_len=6 is not supported by this model: allowed 0..5"):
+        demo.stream(pre_lookahead_len=6)
+    with demo.stream(hop=12, pre_lookahead_len=0) as s:  # dynamic chunk and lookahead, inside the trained range
+        assert s.push(list(range(12))) != []
