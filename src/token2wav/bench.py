@@ -386,7 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", default=None,
                         help="cv2, cv3 (random weights, real architecture), a model directory or a bundled name; "
                              "repeatable (default: cv3 and cv2; --quick: cv3)")
-    parser.add_argument("--quick", action="store_true", help="mid-size CosyVoice 3 architecture, 10 s and 20 s (about 2 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="mid-size CosyVoice 3 architecture, 10 s and 20 s (about 2 minutes on 2 cores)")
     parser.add_argument("--utterance", type=float, action="append", default=None,
                         help="target length in seconds (repeatable; default 10 30 60, --quick 10 20)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
