@@ -19,7 +19,7 @@ demo: install
 
 test: install-dev
 	$(PYTHON) -m ruff check src tests benchmarks recipes
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest
 
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks recipes

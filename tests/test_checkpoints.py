@@ -65,6 +65,7 @@ def test_legacy_weight_norm_and_generator_prefix(tmp_path):
     assert torch.allclose(model.conv(x), expected, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_not_executed(tmp_path):
     class Evil:
         def __reduce__(self):
