@@ -25,13 +25,7 @@ CFM_PARAMS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # these models are tiny: a second intra-op thread only adds spin-waiting on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_flow(*, vocab=512, ratio=2, look=3, chunk=50, dim=64, depth=2, heads=4, dim_head=16, pla=64):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import max_abs_diff
 from safetensors.torch import load_file
 
 from token2wav import build_vocoder
@@ -19,13 +20,7 @@ DATA = Path(__file__).parent / "data"
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # these modules run many small ops; on a shared, busy CPU extra OpenMP threads only add waiting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def hift() -> CausalHiFTGenerator:
@@ -56,9 +51,6 @@ def _stream(model: CausalHiFTGenerator, mel: torch.Tensor, chunk: int, finalize_
     return torch.cat(outs, dim=-1), cache
 
 
-def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.double() - b.double()).abs().max().item()
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 30, 50])
@@ -67,10 +59,10 @@ def test_chunked_equals_offline(hift, fx, chunk):
     offline = hift.inference(mel)[0]
     streamed, cache = _stream(hift, mel, chunk)
     assert streamed.shape == (1, 90 * 480)
-    assert _maxdiff(streamed, offline) < TOL
+    assert max_abs_diff(streamed, offline) < TOL
     # and against the reference's own offline output (its streaming steps concatenate to it)
     ref = torch.cat([fx[f"stream_step{k}"] for k in range(3)], dim=-1)
-    assert _maxdiff(streamed, ref) < TOL
+    assert max_abs_diff(streamed, ref) < TOL
     assert cache.finalized and cache.held_frames == 0
 
 
@@ -78,7 +70,7 @@ def test_finalize_with_last_chunk(hift, fx):
     mel = fx["stream_mel"]
     a, _ = _stream(hift, mel, 30, finalize_last=True)
     b, _ = _stream(hift, mel, 30)
-    assert _maxdiff(a, b) < TOL
+    assert max_abs_diff(a, b) < TOL
 
 
 def test_emits_everything_final_and_holds_lookahead(hift, fx):
@@ -98,7 +90,7 @@ def test_short_streams(hift):
         offline = hift.inference(mel)[0]
         assert offline.shape == (1, frames * 480)
         streamed, _ = _stream(hift, mel, 1)
-        assert _maxdiff(streamed, offline) < TOL
+        assert max_abs_diff(streamed, offline) < TOL
     empty, cache = hift.stream_step(torch.zeros(1, 80, 0), None, finalize=True)
     assert empty.shape == (1, 0) and cache.finalized
 
@@ -130,7 +122,7 @@ def test_batch_streams(hift):
     mel = torch.randn(2, 80, 37, generator=gen) * 2 - 5
     streamed, _ = _stream(hift, mel, 11)
     for b in range(2):
-        assert _maxdiff(streamed[b:b + 1], hift.inference(mel[b:b + 1])[0]) < TOL
+        assert max_abs_diff(streamed[b:b + 1], hift.inference(mel[b:b + 1])[0]) < TOL
 
 
 def test_deepcopy(hift, fx):
@@ -180,13 +172,13 @@ def test_long_run_has_no_phase_drift(hift):
             noise = hift.source_noise(i * 480, (i + seg.shape[1]) * 480)
             s, acc = hift.m_source.causal_frames(seg, acc, noise)
             parts.append(s)
-    assert _maxdiff(whole, ref) < 1e-6
+    assert max_abs_diff(whole, ref) < 1e-6
     assert torch.equal(torch.cat(parts, dim=-1), whole)
 
     mel = torch.randn(1, 80, frames, generator=gen) * 2 - 5
     offline = hift.inference(mel)[0]
     streamed, _ = _stream(hift, mel, 50)
-    assert _maxdiff(streamed, offline) < TOL
+    assert max_abs_diff(streamed, offline) < TOL
 
 
 def _stream_partial(model, mel):
@@ -227,17 +219,17 @@ def _test_cuda_stream_equals_cuda_offline_and_reference(hift, fx):
     mel = fx["stream_mel"].cuda()
     offline = model.inference(mel)[0]
     ref = torch.cat([fx[f"stream_step{k}"] for k in range(3)], dim=-1)
-    assert _maxdiff(offline.cpu(), ref) < TOL
-    assert _maxdiff(model.inference(fx["mel"].cuda())[0].cpu(), fx["speech_finalize"]) < TOL
+    assert max_abs_diff(offline.cpu(), ref) < TOL
+    assert max_abs_diff(model.inference(fx["mel"].cuda())[0].cpu(), fx["speech_finalize"]) < TOL
     for chunk in (1, 7, 50):
         streamed, _ = _stream(model, mel, chunk)
-        assert _maxdiff(streamed, offline) < TOL, chunk
+        assert max_abs_diff(streamed, offline) < TOL, chunk
     gen = torch.Generator().manual_seed(6)
     long_mel = (torch.randn(1, 80, 1500, generator=gen) * 2 - 5).cuda()
     offline = model.inference(long_mel)[0]
     streamed, _ = _stream(model, long_mel, 50)
-    assert _maxdiff(streamed, offline) < TOL
-    assert _maxdiff(offline.cpu(), hift.inference(long_mel.cpu())[0]) < 1e-4
+    assert max_abs_diff(streamed, offline) < TOL
+    assert max_abs_diff(offline.cpu(), hift.inference(long_mel.cpu())[0]) < 1e-4
 
 
 @contextlib.contextmanager

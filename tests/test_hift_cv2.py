@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import max_abs_diff
 from safetensors.torch import load_file
 
 from token2wav import build_vocoder
@@ -23,13 +24,7 @@ def _load(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # these modules run many small ops; on a shared, busy CPU extra OpenMP threads only add waiting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def hift() -> HiFTGenerator:
@@ -43,21 +38,18 @@ def fx() -> dict[str, torch.Tensor]:
     return load_file(DATA / "cv2_hift.safetensors")
 
 
-def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.double() - b.double()).abs().max().item()
 
 
 def test_f0(hift, fx):
     with torch.inference_mode():
-        assert _maxdiff(hift.f0_predictor(fx["mel_a"]), fx["f0_a"]) < 1e-3
-        assert _maxdiff(hift.f0_predictor(fx["mel_b"]), fx["f0_b"]) < 1e-3
+        assert max_abs_diff(hift.f0_predictor(fx["mel_a"]), fx["f0_a"]) < 1e-3
+        assert max_abs_diff(hift.f0_predictor(fx["mel_b"]), fx["f0_b"]) < 1e-3
 
 
 def test_decode_given_stored_source(hift, fx):
     with torch.inference_mode():
-        assert _maxdiff(hift.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < 1e-5
-        assert _maxdiff(hift.decode(fx["mel_b"], fx["source_b"]), fx["speech_b"]) < 1e-5
+        assert max_abs_diff(hift.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < 1e-5
+        assert max_abs_diff(hift.decode(fx["mel_b"], fx["source_b"]), fx["speech_b"]) < 1e-5
 
 
 def test_full_call_with_global_seed(hift, fx):
@@ -66,10 +58,10 @@ def test_full_call_with_global_seed(hift, fx):
         speech, source = hift.inference(fx["mel_a"])
         torch.manual_seed(104)
         speech_b, source_b = hift.inference(fx["mel_b"], cache_source=fx["cache_source_b"])
-    assert _maxdiff(source, fx["source_a"]) < 1e-4
-    assert _maxdiff(speech, fx["speech_a"]) < 1e-4
-    assert _maxdiff(source_b, fx["source_b"]) < 1e-4
-    assert _maxdiff(speech_b, fx["speech_b"]) < 1e-4
+    assert max_abs_diff(source, fx["source_a"]) < 1e-4
+    assert max_abs_diff(speech, fx["speech_a"]) < 1e-4
+    assert max_abs_diff(source_b, fx["source_b"]) < 1e-4
+    assert max_abs_diff(speech_b, fx["speech_b"]) < 1e-4
     n = fx["cache_source_b"].shape[-1]
     assert torch.equal(source_b[..., :n], fx["cache_source_b"])
 
@@ -86,8 +78,8 @@ def test_explicit_generator_leaves_global_rng_alone(hift, fx):
     before = torch.random.get_rng_state()
     speech, source = hift.inference(fx["mel_a"], generator=torch.Generator().manual_seed(103))
     assert torch.equal(torch.random.get_rng_state(), before)
-    assert _maxdiff(source, fx["source_a"]) < 1e-4
-    assert _maxdiff(speech, fx["speech_a"]) < 1e-4
+    assert max_abs_diff(source, fx["source_a"]) < 1e-4
+    assert max_abs_diff(speech, fx["speech_a"]) < 1e-4
 
 
 def test_folded_weight_norm_gives_same_speech(fx):
@@ -95,7 +87,7 @@ def test_folded_weight_norm_gives_same_speech(fx):
     assert fold_weight_norm(model) > 0
     assert not any("parametrizations" in k for k in model.state_dict())
     with torch.inference_mode():
-        assert _maxdiff(model.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < 1e-5
+        assert max_abs_diff(model.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < 1e-5
 
 
 def test_bad_inputs(hift, fx):
@@ -137,11 +129,11 @@ def _test_cuda_decode_and_cpu_generator(fx):
     model = model.to("cuda")
     with torch.inference_mode():
         speech = model.decode(fx["mel_a"].cuda(), fx["source_a"].cuda()).cpu()
-    assert _maxdiff(speech, fx["speech_a"]) < 1e-5
+    assert max_abs_diff(speech, fx["speech_a"]) < 1e-5
     # a CPU generator draws the same numbers as the reference's CPU run, then they move to the GPU
     speech, source = model.inference(fx["mel_a"].cuda(), generator=torch.Generator().manual_seed(103))
-    assert _maxdiff(source.cpu(), fx["source_a"]) < 1e-4
-    assert _maxdiff(speech.cpu(), fx["speech_a"]) < 1e-4
+    assert max_abs_diff(source.cpu(), fx["source_a"]) < 1e-4
+    assert max_abs_diff(speech.cpu(), fx["speech_a"]) < 1e-4
 
 
 @contextlib.contextmanager

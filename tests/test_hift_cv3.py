@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import max_abs_diff
 from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
@@ -26,13 +27,7 @@ def _load() -> CausalHiFTGenerator:
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # these modules run many small ops; on a shared, busy CPU extra OpenMP threads only add waiting
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def hift() -> CausalHiFTGenerator:
@@ -46,9 +41,6 @@ def fx() -> dict[str, torch.Tensor]:
     return load_file(DATA / "cv3_hift.safetensors")
 
 
-def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.double() - b.double()).abs().max().item()
 
 
 def test_seeded_noise_check_values(hift, fx):
@@ -90,15 +82,15 @@ def test_f0_float64(hift, fx):
         f0 = hift.f0_predictor(mel.double())
         f0_nf = hift.f0_predictor(mel.double(), finalize=False)
     assert f0.dtype == torch.float64
-    assert _maxdiff(f0, fx["f0_finalize"]) < 1e-8
-    assert _maxdiff(f0_nf, fx["f0_nofinalize"]) < 1e-8
+    assert max_abs_diff(f0, fx["f0_finalize"]) < 1e-8
+    assert max_abs_diff(f0_nf, fx["f0_nofinalize"]) < 1e-8
     assert all(p.dtype == torch.float32 for p in hift.parameters())  # never cast permanently
 
 
 def test_inference_finalize(hift, fx):
     speech, source = hift.inference(fx["mel"], finalize=True)
-    assert _maxdiff(speech, fx["speech_finalize"]) < 1e-5
-    assert _maxdiff(source, fx["source_finalize"]) < 1e-5
+    assert max_abs_diff(speech, fx["speech_finalize"]) < 1e-5
+    assert max_abs_diff(source, fx["source_finalize"]) < 1e-5
     assert all(p.dtype == torch.float32 for p in hift.parameters())
 
 
@@ -106,8 +98,8 @@ def test_inference_no_finalize(hift, fx):
     speech, source = hift.inference(fx["mel"], finalize=False)
     assert speech.shape[-1] == (60 - 8) * 480
     assert source.shape[-1] == (60 - 3) * 480
-    assert _maxdiff(speech, fx["speech_nofinalize"]) < 1e-5
-    assert _maxdiff(source, fx["source_finalize"][..., : source.shape[-1]]) < 1e-5
+    assert max_abs_diff(speech, fx["speech_nofinalize"]) < 1e-5
+    assert max_abs_diff(source, fx["source_finalize"][..., : source.shape[-1]]) < 1e-5
 
 
 def test_reference_prefix_streaming_loop(hift, fx):
@@ -115,7 +107,7 @@ def test_reference_prefix_streaming_loop(hift, fx):
     for k, i in enumerate(range(0, 90, 30)):
         end = i + 30 + 8
         speech = hift.inference(mel[:, :, :end], finalize=end >= 90)[0][:, 480 * i:]
-        assert _maxdiff(speech, fx[f"stream_step{k}"]) < 1e-5, k
+        assert max_abs_diff(speech, fx[f"stream_step{k}"]) < 1e-5, k
 
 
 def test_loader_fold_keeps_float64_f0(fx):
@@ -124,8 +116,8 @@ def test_loader_fold_keeps_float64_f0(fx):
     assert parametrize.is_parametrized(model.f0_predictor.condnet[0], "weight")  # kept on purpose
     assert not parametrize.is_parametrized(model.conv_pre, "weight")
     with torch.inference_mode():
-        assert _maxdiff(model.f0_predictor(fx["mel"].double()), fx["f0_finalize"]) < 1e-8
-    assert _maxdiff(model.inference(fx["mel"])[0], fx["speech_finalize"]) < 1e-5
+        assert max_abs_diff(model.f0_predictor(fx["mel"].double()), fx["f0_finalize"]) < 1e-8
+    assert max_abs_diff(model.inference(fx["mel"])[0], fx["speech_finalize"]) < 1e-5
 
 
 def test_bad_inputs(hift):
