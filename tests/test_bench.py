@@ -1,0 +1,44 @@
+"""`token2wav bench` end to end on the tiny bundled model: every mode runs and the report has every field."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from token2wav import bench
+
+REQUIRED = {"model", "mode", "utterance_s", "first_chunk_ms", "first_chunk_cold_ms", "chunk_ms", "total_s", "rtf",
+            "peak_rss_mb"}
+
+
+def test_bench_report_and_plots(tmp_path):
+    report = bench.run_bench(["tiny"], quick=False, utterances=[2.0], modes=list(bench.MODES), sessions=2,
+                             device="cpu", dtype=torch.float32, log=lambda _: None)
+    assert {"cpu", "threads", "torch", "device", "dtype", "commit"} <= set(report["machine"])
+    runs = {r["mode"]: r for r in report["runs"]}
+    assert set(runs) == set(bench.MODES)
+    for mode, run in runs.items():
+        assert REQUIRED <= set(run), mode
+        assert run["total_s"] > 0 and run["rtf"] == run["total_s"] / 2.0
+        assert all(ms > 0 for ms in run["chunk_ms"])
+        if mode != "offline":
+            assert run["vs_offline"] == run["total_s"] / runs["offline"]["total_s"]
+            assert len(run["chunk_ms"]) >= 2  # at least one hop and the flush
+    assert [c["sessions"] for c in report["concurrency"]] == [1, 2]
+    assert {t["target"] for t in report["targets"]} == {
+        "cached total <= 1.10 x offline", "last/first chunk compute <= 1.3",
+        "warm first chunk <= 0.3 x recompute first chunk"}
+    json.dumps(report)  # everything in it is plain JSON
+    paths = bench.plot(report, tmp_path)
+    assert [p.name for p in paths] == ["chunk_ms.png", "total_vs_length.png", "first_chunk_vs_sessions.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_mid_size_keeps_the_architecture():
+    cfg = bench.read_config(bench._CONFIGS / "cosyvoice3.yaml")
+    mid = bench.mid_size(cfg)
+    est = mid.flow.get("decoder").get("estimator")
+    assert (est.get("dim"), est.get("depth")) == (256, 4)
+    assert mid.flow.target == cfg.flow.target and mid.vocoder.target == cfg.vocoder.target
+    assert mid.token_mel_ratio == cfg.token_mel_ratio and mid.static_chunk_size == cfg.static_chunk_size
