@@ -2,7 +2,7 @@
 
 Voices slt, rms, awb are the demo's three speakers. flite writes 16 kHz audio; it is resampled to
 22.05 kHz (token2wav.tokenizer.resample), peak-normalised to 0.95 (as the HiFi-GAN training data was) and
-analysed with token2wav.tokenizer.log_mel.
+analysed with token2wav.tokenizer.log_mel (token2wav.audio.mel_spectrogram at 22.05 kHz settings).
 
 Training sentence i (in corpus order) is spoken by voice i % 3, so every voice gets different text;
 held-out sentences are spoken by every voice.

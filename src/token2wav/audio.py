@@ -86,12 +86,12 @@ def _window_on(win: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 def mel_spectrogram(wave: torch.Tensor, sample_rate: int = 24000, n_fft: int = 1920, hop: int = 480,
                     win: int = 1920, n_mels: int = 80, fmin: float = 0.0,
-                    fmax: float | None = None) -> torch.Tensor:
+                    fmax: float | None = None, floor: float = 1e-5) -> torch.Tensor:
     """Natural-log mel spectrogram [B, n_mels, L // hop] of a wave [L] or [B, L] (values in [-1, 1]).
 
     The steps of CosyVoice's ``feat_extractor``: reflect-pad (n_fft - hop) / 2 on both sides, STFT without
     centering (periodic Hann window of ``win``), magnitude sqrt(re^2 + im^2 + 1e-9), Slaney mel bank,
-    log(max(x, 1e-5)).  The filterbank cache is keyed by every parameter.
+    log(max(x, floor)).  The filterbank cache is keyed by every parameter.
     """
     if not isinstance(wave, torch.Tensor):
         raise TypeError("wave must be a torch.Tensor [samples] or [batch, samples]")
@@ -115,7 +115,7 @@ def mel_spectrogram(wave: torch.Tensor, sample_rate: int = 24000, n_fft: int = 1
     mag = torch.sqrt(spec.pow(2).sum(-1) + 1e-9)
     bank = _bank_on(int(sample_rate), int(n_fft), int(n_mels), float(fmin),
                     None if fmax is None else float(fmax), x.device, x.dtype)
-    return torch.log(torch.clamp(torch.matmul(bank, mag), min=1e-5))
+    return torch.log(torch.clamp(torch.matmul(bank, mag), min=floor))
 
 
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:

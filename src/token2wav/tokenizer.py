@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import audio
+
 __all__ = [
     "MelSpec",
     "HIFIGAN_MEL",
@@ -51,59 +53,24 @@ class MelSpec:
 HIFIGAN_MEL = MelSpec()
 
 
-def _hz_to_mel(f: np.ndarray) -> np.ndarray:
-    # Slaney's scale: linear (3 mel per 200 Hz) up to 1 kHz, logarithmic above.
-    f = np.asarray(f, dtype=np.float64)
-    lin = f * 3.0 / 200.0
-    log_step = math.log(6.4) / 27.0
-    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / log_step, lin)
-
-
-def _mel_to_hz(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    log_step = math.log(6.4) / 27.0
-    return np.where(m >= 15.0, 1000.0 * np.exp(log_step * (m - 15.0)), m * 200.0 / 3.0)
-
-
-@lru_cache(maxsize=8)
-def _filterbank_np(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    bins = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    rising = (bins[None, :] - lo) / (mid - lo)
-    falling = (hi - bins[None, :]) / (hi - mid)
-    tri = np.clip(np.minimum(rising, falling), 0.0, None)
-    # Area normalisation: each triangle integrates to the same value whatever its width.
-    return (tri * (2.0 / (hi - lo))).astype(np.float32)
-
-
 def mel_filterbank(spec: MelSpec = HIFIGAN_MEL) -> Tensor:
-    """(n_mels, n_fft // 2 + 1) Slaney-style triangular filters."""
-    return torch.from_numpy(_filterbank_np(spec.sample_rate, spec.n_fft, spec.n_mels, spec.fmin, spec.fmax))
+    """(n_mels, n_fft // 2 + 1) Slaney filters of ``spec`` (the same bank as the 24 kHz front end)."""
+    return audio.mel_filterbank(spec.sample_rate, spec.n_fft, spec.n_mels, spec.fmin, spec.fmax)
 
 
 def log_mel(wave: Tensor, spec: MelSpec = HIFIGAN_MEL) -> Tensor:
     """Log-mel of (T,) or (B, T) audio at spec.sample_rate -> (n_mels, frames) or (B, n_mels, frames).
 
-    frames = T // hop for T a multiple of hop (the padding makes frame i cover samples around i * hop)."""
+    The analysis of :func:`token2wav.audio.mel_spectrogram` with ``spec``'s settings; frames = T // hop."""
     if not isinstance(wave, Tensor):
         raise TypeError(f"wave must be a torch.Tensor, got {type(wave).__name__}")
-    squeeze = wave.dim() == 1
     if wave.dim() not in (1, 2):
         raise ValueError(f"wave must have shape (T,) or (B, T), got {tuple(wave.shape)}")
-    x = wave.float()[None] if squeeze else wave.float()
-    pad = (spec.n_fft - spec.hop) // 2
-    if x.shape[-1] <= pad:
-        raise ValueError(f"wave is too short for the analysis: {x.shape[-1]} samples, need more than {pad}")
-    x = torch.nn.functional.pad(x[:, None], (pad, pad), mode="reflect")[:, 0]
-    window = torch.hann_window(spec.win, device=x.device)
-    stft = torch.stft(
-        x, spec.n_fft, hop_length=spec.hop, win_length=spec.win, window=window, center=False, return_complex=True
+    out = audio.mel_spectrogram(
+        wave.float(), sample_rate=spec.sample_rate, n_fft=spec.n_fft, hop=spec.hop, win=spec.win,
+        n_mels=spec.n_mels, fmin=spec.fmin, fmax=spec.fmax, floor=spec.floor,
     )
-    mag = torch.sqrt(stft.real.square() + stft.imag.square() + 1e-9)
-    mel = torch.matmul(mel_filterbank(spec).to(x.device), mag)
-    out = torch.log(torch.clamp(mel, min=spec.floor))
-    return out[0] if squeeze else out
+    return out[0] if wave.dim() == 1 else out
 
 
 @lru_cache(maxsize=16)
