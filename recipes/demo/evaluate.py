@@ -91,7 +91,7 @@ def stream_decode(
         need = boundary - n_prompt + look
         final = need >= n
         if final:
-            mel, state = flow.stream_step(state, tokens, finalize=True)
+            mel, state = flow.stream_step(state, tokens, finalize=True, lookahead=look)
         else:
             mel, state = flow.stream_step(state, tokens[:, :need], finalize=False, lookahead=look)
         with torch.inference_mode():
