@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,9 +49,14 @@ def _param(params: Any, name: str, default: Any) -> Any:
 @dataclass(frozen=True)
 class CFMCache:
     """Estimator caches for a cached solve: one per Euler step, each over the batch of two CFG branches
-    (row 0 conditional, row 1 unconditional). ``offset`` frames are covered. Immutable and shareable."""
+    (row 0 conditional, row 1 unconditional). ``offset`` frames are covered. Immutable and shareable.
+
+    modulations: per step, the estimator's time-only terms (``estimator.modulation``), when it has them;
+    filled by the first ``solve_chunk`` and reused by every later chunk (a step's time never changes).
+    """
 
     steps: tuple[Any, ...]
+    modulations: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def offset(self) -> int:
@@ -212,18 +217,25 @@ class CausalConditionalCFM(nn.Module):
         t = span[0]
         dt = span[1] - span[0]
         new_steps = []
+        modulate = hasattr(self.estimator, "modulation")
+        mods = list(cache.modulations)
         for step in range(1, len(span)):
             x_in = torch.cat([x, x], dim=0)
             t_in = t.reshape(1).expand(2).contiguous()
+            extra = {}
+            if modulate:
+                if len(mods) < step:
+                    mods.append(self.estimator.modulation(t_in, 2))
+                extra["modulation"] = mods[step - 1]
             raw, step_cache = self.estimator.forward_chunk(
-                x_in, mu_in, t_in, spks_in, cond_in, cache=cache.steps[step - 1], chunk_size=chunk_size
+                x_in, mu_in, t_in, spks_in, cond_in, cache=cache.steps[step - 1], chunk_size=chunk_size, **extra
             )
             new_steps.append(step_cache)
             x = x + dt * self._guided(raw)
             t = t + dt
             if step < len(span) - 1:
                 dt = span[step + 1] - t
-        return x.float(), CFMCache(tuple(new_steps))
+        return x.float(), CFMCache(tuple(new_steps), tuple(mods) if modulate else ())
 
     # ------------------------------------------------------------------ training
     def compute_loss(

@@ -205,7 +205,7 @@ def trim_flow_state(state: Any, *, head_frames: int, window_frames: int, estimat
     shift = int(state.frames_done) - kept
     excess = kept - head_frames - window_frames
     if excess <= 0:
-        return replace(state, cache=_SHIFTED(steps=cache.steps, shift=shift))
+        return replace(state, cache=_SHIFTED(steps=cache.steps, modulations=cache.modulations, shift=shift))
     rotary = estimator.rotary_embed
     angles = rotary.angles(-excess, 1)[0]
     steps = []
@@ -219,4 +219,4 @@ def trim_flow_state(state: Any, *, head_frames: int, window_frames: int, estimat
         if hasattr(step, "stores"):
             fields["stores"] = ()  # fresh tensors: no growable storage behind them yet
         steps.append(replace(step, **fields))
-    return replace(state, cache=_SHIFTED(steps=tuple(steps), shift=shift + excess))
+    return replace(state, cache=_SHIFTED(steps=tuple(steps), modulations=cache.modulations, shift=shift + excess))
