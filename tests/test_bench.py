@@ -14,7 +14,7 @@ REQUIRED = {"model", "mode", "utterance_s", "first_chunk_ms", "first_chunk_cold_
 
 def test_bench_report_and_plots(tmp_path):
     report = bench.run_bench(["tiny"], quick=False, utterances=[2.0], modes=list(bench.MODES), sessions=2,
-                             device="cpu", dtype=torch.float32, log=lambda _: None)
+                             device="cpu", dtype=torch.float32, log=lambda _: None, isolate=False)
     assert {"cpu", "threads", "torch", "device", "dtype", "commit"} <= set(report["machine"])
     runs = {r["mode"]: r for r in report["runs"]}
     assert set(runs) == set(bench.MODES)
@@ -33,6 +33,19 @@ def test_bench_report_and_plots(tmp_path):
     paths = bench.plot(report, tmp_path)
     assert [p.name for p in paths] == ["chunk_ms.png", "total_vs_length.png", "first_chunk_vs_sessions.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_isolated_rows_run_in_their_own_process():
+    # the default: each row builds its own engine in a fresh interpreter, so its peak RSS is its own
+    report = bench.run_bench(["tiny"], quick=False, utterances=[2.0], modes=["offline", "cached"], sessions=1,
+                             device="cpu", dtype=torch.float32, log=lambda _: None)
+    assert report["isolated"] is True
+    offline, cached = report["runs"]
+    assert (offline["mode"], cached["mode"]) == ("offline", "cached")
+    for run in (offline, cached):
+        assert REQUIRED <= set(run)
+        assert 0 < run["loaded_rss_mb"] <= run["peak_rss_mb"]
+    assert cached["vs_offline"] == cached["total_s"] / offline["total_s"]
 
 
 def test_mid_size_keeps_the_architecture():

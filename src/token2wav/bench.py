@@ -327,6 +327,56 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _warm_engine(model: str, quick: bool, device: str, dtype: torch.dtype):
+    engine = build_engine(model, quick, device, dtype)
+    # Warm-up: first calls pay for allocator growth and kernel selection.
+    warm_prompt, warm_tokens = _workload(engine, 2.0, seed=1)
+    engine.synthesize(warm_tokens, prompt=warm_prompt, attention="chunk")
+    return engine
+
+
+def measure_mode(model: str, quick: bool, device: str, dtype: torch.dtype, seconds: float, mode: str,
+                 engine=None) -> dict[str, Any]:
+    """One (model, utterance, mode) row; builds and warms the engine unless one is given."""
+    engine = engine or _warm_engine(model, quick, device, dtype)
+    loaded_rss = _rss_mb()
+    hop = engine.config.chunk_tokens
+    prompt, tokens = _workload(engine, seconds, seed=int(seconds))
+    if mode == "offline":
+        result = run_offline(engine, prompt, tokens, device)
+    else:
+        # Each mode gets its own prompt (same length), so its first run misses the prompt cache (cold) and
+        # its second hits it (warm). Recompute has no prompt cache: one run is both.
+        mode_prompt, _ = _workload(engine, 0.0, seed=1000 * (1 + MODES.index(mode)) + int(seconds))
+        cold = run_stream(engine, mode_prompt, tokens, mode, device, hop)
+        result = cold if mode == "recompute" else run_stream(engine, mode_prompt, tokens, mode, device, hop)
+        result["first_chunk_cold_ms"] = cold["first_chunk_ms"]
+    result["loaded_rss_mb"] = loaded_rss
+    return result
+
+
+def measure_concurrency(model: str, quick: bool, device: str, dtype: torch.dtype, seconds: float, sessions: int,
+                        engine=None) -> dict[str, Any]:
+    engine = engine or _warm_engine(model, quick, device, dtype)
+    prompt, tokens = _workload(engine, seconds, seed=7)
+    return run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens)
+
+
+def _child_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a new interpreter, so the peak memory it reports is its own, not earlier runs' pools."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # a clean process, safe with CUDA
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_child_init,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def run_bench(
     models: list[str],
     quick: bool,
@@ -336,48 +386,43 @@ def run_bench(
     device: str,
     dtype: torch.dtype,
     log: Callable[[str], None] = print,
+    isolate: bool = True,
 ) -> dict[str, Any]:
-    report: dict[str, Any] = {"machine": machine_info(device, dtype), "quick": quick, "runs": [], "concurrency": []}
+    """Every row; with ``isolate`` each row runs in its own process (it builds its own engine)."""
+    report: dict[str, Any] = {"machine": machine_info(device, dtype), "quick": quick, "isolated": isolate,
+                              "runs": [], "concurrency": []}
     for model in models:
-        engine = build_engine(model, quick, device, dtype)
         label = model if model in ("cv2", "cv3") else Path(str(model)).name
-        hop = engine.config.chunk_tokens
-        # Warm-up: first calls pay for allocator growth and kernel selection.
-        warm_prompt, warm_tokens = _workload(engine, 2.0, seed=1)
-        engine.synthesize(warm_tokens, prompt=warm_prompt, attention="chunk")
+        shared = None if isolate else _warm_engine(model, quick, device, dtype)
+
+        def call(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+            if isolate:
+                return _in_fresh_process(fn, model, quick, device, dtype, *args)
+            return fn(model, quick, device, dtype, *args, engine=shared)
+
         for seconds in utterances:
-            prompt, tokens = _workload(engine, seconds, seed=int(seconds))
             offline_total = None
             for mode in modes:
+                result = call(measure_mode, seconds, mode)
                 if mode == "offline":
-                    result = run_offline(engine, prompt, tokens, device)
                     offline_total = result["total_s"]
-                else:
-                    # Each mode gets its own prompt (same length), so its first run misses the prompt cache
-                    # (cold) and its second hits it (warm). Recompute has no prompt cache: one run is both.
-                    mode_prompt, _ = _workload(engine, 0.0, seed=1000 * (1 + modes.index(mode)) + int(seconds))
-                    cold = run_stream(engine, mode_prompt, tokens, mode, device, hop)
-                    result = cold if mode == "recompute" else run_stream(engine, mode_prompt, tokens, mode, device,
-                                                                         hop)
-                    result["first_chunk_cold_ms"] = cold["first_chunk_ms"]
-                    if offline_total:
-                        result["vs_offline"] = result["total_s"] / offline_total
+                elif offline_total:
+                    result["vs_offline"] = result["total_s"] / offline_total
                 result.update(model=label, mode=mode, utterance_s=seconds, rtf=result["total_s"] / seconds)
                 report["runs"].append(result)
                 log(f"{label:>5} {mode:>9} {seconds:5.0f}s  total {result['total_s']:7.2f}s  "
                     f"rtf {result['rtf']:.3f}  first {result['first_chunk_ms']:8.1f}ms  "
                     f"cold {result['first_chunk_cold_ms']:8.1f}ms  rss {result['peak_rss_mb']:.0f}MB")
         if sessions > 1:
-            prompt, tokens = _workload(engine, min(utterances), seed=7)
             levels = sorted({1, *[2**k for k in range(1, sessions.bit_length()) if 2**k < sessions], sessions})
             for n in levels:
-                c = run_concurrent(engine, prompt, tokens, n, device, hop)
+                c = call(measure_concurrency, min(utterances), n)
                 c["model"] = label
                 report["concurrency"].append(c)
                 log(f"{label:>5} sessions {n:3d}  aggregate rtf {c['aggregate_rtf']:.3f}  first chunk "
                     f"mean {c['first_chunk_ms_mean']:.0f} p50 {c['first_chunk_ms_p50']:.0f} "
                     f"p99 {c['first_chunk_ms_p99']:.0f} ms")
-        del engine
+        del shared
     report["targets"] = targets(report["runs"])
     return report
 
@@ -397,6 +442,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     parser.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every row in this process (faster start; peak RSS then includes earlier rows)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -412,7 +459,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     utterances = args.utterance or ([10.0, 20.0] if args.quick else [10.0, 30.0, 60.0])
     models = args.model or (["cv3"] if args.quick else ["cv3", "cv2"])
-    report = run_bench(models, args.quick, utterances, modes, args.sessions, args.device, getattr(torch, args.dtype))
+    report = run_bench(models, args.quick, utterances, modes, args.sessions, args.device, getattr(torch, args.dtype),
+                       isolate=not args.same_process)
     for t in report["targets"]:
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"target [{'met' if t['met'] else 'NOT met'}] {t['model']} {t['utterance_s']:g}s {t['target']}: {value}")
