@@ -434,6 +434,26 @@ def test_idle_timeout(engine: Any) -> None:
         assert m['token2wav_rejected_total{reason="idle_timeout"}'] == 1
 
 
+def test_connection_without_start_frees_its_slot(engine: Any) -> None:
+    # max_sessions=1: a client that opens a socket and sends nothing must not lock others out for long
+    limits = ServerLimits(max_sessions=1, idle_timeout_s=30.0, start_timeout_s=0.3, workers=1)
+    app = create_app(engine, name="start", limits=limits)
+    with running_server(app) as addr:
+        t0 = time.perf_counter()
+        out = asyncio.run(_exchange(f"ws://{addr}/v1/stream", []))
+        assert time.perf_counter() - t0 < 10
+        assert out["code"] == 1008 and "no 'start' message for 0.3 s" in out["reason"]
+        assert out["texts"][-1]["status"] == 408
+        _wait_sessions_closed(f"http://{addr}")
+        res = asyncio.run(stream_tokens(f"ws://{addr}/v1/stream", _tokens(30, 1, _vocab(engine)), rate=0))
+        assert res.samples > 0
+
+
+def test_start_timeout_is_validated() -> None:
+    with pytest.raises(ValueError, match="start_timeout_s must be a finite number > 0"):
+        ServerLimits(start_timeout_s=0)
+
+
 def test_client_that_never_reads_does_not_stall_others(server: dict[str, Any], engine: Any) -> None:
     vocab = _vocab(engine)
 

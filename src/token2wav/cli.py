@@ -404,6 +404,8 @@ def _warm_up(t2w: Any) -> None:
         arg("--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / request body"),
         arg("--max-prompt-bytes", type=int, default=16 << 20, help="largest /v1/prompts request body"),
         arg("--idle-timeout", type=float, default=30.0, help="seconds a stream may stay silent"),
+        arg("--start-timeout", type=float, default=5.0,
+            help="seconds a new stream may wait before its 'start' message"),
         arg("--workers", type=int, default=4, help="threads running model work"),
         arg("--threads", type=int, help="torch intra-op threads (default: torch's choice)"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
@@ -422,6 +424,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         max_prompt_bytes=args.max_prompt_bytes,
         idle_timeout_s=args.idle_timeout,
+        start_timeout_s=args.start_timeout,
         workers=args.workers,
     )
     if args.threads is not None:

@@ -356,10 +356,14 @@ class _StreamHandler:
 
     async def _receive_text(self) -> str:
         limits = self.state.limits
+        # A connection holds one of max_sessions slots: one that never starts a session gives it back sooner.
+        waiting_for_start = self.session is None
+        timeout = limits.start_timeout_s if waiting_for_start else limits.idle_timeout_s
         try:
-            msg = await asyncio.wait_for(self.ws.receive(), limits.idle_timeout_s)
+            msg = await asyncio.wait_for(self.ws.receive(), timeout)
         except asyncio.TimeoutError:
-            raise P.ProtocolError(f"idle timeout: no message for {limits.idle_timeout_s:g} s", status=408) from None
+            what = "no 'start' message" if waiting_for_start else "no message"
+            raise P.ProtocolError(f"idle timeout: {what} for {timeout:g} s", status=408) from None
         if msg["type"] == "websocket.disconnect":
             raise _Disconnected("client closed")
         text = msg.get("text")

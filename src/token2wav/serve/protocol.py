@@ -109,6 +109,7 @@ class ServerLimits:
     max_message_bytes: int = 1 << 20  # one WebSocket message or one /v1/synthesize request body
     max_prompt_bytes: int = 16 << 20  # one /v1/prompts body (a mel as JSON text is large)
     idle_timeout_s: float = 30.0  # longest wait for the next client message on a stream
+    start_timeout_s: float = 5.0  # longest wait for 'start' on a new stream: an unused slot is freed sooner
     send_timeout_s: float = 30.0  # longest wait for a client to take one outgoing frame
     max_prompts: int = 256  # registered prompts kept; the least recently used is dropped
     workers: int = 4  # threads running model work
@@ -126,7 +127,7 @@ class ServerLimits:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("idle_timeout_s", "send_timeout_s"):
+        for name in ("idle_timeout_s", "start_timeout_s", "send_timeout_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
