@@ -394,11 +394,12 @@ def run_bench(
     for model in models:
         label = model if model in ("cv2", "cv3") else Path(str(model)).name
         shared = None if isolate else _warm_engine(model, quick, device, dtype)
+        setup = (model, quick, device, dtype)
 
-        def call(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-            if isolate:
-                return _in_fresh_process(fn, model, quick, device, dtype, *args)
-            return fn(model, quick, device, dtype, *args, engine=shared)
+        def call(fn: Callable[..., dict[str, Any]], *args: Any, setup=setup, engine=shared) -> dict[str, Any]:
+            if engine is None:
+                return _in_fresh_process(fn, *setup, *args)
+            return fn(*setup, *args, engine=engine)
 
         for seconds in utterances:
             offline_total = None
@@ -422,7 +423,7 @@ def run_bench(
                 log(f"{label:>5} sessions {n:3d}  aggregate rtf {c['aggregate_rtf']:.3f}  first chunk "
                     f"mean {c['first_chunk_ms_mean']:.0f} p50 {c['first_chunk_ms_p50']:.0f} "
                     f"p99 {c['first_chunk_ms_p99']:.0f} ms")
-        del shared
+        del shared, call  # free this model before the next one is built
     report["targets"] = targets(report["runs"])
     return report
 
