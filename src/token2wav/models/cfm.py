@@ -219,10 +219,13 @@ class CausalConditionalCFM(nn.Module):
         new_steps = []
         modulate = hasattr(self.estimator, "modulation")
         mods = list(cache.modulations)
+        shared: dict[str, Any] = {}
+        if hasattr(self.estimator, "chunk_geometry"):  # the same frames at every step: mask/rotary once
+            shared["geometry"] = self.estimator.chunk_geometry(cache.steps[0].offset, length, chunk_size)
         for step in range(1, len(span)):
             x_in = torch.cat([x, x], dim=0)
             t_in = t.reshape(1).expand(2).contiguous()
-            extra = {}
+            extra = dict(shared)
             if modulate:
                 if len(mods) < step:
                     mods.append(self.estimator.modulation(t_in, 2))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
 
-__all__ = ["DiT", "DiTCache", "RowStore", "TimeModulation", "append_rows"]
+__all__ = ["ChunkGeometry", "DiT", "DiTCache", "RowStore", "TimeModulation", "append_rows"]
 
 _LN_EPS = 1e-6
 
@@ -118,6 +118,20 @@ class TimeModulation:
 
     blocks: tuple[tuple[Tensor, ...], ...]
     final: tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class ChunkGeometry:
+    """What depends only on where new frames sit: ``[offset, offset + length)`` against keys ``[0, offset +
+    length)``. The attention mask (None when every new frame sees every key, as for one chunk-aligned chunk)
+    and the rotary cos/sin. The solver's steps all decode the same frames, so it builds this once per chunk."""
+
+    offset: int
+    length: int
+    chunk_size: int
+    mask: Tensor | None
+    cos: Tensor
+    sin: Tensor
 
 
 def _sinusoidal(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
@@ -290,7 +304,7 @@ class Attention(nn.Module):
         sin: Tensor,
         past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
-        """x ``[B, T, dim]`` (new frames); mask bool, broadcastable to ``[B, heads, T, past + T]``.
+        """x ``[B, T, dim]`` (new frames); mask bool, broadcastable to ``[B, heads, T, past + T]``, or None.
 
         past: cached keys, values ``[B, heads, past, dim_head]`` and their stores, or None.
         Returns the projected output, the full keys/values ``[B, heads, past + T, dim_head]`` and their stores.
@@ -409,18 +423,32 @@ class DiT(nn.Module):
             self.norm_out.modulation(temb),
         )
 
+    def chunk_geometry(self, offset: int, length: int, chunk_size: int | None = None) -> ChunkGeometry:
+        """Mask and rotary terms for new frames ``[offset, offset + length)`` (see ``forward_chunk``)."""
+        chunk = self._chunk(chunk_size)
+        device = self.rotary_embed.inv_freq.device
+        end_of_first = (offset // chunk + 1) * chunk if chunk > 0 else offset + length
+        mask = None
+        if end_of_first < offset + length:  # the new frames span chunks: later chunks stay hidden from earlier
+            mask = make_chunk_mask(length, chunk, -1, offset=offset, device=device)
+        angles = self.rotary_embed.angles(offset, length)
+        return ChunkGeometry(offset, length, chunk, mask, angles.cos(), angles.sin())
+
     def _trunk(
         self,
         h: Tensor,
         mod: TimeModulation,
-        mask: Tensor,
+        mask: Tensor | None,
         row_valid: Tensor | None,
         offset: int,
         cache: DiTCache | None,
+        rotary: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, DiTCache | None]:
         """Blocks and output head; with a cache, also the cache's keys/values extended by these frames."""
-        angles = self.rotary_embed.angles(offset, h.shape[1])
-        cos, sin = angles.cos(), angles.sin()
+        if rotary is None:
+            angles = self.rotary_embed.angles(offset, h.shape[1])
+            rotary = angles.cos(), angles.sin()
+        cos, sin = rotary
         residual = h
         keys, values, stores = [], [], []
         for i, block in enumerate(self.transformer_blocks):
@@ -504,6 +532,7 @@ class DiT(nn.Module):
         cache: DiTCache,
         chunk_size: int | None = None,
         modulation: TimeModulation | None = None,
+        geometry: ChunkGeometry | None = None,
     ) -> tuple[Tensor, DiTCache]:
         """Estimate the velocity of the new frames ``[cache.offset, cache.offset + T)`` only.
 
@@ -512,7 +541,8 @@ class DiT(nn.Module):
         default ``static_chunk_size``; ``<= 0`` lets every new frame see all new frames). The result equals
         the matching rows of ``forward(..., streaming=True)`` over the whole sequence whenever
         ``cache.offset`` is a multiple of the chunk size (earlier chunks never see later frames).
-        modulation: ``self.modulation(t, B)`` computed once by the caller (then ``t`` is not used).
+        modulation: ``self.modulation(t, B)`` computed once by the caller (then ``t`` is not used);
+        geometry: ``self.chunk_geometry(cache.offset, T, chunk_size)``, likewise.
         Returns ``(velocity [B, mel_dim, T], cache covering offset + T frames)``; ``cache`` is not modified.
         """
         batch, _, length = x.shape
@@ -529,7 +559,11 @@ class DiT(nn.Module):
             cache.pos_tail1,
             cache.pos_tail2,
         )
-        chunk = self._chunk(chunk_size)
-        mask = make_chunk_mask(length, chunk, -1, offset=cache.offset, device=x.device)
-        out, extended = self._trunk(h, mod, mask, None, cache.offset, cache)
+        if geometry is None:
+            geometry = self.chunk_geometry(cache.offset, length, chunk_size)
+        elif (geometry.offset, geometry.length, geometry.chunk_size) != (cache.offset, length,
+                                                                        self._chunk(chunk_size)):
+            raise ValueError(f"geometry is for frames {geometry.offset}+{geometry.length} (chunk "
+                             f"{geometry.chunk_size}), the call is for {cache.offset}+{length}")
+        out, extended = self._trunk(h, mod, geometry.mask, None, cache.offset, cache, (geometry.cos, geometry.sin))
         return out, replace(extended, pos_tail1=tail1, pos_tail2=tail2)
