@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from token2wav.models.cfm import CausalConditionalCFM
 from token2wav.models.conformer import UpsampleConformerEncoder
-from token2wav.models.dit import DiT, append_rows
+from token2wav.models.dit import DiT
 from token2wav.models.flow import CausalMaskedDiffWithDiT, CausalMaskedDiffWithXvec, FlowStreamState
+from token2wav.models.kv_store import append_rows
 from token2wav.models.lookahead import PreLookaheadLayer
 from token2wav.models.unet import CausalConditionalDecoder
 

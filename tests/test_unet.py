@@ -230,6 +230,18 @@ def test_prompt_cache_is_shared_read_only(estimator):
     assert shared.offset == 50
 
 
+def test_forward_chunk_appends_keys_in_place(estimator):
+    # The second chunk's keys go into the room the first call left: the cached rows are not copied again.
+    args = inputs(150, seed=9)
+    with torch.inference_mode():
+        _, first = run_chunks(estimator, args, [50])
+        _, second = run_chunks(estimator, args, [50], cache=first, start=50)
+        _, branch = run_chunks(estimator, args, [50], cache=first, start=50)  # the store is taken: a copy
+    for k1, k2, k3 in zip(first.keys, second.keys, branch.keys):
+        assert k2.data_ptr() == k1.data_ptr() and k2.shape[2] == 100
+        assert k3.data_ptr() != k1.data_ptr() and torch.equal(k3, k2)
+
+
 def test_forward_chunk_errors(estimator):
     x, mu, t, spks, cond = inputs(80, seed=8)
     with torch.inference_mode():

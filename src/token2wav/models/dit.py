@@ -12,7 +12,6 @@ Two entry points share every layer:
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,66 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
+from token2wav.models.kv_store import RowStore, append_rows
 
-__all__ = ["ChunkGeometry", "DiT", "DiTCache", "RowStore", "TimeModulation", "append_rows"]
+__all__ = ["ChunkGeometry", "DiT", "DiTCache", "TimeModulation"]
 
 _LN_EPS = 1e-6
-
-
-class RowStore:
-    """Growable storage ``[B, H, capacity, D]`` behind cached key/value views.
-
-    Rows ``[0, length)`` are written once and never changed again. A cache holds the view
-    ``data[:, :, :offset]``; extending it writes rows ``[offset, offset + n)`` in place, which is allowed only
-    while nobody has written past ``offset`` (``length == offset``). Every existing view keeps seeing exactly
-    what it saw, so caches stay immutable in effect, and a cache shared by many sessions (a voice prompt's)
-    is extended in place by at most one of them; the others copy.
-    """
-
-    __slots__ = ("data", "length", "lock")
-
-    def __init__(self, data: Tensor, length: int) -> None:
-        self.data = data
-        self.length = length
-        self.lock = threading.Lock()
-
-    def owns(self, view: Tensor) -> bool:
-        """Whether ``view`` is this store's prefix of ``view.shape[2]`` rows."""
-        data = self.data
-        return (
-            view.data_ptr() == data.data_ptr()
-            and view.shape[:2] == data.shape[:2]
-            and view.stride() == data.stride()
-            and view.device == data.device
-            and view.dtype == data.dtype
-        )
-
-
-def append_rows(past: Tensor, new: Tensor, store: RowStore | None) -> tuple[Tensor, RowStore]:
-    """``cat([past, new], dim=2)`` without copying ``past`` when ``store`` holds it with room to spare.
-
-    Returns the joined view and the store behind it. Falls back to a fresh store (one copy of ``past``)
-    when ``past`` is not a view of ``store``, when another cache already extended that store beyond
-    ``past``, or when it is full; capacity grows geometrically so the copies add up to O(total rows).
-    """
-    n_past, n_new = past.shape[2], new.shape[2]
-    total = n_past + n_new
-    if store is not None and n_past > 0 and store.owns(past):
-        with store.lock:
-            if store.length == n_past and store.data.shape[2] >= total:
-                store.data[:, :, n_past:total] = new
-                store.length = total
-                return store.data[:, :, :total], store
-    batch, heads, _, width = new.shape
-    # Half again as much room (at least two more chunks): every row is copied about twice over a stream's
-    # life. Less headroom was measured to cost 20-30 % of a full-size CPU stream: each copy touches fresh
-    # pages of a multi-GB cache. Memory beyond what is used stays under a half.
-    capacity = total + max(total // 2, 2 * n_new)
-    data = new.new_empty(batch, heads, capacity, width)
-    data[:, :, :n_past] = past
-    data[:, :, n_past:total] = new
-    fresh = RowStore(data, total)
-    return data[:, :, :total], fresh
 
 
 @dataclass(frozen=True)

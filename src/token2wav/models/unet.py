@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
+from token2wav.models.kv_store import RowStore, append_rows
 
 __all__ = [
     "Attention",
@@ -324,23 +325,27 @@ class Attention(nn.Module):
         self,
         hidden_states: Tensor,
         attention_bias: Tensor | None = None,
-        past_k: Tensor | None = None,
-        past_v: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
         """``[B, T, D]`` -> ``[B, T, D]``; keys/values ``[B, H, P+T, d]`` include the past ones.
 
         attention_bias: additive float bias broadcastable to ``[B, H, T, P+T]``.
+        past: cached keys, values ``[B, H, P, d]`` and the stores behind them (see ``kv_store``), or None.
+        Returns the output, the full keys and values, and their stores.
         """
         batch = hidden_states.size(0)
         q = self._split(self.to_q(hidden_states))
         k = self._split(self.to_k(hidden_states))
         v = self._split(self.to_v(hidden_states))
-        if past_k is not None and past_k.size(2) > 0:
-            k = torch.cat([past_k, k], dim=2)
-            v = torch.cat([past_v, v], dim=2)
+        stores: tuple[RowStore | None, RowStore | None] = (None, None)
+        if past is not None:
+            past_k, past_v, k_store, v_store = past
+            k, k_store = append_rows(past_k, k, k_store)
+            v, v_store = append_rows(past_v, v, v_store)
+            stores = (k_store, v_store)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=0.0)
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.dim_head).to(q.dtype)
-        return self.to_out[0](out), k, v
+        return self.to_out[0](out), k, v, stores
 
 
 class BasicTransformerBlock(nn.Module):
@@ -382,14 +387,14 @@ class BasicTransformerBlock(nn.Module):
         hidden_states: Tensor,
         attention_mask: Tensor | None = None,
         timestep: Tensor | None = None,
-        past_k: Tensor | None = None,
-        past_v: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``attention_mask`` is an additive bias ``[B, H, T, P+T]`` (or broadcastable); returns (x, k, v)."""
-        attn, k, v = self.attn1(self.norm1(hidden_states), attention_mask, past_k, past_v)
+        past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
+        """``attention_mask`` is an additive bias ``[B, H, T, P+T]`` (or broadcastable); returns
+        (x, k, v, stores) as ``Attention.forward``."""
+        attn, k, v, stores = self.attn1(self.norm1(hidden_states), attention_mask, past)
         hidden_states = attn + hidden_states
         hidden_states = self.ff(self.norm3(hidden_states)) + hidden_states
-        return hidden_states, k, v
+        return hidden_states, k, v, stores
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,6 +414,8 @@ class UNetCache:
     chunk_size: the attention chunk size the frames were computed with.
     conv_tails: per causal conv in network order, its last ``kernel-1`` input frames ``[B, C, k-1]``.
     keys, values: per transformer block in network order, ``[B, H, offset, d]``.
+    stores: per block, the ``RowStore`` behind keys and values (``()`` when unknown); it only lets the next
+    call append without copying the earlier rows.
     """
 
     offset: int
@@ -416,6 +423,7 @@ class UNetCache:
     conv_tails: tuple[Tensor, ...]
     keys: tuple[Tensor, ...]
     values: tuple[Tensor, ...]
+    stores: tuple[tuple[RowStore | None, RowStore | None], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -535,7 +543,7 @@ class CausalConditionalDecoder(nn.Module):
     def _transformers(blocks: nn.ModuleList, x: Tensor, bias: Tensor, t: Tensor) -> Tensor:
         x = x.transpose(1, 2).contiguous()
         for block in blocks:
-            x, _, _ = block(x, bias, t)
+            x = block(x, bias, t)[0]
         return x.transpose(1, 2).contiguous()
 
     # -- offline --
@@ -688,7 +696,7 @@ class CausalConditionalDecoder(nn.Module):
             raise ValueError(f"chunk_size must be > 0 for incremental decoding, got {chunk}")
         if cache.offset == 0:
             # nothing computed yet: an empty cache takes the chunk size of its first call
-            cache = UNetCache(0, chunk, cache.conv_tails, cache.keys, cache.values)
+            cache = UNetCache(0, chunk, cache.conv_tails, cache.keys, cache.values, cache.stores)
         if chunk != cache.chunk_size:
             raise ValueError(f"chunk_size={chunk} differs from the cache's chunk size {cache.chunk_size}")
         if cache.batch_size != batch:
@@ -705,21 +713,26 @@ class CausalConditionalDecoder(nn.Module):
         temb = self._time(t, batch)
         h = self._inputs(x, mu, spks, cond)
         offset = cache.offset
-        allowed = make_chunk_mask(n_new, chunk, offset=offset, device=x.device)
-        bias = ((1.0 - allowed.to(h.dtype)) * _MASK_BIAS).view(1, 1, n_new, offset + n_new)
+        bias = None  # one chunk-aligned chunk sees every key: no mask needed
+        if (offset // chunk + 1) * chunk < offset + n_new:
+            allowed = make_chunk_mask(n_new, chunk, offset=offset, device=x.device)
+            bias = ((1.0 - allowed.to(h.dtype)) * _MASK_BIAS).view(1, 1, n_new, offset + n_new)
 
         tails = _Tails(cache.conv_tails)
-        past = iter(zip(cache.keys, cache.values))
+        old_stores = cache.stores or ((None, None),) * len(cache.keys)
+        past = iter(zip(cache.keys, cache.values, old_stores))
         keys: list[Tensor] = []
         values: list[Tensor] = []
+        stores: list[tuple[RowStore | None, RowStore | None]] = []
 
         def transformers(blocks: nn.ModuleList, h: Tensor) -> Tensor:
             h = h.transpose(1, 2).contiguous()
             for block in blocks:
-                pk, pv = next(past)
-                h, k, v = block(h, bias, temb, pk, pv)
+                pk, pv, (k_store, v_store) = next(past)
+                h, k, v, block_stores = block(h, bias, temb, (pk, pv, k_store, v_store))
                 keys.append(k)
                 values.append(v)
+                stores.append(block_stores)
             return h.transpose(1, 2).contiguous()
 
         resnet, blocks, down = self.down_blocks[0]
@@ -734,5 +747,5 @@ class CausalConditionalDecoder(nn.Module):
         h = self.final_block.forward_cached(h, tails)
         out = self.final_proj(h)
         new_cache = UNetCache(offset=offset + n_new, chunk_size=chunk, conv_tails=tuple(tails.new),
-                              keys=tuple(keys), values=tuple(values))
+                              keys=tuple(keys), values=tuple(values), stores=tuple(stores))
         return out, new_cache
