@@ -55,3 +55,19 @@ def test_mid_size_keeps_the_architecture():
     assert (est.get("dim"), est.get("depth")) == (256, 4)
     assert mid.flow.target == cfg.flow.target and mid.vocoder.target == cfg.vocoder.target
     assert mid.token_mel_ratio == cfg.token_mel_ratio and mid.static_chunk_size == cfg.static_chunk_size
+
+
+def test_a_mode_the_model_lacks_is_reported_as_skipped(monkeypatch):
+    real = bench.measure_mode
+
+    def measure(model, quick, device, dtype, seconds, mode, engine=None):
+        if mode == "window":
+            raise NotImplementedError("no window cache here")
+        return real(model, quick, device, dtype, seconds, mode, engine=engine)
+
+    monkeypatch.setattr(bench, "measure_mode", measure)
+    report = bench.run_bench(["tiny"], quick=False, utterances=[1.0], modes=["offline", "window"], sessions=1,
+                             device="cpu", dtype=torch.float32, log=lambda _: None, isolate=False)
+    assert [r["mode"] for r in report["runs"]] == ["offline"]
+    assert report["skipped"] == [{"model": "tiny", "mode": "window", "utterance_s": 1.0,
+                                  "reason": "no window cache here"}]

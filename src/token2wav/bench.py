@@ -404,7 +404,13 @@ def run_bench(
         for seconds in utterances:
             offline_total = None
             for mode in modes:
-                result = call(measure_mode, seconds, mode)
+                try:
+                    result = call(measure_mode, seconds, mode)
+                except NotImplementedError as exc:  # e.g. window mode on a model without a DiT cache
+                    report.setdefault("skipped", []).append({"model": label, "mode": mode, "utterance_s": seconds,
+                                                             "reason": str(exc)})
+                    log(f"{label:>5} {mode:>9} {seconds:5.0f}s  skipped: {exc}")
+                    continue
                 if mode == "offline":
                     offline_total = result["total_s"]
                 elif offline_total:
