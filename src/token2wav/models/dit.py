@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
-from token2wav.models.kv_store import RowStore, append_rows
+from token2wav.models.kv_store import PastKV, RowStore, extend_kv
 
 __all__ = ["ChunkGeometry", "DiT", "DiTCache", "TimeModulation"]
 
@@ -246,7 +246,7 @@ class Attention(nn.Module):
         mask: Tensor,
         cos: Tensor,
         sin: Tensor,
-        past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
+        past: PastKV | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
         """x ``[B, T, dim]`` (new frames); mask bool, broadcastable to ``[B, heads, T, past + T]``, or None.
 
@@ -258,12 +258,7 @@ class Attention(nn.Module):
         k = _apply_rotary(self.to_k(x), cos, sin)
         v = self.to_v(x)
         q, k, v = (z.view(batch, length, self.heads, self.dim_head).transpose(1, 2) for z in (q, k, v))
-        stores: tuple[RowStore | None, RowStore | None] = (None, None)
-        if past is not None:
-            past_k, past_v, k_store, v_store = past
-            k, k_store = append_rows(past_k, k, k_store)
-            v, v_store = append_rows(past_v, v, v_store)
-            stores = (k_store, v_store)
+        k, v, stores = extend_kv(k, v, past)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head)
         out = self.to_out[1](self.to_out[0](out))
@@ -286,7 +281,7 @@ class DiTBlock(nn.Module):
         row_valid: Tensor | None,
         cos: Tensor,
         sin: Tensor,
-        past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
+        past: PastKV | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
         """mod: this block's ``attn_norm.modulation`` of the time embedding."""
         normed, gate_a, shift_f, scale_f, gate_f = self.attn_norm.apply(x, mod)

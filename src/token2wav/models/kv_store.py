@@ -12,7 +12,7 @@ import threading
 
 from torch import Tensor
 
-__all__ = ["RowStore", "append_rows"]
+__all__ = ["PastKV", "RowStore", "append_rows", "extend_kv"]
 
 
 class RowStore:
@@ -69,3 +69,17 @@ def append_rows(past: Tensor, new: Tensor, store: RowStore | None) -> tuple[Tens
     data[:, :, n_past:total] = new
     fresh = RowStore(data, total)
     return data[:, :, :total], fresh
+
+
+# One attention layer's cache as the layer receives it: keys, values and the stores behind them.
+PastKV = tuple[Tensor, Tensor, RowStore | None, RowStore | None]
+
+
+def extend_kv(k: Tensor, v: Tensor, past: PastKV | None) -> tuple[Tensor, Tensor, tuple[RowStore | None, ...]]:
+    """A layer's new keys/values ``[B, H, T, d]`` joined after its cached ones (``past``), and their stores."""
+    if past is None:
+        return k, v, (None, None)
+    past_k, past_v, k_store, v_store = past
+    k, k_store = append_rows(past_k, k, k_store)
+    v, v_store = append_rows(past_v, v, v_store)
+    return k, v, (k_store, v_store)

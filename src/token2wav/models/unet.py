@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
-from token2wav.models.kv_store import RowStore, append_rows
+from token2wav.models.kv_store import PastKV, RowStore, extend_kv
 
 __all__ = [
     "Attention",
@@ -325,7 +325,7 @@ class Attention(nn.Module):
         self,
         hidden_states: Tensor,
         attention_bias: Tensor | None = None,
-        past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
+        past: PastKV | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
         """``[B, T, D]`` -> ``[B, T, D]``; keys/values ``[B, H, P+T, d]`` include the past ones.
 
@@ -337,12 +337,7 @@ class Attention(nn.Module):
         q = self._split(self.to_q(hidden_states))
         k = self._split(self.to_k(hidden_states))
         v = self._split(self.to_v(hidden_states))
-        stores: tuple[RowStore | None, RowStore | None] = (None, None)
-        if past is not None:
-            past_k, past_v, k_store, v_store = past
-            k, k_store = append_rows(past_k, k, k_store)
-            v, v_store = append_rows(past_v, v, v_store)
-            stores = (k_store, v_store)
+        k, v, stores = extend_kv(k, v, past)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=0.0)
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.dim_head).to(q.dtype)
         return self.to_out[0](out), k, v, stores
@@ -387,7 +382,7 @@ class BasicTransformerBlock(nn.Module):
         hidden_states: Tensor,
         attention_mask: Tensor | None = None,
         timestep: Tensor | None = None,
-        past: tuple[Tensor, Tensor, RowStore | None, RowStore | None] | None = None,
+        past: PastKV | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, RowStore | None]]:
         """``attention_mask`` is an additive bias ``[B, H, T, P+T]`` (or broadcastable); returns
         (x, k, v, stores) as ``Attention.forward``."""
