@@ -274,6 +274,47 @@ def test_estimator_runs_only_on_new_frames(monkeypatch):
     assert mel.shape[2] == total - before
 
 
+def test_time_terms_are_computed_once_per_solver_step(monkeypatch):
+    # The modulation depends only on the step's time: the prompt's solve computes it, later chunks reuse it.
+    ratio, look, steps = 2, 3, 4
+    flow = random_flow(ratio, look, 50, seed=5)
+    token, prompt_token, prompt_feat, embedding = random_inputs(120, 50, ratio)
+    estimator = flow.decoder.estimator
+    times: list[float] = []
+    real = estimator.modulation
+
+    def counting(t, batch):
+        times.append(float(t.reshape(-1)[0]))
+        return real(t, batch)
+
+    monkeypatch.setattr(estimator, "modulation", counting)
+    state = flow.stream_start(prompt_token, prompt_feat, embedding, n_timesteps=steps)
+    for n in (25, 50, 75):
+        _, state = flow.stream_step(state, token[:, : n + look], finalize=False)
+    _, state = flow.stream_step(state, token, finalize=True)
+    span = flow.decoder.time_span(steps, torch.device("cpu"), torch.float32)
+    assert times == pytest.approx(span[:-1].tolist(), abs=1e-6)  # once per step, for the whole stream
+    assert len(state.cache.modulations) == steps
+
+
+def test_chunk_geometry_must_match_the_call():
+    estimator = random_flow(2, 3, 50, seed=6).decoder.estimator
+    cache = estimator.empty_cache(2)
+    x = torch.zeros(2, 80, 50)
+    t = torch.full((2,), 0.5)
+    with torch.inference_mode():
+        _, cache = estimator.forward_chunk(x, x, t, torch.zeros(2, 80), x, cache=cache)
+        wrong = estimator.chunk_geometry(0, 50)
+        with pytest.raises(ValueError, match=r"geometry is for frames 0\+50 \(chunk 50\), the call is for 50\+50"):
+            estimator.forward_chunk(x, x, t, torch.zeros(2, 80), x, cache=cache, geometry=wrong)
+        right = estimator.chunk_geometry(50, 50)
+        assert right.mask is None  # one aligned chunk sees every key
+        assert estimator.chunk_geometry(0, 100).mask.shape == (100, 100)
+        a, _ = estimator.forward_chunk(x, x, t, torch.zeros(2, 80), x, cache=cache, geometry=right)
+        b, _ = estimator.forward_chunk(x, x, t, torch.zeros(2, 80), x, cache=cache)
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("lookahead", [0, 2])
 def test_runtime_lookahead_shorter_than_trained(lookahead):
     ratio, look, chunk = 2, 5, 50
