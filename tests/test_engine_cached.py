@@ -284,6 +284,23 @@ def test_window_mode_is_exactly_windowed_attention(tmp_dir, monkeypatch):
     assert np.abs(streamed - plain).max() > MEL_TOL  # the window did drop context
 
 
+def test_window_mode_appends_into_the_room_its_trim_left(tmp_dir):
+    # After a trim, the kept keys sit in a store with room for the next chunk: that chunk is written in place.
+    engine = tiny_engine(tmp_dir, vocoder=False)
+    chunk = engine.chunk_tokens
+    with engine.stream(random_prompt(engine, 7), mode="window", output="mel",
+                       window_frames=2 * chunk * engine.config.token_mel_ratio) as session:
+        tokens = random_tokens(engine, 8 * chunk)
+        session.push(tokens[: 5 * chunk])  # the window is full and trimmed from now on
+        before = session.state.flow_state.cache.steps[0]
+        session.push(tokens[5 * chunk : 6 * chunk])
+        after = session.state.flow_state.cache.steps[0]
+    assert after.keys[0].shape[2] == before.keys[0].shape[2]  # bounded: one chunk in, one chunk out
+    old_store, _ = before.stores[0]
+    assert old_store is not None and old_store.data.shape[2] > before.keys[0].shape[2]  # room was left
+    assert old_store.length > before.keys[0].shape[2]  # and the next chunk was written into it
+
+
 def test_cv2_cached_mel_and_crossfaded_audio(capsys):
     """CosyVoice 2 (fixture model): cached mel equals the chunk-causal decode; the audio goes through the
     reference's HiFT hand-over (8 mel frames of context, source carried over, Hamming cross-fade), so it is

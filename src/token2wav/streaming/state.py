@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.kv_store import RowStore
+
 
 @dataclass
 class CrossFadeVocoderState:
@@ -174,21 +176,33 @@ def _windowed_cfm_cache_class() -> type:
 _SHIFTED: type | None = None
 
 
-def _rotate_positions(keys: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate keys ``[B, heads, T, dh]`` by ``angles`` ``[rot]`` on the first ``rot`` flattened channels.
+def _rotate_positions_(keys: torch.Tensor, angles: torch.Tensor) -> None:
+    """Rotate keys ``[B, heads, T, dh]`` in place by ``angles`` ``[rot]`` on the first ``rot`` flattened channels.
 
     The DiT applies rotary embeddings to the flattened ``[B, T, heads * dh]`` projection, channel pairs
-    ``(2i, 2i + 1)`` interleaved; a further rotation by the same per-pair angle composes with it.
+    ``(2i, 2i + 1)`` interleaved; a further rotation by the same per-pair angle composes with it. Its rotary
+    width is ``dim_head``, so only head 0 turns and only that slice is computed.
     """
-    b, h, t, dh = keys.shape
-    flat = keys.transpose(1, 2).reshape(b, t, h * dh)
-    rot = angles.shape[-1]
-    part = flat[..., :rot].unflatten(-1, (-1, 2))
+    rot, dh = angles.shape[-1], keys.shape[-1]
     cos, sin = angles[0::2].cos(), angles[0::2].sin()
-    x, y = part[..., 0], part[..., 1]
-    turned = torch.stack((x * cos - y * sin, x * sin + y * cos), dim=-1).flatten(-2)
-    flat = torch.cat((turned.to(flat.dtype), flat[..., rot:]), dim=-1)
-    return flat.reshape(b, t, h, dh).transpose(1, 2).contiguous()
+    for head in range(-(-rot // dh)):
+        width = min(dh, rot - head * dh)
+        pairs = keys[:, head, :, :width].unflatten(-1, (-1, 2))
+        c, s = cos[head * dh // 2 : (head * dh + width) // 2], sin[head * dh // 2 : (head * dh + width) // 2]
+        x, y = pairs[..., 0].clone(), pairs[..., 1].clone()
+        pairs[..., 0] = x * c - y * s
+        pairs[..., 1] = x * s + y * c
+
+
+def _kept_rows(rows: torch.Tensor, head: int, drop: int, room: int) -> tuple[torch.Tensor, RowStore]:
+    """``rows`` ``[B, H, T, d]`` without rows ``[head, head + drop)``, in a fresh store with ``room`` spare rows
+    so that the next chunk appends in place."""
+    b, h, t, d = rows.shape
+    kept = t - drop
+    data = rows.new_empty(b, h, kept + room, d)
+    data[:, :, :head] = rows[:, :, :head]
+    data[:, :, head:kept] = rows[:, :, head + drop :]
+    return data[:, :, :kept], RowStore(data, kept)
 
 
 def trim_flow_state(state: Any, *, head_frames: int, window_frames: int, estimator: torch.nn.Module) -> Any:
@@ -208,15 +222,19 @@ def trim_flow_state(state: Any, *, head_frames: int, window_frames: int, estimat
         return replace(state, cache=_SHIFTED(steps=cache.steps, modulations=cache.modulations, shift=shift))
     rotary = estimator.rotary_embed
     angles = rotary.angles(-excess, 1)[0]
+    room = max(excess, 1)  # the next chunk's frames: appended in place, then trimmed again
     steps = []
     for step in cache.steps:
-        keys, values = [], []
+        keys, values, stores = [], [], []
         for k, v in zip(step.keys, step.values):
-            k = torch.cat((k[:, :, :head_frames], k[:, :, head_frames + excess :]), dim=2)
-            keys.append(_rotate_positions(k, angles.to(k.device)))
-            values.append(torch.cat((v[:, :, :head_frames], v[:, :, head_frames + excess :]), dim=2))
+            k, k_store = _kept_rows(k, head_frames, excess, room)
+            _rotate_positions_(k, angles.to(k.device))
+            v, v_store = _kept_rows(v, head_frames, excess, room)
+            keys.append(k)
+            values.append(v)
+            stores.append((k_store, v_store))
         fields = {"offset": kept - excess, "keys": tuple(keys), "values": tuple(values)}
         if hasattr(step, "stores"):
-            fields["stores"] = ()  # fresh tensors: no growable storage behind them yet
+            fields["stores"] = tuple(stores)
         steps.append(replace(step, **fields))
     return replace(state, cache=_SHIFTED(steps=tuple(steps), modulations=cache.modulations, shift=shift + excess))
