@@ -338,7 +338,7 @@ def _warm_engine(model: str, quick: bool, device: str, dtype: torch.dtype):
 def measure_mode(model: str, quick: bool, device: str, dtype: torch.dtype, seconds: float, mode: str,
                  engine=None) -> dict[str, Any]:
     """One (model, utterance, mode) row; builds and warms the engine unless one is given."""
-    engine = engine or _warm_engine(model, quick, device, dtype)
+    engine = engine if engine is not None else _warm_engine(model, quick, device, dtype)
     loaded_rss = _rss_mb()
     hop = engine.config.chunk_tokens
     prompt, tokens = _workload(engine, seconds, seed=int(seconds))
@@ -357,7 +357,7 @@ def measure_mode(model: str, quick: bool, device: str, dtype: torch.dtype, secon
 
 def measure_concurrency(model: str, quick: bool, device: str, dtype: torch.dtype, seconds: float, sessions: int,
                         engine=None) -> dict[str, Any]:
-    engine = engine or _warm_engine(model, quick, device, dtype)
+    engine = engine if engine is not None else _warm_engine(model, quick, device, dtype)
     prompt, tokens = _workload(engine, seconds, seed=7)
     return run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens)
 
