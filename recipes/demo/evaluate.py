@@ -31,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from render import VOICES  # noqa: E402
 
 from token2wav.config import read_config  # noqa: E402
-from token2wav.loading import load_flow, load_vocoder  # noqa: E402
 from token2wav.models.hifigan import HiFiGANGenerator  # noqa: E402
 from token2wav.streaming.engine import Token2Wav  # noqa: E402
-from token2wav.tokenizer import KMeansTokenizer, load_speakers, log_mel, resample  # noqa: E402
+from token2wav.tokenizer import KMeansTokenizer, log_mel, resample  # noqa: E402
 
 SR = 22050
 
@@ -126,11 +125,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     cfg = read_config(args.model)
-    flow = load_flow(cfg, args.model / "flow.safetensors")
-    voc = load_vocoder(cfg, args.model / "vocoder.safetensors")
+    t2w = Token2Wav.from_pretrained(args.model, n_timesteps=args.n_timesteps)
+    voc = t2w.vocoder
     tok = KMeansTokenizer.from_file(args.model / "tokenizer.safetensors")
-    speakers = load_speakers(args.model / "speakers.safetensors")
-    t2w = Token2Wav.from_pretrained(args.model)
     asr = Recognizer()
 
     with safe_open(str(args.heldout), framework="pt") as f:
@@ -138,6 +135,15 @@ def main() -> None:
         aud_all, aoff = f.get_tensor("audio"), f.get_tensor("audio_offsets")
         spk_all = f.get_tensor("speaker").tolist()
         texts = json.loads(f.metadata()["texts"])
+
+    def heldout_mel(i: int) -> torch.Tensor:
+        mel = mel_all[off[i] : off[i + 1]]
+        return mel[: mel.shape[0] - mel.shape[0] % 2].T  # (80, F), whole tokens
+
+    def offline_decode(tokens: torch.Tensor, voice: str) -> torch.Tensor:
+        """The full-attention offline decode (the reference's non-streaming path), mel (80, F)."""
+        mel = t2w.synthesize(tokens[0], prompt=t2w.speaker_prompt(voice), attention="full", output="mel")
+        return torch.from_numpy(mel)
     items = []
     for s in range(len(VOICES)):
         idx = [i for i in range(len(spk_all)) if spk_all[i] == s][args.skip : args.skip + args.per_voice]
@@ -155,8 +161,7 @@ def main() -> None:
     offline_mels: dict[int, tuple] = {}
     for n, (i, s) in enumerate(items):
         name = VOICES[s]
-        mel = mel_all[off[i] : off[i + 1]]
-        mel = mel[: mel.shape[0] - mel.shape[0] % 2].T  # (80, F)
+        mel = heldout_mel(i)
         audio = aud_all[aoff[i] : aoff[i + 1]]
         text = texts[i]
         tokens = tok.tokens_from_mel(mel)[None]
@@ -170,18 +175,9 @@ def main() -> None:
             look_mel = tok.mel_from_tokens(tokens[0])
             rec["lookup"].append((text, asr(voc(look_mel[None])[0, 0])))
             l1["lookup"].append(float((look_mel - mel).abs().mean()))
-            p = speakers[name]
-            off_mel = flow.inference(
-                tokens,
-                p["prompt_token"],
-                p["prompt_feat"].float(),
-                p["embedding"].float(),
-                streaming=False,
-                finalize=True,
-                n_timesteps=args.n_timesteps,
-            )[0]
+            off_mel = offline_decode(tokens, name)
             rec["offline"].append((text, asr(voc(off_mel[None])[0, 0])))
-            offline_mels[i] = (mel, tokens, p, off_mel)
+            offline_mels[i] = (mel, tokens, off_mel)
             l1["offline"].append(float((off_mel - mel).abs().mean()))
         if not args.offline_only:
             st = stream_decode(t2w, tokens, name, default[0], default[1])
@@ -217,24 +213,13 @@ def main() -> None:
         if i in offline_mels:  # decoded in the main loop already
             cached[i] = offline_mels[i]
             continue
-        mel = mel_all[off[i] : off[i + 1]]
-        mel = mel[: mel.shape[0] - mel.shape[0] % 2].T
+        mel = heldout_mel(i)
         tokens = tok.tokens_from_mel(mel)[None]
-        p = speakers[VOICES[s]]
-        off_mel = flow.inference(
-            tokens,
-            p["prompt_token"],
-            p["prompt_feat"].float(),
-            p["embedding"].float(),
-            streaming=False,
-            finalize=True,
-            n_timesteps=args.n_timesteps,
-        )[0]
-        cached[i] = (mel, tokens, p, off_mel)
+        cached[i] = (mel, tokens, offline_decode(tokens, VOICES[s]))
     for chunk, look in presets if grid_items else []:
         rows = []
         for i, s in grid_items:
-            mel, tokens, p, off_mel = cached[i]
+            mel, tokens, off_mel = cached[i]
             st = stream_decode(t2w, tokens, VOICES[s], chunk, look)
             rows.append(
                 {
@@ -261,7 +246,7 @@ def main() -> None:
         "gt_int8": "ground-truth mel -> HiFi-GAN int8 (shipped)",
         "lookup": "tokens -> centroid lookup",
         "offline": "tokens -> flow offline (full attention)",
-        "stream": f"tokens -> flow streamed (chunk {default[0]}, lookahead {default[1]})",
+        "stream": f"tokens -> flow streamed (hop {default[0]}, lookahead {default[1]})",
     }
     for k, label in names.items():
         if k in results["wer"]:
