@@ -283,6 +283,16 @@ def test_prompt_cache_is_shared_read_only(encoder):
     assert shared.offset == 25 and not shared.finalized
 
 
+def test_forward_chunk_appends_keys_in_place(encoder):
+    # The second call's keys go into the room the first call left (both rates): earlier rows are not copied.
+    xs = features(60, seed=12)
+    with torch.inference_mode():
+        _, first = encoder.forward_chunk(xs[:, :25], context=xs[:, 25:28], cache=None, finalize=False)
+        _, second = encoder.forward_chunk(xs[:, 25:50], context=xs[:, 50:53], cache=first, finalize=False)
+    for k1, k2 in zip(first.keys + first.up_keys, second.keys + second.up_keys):
+        assert k2.data_ptr() == k1.data_ptr() and k2.shape[2] == 2 * k1.shape[2]
+
+
 def _tensors(cache: ConformerCache) -> list[torch.Tensor]:
     return [cache.lookahead_history, cache.context, *cache.keys, *cache.values, cache.up_history,
             *cache.up_keys, *cache.up_values]  # fmt: skip

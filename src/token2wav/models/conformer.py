@@ -14,13 +14,14 @@ strictly. Two entry points:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask, make_pad_mask
+from token2wav.models.kv_store import PastKV, RowStore, extend_kv
 from token2wav.models.lookahead import PreLookaheadLayer
 
 __all__ = [
@@ -162,22 +163,21 @@ class RelPositionMultiHeadedAttention(nn.Module):
         x: Tensor,
         mask: Tensor | None,
         pos_emb: Tensor,
-        past_k: Tensor | None = None,
-        past_v: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Attend from ``x`` ``[B, T1, D]`` to earlier keys (``past_k/v``: ``[B, H, P, d_k]``) and to ``x``.
+        past: PastKV | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, ...]]:
+        """Attend from ``x`` ``[B, T1, D]`` to earlier keys (``past``: keys/values ``[B, H, P, d_k]`` and their
+        stores, see ``kv_store``) and to ``x``.
 
         pos_emb: ``[1, P + 2*T1 - 1, D]`` sinusoids for distances ``P+T1-1 .. -(T1-1)``.
         mask: bool, True = may attend, ``[B, T1, P+T1]`` or ``[B, 1, P+T1]``; ``None`` for no mask.
-        Returns the output and the full keys/values ``[B, H, P+T1, d_k]`` (new tensors; inputs untouched).
+        Returns the output, the full keys/values ``[B, H, P+T1, d_k]`` and their stores (earlier views of the
+        stores are untouched).
         """
         batch, t1, _ = x.shape
         q = self.linear_q(x).view(batch, t1, self.h, self.d_k)
         k = self.linear_k(x).view(batch, t1, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(batch, t1, self.h, self.d_k).transpose(1, 2)
-        if past_k is not None and past_k.size(2) > 0:
-            k = torch.cat([past_k, k], dim=2)
-            v = torch.cat([past_v, v], dim=2)
+        k, v, stores = extend_kv(k, v, past)
         n_keys = k.size(2)
         if pos_emb.size(1) != n_keys + t1 - 1:
             raise ValueError(f"pos_emb must cover {n_keys + t1 - 1} distances, got {pos_emb.size(1)}")
@@ -198,7 +198,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         else:
             attn = torch.softmax(scores, dim=-1)
         out = torch.matmul(attn, v).transpose(1, 2).contiguous().view(batch, t1, self.h * self.d_k)
-        return self.linear_out(out), k, v
+        return self.linear_out(out), k, v, stores
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -260,18 +260,17 @@ class ConformerEncoderLayer(nn.Module):
         x: Tensor,
         mask: Tensor | None,
         pos_emb: Tensor,
-        past_k: Tensor | None = None,
-        past_v: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns ``(x, keys, values)``; keys/values include ``past_k/past_v`` (see the attention)."""
+        past: PastKV | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[RowStore | None, ...]]:
+        """Returns ``(x, keys, values, stores)``; keys/values include ``past``'s (see the attention)."""
         if self.feed_forward_macaron is not None:
             y = self.feed_forward_macaron(self._pre(x, self.norm_ff_macaron))
             x = self._post(x + self.ff_scale * y, self.norm_ff_macaron)
-        y, keys, values = self.self_attn(self._pre(x, self.norm_mha), mask, pos_emb, past_k, past_v)
+        y, keys, values, stores = self.self_attn(self._pre(x, self.norm_mha), mask, pos_emb, past)
         x = self._post(x + y, self.norm_mha)
         y = self.feed_forward(self._pre(x, self.norm_ff))
         x = self._post(x + self.ff_scale * y, self.norm_ff)
-        return x, keys, values
+        return x, keys, values, stores
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,6 +329,8 @@ class ConformerCache:
     up_history: the last ``2*stride`` upsampled frames ``[B, C, 2*stride]`` entering the upsampler conv.
     up_keys, up_values: per upsampled-rate layer, ``[B, H, stride*offset, d_k]``.
     finalized: the sequence was closed by a ``finalize=True`` call; no further call is possible.
+    stores, up_stores: per layer, the ``RowStore`` behind keys and values (``()`` when unknown); they only let
+        the next call append without copying the earlier rows.
     """
 
     offset: int
@@ -341,6 +342,8 @@ class ConformerCache:
     up_keys: tuple[Tensor, ...]
     up_values: tuple[Tensor, ...]
     finalized: bool = False
+    stores: tuple[tuple[RowStore | None, ...], ...] = field(default=(), compare=False, repr=False)
+    up_stores: tuple[tuple[RowStore | None, ...], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -485,7 +488,7 @@ class UpsampleConformerEncoder(nn.Module):
         masks = add_chunk_mask(valid, chunk)
         xs = self.pre_lookahead_layer(xs, context)
         for layer in self.encoders:
-            xs, _, _ = layer(xs, masks, pos_emb)
+            xs = layer(xs, masks, pos_emb)[0]
 
         xs, up_lens = self.up_layer(xs.transpose(1, 2), xs_lens)
         xs = xs.transpose(1, 2)
@@ -493,7 +496,7 @@ class UpsampleConformerEncoder(nn.Module):
         xs, pos_emb, valid = self.up_embed(xs, valid)
         masks = add_chunk_mask(valid, chunk * self.up_stride)
         for layer in self.up_encoders:
-            xs, _, _ = layer(xs, masks, pos_emb)
+            xs = layer(xs, masks, pos_emb)[0]
         if self.normalize_before:
             xs = self.after_norm(xs)
         return xs, valid
@@ -598,14 +601,15 @@ class UpsampleConformerEncoder(nn.Module):
         lookahead_history = torch.cat([cache.lookahead_history, x], dim=1)
         lookahead_history = lookahead_history[:, max(0, lookahead_history.size(1) - history_len):]
 
-        x_out, keys, values = self._run_layers(self.encoders, self.embed, x_out, cache.offset, chunk,
-                                               cache.keys, cache.values)
+        x_out, keys, values, stores = self._run_layers(self.encoders, self.embed, x_out, cache.offset, chunk,
+                                                       cache.keys, cache.values, cache.stores)
 
         up, up_history = self.up_layer.forward_cached(x_out.transpose(1, 2), cache.up_history)
         up = self.up_embed.project(up.transpose(1, 2))
         stride = self.up_stride
-        up, up_keys, up_values = self._run_layers(self.up_encoders, self.up_embed, up, cache.offset * stride,
-                                                  chunk * stride, cache.up_keys, cache.up_values)
+        up, up_keys, up_values, up_stores = self._run_layers(self.up_encoders, self.up_embed, up,
+                                                             cache.offset * stride, chunk * stride, cache.up_keys,
+                                                             cache.up_values, cache.up_stores)
         if self.normalize_before:
             up = self.after_norm(up)
 
@@ -619,6 +623,8 @@ class UpsampleConformerEncoder(nn.Module):
             up_keys=up_keys,
             up_values=up_values,
             finalized=finalize,
+            stores=stores,
+            up_stores=up_stores,
         )
         return up, new_cache
 
@@ -631,29 +637,22 @@ class UpsampleConformerEncoder(nn.Module):
         chunk: int,
         past_keys: tuple[Tensor, ...],
         past_values: tuple[Tensor, ...],
-    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+        past_stores: tuple[tuple[RowStore | None, ...], ...],
+    ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...], tuple[tuple[RowStore | None, ...], ...]]:
         """Run conformer layers on frames ``[offset, offset+n)`` against cached keys of ``[0, offset)``."""
         n_new = x.size(1)
         pos_emb = embed.pos_enc.position_encoding(offset + n_new - 1, -(n_new - 1), device=x.device,
                                                   dtype=x.dtype)
         mask = make_chunk_mask(n_new, chunk, offset=offset, device=x.device).unsqueeze(0)
-        keys, values = [], []
-        for layer, pk, pv in zip(layers, past_keys, past_values):
-            x, k, v = layer(x, mask, pos_emb, pk, pv)
+        keys, values, stores = [], [], []
+        for i, (layer, pk, pv) in enumerate(zip(layers, past_keys, past_values)):
+            k_store, v_store = past_stores[i] if past_stores else (None, None)
+            x, k, v, layer_stores = layer(x, mask, pos_emb, (pk, pv, k_store, v_store))
             keys.append(k)
             values.append(v)
-        return x, tuple(keys), tuple(values)
+            stores.append(layer_stores)
+        return x, tuple(keys), tuple(values), tuple(stores)
 
 
 def _closed(cache: ConformerCache) -> ConformerCache:
-    return ConformerCache(
-        offset=cache.offset,
-        lookahead_history=cache.lookahead_history,
-        context=cache.context,
-        keys=cache.keys,
-        values=cache.values,
-        up_history=cache.up_history,
-        up_keys=cache.up_keys,
-        up_values=cache.up_values,
-        finalized=True,
-    )
+    return replace(cache, finalized=True)
