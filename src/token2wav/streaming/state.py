@@ -176,15 +176,15 @@ def _windowed_cfm_cache_class() -> type:
 _SHIFTED: type | None = None
 
 
-def _rotate_positions_(keys: torch.Tensor, angles: torch.Tensor) -> None:
-    """Rotate keys ``[B, heads, T, dh]`` in place by ``angles`` ``[rot]`` on the first ``rot`` flattened channels.
+def _rotate_positions_(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate keys ``[B, heads, T, dh]`` in place on the first ``2 * len(cos)`` flattened channels, channel pair
+    ``i`` by the angle whose cosine and sine are ``cos[i]``, ``sin[i]``.
 
     The DiT applies rotary embeddings to the flattened ``[B, T, heads * dh]`` projection, channel pairs
     ``(2i, 2i + 1)`` interleaved; a further rotation by the same per-pair angle composes with it. Its rotary
     width is ``dim_head``, so only head 0 turns and only that slice is computed.
     """
-    rot, dh = angles.shape[-1], keys.shape[-1]
-    cos, sin = angles[0::2].cos(), angles[0::2].sin()
+    rot, dh = 2 * cos.shape[-1], keys.shape[-1]
     for head in range(-(-rot // dh)):
         width = min(dh, rot - head * dh)
         pairs = keys[:, head, :, :width].unflatten(-1, (-1, 2))
@@ -221,14 +221,15 @@ def trim_flow_state(state: Any, *, head_frames: int, window_frames: int, estimat
     if excess <= 0:
         return replace(state, cache=_SHIFTED(steps=cache.steps, modulations=cache.modulations, shift=shift))
     rotary = estimator.rotary_embed
-    angles = rotary.angles(-excess, 1)[0]
+    angles = rotary.angles(-excess, 1)[0, 0::2]  # one angle per channel pair, the same for every layer
+    cos, sin = angles.cos(), angles.sin()
     room = max(excess, 1)  # the next chunk's frames: appended in place, then trimmed again
     steps = []
     for step in cache.steps:
         keys, values, stores = [], [], []
         for k, v in zip(step.keys, step.values):
             k, k_store = _kept_rows(k, head_frames, excess, room)
-            _rotate_positions_(k, angles.to(k.device))
+            _rotate_positions_(k, cos.to(k.device), sin.to(k.device))
             v, v_store = _kept_rows(v, head_frames, excess, room)
             keys.append(k)
             values.append(v)
