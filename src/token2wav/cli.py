@@ -307,13 +307,13 @@ def _synth(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{opt.replace('_', '-')} applies only with --stream")
     elif args.attention is not None:
         raise ValueError("--attention applies only without --stream (streaming is chunk-causal)")
+    if args.speaker is not None and args.prompt is not None:
+        raise ValueError("--speaker and --prompt are alternatives: give one")
+    _precheck_synth(args, tokens)  # what the config alone decides, before seconds of loading
+    prompt = None if args.speaker is not None else _load_prompt(args.prompt)
     t2w = load_engine(args.model, args.device, args.dtype)
     if args.speaker is not None:
-        if args.prompt is not None:
-            raise ValueError("--speaker and --prompt are alternatives: give one")
         prompt = t2w.speaker_prompt(args.speaker)
-    else:
-        prompt = _load_prompt(args.prompt)
     if args.warmup:
         _warm_up(t2w)
     sr = int(t2w.sample_rate)
@@ -379,6 +379,27 @@ def _synth(args: argparse.Namespace) -> int:
             f"{chunks} chunk(s), first chunk after {summary['first_chunk_latency_s']} s"
         )
     return 0
+
+
+def _precheck_synth(args: argparse.Namespace, tokens: Any) -> None:
+    """Refuse, before any weights are read, what the model's config alone rules out (flags named as typed)."""
+    from token2wav.config import read_config
+    from token2wav.loading import resolve_model_dir
+    from token2wav.preflight import CLI_NAMES, check_stream_options, check_token_ids
+
+    config = read_config(resolve_model_dir(args.model))
+    check_token_ids(tokens, config, name=f"--tokens {args.tokens}")
+    if args.stream:
+        check_stream_options(
+            config, preset=args.preset, hop=args.hop, mode=args.mode, window_frames=args.window_frames,
+            names=CLI_NAMES,
+        )
+    if args.speaker is not None:
+        speakers = list(config.extra.get("speakers") or [])
+        if args.speaker not in speakers:
+            have = (f"must be one of {', '.join(speakers)}" if speakers
+                    else "not available: this model ships no voices (use --prompt)")
+            raise ValueError(f"--speaker {args.speaker}: {have}")
 
 
 def _warm_up(t2w: Any) -> None:

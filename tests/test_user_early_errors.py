@@ -1,0 +1,118 @@
+"""Issue 16, item 4: mistakes the config alone decides are reported before any weights are loaded.
+
+The user ran `token2wav synth` against a release-like CosyVoice 3 directory (the real cosyvoice3.yaml next to
+its weights) and waited 5-8 s for the model to load before hearing about `--hop 7`. Here the weights file is a
+placeholder that cannot be loaded and `load_engine` fails the test if called: the error must come first.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import token2wav
+from token2wav import cli
+from token2wav.config import read_config
+from token2wav.preflight import check_stream_options
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture
+def cv3_dir(tmp_path) -> Path:
+    d = tmp_path / "CosyVoice3-0.5B"
+    d.mkdir()
+    shutil.copy(DATA / "real_configs" / "cosyvoice3.yaml", d / "cosyvoice3.yaml")
+    (d / "flow.pt").write_bytes(b"not loaded in these tests")
+    (d / "hift.pt").write_bytes(b"not loaded in these tests")
+    return d
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(cli, "load_engine", refuse)
+
+
+def _synth(cv3_dir: Path, tmp_path: Path, tokens: str, *extra: str) -> int:
+    path = tmp_path / "tokens.txt"
+    path.write_text(tokens)
+    return cli.main(["synth", "--model", str(cv3_dir), "--tokens", str(path), "--out", str(tmp_path / "o.wav"),
+                     *extra])
+
+
+@pytest.mark.parametrize(
+    "extra, tokens, words",
+    [
+        (["--stream", "--hop", "7"], "1 2 3", ["--hop 7 tokens is not a multiple", "25, 50, 75"]),
+        (["--stream", "--preset", "fast"], "1 2 3",
+         ["--preset must be one of assistant, balanced, quality, constrained", "'fast'"]),
+        (["--stream", "--mode", "window"], "1 2 3",
+         ["--mode window needs --window-frames", "multiple of the chunk (50"]),
+        (["--stream", "--mode", "window", "--window-frames", "60"], "1 2 3",
+         ["--window-frames 60 must be a multiple of the chunk (50 frames)", "50 or 100"]),
+        (["--stream", "--window-frames", "100"], "1 2 3", ["--window-frames applies only with --mode window"]),
+        ([], "1 2 6561 7", ["token id 6561 at position 2 is outside the model's vocabulary", "[0, 6561)"]),
+        (["--stream"], "[5, -1]", ["token ids must be >= 0"]),
+        (["--speaker", "slt"], "1 2 3", ["--speaker slt", "ships no voices", "--prompt"]),
+    ],
+)
+def test_config_decided_errors_come_before_loading(cv3_dir, tmp_path, capsys, no_loading, extra, tokens, words):
+    assert _synth(cv3_dir, tmp_path, tokens, *extra) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_window_message_names_the_flag_not_the_api_argument(cv3_dir, tmp_path, capsys, no_loading):
+    assert _synth(cv3_dir, tmp_path, "1 2 3", "--stream", "--mode", "window") == 2
+    err = capsys.readouterr().err
+    assert "--window-frames" in err and "window_frames" not in err and "mode='window'" not in err
+
+
+def test_cosyvoice2_window_mode_refused_before_loading(tmp_path, capsys, no_loading):
+    d = tmp_path / "CosyVoice2-0.5B"
+    d.mkdir()
+    shutil.copy(DATA / "real_configs" / "cosyvoice2.yaml", d / "cosyvoice2.yaml")
+    assert _synth(d, tmp_path, "1 2 3", "--stream", "--mode", "window", "--window-frames", "100") == 2
+    err = capsys.readouterr().err
+    assert "cosyvoice2 model" in err and "--mode cached" in err
+
+
+def test_a_good_command_still_reaches_loading(cv3_dir, tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli, "load_engine", record)
+    assert _synth(cv3_dir, tmp_path, "1 2 3", "--stream", "--hop", "50", "--mode", "window",
+                  "--window-frames", "200") == 2
+    assert calls and "stop here" in capsys.readouterr().err
+
+
+def test_api_preflight_names_api_arguments():
+    config = read_config(DATA / "real_configs" / "cosyvoice3.yaml")
+    with pytest.raises(ValueError, match=r"mode='window' needs window_frames"):
+        check_stream_options(config, mode="window")
+    with pytest.raises(ValueError, match=r"hop=7 tokens is not a multiple"):
+        check_stream_options(config, hop=7)
+    check_stream_options(config, preset="assistant", mode="window", window_frames=400)  # valid: no error
+
+
+def test_engine_and_preflight_agree_on_the_tiny_model():
+    # the engine's own checks (used without the CLI) accept and refuse the same things as the preflight
+    t2w = token2wav.Token2Wav.from_pretrained("tiny")
+    for kwargs in ({"hop": 7}, {"mode": "window"}, {"preset": "fast"}, {"mode": "window", "window_frames": 60}):
+        with pytest.raises(ValueError):
+            t2w.stream(**kwargs)
+        with pytest.raises(ValueError):
+            check_stream_options(t2w.config, **kwargs)
+    t2w.stream(hop=50, mode="window", window_frames=100).close()
+    check_stream_options(t2w.config, hop=50, mode="window", window_frames=100)
