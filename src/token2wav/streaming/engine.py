@@ -133,6 +133,8 @@ class Token2Wav:
         self._assets_lock = threading.Lock()  # speakers / tokenizer of bundled models, loaded on first use
         self._speakers: dict[str, dict[str, torch.Tensor]] | None = None
         self._tokenizer: Any = None
+        self._saved_voices: dict[str, Any] | None = None  # spk2info.pt of the model directory, read on first use
+        self._frontend: Any = None  # ONNX prompt front end (token2wav.frontend), made on first prompt_from_wav
         ref = next(iter(flow.parameters()), None)
         self._device = ref.device if ref is not None else torch.device("cpu")
         self._dtype = ref.dtype if ref is not None else torch.float32
@@ -286,15 +288,29 @@ class Token2Wav:
             raise ValueError(f"this model ships no {key} (only bundled token2wav-format models such as 'demo' do)")
         return Path(self._config.path).parent / files[key]
 
+    def _voices(self) -> dict[str, Any]:
+        """Saved voices of the model directory's ``spk2info.pt`` (CosyVoice's format), read once."""
+        with self._assets_lock:
+            if self._saved_voices is None:
+                from ..frontend.voices import SPK2INFO, read_voices
+
+                path = Path(self._config.path).parent / SPK2INFO
+                self._saved_voices = read_voices(path) if path.is_file() else {}
+            return self._saved_voices
+
     @property
     def speakers(self) -> list[str]:
-        """Names of the voices that ship with the model (empty for CosyVoice releases: bring a Prompt)."""
-        return list(self._config.extra.get("speakers") or [])
+        """Names of the model's voices: bundled ones, then those saved in its ``spk2info.pt``."""
+        names = list(self._config.extra.get("speakers") or [])
+        return names + [n for n in self._voices() if n not in names]
 
     def speaker_prompt(self, name: str) -> Prompt:
-        """The bundled voice prompt (embedding, prompt tokens and mel) of speaker ``name``."""
+        """The voice prompt (embedding, prompt tokens and mel) of speaker ``name``. A saved voice that has only
+        an embedding gives a prompt of 0 tokens."""
         if name not in self.speakers:
             raise ValueError(f"speaker must be one of {self.speakers}, got {name!r}")
+        if name not in (self._config.extra.get("speakers") or []):
+            return Prompt(*self._voices()[name])
         with self._assets_lock:
             if self._speakers is None:
                 from ..tokenizer import load_speakers
@@ -307,12 +323,54 @@ class Token2Wav:
         """Speech tokens of a waveform (mono float, any sample rate), with the model's own tokenizer."""
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
+        return self.speech_tokenizer()(wave, sample_rate)
+
+    def speech_tokenizer(self) -> Any:
+        """The bundled model's own k-means speech tokenizer, loaded once."""
         with self._assets_lock:
             if self._tokenizer is None:
                 from ..tokenizer import KMeansTokenizer
 
                 self._tokenizer = KMeansTokenizer.from_file(self._asset("tokenizer"))
-        return self._tokenizer(wave, sample_rate)
+        return self._tokenizer
+
+    def prompt_from_wav(self, wav: Any, sample_rate: int | None = None, *, speaker: str | None = None) -> Prompt:
+        """A voice prompt from a recording (a sound file path, or samples with ``sample_rate``), 0.5 to 30 s.
+
+        CosyVoice 2/3 directories need ``speech_tokenizer_v{2,3}.onnx`` and ``campplus.onnx`` (onnxruntime:
+        ``pip install 'token2wav[frontend]'``); ``speaker`` then replaces CAM++'s embedding by a voice's. The
+        demo voice uses its own tokenizer and mel and needs ``speaker`` for the embedding. See
+        ``token2wav.frontend``."""
+        from ..frontend.prompt import PromptFrontend, demo_prompt
+
+        emb = None if speaker is None else self.speaker_prompt(speaker).embedding
+        if self._config.format != "cosyvoice":
+            if "tokenizer" not in (self._config.extra.get("files") or {}):
+                raise ValueError("this model has neither a CosyVoice front end nor a bundled tokenizer")
+            if speaker is None:
+                raise ValueError(f"speaker is required for this model (it has no speaker encoder): one of "
+                                 f"{self.speakers}")
+            return Prompt(*demo_prompt(self, wav, sample_rate, speaker))
+        with self._assets_lock:
+            if self._frontend is None:
+                self._frontend = PromptFrontend.for_config(self._config)
+            frontend = self._frontend
+        return Prompt(*frontend(wav, sample_rate, embedding=emb))
+
+    def add_voice(self, name: str, prompt: Prompt, *, overwrite: bool = False) -> Path:
+        """Save ``prompt`` as voice ``name`` in the model directory's ``spk2info.pt`` (the reference's format)."""
+        from ..frontend.voices import save_voice
+
+        if not isinstance(prompt, Prompt):
+            raise TypeError(f"prompt must be a token2wav.Prompt, got {type(prompt).__name__}")
+        if name in (self._config.extra.get("speakers") or []):
+            raise ValueError(f"name {name!r} is a bundled voice of this model; choose another")
+        self.prepare_prompt(prompt)  # only prompts this model can use
+        path = save_voice(Path(self._config.path).parent, name, prompt.tokens, prompt.mel, prompt.embedding,
+                          overwrite=overwrite)
+        with self._assets_lock:
+            self._saved_voices = None  # re-read on next use
+        return path
 
     # ------------------------------------------------------------------------------------------ presets
 
