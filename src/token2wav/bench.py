@@ -27,7 +27,7 @@ from .config import ModelConfig, ModuleSpec, read_config
 from .loading import build_flow, build_vocoder, resolve_model_dir
 
 _CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
-MODES = ("offline", "cached", "window", "recompute")
+MODES = ("offline", "cached", "window", "recompute", "constrained")  # constrained: cached + int8 flow (CPU)
 PROMPT_SECONDS = 3.0
 
 
@@ -125,6 +125,20 @@ def peak_memory(device: str) -> Iterator[dict[str, float]]:
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
 
+def quantized_size_mb(flow: torch.nn.Module) -> float:
+    """Megabytes the int8 flow adds to the engine: its packed int8 Linear weights and their biases.
+
+    Everything else in the quantized flow is shared with the float flow (see Token2Wav.quantized_flow)."""
+    total = 0
+    for module in flow.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is None or not hasattr(packed, "_weight_bias"):
+            continue
+        weight, bias = packed._weight_bias()
+        total += weight.numel() * weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+    return total / 2**20
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -159,6 +173,8 @@ def run_offline(engine, prompt, tokens, device: str) -> dict[str, Any]:
 def run_stream(engine, prompt, tokens, mode: str, device: str, hop: int) -> dict[str, Any]:
     """Feed tokens as fast as the engine takes them, one hop at a time; time every chunk."""
     kwargs: dict[str, Any] = {"hop": hop, "schedule": "fixed", "mode": mode}
+    if mode == "constrained":  # the preset: cached streaming with the int8-quantized flow
+        kwargs.update(mode="cached", preset="constrained")
     if mode == "window":
         kwargs["window_frames"] = 4 * engine.config.static_chunk_size
     chunk_ms: list[float] = []
@@ -342,6 +358,8 @@ def measure_mode(model: str, quick: bool, device: str, dtype: torch.dtype, secon
     loaded_rss = _rss_mb()
     hop = engine.config.chunk_tokens
     prompt, tokens = _workload(engine, seconds, seed=int(seconds))
+    if mode == "constrained" and not str(device).startswith("cpu"):
+        raise NotImplementedError("the constrained preset quantizes the flow for the CPU")
     if mode == "offline":
         result = run_offline(engine, prompt, tokens, device)
     else:
@@ -351,6 +369,10 @@ def measure_mode(model: str, quick: bool, device: str, dtype: torch.dtype, secon
         cold = run_stream(engine, mode_prompt, tokens, mode, device, hop)
         result = cold if mode == "recompute" else run_stream(engine, mode_prompt, tokens, mode, device, hop)
         result["first_chunk_cold_ms"] = cold["first_chunk_ms"]
+        if mode == "constrained":
+            # peak_rss_mb of the cold run includes making the int8 copy; these are its weights alone
+            result["cold_peak_rss_mb"] = cold["peak_rss_mb"]
+            result["quantized_flow_mb"] = quantized_size_mb(engine.quantized_flow())
     result["loaded_rss_mb"] = loaded_rss
     return result
 

@@ -247,10 +247,13 @@ def _print_table(info: dict[str, Any], indent: str = "") -> None:
     ],
 )
 def _info(args: argparse.Namespace) -> int:
+    from token2wav.loading import model_files
     from token2wav.serve.protocol import describe_model
 
+    files = model_files(args.model)
     t2w = load_engine(args.model, args.device, args.dtype)
     info = describe_model(t2w, _model_name(args.model))
+    info["files"] = files
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -259,6 +262,10 @@ def _info(args: argparse.Namespace) -> int:
         params = info.pop("parameters")
         info.pop("presets")
         info["parameters"] = f"{params['total']:,} (flow {params['flow']:,}, vocoder {params['vocoder']:,})"
+        files = info.pop("files")
+        read = [files["config"], files["flow"], files["vocoder"], *files["assets"]]
+        info["files read"] = f"{', '.join(read)} (in {files['directory']})"
+        info["files ignored"] = ", ".join(files["ignored"]) or "none"
         _print_table(info)
         print(describe_presets(t2w.config))
     return 0
@@ -325,6 +332,15 @@ def _synth(args: argparse.Namespace) -> int:
     if args.stream:
         opts = {k: getattr(args, k) for k in ("preset", "hop", "mode", "window_frames") if getattr(args, k) is not None}
         session = t2w.stream(prompt=prompt, **opts)
+        used = {  # what the session decodes with, defaults and preset resolved (for --json)
+            "preset": args.preset or "none",
+            "hop": int(session.plan.hop),
+            "schedule": session.plan.schedule,
+            "max_hop": session.plan.max_hop,
+            "mode": session.mode,
+            "window_frames": session.window_frames,
+            "quantized_flow": session.flow is not t2w.flow,
+        }
         pieces = []
         try:
             t0 = time.perf_counter()
@@ -370,7 +386,7 @@ def _synth(args: argparse.Namespace) -> int:
         "stream": bool(args.stream),
     }
     if args.stream:
-        summary.update({k: getattr(args, k) for k in ("preset", "hop", "mode", "window_frames")})
+        summary.update(used)
     if args.json:
         print(json.dumps(summary, indent=2), file=sys.stderr if args.out == "-" else sys.stdout)
     elif args.out != "-":
@@ -500,6 +516,8 @@ def _client(args: argparse.Namespace) -> int:
     if args.rate < 0:
         raise ValueError(f"--rate must be >= 0, got {args.rate}")
     tokens = read_tokens(args.tokens)
+    if tokens.size == 0:
+        raise ValueError(f"--tokens: {args.tokens} holds no tokens")
     prompt_id = args.prompt_id
     try:
         if args.prompt:

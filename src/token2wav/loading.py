@@ -16,7 +16,8 @@ from .checkpoints import (
 )
 from .config import ModelConfig, build_module, read_config
 
-__all__ = ["build_flow", "load_flow", "build_vocoder", "load_vocoder", "resolve_model_dir", "BUNDLED_MODELS"]
+__all__ = ["build_flow", "load_flow", "build_vocoder", "load_vocoder", "resolve_model_dir", "model_files",
+           "BUNDLED_MODELS"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 # Models that ship inside the package, by name.
@@ -38,6 +39,35 @@ def resolve_model_dir(model: str | Path) -> Path:
         names = ", ".join(sorted(BUNDLED_MODELS))
         raise FileNotFoundError(f"model '{model}' is neither a directory nor a bundled model ({names})")
     return path
+
+
+def model_files(model: str | Path) -> dict[str, object]:
+    """Which files of a model directory token2wav reads, and which it ignores (``token2wav info``).
+
+    ``{"directory", "config", "flow", "vocoder", "assets", "ignored"}``: file names relative to the directory;
+    ``assets`` are files a bundled model reads on first use (voices, tokenizer). Everything else (the LLM, ONNX
+    exports, the speech tokenizer of a CosyVoice release, ...) is listed under ``ignored``."""
+    from .checkpoints import find_weights_file
+    from .config import find_config_file
+
+    path = resolve_model_dir(model)
+    directory = path.parent if path.is_file() else path
+    config_path = path if path.is_file() else find_config_file(path)
+    config = read_config(config_path)
+    flow = find_weights_file(directory, ("flow",))
+    vocoder = find_weights_file(directory, ("hift", "vocoder"))
+    declared = config.extra.get("files") or {}
+    assets = sorted(str(v) for k, v in declared.items() if k not in ("flow", "vocoder"))
+    used = {config_path.name, flow.name, vocoder.name, *assets}
+    ignored = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir() if p.name not in used)
+    return {
+        "directory": str(directory),
+        "config": config_path.name,
+        "flow": flow.name,
+        "vocoder": vocoder.name,
+        "assets": assets,
+        "ignored": ignored,
+    }
 
 
 def _config(config: str | Path | ModelConfig) -> ModelConfig:

@@ -4,7 +4,8 @@ Accepted token formats (detected from content, not only from the extension):
 
 * ``.npy``: an integer array of shape ``(N,)`` or ``(1, N)``;
 * JSON: a list of ints, a single-row nested list, or an object with a ``"tokens"`` list;
-* LLM output text with ``<|s_123|>`` markers (everything between markers is ignored);
+* LLM output text with ``<|s_123|>`` markers (everything between markers is ignored); any text holding such a
+  marker is read this way, whatever it starts with (e.g. ``[assistant]: <|s_1|><|s_2|>``);
 * plain text: integers separated by whitespace and/or commas.
 
 ``-`` means standard input (text or ``.npy`` bytes).
@@ -16,6 +17,7 @@ import io
 import json
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +30,10 @@ _SPEECH_MARKER = re.compile(r"<\|s_(\d+)\|>")
 _NPY_MAGIC = b"\x93NUMPY"
 _PLAIN_SEPARATORS = re.compile(r"[\s,]+")
 _PLAIN_INT = re.compile(r"[+-]?[0-9]+")
+PROMPT_FILE_HELP = (
+    "a prompt file is a NumPy .npz archive (numpy.savez) with integer array 'tokens' [P], float array 'mel' "
+    "[2P, 80] (log-mel, frames x bins) and float array 'embedding' [192]"
+)
 
 
 def tokens_from_array(arr: object, *, name: str = "tokens") -> np.ndarray:
@@ -82,17 +88,18 @@ def parse_tokens(text: str) -> np.ndarray:
     stripped = text.strip()
     if not stripped:
         return np.zeros(0, dtype=np.int64)
+    if _SPEECH_MARKER.search(stripped):
+        # LLM output: markers anywhere win over any other reading ("[assistant]: <|s_1|>..." is not JSON)
+        ids = [int(m) for m in _SPEECH_MARKER.findall(stripped)]
+        if any(i >= 2**63 for i in ids):
+            raise ValueError("tokens: token id does not fit in 64 bits")
+        return tokens_from_array(np.asarray(ids, dtype=np.int64))
     if stripped[0] in "[{":
         try:
             value = json.loads(stripped)
         except json.JSONDecodeError as e:
             raise ValueError(f"tokens: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         return _from_json(value)
-    if "<|s_" in stripped:
-        ids = [int(m) for m in _SPEECH_MARKER.findall(stripped)]
-        if any(i >= 2**63 for i in ids):
-            raise ValueError("tokens: token id does not fit in 64 bits")
-        return tokens_from_array(np.asarray(ids, dtype=np.int64))
     values = []
     for part in _PLAIN_SEPARATORS.split(stripped):
         if not part:
@@ -146,11 +153,25 @@ def load_prompt_npz(path: str | Path) -> PromptArrays:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt: no such file: {path}")
-    with np.load(path, allow_pickle=False) as z:
+    with path.open("rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # .npz files are zip archives
+    if not is_zip:
+        raise ValueError(f"prompt: {path} is not a prompt file: {PROMPT_FILE_HELP}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"prompt: {path} could not be read as a .npz archive ({exc}); {PROMPT_FILE_HELP}") from None
+    with z:
         missing = [k for k in ("tokens", "mel", "embedding") if k not in z.files]
         if missing:
-            raise ValueError(f"prompt: {path} lacks array(s) {', '.join(missing)} (has {', '.join(z.files)})")
-        tokens = tokens_from_array(z["tokens"], name="prompt tokens")
-        mel = np.asarray(z["mel"], dtype=np.float32)
-        embedding = np.asarray(z["embedding"], dtype=np.float32)
+            has = ", ".join(z.files) or "none"
+            raise ValueError(f"prompt: {path} lacks array(s) {', '.join(missing)} (has {has}); {PROMPT_FILE_HELP}")
+        try:
+            tokens = tokens_from_array(z["tokens"], name="prompt tokens")
+            mel = np.asarray(z["mel"], dtype=np.float32)
+            embedding = np.asarray(z["embedding"], dtype=np.float32)
+        except ValueError as exc:
+            if "pickle" not in str(exc).lower():
+                raise
+            raise ValueError(f"prompt: {path} holds Python objects, not plain arrays; {PROMPT_FILE_HELP}") from None
     return PromptArrays(tokens=tokens, mel=mel, embedding=embedding)

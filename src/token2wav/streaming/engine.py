@@ -105,6 +105,19 @@ class Prompt:
         return int(self.mel.shape[0])
 
 
+def _share_weights_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure that shares its float32 parameters and buffers (nothing is copied).
+
+    The constrained preset replaces the copy's Linear layers by int8 ones; everything else is read-only at
+    inference, so sharing it is safe. A module not in float32 is converted on a real copy instead (the
+    conversion must not touch the engine's own weights)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        return copy.deepcopy(module).float()
+    memo = {id(t): t for t in tensors}
+    return copy.deepcopy(module, memo)
+
+
 class Token2Wav:
     """A loaded token-to-waveform model.
 
@@ -380,7 +393,7 @@ class Token2Wav:
             raise ValueError(f"the constrained preset quantizes for the CPU; engine is on {self._device}")
         with self._quant_lock:
             if self._quantized is None:
-                clone = copy.deepcopy(self._flow).float()
+                clone = _share_weights_copy(self._flow)
                 # Linear layers whose `.weight` the models read for device/dtype stay float (they are tiny).
                 keep = {"spk_embed_affine_layer", "decoder.estimator.proj_out",
                         "decoder.estimator.final_proj"}
@@ -389,7 +402,9 @@ class Token2Wav:
                         if isinstance(mod, nn.Linear) and name not in keep}
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch marks eager-mode quantization as deprecated
-                    quant = torch.ao.quantization.quantize_dynamic(clone, spec, dtype=torch.qint8)
+                    # in place: the clone's Linear modules are swapped for int8 ones one by one, so no
+                    # second float copy of the flow ever exists (peak: the flow + its int8 Linear weights)
+                    quant = torch.ao.quantization.quantize_dynamic(clone, spec, dtype=torch.qint8, inplace=True)
                 self._quantized = quant.eval()
             return self._quantized
 
@@ -464,7 +479,21 @@ class Token2Wav:
             return hop, hop * int(self._config.token_mel_ratio)
         return trained, None
 
-    def stream(
+    def stream(self, prompt: Prompt | None = None, **options: Any) -> StreamSession:
+        """Start a streaming session. See StreamSession for push / finish / close.
+
+        Options (keyword-only): hop, schedule, max_hop, mode, window_frames, preset, output, rng,
+        pre_lookahead_len; see ``session_options``.
+        """
+        return StreamSession(**self.session_options(prompt, **options))
+
+    def batcher(self, **kwargs: Any) -> Any:
+        """A ``token2wav.Batcher`` for this engine: sessions whose chunks run batched (see ``streaming/batcher``)."""
+        from .batcher import Batcher
+
+        return Batcher(self, **kwargs)
+
+    def session_options(
         self,
         prompt: Prompt | None = None,
         *,
@@ -477,8 +506,8 @@ class Token2Wav:
         output: str = "audio",
         rng: RngSpec = None,
         pre_lookahead_len: int | None = None,
-    ) -> StreamSession:
-        """Start a streaming session. See StreamSession for push / finish / close.
+    ) -> dict[str, Any]:
+        """Validate a stream's options and resolve them into a StreamSession's constructor arguments.
 
         hop: tokens per emission (default one chunk); the first emission adds the prompt pad.
         schedule: 'fixed' (default) or 'exponential' (the reference's doubling up to ``max_hop``, default
@@ -590,7 +619,7 @@ class Token2Wav:
 
             def window_fn(state: Any, frames: int) -> Any:
                 return trim_flow_state(state, head_frames=head, window_frames=frames, estimator=estimator)
-        return StreamSession(
+        return dict(
             flow=flow,
             vocoder=self._vocoder if output == "audio" else None,
             prompt=prepared,
