@@ -18,6 +18,7 @@ __all__ = [
     "load_vocoder",
     "Token2Wav",
     "Prompt",
+    "Batcher",
 ]
 
 
@@ -27,4 +28,8 @@ def __getattr__(name: str) -> Any:
         from .streaming import engine
 
         return getattr(engine, name)
+    if name == "Batcher":
+        from .streaming.batcher import Batcher
+
+        return Batcher
     raise AttributeError(f"module 'token2wav' has no attribute {name!r}")

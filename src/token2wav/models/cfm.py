@@ -240,6 +240,79 @@ class CausalConditionalCFM(nn.Module):
                 dt = span[step + 1] - t
         return x.float(), CFMCache(tuple(new_steps), tuple(mods) if modulate else ())
 
+    @torch.inference_mode()
+    def solve_rows(
+        self,
+        mus: list[Tensor],
+        spks: list[Tensor | None],
+        conds: list[Tensor],
+        *,
+        caches: list[CFMCache],
+        chunk_sizes: list[int | None],
+        temperature: float = 1.0,
+    ) -> tuple[list[Tensor], list[CFMCache]]:
+        """``solve_chunk`` for many streams at once: row ``i`` solves ``mus[i]`` ``[1, C, T_i]`` against
+        ``caches[i]``, and gets what ``solve_chunk`` gives it alone.
+
+        With an estimator that has ``forward_rows`` every solver step is one estimator call over the rows'
+        frames packed along time (see ``models/rows.py``); otherwise the rows run one after another. All rows
+        need the same number of solver steps (the same time schedule).
+        """
+        steps = {c.n_timesteps for c in caches}
+        if len(steps) != 1:
+            raise ValueError(f"rows of one solve need the same n_timesteps, got {sorted(steps)}")
+        est = self.estimator
+        if not hasattr(est, "forward_rows") or len(mus) == 1:
+            pairs = [
+                self.solve_chunk(m, s, c, cache=k, temperature=temperature, chunk_size=n)
+                for m, s, c, k, n in zip(mus, spks, conds, caches, chunk_sizes)
+            ]
+            return [p[0] for p in pairs], [p[1] for p in pairs]
+        from .rows import RowLayout
+
+        ref = mus[0]
+        layout = RowLayout(tuple(int(m.shape[2]) for m in mus))
+        offsets = [c.offset for c in caches]
+        x = torch.cat(
+            [self.noise(o, o + n, ref.shape[1], device=ref.device, dtype=ref.dtype) for o, n in
+             zip(offsets, layout.lengths)], dim=2,
+        ) * temperature  # fmt: skip
+        span = self.time_span(caches[0].n_timesteps, ref.device, ref.dtype)
+        mu_in = self._pair(torch.cat(mus, dim=2))
+        cond_in = self._pair(torch.cat(conds, dim=2))
+        spk_in = None
+        if spks[0] is not None:
+            spk_in = self._pair(torch.cat([s.unsqueeze(-1).expand(-1, -1, n) for s, n in zip(spks, layout.lengths)],
+                                          dim=2))  # fmt: skip
+        context = est.prepare_rows([c.steps[0].offset for c in caches], layout, chunk_sizes)
+        modulate = hasattr(est, "modulation")
+        # a step's time-only terms are the same for every stream: take them from any row that has them
+        mods = list(max((c.modulations for c in caches), key=len)) if modulate else []
+        new_steps: list[list[Any]] = [[] for _ in mus]
+        t = span[0]
+        dt = span[1] - span[0]
+        for step in range(1, len(span)):
+            x_in = torch.cat([x, x], dim=0)
+            t_in = t.reshape(1).expand(2).contiguous()
+            extra: dict[str, Any] = {"t": t_in}
+            if modulate:
+                if len(mods) < step:
+                    mods.append(est.modulation(t_in, 2))
+                extra = {"modulation": mods[step - 1]}
+            raw, step_caches = est.forward_rows(
+                x_in, mu_in, cond_in, spk_in, caches=[c.steps[step - 1] for c in caches], layout=layout,
+                context=context, **extra,
+            )  # fmt: skip
+            for row, step_cache in zip(new_steps, step_caches):
+                row.append(step_cache)
+            x = x + dt * self._guided(raw)
+            t = t + dt
+            if step < len(span) - 1:
+                dt = span[step + 1] - t
+        mels = list(layout.split(x.float(), dim=2))
+        kept = tuple(mods) if modulate else ()
+        return mels, [CFMCache(tuple(row), kept) for row in new_steps]
+
     # ------------------------------------------------------------------ training
     def compute_loss(
         self,

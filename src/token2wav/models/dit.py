@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
 from token2wav.models.kv_store import PastKV, RowStore, extend_kv
+from token2wav.models.rows import RowLayout, packed_attention, packed_causal_conv
 
-__all__ = ["ChunkGeometry", "DiT", "DiTCache", "TimeModulation"]
+__all__ = ["ChunkGeometry", "DiT", "DiTCache", "RowsGeometry", "TimeModulation"]
 
 _LN_EPS = 1e-6
 
@@ -76,6 +77,17 @@ class ChunkGeometry:
     mask: Tensor | None
     cos: Tensor
     sin: Tensor
+
+
+@dataclass(frozen=True)
+class RowsGeometry:
+    """``ChunkGeometry`` of every row of a packed call, with the rotary terms packed like the frames and the
+    positions of the rows' frames in a packed causal convolution's output."""
+
+    rows: tuple[ChunkGeometry, ...]
+    cos: Tensor
+    sin: Tensor
+    conv_index: Tensor
 
 
 def _sinusoidal(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
@@ -253,16 +265,24 @@ class Attention(nn.Module):
         past: cached keys, values ``[B, heads, past, dim_head]`` and their stores, or None.
         Returns the projected output, the full keys/values ``[B, heads, past + T, dim_head]`` and their stores.
         """
+        q, k, v = self.project(x, cos, sin)
+        k, v, stores = extend_kv(k, v, past)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return self.output(out), k, v, stores
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries and keys, and values, ``[B, heads, T, dim_head]`` each, for frames ``x`` ``[B, T, dim]``."""
         batch, length, _ = x.shape
         q = _apply_rotary(self.to_q(x), cos, sin)
         k = _apply_rotary(self.to_k(x), cos, sin)
         v = self.to_v(x)
-        q, k, v = (z.view(batch, length, self.heads, self.dim_head).transpose(1, 2) for z in (q, k, v))
-        k, v, stores = extend_kv(k, v, past)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head)
-        out = self.to_out[1](self.to_out[0](out))
-        return out, k, v, stores
+        return tuple(z.view(batch, length, self.heads, self.dim_head).transpose(1, 2) for z in (q, k, v))
+
+    def output(self, attended: Tensor) -> Tensor:
+        """``[B, heads, T, dim_head]`` attention result -> ``[B, T, dim]``."""
+        batch, _, length, _ = attended.shape
+        out = attended.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head)
+        return self.to_out[1](self.to_out[0](out))
 
 
 class DiTBlock(nn.Module):
@@ -289,10 +309,31 @@ class DiTBlock(nn.Module):
         if row_valid is not None:
             # padded query rows attend to something arbitrary; zero them like the reference
             attn = attn.masked_fill(~row_valid.unsqueeze(-1), 0.0)
+        return self._feed_forward(x, attn, gate_a, shift_f, scale_f, gate_f), k, v, stores
+
+    def _feed_forward(
+        self, x: Tensor, attn: Tensor, gate_a: Tensor, shift_f: Tensor, scale_f: Tensor, gate_f: Tensor
+    ) -> Tensor:
         x = x + gate_a.unsqueeze(1) * attn
         ff_in = self.ff_norm(x) * (1 + scale_f[:, None]) + shift_f[:, None]
-        x = x + gate_f.unsqueeze(1) * self.ff(ff_in)
-        return x, k, v, stores
+        return x + gate_f.unsqueeze(1) * self.ff(ff_in)
+
+    def forward_rows(
+        self,
+        x: Tensor,
+        mod: tuple[Tensor, ...],
+        cos: Tensor,
+        sin: Tensor,
+        pasts: list[PastKV],
+        masks: list[Tensor | None],
+        layout: RowLayout,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[tuple[RowStore | None, RowStore | None]]]:
+        """``forward`` for packed rows (see ``models/rows.py``): each row attends to its own cache."""
+        normed, gate_a, shift_f, scale_f, gate_f = self.attn_norm.apply(x, mod)
+        q, k, v = self.attn.project(normed, cos, sin)
+        attended, keys, values, stores = packed_attention(q, k, v, pasts, masks, layout)
+        attn = self.attn.output(attended)
+        return self._feed_forward(x, attn, gate_a, shift_f, scale_f, gate_f), keys, values, stores
 
 
 class DiT(nn.Module):
@@ -506,3 +547,82 @@ class DiT(nn.Module):
                              f"{geometry.chunk_size}), the call is for {cache.offset}+{length}")
         out, extended = self._trunk(h, mod, geometry.mask, None, cache.offset, cache, (geometry.cos, geometry.sin))
         return out, replace(extended, pos_tail1=tail1, pos_tail2=tail2)
+
+    # ------------------------------------------------------------------ packed rows (many streams, one call)
+    def prepare_rows(self, offsets: list[int], layout: RowLayout, chunk_sizes: list[int | None]) -> RowsGeometry:
+        """What every solver step of a packed call shares: per-row geometry, packed rotary terms, conv index."""
+        geoms = [self.chunk_geometry(o, n, c) for o, n, c in zip(offsets, layout.lengths, chunk_sizes)]
+        device = self.rotary_embed.inv_freq.device
+        history = self.input_embed.conv_pos_embed.kernel_size - 1
+        return RowsGeometry(
+            rows=tuple(geoms),
+            cos=torch.cat([g.cos for g in geoms]),
+            sin=torch.cat([g.sin for g in geoms]),
+            conv_index=layout.conv_index(history, device),
+        )
+
+    def forward_rows(
+        self,
+        x: Tensor,
+        mu: Tensor,
+        cond: Tensor,
+        spk: Tensor | None,
+        *,
+        caches: list[DiTCache],
+        layout: RowLayout,
+        context: RowsGeometry,
+        modulation: TimeModulation,
+    ) -> tuple[Tensor, list[DiTCache]]:
+        """``forward_chunk`` of many streams in one call, their new frames packed along time.
+
+        x, mu, cond ``[B, C, S]`` and spk ``[B, spk_dim, S]`` (the speaker per frame) hold row ``i``'s frames
+        at ``layout``'s span ``i``; ``caches[i]`` is row ``i``'s cache (batch ``B``, the guidance branches).
+        Every row gives what ``forward_chunk`` gives it alone; ``context`` is ``prepare_rows(...)``.
+        Returns the packed velocity ``[B, mel_dim, S]`` and each row's new cache.
+        """
+        for cache, geom in zip(caches, context.rows):
+            if cache.offset != geom.offset:
+                raise ValueError(f"a row's cache ends at frame {cache.offset}, its geometry starts at {geom.offset}")
+        embed = self.input_embed
+        parts = [x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2)]
+        if embed.spk_dim > 0:
+            if spk is None:
+                raise ValueError("spk is required: the estimator was built with spk_dim > 0")
+            parts.append(spk.transpose(1, 2))
+        h = embed.proj(torch.cat(parts, dim=-1))
+        pos_conv = embed.conv_pos_embed
+        hidden, tails1 = packed_causal_conv(
+            pos_conv.conv1, h.transpose(1, 2), [c.pos_tail1 for c in caches], layout, context.conv_index
+        )
+        pos, tails2 = packed_causal_conv(
+            pos_conv.conv2, hidden, [c.pos_tail2 for c in caches], layout, context.conv_index
+        )
+        h = pos.transpose(1, 2) + h
+        residual = h
+        masks = [g.mask for g in context.rows]
+        per_layer = []
+        for i, block in enumerate(self.transformer_blocks):
+            pasts = []
+            for cache in caches:
+                k_store, v_store = cache.stores[i] if cache.stores else (None, None)
+                pasts.append((cache.keys[i], cache.values[i], k_store, v_store))
+            h, keys, values, stores = block.forward_rows(
+                h, modulation.blocks[i], context.cos, context.sin, pasts, masks, layout
+            )
+            per_layer.append((keys, values, stores))
+        if self.long_skip_connection is not None:
+            h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
+        h = self.norm_out.apply(h, modulation.final)
+        out = self.proj_out(h).transpose(1, 2)
+        new = [
+            DiTCache(
+                cache.offset + n,
+                tuple(layer[0][r] for layer in per_layer),
+                tuple(layer[1][r] for layer in per_layer),
+                tails1[r],
+                tails2[r],
+                tuple(layer[2][r] for layer in per_layer),
+            )
+            for r, (cache, n) in enumerate(zip(caches, layout.lengths))
+        ]
+        return out, new

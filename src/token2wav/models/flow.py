@@ -278,14 +278,21 @@ class _FlowBase(nn.Module):
         self, state: FlowStreamState, all_tokens: Tensor, end: int, finalize: bool, look: int
     ) -> tuple[Tensor, FlowStreamState]:
         """Commit frames ``[state.frames_done, end)``: their mel (absolute frames) and the advanced state."""
+        mu, cond, cache, encoder_cache = self._solver_inputs(state, all_tokens, end, finalize, look)
+        mel, cache = self.decoder.solve_chunk(mu, state.spks, cond, cache=cache, chunk_size=state.chunk_size)
+        return mel, replace(state, frames_done=end, cache=cache, encoder_cache=encoder_cache)
+
+    def _solver_inputs(
+        self, state: FlowStreamState, all_tokens: Tensor, end: int, finalize: bool, look: int
+    ) -> tuple[Tensor, Tensor, CFMCache, Any]:
+        """mu and cond for frames ``[state.frames_done, end)``, the solver cache they continue, the new
+        encoder cache."""
         start = state.frames_done
         cache = state.cache
         if cache is None:
             cache = self.decoder.empty_cache(state.n_timesteps, state.spks.device, state.spks.dtype)
         mu, encoder_cache = self._encode(state, all_tokens, start, end, finalize, look)
-        cond = self._conditions(state.prompt_feat, start, end)
-        mel, cache = self.decoder.solve_chunk(mu, state.spks, cond, cache=cache, chunk_size=state.chunk_size)
-        return mel, replace(state, frames_done=end, cache=cache, encoder_cache=encoder_cache)
+        return mu, self._conditions(state.prompt_feat, start, end), cache, encoder_cache
 
     @torch.inference_mode()
     def stream_start(
@@ -340,13 +347,60 @@ class _FlowBase(nn.Module):
         tokens, look, end = self._plan(state, tokens, finalize, lookahead, chunk_size, n_timesteps)
         start = state.frames_done
         if end <= start:
-            empty = state.prompt_feat.new_zeros(1, self.output_size, 0).float()
-            return empty, replace(state, tokens=tokens, finished=finalize)
+            return self._nothing_new(state, tokens, finalize)
         all_tokens = torch.cat([state.prompt_token, tokens], dim=1)
         mel, new_state = self._advance(state, all_tokens, end, finalize, look)
-        # mel starts at absolute frame ``start``; drop what still belongs to the prompt
-        mel = mel[:, :, max(state.prompt_frames - start, 0) :]
-        return mel, replace(new_state, tokens=tokens, finished=finalize)
+        return self._committed(state, new_state, mel, tokens, finalize)
+
+    def _nothing_new(self, state: FlowStreamState, tokens: Tensor, finalize: bool) -> tuple[Tensor, FlowStreamState]:
+        empty = state.prompt_feat.new_zeros(1, self.output_size, 0).float()
+        return empty, replace(state, tokens=tokens, finished=finalize)
+
+    @staticmethod
+    def _committed(
+        old: FlowStreamState, new: FlowStreamState, mel: Tensor, tokens: Tensor, finalize: bool
+    ) -> tuple[Tensor, FlowStreamState]:
+        # mel starts at absolute frame ``old.frames_done``; drop what still belongs to the prompt
+        mel = mel[:, :, max(old.prompt_frames - old.frames_done, 0) :]
+        return mel, replace(new, tokens=tokens, finished=finalize)
+
+    @torch.inference_mode()
+    def stream_step_rows(
+        self,
+        states: list[FlowStreamState],
+        tokens: list[Tensor],
+        *,
+        finalize: list[bool],
+        lookahead: list[int | None],
+    ) -> list[tuple[Tensor, FlowStreamState]]:
+        """``stream_step`` for many sessions in one solver pass: row ``i`` is
+        ``stream_step(states[i], tokens[i], finalize=finalize[i], lookahead=lookahead[i])`` and gets the same
+        result (to float rounding) as alone. Sessions may differ in prompt, position, chunk size, lookahead
+        and finality; they must share ``n_timesteps``. Raises before any work if a row is invalid.
+        """
+        if not (len(states) == len(tokens) == len(finalize) == len(lookahead)):
+            raise ValueError("states, tokens, finalize and lookahead must have one entry per row")
+        plans = [self._plan(st, tok, fin, look, None, None)
+                 for st, tok, fin, look in zip(states, tokens, finalize, lookahead)]  # fmt: skip
+        results: list[tuple[Tensor, FlowStreamState] | None] = [None] * len(states)
+        rows, inputs = [], []
+        for i, (state, (toks, look, end), fin) in enumerate(zip(states, plans, finalize)):
+            if end <= state.frames_done:
+                results[i] = self._nothing_new(state, toks, fin)
+                continue
+            all_tokens = torch.cat([state.prompt_token, toks], dim=1)
+            rows.append(i)
+            inputs.append(self._solver_inputs(state, all_tokens, end, fin, look))
+        if rows:
+            mels, caches = self.decoder.solve_rows(
+                [inp[0] for inp in inputs], [states[i].spks for i in rows], [inp[1] for inp in inputs],
+                caches=[inp[2] for inp in inputs], chunk_sizes=[states[i].chunk_size for i in rows],
+            )  # fmt: skip
+            for i, inp, mel, cache in zip(rows, inputs, mels, caches):
+                state, (toks, _, end), fin = states[i], plans[i], finalize[i]
+                new = replace(state, frames_done=end, cache=cache, encoder_cache=inp[3])
+                results[i] = self._committed(state, new, mel, toks, fin)
+        return results  # type: ignore[return-value]
 
 
 class CausalMaskedDiffWithDiT(_FlowBase):

@@ -215,14 +215,7 @@ class StreamSession:
     def push(self, tokens: Any) -> list[np.ndarray]:
         """Add tokens; return every chunk that became ready (possibly none)."""
         with self._lock:
-            self._check_open("push")
-            new = as_tokens(tokens, self.vocab_size, device=self._device)
-            state = self.state
-            all_tokens = torch.cat([state.tokens, new], dim=1)
-            emissions = ready_emissions(self.plan, all_tokens.shape[1], state.offset, state.index)
-            # Work on a copy; the session's state changes only once every emission succeeded, so a failed
-            # push leaves it exactly as before (the caller may retry with the same tokens).
-            work = replace(state, tokens=all_tokens, chunk_frames=list(state.chunk_frames))
+            work, emissions = self._plan_push(tokens)
             outs = self._run(work, emissions)
             self.state = work
             return outs
@@ -230,17 +223,35 @@ class StreamSession:
     def finish(self) -> np.ndarray:
         """Decode every remaining token with finalize and return the last chunk; the session then ends."""
         with self._lock:
-            self._check_open("finish")
-            state = self.state
-            if state.available == 0:
-                raise ValueError("finish() called before any token was pushed: push at least one token first")
-            em = final_emission(state.available, state.offset, state.index)
-            work = replace(state, chunk_frames=list(state.chunk_frames))
+            work, em = self._plan_finish()
             out = self._run(work, [em])[0]
-            work.finished = True
-            work.flow_state = work.vocoder_state = None  # free the caches
-            self.state = work
+            self.state = self._finished(work)
             return out
+
+    def _plan_push(self, tokens: Any) -> tuple[SessionState, list[Emission]]:
+        """Validate a push; return the working copy of the state and the emissions it makes ready."""
+        self._check_open("push")
+        new = as_tokens(tokens, self.vocab_size, device=self._device)
+        state = self.state
+        all_tokens = torch.cat([state.tokens, new], dim=1)
+        emissions = ready_emissions(self.plan, all_tokens.shape[1], state.offset, state.index)
+        # Work on a copy; the session's state changes only once every emission succeeded, so a failed
+        # push leaves it exactly as before (the caller may retry with the same tokens).
+        return replace(state, tokens=all_tokens, chunk_frames=list(state.chunk_frames)), emissions
+
+    def _plan_finish(self) -> tuple[SessionState, Emission]:
+        self._check_open("finish")
+        state = self.state
+        if state.available == 0:
+            raise ValueError("finish() called before any token was pushed: push at least one token first")
+        em = final_emission(state.available, state.offset, state.index)
+        return replace(state, chunk_frames=list(state.chunk_frames)), em
+
+    @staticmethod
+    def _finished(work: SessionState) -> SessionState:
+        work.finished = True
+        work.flow_state = work.vocoder_state = None  # free the caches
+        return work
 
     def close(self) -> None:
         """End the session without flushing; frees its caches. Safe to call more than once."""
@@ -273,7 +284,10 @@ class StreamSession:
             raise
 
     def _emit(self, work: SessionState, em: Emission) -> np.ndarray:
-        mel = self._flow_chunk(work, em)
+        return self._output(work, em, self._flow_chunk(work, em))
+
+    def _output(self, work: SessionState, em: Emission, mel: torch.Tensor) -> np.ndarray:
+        """Record emission ``em``'s mel in ``work`` and turn it into the chunk the caller gets."""
         want = (em.end - em.start) * self.ratio
         if mel.shape[-1] != want:
             raise RuntimeError(
@@ -298,17 +312,25 @@ class StreamSession:
                 n_timesteps=self.n_timesteps,
             )
             return mel[:, :, em.start * self.ratio :]
-        if work.flow_state is None:
-            work.flow_state = self._prompt_state() if self._prompt_state is not None else None
+        state = self._flow_state(work)
         # chunk size and solver steps were fixed when the prompt state was made (stream_start)
         kwargs: dict[str, Any] = {"finalize": em.finalize}
         if self.lookahead is not None:
             kwargs["lookahead"] = self.lookahead
-        mel, new_state = self.flow.stream_step(work.flow_state, tokens, **kwargs)
+        mel, new_state = self.flow.stream_step(state, tokens, **kwargs)
+        self._commit_flow(work, em, new_state)
+        return mel
+
+    def _flow_state(self, work: SessionState) -> Any:
+        """The flow state the next cached step continues (the shared prompt state before the first)."""
+        if work.flow_state is None:
+            work.flow_state = self._prompt_state() if self._prompt_state is not None else None
+        return work.flow_state
+
+    def _commit_flow(self, work: SessionState, em: Emission, new_state: Any) -> None:
         if self.mode == "window" and not em.finalize:
             new_state = self._window_fn(new_state, self.window_frames)
         work.flow_state = new_state
-        return mel
 
     def _vocode(self, work: SessionState, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
         voc = self.vocoder

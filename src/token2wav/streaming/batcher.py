@@ -1,0 +1,440 @@
+"""Continuous batching: the ready chunks of many sessions run as one model call.
+
+One ``Batcher`` owns an engine's model calls. Its sessions (``BatchedSession``: the ``StreamSession`` API plus
+``apush`` / ``afinish`` for asyncio) validate and plan their chunks on the caller's thread, then hand each
+chunk to the batcher as a job and wait for it. A single worker thread gathers the queued jobs, groups those
+that can share a solver pass, and runs each group as one ``flow.stream_step_rows`` call (all solver steps, both
+guidance branches, every row against its own cache) followed by each row's vocoder step.
+
+Exactness: a row's chunk is what the session computes alone (``stream_step_rows`` is tested against
+``stream_step``), whatever else shares the call. Rows commit only after their whole chunk succeeded, so a
+row that fails (or whose session was closed meanwhile) leaves its session unchanged and the other rows'
+results untouched: when a packed call raises, its rows are re-run one by one to find the culprit.
+
+Scheduling: a job waits at most ``max_wait_ms`` for others to join, and only while some session is in the
+middle of a push and has not queued its next chunk yet (waiting for nobody would only add latency). First
+chunks go before later ones. Rows of one call share ``n_timesteps`` and the flow; ``recompute`` sessions
+run alone.
+
+Memory: with ``max_cache_bytes`` the batcher accounts each session's attention cache (frames held x bytes per
+frame, x 1.5 for the stores' growth room) and refuses a new session, or a chunk, that would pass the budget
+with ``CacheBudgetError`` (the server maps it to 503 / close 1013).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .schedule import Emission
+from .session import SessionClosedError, StreamSession
+from .state import SessionState
+
+__all__ = ["Batcher", "BatchedSession", "CacheBudgetError", "BatcherClosedError"]
+
+# Stores grow by half when full (kv_store.append_rows): what a session holds can exceed what it uses by that.
+_STORE_GROWTH = 1.5
+
+
+class CacheBudgetError(RuntimeError):
+    """A session or chunk would take the batcher's caches past ``max_cache_bytes``."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher was closed; it takes no more work."""
+
+
+@dataclass
+class _Job:
+    session: BatchedSession
+    work: SessionState
+    emission: Emission
+    queued_at: float
+    future: Future = field(default_factory=Future)
+
+    @property
+    def group(self) -> tuple[Any, ...]:
+        s = self.session
+        if s.mode == "recompute" or not hasattr(s.flow, "stream_step_rows"):
+            return ("alone", id(self))
+        return (id(s.flow), s.n_timesteps)
+
+
+def cache_bytes_per_frame(flow: torch.nn.Module, n_timesteps: int) -> int:
+    """Bytes one mel frame adds to a cached session: keys and values of every attention layer, for every
+    solver step and both guidance branches."""
+    est = getattr(getattr(flow, "decoder", None), "estimator", None)
+    if est is None:
+        return 0
+    ref = next(iter(est.parameters()), None)
+    itemsize = ref.element_size() if ref is not None and ref.is_floating_point() else 4
+    if hasattr(est, "transformer_blocks"):  # DiT
+        layers, width = len(est.transformer_blocks), est.heads * est.dim_head
+    else:  # U-Net: every transformer block of every level
+        blocks = [m for m in est.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        layers = len(blocks)
+        width = blocks[0].attn1.heads * blocks[0].attn1.dim_head if blocks else 0
+    return n_timesteps * layers * 2 * 2 * width * itemsize
+
+
+class BatchedSession(StreamSession):
+    """A ``StreamSession`` whose chunks are computed by a ``Batcher``, together with other sessions' chunks.
+
+    ``push`` / ``finish`` block until their chunks are computed; ``apush`` / ``afinish`` await them. One call
+    at a time per session (a second concurrent call on the same session raises). ``close`` returns at once,
+    even while a chunk is in flight: a queued chunk is dropped, one being computed is discarded.
+    """
+
+    def __init__(self, *, batcher: Batcher, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._batcher = batcher
+        self._closing = False
+        self.reserved_bytes = 0
+
+    # ---------------------------------------------------------------------------------------------- public
+
+    def push(self, tokens: Any) -> list[np.ndarray]:
+        return self._drive(self._push_steps(tokens))
+
+    def finish(self) -> np.ndarray:
+        return self._drive(self._finish_steps())
+
+    async def apush(self, tokens: Any) -> list[np.ndarray]:
+        """``push`` for asyncio callers: the event loop is free while the chunks are computed."""
+        return await self._adrive(self._push_steps(tokens))
+
+    async def afinish(self) -> np.ndarray:
+        return await self._adrive(self._finish_steps())
+
+    def close(self) -> None:
+        self._closing = True
+        self._batcher._drop(self)
+        # A push in flight frees the state itself when it returns (it sees _closing).
+        if self._lock.acquire(blocking=False):
+            try:
+                self._release()
+            finally:
+                self._lock.release()
+
+    # ---------------------------------------------------------------------------------------------- internals
+
+    def _release(self) -> None:
+        self.state = replace(self.state, flow_state=None, vocoder_state=None, closed=True)
+        self._batcher._forget(self)
+
+    def _check_open(self, what: str) -> None:
+        if self._closing and not self.state.closed:
+            raise SessionClosedError(f"{what}() on a closed session; start a new one with Batcher.stream()")
+        super()._check_open(what)
+
+    def _push_steps(self, tokens: Any) -> Iterator[Any]:
+        """The push as a generator: yields (work, emission) per chunk, is sent the chunk, returns them all."""
+        work, emissions = self._plan_push(tokens)
+        outs = []
+        for em in emissions:
+            outs.append((yield work, em))
+        self.state = work
+        return outs
+
+    def _finish_steps(self) -> Iterator[Any]:
+        work, em = self._plan_finish()
+        out = yield work, em
+        self.state = self._finished(work)
+        self._batcher._forget(self)
+        return out
+
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        """One push/finish: exclusive per session; the vocoder's random generator rewound if it fails."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("another push/finish of this session is running: call them one at a time")
+        gen_state = self._shared_gen.get_state() if self._shared_gen is not None else None
+        self._batcher._pushing(+1)
+        try:
+            yield
+        except BaseException:
+            if gen_state is not None:
+                self._shared_gen.set_state(gen_state)
+            raise
+        finally:
+            self._batcher._pushing(-1)
+            if self._closing:
+                self._release()
+            self._lock.release()
+
+    def _drive(self, steps: Iterator[Any]) -> Any:
+        with self._call():
+            try:
+                request = next(steps)
+                while True:
+                    request = steps.send(self._batcher._submit(self, *request).result())
+            except StopIteration as done:
+                return done.value
+
+    async def _adrive(self, steps: Iterator[Any]) -> Any:
+        with self._call():
+            try:
+                request = next(steps)
+                while True:
+                    future = self._batcher._submit(self, *request)
+                    try:
+                        result = await asyncio.wrap_future(future)
+                    except asyncio.CancelledError:
+                        self.close()  # the caller went away: its queued chunk is dropped, nothing is committed
+                        raise
+                    request = steps.send(result)
+            except StopIteration as done:
+                return done.value
+
+
+class Batcher:
+    """Runs the chunks of all its sessions in batched model calls (see the module docstring).
+
+    ``Batcher(t2w, max_batch=16, max_wait_ms=2.0, max_cache_bytes=None)``; ``b.stream(...)`` takes the
+    arguments of ``Token2Wav.stream``. Use as a context manager or call ``close()`` to stop its thread.
+    """
+
+    def __init__(
+        self,
+        t2w: Any,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+        max_cache_bytes: int | None = None,
+        graphs: bool = False,
+    ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not 0 <= max_wait_ms <= 1000:
+            raise ValueError(f"max_wait_ms must be a number in [0, 1000], got {max_wait_ms!r}")
+        if max_cache_bytes is not None and (
+            isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes < 1
+        ):
+            raise ValueError(f"max_cache_bytes must be a positive int or None, got {max_cache_bytes!r}")
+        if graphs:
+            raise ValueError(
+                "graphs=True (CUDA graph capture) is not implemented yet; the batched path runs eagerly"
+            )
+        self.t2w = t2w
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_cache_bytes = max_cache_bytes
+        self._bytes_per_frame = cache_bytes_per_frame(t2w.flow, t2w.n_timesteps)
+        self._ratio = int(t2w.config.token_mel_ratio)
+        self._cv = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._pushers = 0
+        self._sessions: set[BatchedSession] = set()
+        self._reserved = 0
+        self._closed = False
+        # statistics (read by the server's /metrics and by bench)
+        self.batch_sizes: Counter[int] = Counter()
+        self.queue_wait_s = 0.0
+        self.jobs_done = 0
+        self.listeners: list[Any] = []  # callables (rows, queue waits) called after every batch
+        self._thread = threading.Thread(target=self._loop, name="token2wav-batcher", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------------------- public
+
+    def stream(self, prompt: Any = None, **options: Any) -> BatchedSession:
+        """A batched streaming session; arguments as ``Token2Wav.stream``."""
+        if self._closed:
+            raise BatcherClosedError("the batcher is closed")
+        session = BatchedSession(batcher=self, **self.t2w.session_options(prompt, **options))
+        need = self._session_bytes(session, session.prompt.num_tokens + session.plan.pad + session.plan.hop)
+        with self._cv:
+            self._admit(need, 0)
+            session.reserved_bytes = need
+            self._reserved += need
+            self._sessions.add(session)
+        return session
+
+    @property
+    def sessions_open(self) -> int:
+        with self._cv:
+            return len(self._sessions)
+
+    @property
+    def reserved_bytes(self) -> int:
+        with self._cv:
+            return self._reserved
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            done = self.jobs_done
+            return {
+                "batches": sum(self.batch_sizes.values()),
+                "rows": done,
+                "batch_sizes": dict(sorted(self.batch_sizes.items())),
+                "mean_queue_wait_ms": 1000.0 * self.queue_wait_s / done if done else 0.0,
+                "sessions_open": len(self._sessions),
+                "reserved_cache_bytes": self._reserved,
+            }
+
+    def close(self) -> None:
+        """Stop the worker; queued chunks fail with ``BatcherClosedError``."""
+        with self._cv:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cv.notify_all()
+        for job in pending:
+            job.future.set_exception(BatcherClosedError("the batcher was closed"))
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------------- accounting
+
+    def _session_bytes(self, session: StreamSession, tokens: int) -> int:
+        if session.mode == "recompute":
+            return 0
+        return int(tokens * self._ratio * self._bytes_per_frame * _STORE_GROWTH)
+
+    def _admit(self, need: int, held: int) -> None:
+        budget = self.max_cache_bytes
+        if budget is not None and self._reserved - held + need > budget:
+            raise CacheBudgetError(
+                f"cache budget exceeded: {(self._reserved - held + need) / 2**20:.1f} MiB needed of "
+                f"max_cache_bytes={budget / 2**20:.1f} MiB ({len(self._sessions)} sessions open); "
+                "retry later or raise the budget"
+            )
+
+    def _forget(self, session: BatchedSession) -> None:
+        with self._cv:
+            if session in self._sessions:
+                self._sessions.discard(session)
+                self._reserved -= session.reserved_bytes
+                session.reserved_bytes = 0
+
+    # ---------------------------------------------------------------------------------------------- queue
+
+    def _pushing(self, delta: int) -> None:
+        with self._cv:
+            self._pushers += delta
+            self._cv.notify_all()
+
+    def _submit(self, session: BatchedSession, work: SessionState, em: Emission) -> Future:
+        need = self._session_bytes(session, session.prompt.num_tokens + em.prefix)
+        with self._cv:
+            if self._closed:
+                raise BatcherClosedError("the batcher is closed")
+            if session._closing:
+                raise SessionClosedError("the session was closed")
+            if need > session.reserved_bytes:
+                self._admit(need, session.reserved_bytes)
+                self._reserved += need - session.reserved_bytes
+                session.reserved_bytes = need
+            job = _Job(session, work, em, time.perf_counter())
+            self._queue.append(job)
+            self._cv.notify_all()
+        return job.future
+
+    def _drop(self, session: BatchedSession) -> None:
+        with self._cv:
+            dropped = [j for j in self._queue if j.session is session]
+            for job in dropped:
+                self._queue.remove(job)
+        for job in dropped:
+            job.future.set_exception(SessionClosedError("the session was closed"))
+
+    def _take(self) -> list[_Job] | None:
+        """Block until a group of jobs is ready; None when closed."""
+        with self._cv:
+            while not self._queue and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+            deadline = self._queue[0].queued_at + self.max_wait_s
+            # wait for sessions that are mid-push and have not queued their next chunk yet
+            while len(self._queue) < min(self._pushers, self.max_batch) and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            if self._closed:
+                return None
+            # first chunks first, then arrival order
+            order = sorted(self._queue, key=lambda j: (j.emission.index > 0, j.queued_at))
+            key = order[0].group
+            batch = [j for j in order if j.group == key][: self.max_batch]
+            for job in batch:
+                self._queue.remove(job)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            started = time.perf_counter()
+            self._run(batch)
+            waits = [started - j.queued_at for j in batch]
+            with self._cv:
+                self.batch_sizes[len(batch)] += 1
+                self.jobs_done += len(batch)
+                self.queue_wait_s += sum(waits)
+            for listener in list(self.listeners):
+                try:
+                    listener(len(batch), waits)
+                except Exception:  # noqa: BLE001 - statistics must never stop the worker
+                    pass
+
+    # ---------------------------------------------------------------------------------------------- model calls
+
+    def _run(self, batch: list[_Job]) -> None:
+        live = []
+        for job in batch:
+            if job.session._closing:
+                job.future.set_exception(SessionClosedError("the session was closed"))
+            elif job.future.set_running_or_notify_cancel():
+                live.append(job)
+        if not live:
+            return
+        try:
+            with torch.inference_mode():
+                flows = self._flow_rows(live)
+        except Exception:  # noqa: BLE001 - isolate the failing row; the others still get their chunks
+            flows = None
+        for i, job in enumerate(live):
+            try:
+                with torch.inference_mode():
+                    mel = flows[i] if flows is not None else self._flow_rows([job])[0]
+                    out = job.session._output(job.work, job.emission, mel)
+            except BaseException as exc:  # noqa: BLE001 - delivered to the row's caller
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(out)
+
+    def _flow_rows(self, jobs: list[_Job]) -> list[torch.Tensor]:
+        """Each job's mel; cached sessions in one ``stream_step_rows`` call, committing their flow states."""
+        if len(jobs) == 1 or jobs[0].group[0] == "alone":
+            return [job.session._flow_chunk(job.work, job.emission) for job in jobs]
+        sessions = [job.session for job in jobs]
+        states = [s._flow_state(job.work) for s, job in zip(sessions, jobs)]
+        rows = sessions[0].flow.stream_step_rows(
+            states,
+            [job.work.tokens[:, : job.emission.prefix] for job in jobs],
+            finalize=[job.emission.finalize for job in jobs],
+            lookahead=[s.lookahead for s in sessions],
+        )
+        mels = []
+        for s, job, (mel, new_state) in zip(sessions, jobs, rows):
+            s._commit_flow(job.work, job.emission, new_state)
+            mels.append(mel)
+        return mels
