@@ -26,6 +26,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -38,6 +39,7 @@ __all__ = ["COMMAND_MODULES", "arg", "build_parser", "main", "subcommand"]
 COMMAND_MODULES: dict[str, str] = {
     "bench": "token2wav.bench",
     "demo": "token2wav.demo",
+    "prompt": "token2wav.frontend.command",
     "tokenize": "token2wav.tokenizer",
 }
 ENTRY_POINT_GROUP = "token2wav.commands"
@@ -171,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
-        code = args._run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _note_printer(args.command)  # notes (e.g. ignored training entries): one line
+            code = args._run(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         # bad input: one clear line, no traceback
         print(f"token2wav {args.command}: error: {e}", file=sys.stderr)
@@ -179,6 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return int(code or 0)
+
+
+def _note_printer(command: str) -> Callable[..., None]:
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"token2wav {command}: note: {message}", file=sys.stderr)
+
+    return show
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -222,6 +233,13 @@ def _load_prompt(path: str | None) -> Any:
 
     arrays = load_prompt_npz(path)
     return Prompt(tokens=arrays.tokens, mel=arrays.mel, embedding=arrays.embedding)
+
+
+def _prompt_from_wav(t2w: Any, path: str, speaker: str | None) -> Any:
+    try:
+        return t2w.prompt_from_wav(path, speaker=speaker)
+    except ImportError as e:  # onnxruntime missing: the message says what to install
+        raise ValueError(str(e)) from None
 
 
 def _print_table(info: dict[str, Any], indent: str = "") -> None:
@@ -284,7 +302,8 @@ def _info(args: argparse.Namespace) -> int:
         ),
         arg("--out", required=True, metavar="OUT.wav", help="output WAV ('-' for stdout)"),
         arg("--prompt", metavar="PROMPT.npz", help="speaker prompt with arrays tokens, mel, embedding"),
-        arg("--speaker", help="a voice bundled with the model (e.g. slt, rms, awb for demo)"),
+        arg("--prompt-wav", metavar="IN.wav", help="clone the voice of this recording (0.5-30 s)"),
+        arg("--speaker", help="a voice of the model (e.g. slt, rms, awb for demo; or from its spk2info.pt)"),
         arg("--stream", action="store_true", help="decode through a streaming session, token by token"),
         arg("--preset", help="streaming preset (see `token2wav info`)"),
         arg("--hop", type=int, help="streaming hop in tokens"),
@@ -316,10 +335,14 @@ def _synth(args: argparse.Namespace) -> int:
         raise ValueError("--attention applies only without --stream (streaming is chunk-causal)")
     if args.speaker is not None and args.prompt is not None:
         raise ValueError("--speaker and --prompt are alternatives: give one")
+    if args.prompt_wav is not None and args.prompt is not None:
+        raise ValueError("--prompt and --prompt-wav are alternatives: give one")
     _precheck_synth(args, tokens)  # what the config alone decides, before seconds of loading
     prompt = None if args.speaker is not None else _load_prompt(args.prompt)
     t2w = load_engine(args.model, args.device, args.dtype)
-    if args.speaker is not None:
+    if args.prompt_wav is not None:  # with --speaker: that voice's embedding (the demo model needs one)
+        prompt = _prompt_from_wav(t2w, args.prompt_wav, args.speaker)
+    elif args.speaker is not None:
         prompt = t2w.speaker_prompt(args.speaker)
     if args.warmup:
         _warm_up(t2w)
@@ -496,6 +519,7 @@ def _serve(args: argparse.Namespace) -> int:
         arg("--rate", type=float, default=25.0, help="tokens per second to send (0: all at once)"),
         arg("--out", metavar="OUT.wav", help="write the received audio"),
         arg("--prompt", metavar="PROMPT.npz", help="register this prompt first and use it"),
+        arg("--prompt-wav", metavar="IN.wav", help="upload this recording as the prompt (the server clones it)"),
         arg("--prompt-id", help="use an already registered prompt"),
         arg("--preset", help="streaming preset"),
         arg("--hop", type=int, help="hop in tokens"),
@@ -511,8 +535,10 @@ def _client(args: argparse.Namespace) -> int:
     from token2wav.serve.client import StreamError, register_prompt, stream_tokens_sync
     from token2wav.tokens_io import load_prompt_npz, read_tokens
 
-    if args.prompt and args.prompt_id:
-        raise ValueError("give --prompt or --prompt-id, not both")
+    if sum(x is not None for x in (args.prompt, args.prompt_id, args.prompt_wav)) > 1:
+        raise ValueError("give one of --prompt, --prompt-wav, --prompt-id")
+    if args.prompt_wav is not None and not Path(args.prompt_wav).is_file():
+        raise FileNotFoundError(f"--prompt-wav: no such file: {args.prompt_wav}")
     if args.rate < 0:
         raise ValueError(f"--rate must be >= 0, got {args.rate}")
     tokens = read_tokens(args.tokens)
@@ -523,6 +549,10 @@ def _client(args: argparse.Namespace) -> int:
         if args.prompt:
             p = load_prompt_npz(args.prompt)
             prompt_id = register_prompt(args.url, p.tokens, p.mel, p.embedding)
+        elif args.prompt_wav:
+            from token2wav.serve.client import register_prompt_wav
+
+            prompt_id = register_prompt_wav(args.url, args.prompt_wav)
         result = stream_tokens_sync(
             args.url,
             tokens,

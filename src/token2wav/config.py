@@ -541,9 +541,15 @@ CONFIG_NAMES = ("token2wav.yaml", "cosyvoice3.yaml", "cosyvoice2.yaml", "cosyvoi
 def find_config_file(model_dir: str | Path) -> Path:
     """The config file of a model directory (ours first, then the CosyVoice names)."""
     model_dir = Path(model_dir)
-    for name in CONFIG_NAMES:
-        if (model_dir / name).is_file():
-            return model_dir / name
+    found = [model_dir / name for name in CONFIG_NAMES if (model_dir / name).is_file()]
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ConfigError(
+            f"{model_dir} holds {len(found)} model configs ({names}): give the one to use as the model "
+            f"instead of the directory, e.g. {found[0]}"
+        )
+    if found:
+        return found[0]
     raise ConfigError(f"{model_dir}: no config file found (looked for {', '.join(CONFIG_NAMES)})")
 
 
@@ -584,9 +590,34 @@ def build_module(spec: ModuleSpec) -> Any:
         return value
 
     cls = _resolve_class(spec.target)
+    where = f" (line {spec.line})" if spec.line else ""
+    accepted = _accepted_kwargs(cls)
+    if accepted is not None:
+        unknown = sorted(set(spec.kwargs) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{_short(spec.target)}{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+            )
     kwargs = {k: build(v) for k, v in spec.kwargs.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:
-        where = f" (line {spec.line})" if spec.line else ""
         raise ConfigError(f"cannot build '{spec.target}'{where}: {exc}") from None
+
+
+def _short(target: str) -> str:
+    return target.rsplit(".", 1)[-1]
+
+
+def _accepted_kwargs(cls: type) -> list[str] | None:
+    """The keyword arguments ``cls`` takes, in order (None when it takes any: ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in named]

@@ -8,13 +8,15 @@ import torch
 from torch import nn
 
 from .checkpoints import (
+    check_flow_family,
     fold_weight_norm,
     load_strict,
     read_state_dict,
     strip_generator_prefix,
+    unfold_weight_norm_keys,
     upgrade_weight_norm_keys,
 )
-from .config import ModelConfig, build_module, read_config
+from .config import ConfigError, ModelConfig, build_module, read_config
 
 __all__ = ["build_flow", "load_flow", "build_vocoder", "load_vocoder", "resolve_model_dir", "model_files",
            "BUNDLED_MODELS"]
@@ -28,16 +30,20 @@ BUNDLED_MODELS = {
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A model directory from a path or the name of a bundled model."""
+    """A model directory (or a config file inside one) from a path or the name of a bundled model."""
     if isinstance(model, str) and model in BUNDLED_MODELS:
         path = BUNDLED_MODELS[model]
         if not path.is_dir():
             raise FileNotFoundError(f"bundled model '{model}' is not installed (expected {path})")
         return path
     path = Path(model)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        return path  # one config of a directory holding several: the weights are read beside it
     if not path.is_dir():
         names = ", ".join(sorted(BUNDLED_MODELS))
-        raise FileNotFoundError(f"model '{model}' is neither a directory nor a bundled model ({names})")
+        raise FileNotFoundError(
+            f"model '{model}' is neither a directory, a model config (.yaml) nor a bundled model ({names})"
+        )
     return path
 
 
@@ -83,15 +89,22 @@ def build_flow(config_path: str | Path | ModelConfig, device: str | torch.device
     """The flow (token -> mel) of a config, without weights. On 'meta' nothing is allocated."""
     config = _config(config_path)
     with torch.device(device):
-        flow = build_module(config.flow)
+        flow = _build(config, config.flow, "flow")
     return flow.eval()
+
+
+def _build(config: ModelConfig, spec: object, section: str) -> nn.Module:
+    try:
+        return build_module(spec)
+    except ConfigError as exc:  # name the file and the section: "cosyvoice3.yaml: hift: ..."
+        raise ConfigError(f"{config.path}: {section}: {exc}") from None
 
 
 def build_vocoder(config_path: str | Path | ModelConfig, device: str | torch.device = "meta") -> nn.Module:
     """The vocoder (mel -> waveform) of a config, without weights. On 'meta' nothing is allocated."""
     config = _config(config_path)
     with torch.device(device):
-        vocoder = build_module(config.vocoder)
+        vocoder = _build(config, config.vocoder, "hift" if config.format == "cosyvoice" else "vocoder")
     return vocoder.eval()
 
 
@@ -110,8 +123,10 @@ def load_flow(
 ) -> nn.Module:
     """Build the flow of a config and load `flow.pt` / `flow.safetensors` into it strictly."""
     _check_dtype(dtype)
-    flow = build_flow(config_path, device="cpu")
+    config = _config(config_path)
+    flow = build_flow(config, device="cpu")
     state = read_state_dict(weights_path)
+    check_flow_family(state, config.family, config.path.name, str(weights_path))
     load_strict(flow, state, source=str(weights_path))
     return _place(flow, device, dtype)
 
@@ -128,6 +143,7 @@ def load_vocoder(
     vocoder = build_vocoder(config, device="cpu")
     state = strip_generator_prefix(read_state_dict(weights_path))
     state = upgrade_weight_norm_keys(state, vocoder)
+    state, _ = unfold_weight_norm_keys(state, vocoder)  # saved with weight norm folded: the same generator
     load_strict(vocoder, state, source=str(weights_path))
     fold_weight_norm(vocoder)
     seed = config.extra.get("source_noise_seed")

@@ -575,8 +575,8 @@ class HiFTGenerator(_HiFTBase):
                  resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5), (1, 3, 5), (1, 3, 5)),
                  source_resblock_kernel_sizes: Sequence[int] = (7, 11),
                  source_resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5), (1, 3, 5)),
-                 lrelu_slope: float = 0.1, audio_limit: float = 0.99, f0_predictor: nn.Module | None = None,
-                 **_ignored) -> None:
+                 lrelu_slope: float = 0.1, audio_limit: float = 0.99,
+                 f0_predictor: nn.Module | None = None) -> None:
         super().__init__(False, in_channels, base_channels, nb_harmonics, sampling_rate, nsf_alpha, nsf_sigma,
                          nsf_voiced_threshold, upsample_rates, upsample_kernel_sizes,
                          istft_params or {"n_fft": 16, "hop_len": 4}, resblock_kernel_sizes,
@@ -707,7 +707,7 @@ class CausalHiFTGenerator(_HiFTBase):
                  source_resblock_kernel_sizes: Sequence[int] = (7, 11),
                  source_resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5), (1, 3, 5)),
                  lrelu_slope: float = 0.1, audio_limit: float = 0.99, conv_pre_look_right: int = 4,
-                 f0_predictor: nn.Module | None = None, **_ignored) -> None:
+                 f0_predictor: nn.Module | None = None) -> None:
         super().__init__(True, in_channels, base_channels, nb_harmonics, sampling_rate, nsf_alpha, nsf_sigma,
                          nsf_voiced_threshold, upsample_rates, upsample_kernel_sizes,
                          istft_params or {"n_fft": 16, "hop_len": 4}, resblock_kernel_sizes,
