@@ -434,10 +434,12 @@ def _precheck_synth(args: argparse.Namespace, tokens: Any) -> None:
             names=CLI_NAMES,
         )
     if args.speaker is not None:
-        speakers = list(config.extra.get("speakers") or [])
+        from token2wav.frontend.voices import voice_names
+
+        speakers = list(config.extra.get("speakers") or []) + voice_names(config.path.parent)
         if args.speaker not in speakers:
             have = (f"must be one of {', '.join(speakers)}" if speakers
-                    else "not available: this model ships no voices (use --prompt)")
+                    else "not available: this model ships no voices (use --prompt or --prompt-wav)")
             raise ValueError(f"--speaker {args.speaker}: {have}")
 
 

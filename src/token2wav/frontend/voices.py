@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SPK2INFO", "read_voices", "save_voice", "voice_entry"]
+__all__ = ["SPK2INFO", "read_voices", "save_voice", "voice_entry", "voice_names"]
 
 SPK2INFO = "spk2info.pt"
 
@@ -71,6 +71,12 @@ def read_voices(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor,
                 mel = mel[: int(n_mel.reshape(-1)[0])]
         voices[str(name)] = (tokens, mel, emb)
     return voices
+
+
+def voice_names(model_dir: str | Path) -> list[str]:
+    """Names of the voices saved in ``model_dir/spk2info.pt`` (none if there is no such file)."""
+    path = Path(model_dir) / SPK2INFO
+    return list(read_voices(path)) if path.is_file() else []
 
 
 def voice_entry(tokens: torch.Tensor, mel: torch.Tensor, embedding: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from token2wav.serve import protocol as P
 from token2wav.serve.metrics import CONTENT_TYPE, Registry
+from token2wav.serve.upload import prompt_request
 
 __all__ = ["ServerState", "create_app", "uvicorn_config"]
 
@@ -209,9 +210,9 @@ def create_app(
     @app.post("/v1/prompts")
     async def register_prompt(request: Request) -> Response:
         try:
-            req = P.parse_prompt_request(
-                await _read_body(request, limits.max_prompt_bytes, "max_prompt_bytes"), state.vocab_size
-            )
+            body = await _read_body(request, limits.max_prompt_bytes, "max_prompt_bytes")
+            # JSON arrays, or a recording (audio/wav or multipart) that the engine clones: see serve/upload.py
+            req = await prompt_request(state, t2w, request.headers.get("content-type"), body)
             pid = _prompt_id(req)
             if pid not in state.prompts:
                 try:

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +28,7 @@ __all__ = [
     "StreamResult",
     "http_base_url",
     "register_prompt",
+    "register_prompt_wav",
     "stream_tokens",
     "stream_tokens_sync",
 ]
@@ -122,6 +124,21 @@ def register_prompt(url: str, tokens: Any, mel: Any, embedding: Any, *, timeout:
     if r.status_code != 200:
         raise StreamError(
             f"prompt registration failed: HTTP {r.status_code}: {r.text[:200]}", status=r.status_code
+        )
+    return str(r.json()["prompt_id"])
+
+
+def register_prompt_wav(url: str, path: str | Path, *, timeout: float = 120.0) -> str:
+    """Upload a recording (WAV body, ``Content-Type: audio/wav``); the server clones it into a prompt and
+    returns its ``prompt_id`` (the same id the prompt's arrays would get)."""
+    import httpx
+
+    data = Path(path).read_bytes()
+    r = httpx.post(http_base_url(url) + "/v1/prompts", content=data, headers={"Content-Type": "audio/wav"},
+                   timeout=timeout)
+    if r.status_code != 200:
+        raise StreamError(
+            f"prompt upload failed: HTTP {r.status_code}: {r.text[:200]}", status=r.status_code
         )
     return str(r.json()["prompt_id"])
 

@@ -1,0 +1,86 @@
+"""``POST /v1/prompts`` with a recording: a WAV body (``Content-Type: audio/wav``) or a multipart form upload.
+
+The recording is cloned into a prompt by the engine's ``prompt_from_wav`` (in the model thread pool), and the
+prompt is registered exactly as if its arrays had been posted as JSON, so it gets the same content-hashed id.
+
+Multipart is parsed with the standard library's ``email`` parser rather than python-multipart: the body is
+already size-capped in memory (``--max-prompt-bytes``) before parsing, there is one file to find, and it saves
+a dependency that only this endpoint would use.
+"""
+
+from __future__ import annotations
+
+import io
+from email import policy
+from email.parser import BytesParser
+from typing import Any
+
+import numpy as np
+
+from token2wav.serve import protocol as P
+
+__all__ = ["AUDIO_TYPES", "audio_from_body", "prompt_request"]
+
+AUDIO_TYPES = ("audio/", "application/octet-stream")  # a body of these types is a sound file (WAV, FLAC, ...)
+_NOT_SUPPORTED = 501
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def audio_from_body(body: bytes, content_type: str | None) -> bytes | None:
+    """The sound file in a request body, or None when the body is a JSON prompt."""
+    media = _media_type(content_type)
+    if media.startswith(AUDIO_TYPES):
+        return body
+    if media != "multipart/form-data":
+        return None
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    msg = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart():
+        raise P.ProtocolError("multipart body could not be parsed (missing or wrong boundary)")
+    for part in msg.iter_parts():
+        # the file field: one with a filename, or declared as audio
+        if part.get_filename() is not None or _media_type(part.get_content_type()).startswith("audio/"):
+            data = part.get_payload(decode=True)
+            if data:
+                return bytes(data)
+    raise P.ProtocolError("multipart body has no file part: send the recording as a file field")
+
+
+def _decode(data: bytes) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    try:
+        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile's errors for unknown / truncated formats
+        raise ValueError(f"body is not a readable audio file ({str(exc).splitlines()[0][:120]})") from None
+    return samples, int(sr)
+
+
+def _clone(t2w: Any, data: bytes) -> Any:
+    samples, sr = _decode(data)
+    return t2w.prompt_from_wav(samples, sample_rate=sr)
+
+
+async def prompt_request(state: Any, t2w: Any, content_type: str | None, body: bytes) -> P.PromptRequest:
+    """The prompt arrays of a ``/v1/prompts`` body: parsed JSON, or the clone of a recording."""
+    data = audio_from_body(body, content_type)
+    if data is None:
+        return P.parse_prompt_request(body, state.vocab_size)
+    if not callable(getattr(t2w, "prompt_from_wav", None)):
+        raise P.ProtocolError("this server's engine cannot clone a voice from audio; post the prompt's arrays",
+                              status=_NOT_SUPPORTED)
+    try:
+        prompt = await state.run(_clone, t2w, data)
+    except (ImportError, FileNotFoundError) as exc:  # the model has no front end (onnxruntime / ONNX files)
+        raise P.ProtocolError(f"voice cloning is not available on this server: {exc}",
+                              status=_NOT_SUPPORTED) from None
+    except (ValueError, TypeError) as exc:  # too long, too short, silent, not audio, below 16 kHz
+        raise P.ProtocolError(f"invalid prompt audio: {exc}") from None
+    return P.PromptRequest(
+        tokens=np.asarray(prompt.tokens, dtype=np.int64),
+        mel=np.asarray(prompt.mel, dtype=np.float32),
+        embedding=np.asarray(prompt.embedding, dtype=np.float32),
+    )
