@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
 from token2wav.models.kv_store import PastKV, RowStore, extend_kv
+from token2wav.models.rows import RowLayout, packed_attention, packed_causal_conv
 
 __all__ = [
     "Attention",
@@ -117,6 +119,30 @@ class _Tails:
         y, tail = conv.forward_cached(x, next(self._old))
         self.new.append(tail)
         return y
+
+
+class _PackedTails:
+    """``_Tails`` for packed rows (see ``models/rows.py``): every causal conv runs once over all rows, each
+    row continuing from its own history."""
+
+    def __init__(self, old: Sequence[Sequence[Tensor]], layout: RowLayout) -> None:
+        self._old: Iterator[tuple[Tensor, ...]] = iter(zip(*old))  # per conv: every row's history
+        self._layout = layout
+        self._index: dict[int, Tensor] = {}
+        self.new: list[list[Tensor]] = []  # per conv: every row's new history
+
+    def step(self, conv: CausalConv1d, x: Tensor) -> Tensor:
+        history = conv.causal_padding
+        if history not in self._index:
+            self._index[history] = self._layout.conv_index(history, x.device)
+        y, tails = packed_causal_conv(
+            lambda seq: nn.Conv1d.forward(conv, seq), x, next(self._old), self._layout, self._index[history]
+        )
+        self.new.append(tails)
+        return y
+
+    def per_row(self) -> list[tuple[Tensor, ...]]:
+        return [tuple(conv[r] for conv in self.new) for r in range(len(self._layout))]
 
 
 class CausalConv1d(nn.Conv1d):
@@ -333,14 +359,22 @@ class Attention(nn.Module):
         past: cached keys, values ``[B, H, P, d]`` and the stores behind them (see ``kv_store``), or None.
         Returns the output, the full keys and values, and their stores.
         """
-        batch = hidden_states.size(0)
-        q = self._split(self.to_q(hidden_states))
-        k = self._split(self.to_k(hidden_states))
-        v = self._split(self.to_v(hidden_states))
+        q, k, v = (self._split(proj(hidden_states)) for proj in (self.to_q, self.to_k, self.to_v))
         k, v, stores = extend_kv(k, v, past)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=0.0)
-        out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.dim_head).to(q.dtype)
-        return self.to_out[0](out), k, v, stores
+        return self._merge(out, q.dtype), k, v, stores
+
+    def _merge(self, out: Tensor, dtype: torch.dtype) -> Tensor:
+        out = out.transpose(1, 2).reshape(out.size(0), -1, self.heads * self.dim_head).to(dtype)
+        return self.to_out[0](out)
+
+    def forward_rows(
+        self, hidden_states: Tensor, biases: list[Tensor | None], pasts: list[PastKV], layout: RowLayout
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[tuple[RowStore | None, RowStore | None]]]:
+        """``forward`` for packed rows: each row attends to its own cache with its own bias."""
+        q, k, v = (self._split(proj(hidden_states)) for proj in (self.to_q, self.to_k, self.to_v))
+        out, keys, values, stores = packed_attention(q, k, v, pasts, biases, layout)
+        return self._merge(out, q.dtype), keys, values, stores
 
 
 class BasicTransformerBlock(nn.Module):
@@ -387,9 +421,17 @@ class BasicTransformerBlock(nn.Module):
         """``attention_mask`` is an additive bias ``[B, H, T, P+T]`` (or broadcastable); returns
         (x, k, v, stores) as ``Attention.forward``."""
         attn, k, v, stores = self.attn1(self.norm1(hidden_states), attention_mask, past)
-        hidden_states = attn + hidden_states
-        hidden_states = self.ff(self.norm3(hidden_states)) + hidden_states
-        return hidden_states, k, v, stores
+        return self._feed_forward(attn + hidden_states), k, v, stores
+
+    def _feed_forward(self, hidden_states: Tensor) -> Tensor:
+        return self.ff(self.norm3(hidden_states)) + hidden_states
+
+    def forward_rows(
+        self, hidden_states: Tensor, biases: list[Tensor | None], pasts: list[PastKV], layout: RowLayout
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], list[tuple[RowStore | None, RowStore | None]]]:
+        """``forward`` for packed rows (see ``models/rows.py``)."""
+        attn, keys, values, stores = self.attn1.forward_rows(self.norm1(hidden_states), biases, pasts, layout)
+        return self._feed_forward(attn + hidden_states), keys, values, stores
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -708,11 +750,7 @@ class CausalConditionalDecoder(nn.Module):
         temb = self._time(t, batch)
         h = self._inputs(x, mu, spks, cond)
         offset = cache.offset
-        bias = None  # one chunk-aligned chunk sees every key: no mask needed
-        if (offset // chunk + 1) * chunk < offset + n_new:
-            allowed = make_chunk_mask(n_new, chunk, offset=offset, device=x.device)
-            bias = ((1.0 - allowed.to(h.dtype)) * _MASK_BIAS).view(1, 1, n_new, offset + n_new)
-
+        bias = self._chunk_bias(offset, n_new, chunk, h.dtype, h.device)
         tails = _Tails(cache.conv_tails)
         old_stores = cache.stores or ((None, None),) * len(cache.keys)
         past = iter(zip(cache.keys, cache.values, old_stores))
@@ -720,14 +758,36 @@ class CausalConditionalDecoder(nn.Module):
         values: list[Tensor] = []
         stores: list[tuple[RowStore | None, RowStore | None]] = []
 
+        def attend(block: BasicTransformerBlock, h: Tensor) -> Tensor:
+            pk, pv, (k_store, v_store) = next(past)
+            h, k, v, block_stores = block(h, bias, temb, (pk, pv, k_store, v_store))
+            keys.append(k)
+            values.append(v)
+            stores.append(block_stores)
+            return h
+
+        out = self._cached_trunk(h, temb, tails, attend)
+        new_cache = UNetCache(offset=offset + n_new, chunk_size=chunk, conv_tails=tuple(tails.new),
+                              keys=tuple(keys), values=tuple(values), stores=tuple(stores))
+        return out, new_cache
+
+    @staticmethod
+    def _chunk_bias(offset: int, n_new: int, chunk: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """Additive bias for new frames ``[offset, offset + n_new)`` against every key up to them; None when
+        they form one chunk-aligned chunk (every key visible)."""
+        if (offset // chunk + 1) * chunk >= offset + n_new:
+            return None
+        allowed = make_chunk_mask(n_new, chunk, offset=offset, device=device)
+        return ((1.0 - allowed.to(dtype)) * _MASK_BIAS).view(1, 1, n_new, offset + n_new)
+
+    def _cached_trunk(self, h: Tensor, temb: Tensor, tails: _Tails | _PackedTails, attend: Any) -> Tensor:
+        """The network after the inputs, with causal convs through ``tails`` and each transformer block run
+        by ``attend(block, h [B, T, C]) -> h``."""
+
         def transformers(blocks: nn.ModuleList, h: Tensor) -> Tensor:
             h = h.transpose(1, 2).contiguous()
             for block in blocks:
-                pk, pv, (k_store, v_store) = next(past)
-                h, k, v, block_stores = block(h, bias, temb, (pk, pv, k_store, v_store))
-                keys.append(k)
-                values.append(v)
-                stores.append(block_stores)
+                h = attend(block, h)
             return h.transpose(1, 2).contiguous()
 
         resnet, blocks, down = self.down_blocks[0]
@@ -740,7 +800,66 @@ class CausalConditionalDecoder(nn.Module):
             h = resnet.forward_cached(torch.cat([h, skip], dim=1), temb, tails)
             h = tails.step(up, transformers(blocks, h))
         h = self.final_block.forward_cached(h, tails)
-        out = self.final_proj(h)
-        new_cache = UNetCache(offset=offset + n_new, chunk_size=chunk, conv_tails=tuple(tails.new),
-                              keys=tuple(keys), values=tuple(values), stores=tuple(stores))
-        return out, new_cache
+        return self.final_proj(h)
+
+    # -- packed rows (many streams, one call) --
+
+    def prepare_rows(
+        self, offsets: list[int], layout: RowLayout, chunk_sizes: list[int | None]
+    ) -> tuple[list[int], list[Tensor | None]]:
+        """Per row, its chunk size and the attention bias of its new frames (shared by every solver step)."""
+        self._check_streamable()
+        weight = self.final_proj.weight
+        chunks, biases = [], []
+        for offset, n, chunk in zip(offsets, layout.lengths, chunk_sizes):
+            chunk = self.static_chunk_size if chunk is None else int(chunk)
+            if chunk <= 0 or offset % chunk:
+                raise ValueError(f"a row starts at frame {offset}, off its {chunk}-frame chunk grid")
+            chunks.append(chunk)
+            biases.append(self._chunk_bias(offset, n, chunk, weight.dtype, weight.device))
+        return chunks, biases
+
+    def forward_rows(
+        self,
+        x: Tensor,
+        mu: Tensor,
+        cond: Tensor,
+        spk: Tensor | None,
+        *,
+        caches: list[UNetCache],
+        layout: RowLayout,
+        context: tuple[list[int], list[Tensor | None]],
+        t: Tensor,
+    ) -> tuple[Tensor, list[UNetCache]]:
+        """``forward_chunk`` of many streams in one call, their new frames packed along time.
+
+        x, mu, cond ``[B, 80, S]`` and spk ``[B, 80, S]`` (speaker per frame) hold row ``i``'s frames at
+        ``layout``'s span ``i``; ``caches[i]`` is row ``i``'s cache; ``context`` is ``prepare_rows(...)``.
+        Returns the packed velocity and each row's new cache.
+        """
+        batch = x.size(0)
+        chunks, biases = context
+        temb = self._time(t, batch)
+        parts = [x, mu] + ([spk] if spk is not None else []) + [cond]
+        h = torch.cat(parts, dim=1)
+        if h.size(1) != self.in_channels:
+            raise ValueError(f"x, mu, spk and cond together have {h.size(1)} channels, the estimator expects "
+                             f"in_channels={self.in_channels}")
+        tails = _PackedTails([c.conv_tails for c in caches], layout)
+        pasts = iter(zip(*[zip(c.keys, c.values, c.stores or ((None, None),) * len(c.keys)) for c in caches]))
+        per_block = []
+
+        def attend(block: BasicTransformerBlock, h: Tensor) -> Tensor:
+            row_pasts = [(pk, pv, ks, vs) for pk, pv, (ks, vs) in next(pasts)]
+            h, keys, values, stores = block.forward_rows(h, biases, row_pasts, layout)
+            per_block.append((keys, values, stores))
+            return h
+
+        out = self._cached_trunk(h, temb, tails, attend)
+        new = [
+            UNetCache(offset=cache.offset + n, chunk_size=chunk, conv_tails=row_tails,
+                      keys=tuple(b[0][r] for b in per_block), values=tuple(b[1][r] for b in per_block),
+                      stores=tuple(b[2][r] for b in per_block))
+            for r, (cache, n, row_tails, chunk) in enumerate(zip(caches, layout.lengths, tails.per_row(), chunks))
+        ]  # fmt: skip
+        return out, new
