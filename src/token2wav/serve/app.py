@@ -1,23 +1,23 @@
 """FastAPI application: one loaded model, many concurrent streaming sessions.
 
 Model work (session creation, ``push``, ``finish``, offline synthesis) runs in a thread pool so the event
-loop only moves bytes; a slow session therefore never blocks another one's I/O. Per-session work is
-strictly sequential (each handler awaits its own ``push`` before reading the next message), which is the
-contract of an engine session.
+loop only moves bytes; a slow session therefore never blocks another one's I/O. Each WebSocket stream is
+full duplex: it keeps reading while its session computes (tokens queue up in order, bounded; a disconnect,
+an ``end`` or a bad message is seen at once), and the session's calls stay strictly sequential, which is the
+contract of an engine session. Streams get their session from :meth:`ServerState.open_session`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import threading
+import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,12 +26,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
 from token2wav.serve import protocol as P
+from token2wav.serve.auth import AccessMiddleware, AccessPolicy, install_log_redaction
 from token2wav.serve.metrics import CONTENT_TYPE, Registry
+from token2wav.serve.prompt_store import PromptStore, prompt_id
 from token2wav.serve.upload import prompt_request
 
 __all__ = ["ServerState", "create_app", "uvicorn_config"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("token2wav.serve")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 _COMPUTE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -45,7 +49,17 @@ class _Metrics:
         self.rejected_total = r.counter(
             "token2wav_rejected_total", "Requests refused or ended by a limit or a client error.", ["reason"]
         )
-        self.disconnects_total = r.counter("token2wav_disconnects_total", "Streams the client left before done.")
+        self.disconnects_total = r.counter(
+            "token2wav_disconnects_total", "Streams the client left (or stopped reading) before done."
+        )
+        self.last_disconnect = r.gauge(
+            "token2wav_last_disconnect_timestamp_seconds",
+            "Unix time at which the slot of the last stream whose client left was released.",
+        )
+        self.dropped_tokens_total = r.counter(
+            "token2wav_dropped_tokens_total", "Queued tokens never decoded because their stream ended early."
+        )
+        self.draining = r.gauge("token2wav_draining", "1 while the server shuts down: nothing new is admitted.")
         self.errors_total = r.counter("token2wav_internal_errors_total", "Requests failed by a server error.")
         self.tokens_total = r.counter("token2wav_tokens_total", "Speech tokens received.")
         self.chunks_total = r.counter("token2wav_chunks_total", "Audio chunks sent on streams.")
@@ -76,6 +90,11 @@ class _Metrics:
             self.cache_entries.set(len(cache))
 
 
+# A new stream or synthesize request arriving at a full server waits this long for a slot before it is refused:
+# a client that just vanished is noticed and freed within this time (the receiver sees its disconnect at once).
+ADMIT_WAIT_S = 0.1
+
+
 @dataclass
 class ServerState:
     t2w: Any
@@ -86,24 +105,57 @@ class ServerState:
     metrics: _Metrics
     prompts: OrderedDict[str, Any]
     open_sessions: int = 0  # touched only on the event loop thread
+    make_prompt: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None
+    prompt_store: PromptStore | None = None  # with --prompt-dir
+    draining: bool = False  # set when shutdown begins: nothing new is admitted
+    closing: asyncio.Event = field(default_factory=asyncio.Event)  # set when the drain time is over
+    slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
 
+    async def open_session(self, **kwargs: Any) -> Any:
+        """The one place a stream gets its engine session: ``t2w.stream(**kwargs)``, wrapped so that
+        ``await s.apush(tokens)`` / ``await s.afinish()`` run in the thread pool. ``s.close()`` releases it."""
+        fut = self.executor.submit(lambda: self.t2w.stream(**kwargs))
+        try:
+            session = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:  # the client left while the session was being made
+            fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else _quiet_close(f.result()))
+            raise
+        return ThreadedSession(session, self.executor)
+
     def try_admit(self, kind: str) -> bool:
-        if self.open_sessions >= self.limits.max_sessions:
+        if self.draining or self.open_sessions >= self.limits.max_sessions:
             return False  # the caller reports (and counts) the refusal
         self.open_sessions += 1
         self.metrics.sessions_open.set(self.open_sessions)
         self.metrics.sessions_total.inc(kind=kind)
         return True
 
+    async def admit(self, kind: str) -> bool:
+        """Take a session slot, waiting up to ``ADMIT_WAIT_S`` for one to be freed."""
+        if self.try_admit(kind):
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ADMIT_WAIT_S
+        while not self.draining and (left := deadline - loop.time()) > 0:
+            self.slot_freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.slot_freed.wait(), left)
+            if self.try_admit(kind):
+                return True
+        return False
+
     def release(self) -> None:
         self.open_sessions -= 1
         self.metrics.sessions_open.set(self.open_sessions)
+        self.slot_freed.set()
 
     def busy_error(self) -> P.ProtocolError:
+        if self.draining:
+            return P.ProtocolError("server shutting down", ws_code=P.WS_GOING_AWAY, status=503)
         return P.ProtocolError(
             f"server busy: {self.limits.max_sessions} sessions open, try again later",
             ws_code=P.WS_TRY_AGAIN_LATER,
@@ -120,6 +172,41 @@ class ServerState:
         self.prompts.move_to_end(prompt_id)
         return prompt
 
+    async def get_prompt(self, prompt_id: str | None, *, status: int = 404) -> Any:
+        """:meth:`lookup_prompt`, reloading a prompt dropped from memory from ``--prompt-dir`` if it is there."""
+        if prompt_id is not None and prompt_id not in self.prompts and self.prompt_store is not None:
+            arrays = await self.run(self.prompt_store.load, prompt_id)
+            if arrays is not None and self.make_prompt is not None:
+                try:
+                    self.add_prompt(prompt_id, await self.run(self.make_prompt, *arrays))
+                except (ValueError, TypeError) as e:
+                    log.warning("prompt store: cannot use %s: %s", prompt_id, e)
+        return self.lookup_prompt(prompt_id, status=status)
+
+    def add_prompt(self, prompt_id: str, prompt: Any) -> None:
+        self.prompts[prompt_id] = prompt
+        self.prompts.move_to_end(prompt_id)
+        while len(self.prompts) > self.limits.max_prompts:
+            self.prompts.popitem(last=False)  # still on disk with --prompt-dir: reloaded when asked for
+        self.metrics.prompts.set(len(self.prompts))
+
+    async def drain(self, timeout_s: float, *, grace_s: float = 5.0) -> None:
+        """Stop admitting, let open sessions finish for up to ``timeout_s``, then close the rest with 1001."""
+        self.draining = True
+        self.metrics.draining.set(1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.open_sessions > 0 and loop.time() < deadline:
+            self.slot_freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.slot_freed.wait(), max(0.0, min(0.5, deadline - loop.time())))
+        self.closing.set()
+        deadline = loop.time() + grace_s  # closing frames to clients that read; others are cut by uvicorn
+        while self.open_sessions > 0 and loop.time() < deadline:
+            self.slot_freed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.slot_freed.wait(), max(0.0, deadline - loop.time()))
+
 
 def _vocab_size(t2w: Any) -> int:
     try:
@@ -129,11 +216,7 @@ def _vocab_size(t2w: Any) -> int:
 
 
 def _prompt_id(req: P.PromptRequest) -> str:
-    h = hashlib.sha256()
-    for arr in (req.tokens.astype("<i8"), req.mel.astype("<f4"), req.embedding.astype("<f4")):
-        h.update(str(arr.shape).encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return "p_" + h.hexdigest()[:24]
+    return prompt_id(req.tokens, req.mel, req.embedding)
 
 
 def _error_response(err: P.ProtocolError) -> JSONResponse:
@@ -160,8 +243,14 @@ def create_app(
     name: str = "model",
     limits: P.ServerLimits | None = None,
     prompt_factory: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None,
+    access: AccessPolicy | None = None,
+    prompt_dir: str | None = None,
 ) -> FastAPI:
-    """Build the server around an already loaded engine (``token2wav.Token2Wav`` or anything alike)."""
+    """Build the server around an already loaded engine (``token2wav.Token2Wav`` or anything alike).
+
+    ``access``: key and web origins required of clients (default: no key, WebSockets from the server's own
+    origin only). ``prompt_dir``: a folder where registered prompts are kept across restarts.
+    """
     limits = limits or P.ServerLimits()
     if prompt_factory is None:
         from token2wav import Prompt
@@ -178,7 +267,11 @@ def create_app(
         executor=ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="token2wav-model"),
         metrics=_Metrics(),
         prompts=OrderedDict(),
+        make_prompt=make_prompt,
     )
+    if prompt_dir is not None:
+        state.prompt_store = PromptStore(prompt_dir, state.vocab_size, max_file_bytes=limits.max_prompt_bytes)
+        _load_stored_prompts(state, t2w)
     info = P.describe_model(t2w, name)
 
     @contextlib.asynccontextmanager
@@ -188,15 +281,20 @@ def create_app(
 
     app = FastAPI(title="token2wav", version="1", lifespan=lifespan)
     app.state.server = state
+    app.state.access = access = access or AccessPolicy()
+    app.add_middleware(
+        AccessMiddleware, policy=access, on_refuse=lambda reason: state.metrics.rejected_total.inc(reason=reason)
+    )
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> Response:
+        body = {
+            "status": "draining" if state.draining else "ok",
             "model": name,
             "sessions_open": state.open_sessions,
             "max_sessions": limits.max_sessions,
         }
+        return JSONResponse(body, status_code=503 if state.draining else 200)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -223,10 +321,12 @@ def create_app(
                         await state.run(prepare, prompt)
                 except (ValueError, TypeError) as e:
                     raise P.ProtocolError(f"invalid prompt: {e}") from None
-                state.prompts[pid] = prompt
-                while len(state.prompts) > limits.max_prompts:
-                    state.prompts.popitem(last=False)
-                state.metrics.prompts.set(len(state.prompts))
+                if state.prompt_store is not None:
+                    try:
+                        await state.run(state.prompt_store.save, pid, req.tokens, req.mel, req.embedding)
+                    except OSError as e:  # the prompt still works until a restart
+                        log.warning("prompt store: cannot write %s: %s", pid, e)
+                state.add_prompt(pid, prompt)
             state.prompts.move_to_end(pid)
         except P.ProtocolError as e:
             state.metrics.rejected_total.inc(reason=_reason(e))
@@ -242,8 +342,8 @@ def create_app(
                     f"{req.tokens.size} tokens exceed max_tokens_per_session={limits.max_tokens_per_session}",
                     ws_code=P.WS_TOO_BIG,
                 )
-            prompt = state.lookup_prompt(req.prompt_id)
-            if not state.try_admit("synthesize"):
+            prompt = await state.get_prompt(req.prompt_id)
+            if not await state.admit("synthesize"):
                 raise state.busy_error()
         except P.ProtocolError as e:
             state.metrics.rejected_total.inc(reason=_reason(e))
@@ -283,230 +383,453 @@ def create_app(
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:
         await ws.accept()
-        if not state.try_admit("stream"):
-            await _StreamHandler(state, ws).fail(state.busy_error())
-            return
         handler = _StreamHandler(state, ws)
+        if not await state.admit("stream"):
+            await handler.fail(state.busy_error())
+            return
         try:
             await handler.run()
         finally:
-            state.release()
+            handler.release()
             handler.close_session()
 
     return app
 
 
 def _reason(err: P.ProtocolError) -> str:
-    return {400: "bad_request", 404: "unknown_prompt", 408: "idle_timeout", 413: "too_big", 503: "busy"}.get(
-        err.status, str(err.status)
-    )
+    if err.ws_code == P.WS_GOING_AWAY:
+        return "shutting_down"
+    return {
+        400: "bad_request",
+        404: "unknown_prompt",
+        408: "idle_timeout",
+        413: "too_big",
+        429: "queue_full",
+        503: "busy",
+    }.get(err.status, str(err.status))
+
+
+def _load_stored_prompts(state: ServerState, t2w: Any) -> None:
+    """Register the prompts kept in ``--prompt-dir`` (newest first, up to max_prompts); skip unusable ones."""
+    store = state.prompt_store
+    assert store is not None and state.make_prompt is not None
+    loaded = 0
+    prepare = getattr(t2w, "prepare_prompt", None)
+    for pid, arrays in reversed(store.load_all(limit=state.limits.max_prompts)):  # oldest first: LRU order
+        try:
+            prompt = state.make_prompt(*arrays)
+            if callable(prepare):
+                prepare(prompt)  # checks it against this model (mel size, frames per token)
+        except (ValueError, TypeError) as e:
+            log.warning("prompt store: skipping %s: not usable with this model: %s", pid, str(e)[:200])
+            continue
+        state.add_prompt(pid, prompt)
+        loaded += 1
+    if loaded:
+        log.info("prompt store: %d prompt(s) loaded from %s", loaded, store.directory)
 
 
 class _Disconnected(Exception):
     pass
 
 
+class ThreadedSession:
+    """An engine session whose ``push``/``finish`` run in the server's thread pool, awaited one at a time.
+
+    It offers what a batched session offers (``await apush(tokens)``, ``await afinish()``, ``close()``), so the
+    stream handler does not care which one :meth:`ServerState.open_session` hands out. A call cancelled while
+    its thread runs finishes in that thread; ``close`` then waits for it before closing the engine session.
+    """
+
+    def __init__(self, session: Any, executor: ThreadPoolExecutor) -> None:
+        self._session = session
+        self._executor = executor
+        self._inflight: Future[Any] | None = None
+
+    async def apush(self, tokens: np.ndarray) -> list[np.ndarray]:
+        return list(await self._call(self._session.push, tokens))
+
+    async def afinish(self) -> np.ndarray:
+        return np.asarray(await self._call(self._session.finish))
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        fut = self._executor.submit(fn, *args)
+        self._inflight = fut
+        return await asyncio.wrap_future(fut)  # cancelling this cancels the job if it has not started
+
+    def close(self) -> None:
+        session, fut = self._session, self._inflight
+        if fut is not None and not fut.done():
+            fut.add_done_callback(lambda _f: _quiet_close(session))
+        else:
+            _quiet_close(session)
+
+
+@dataclass
+class _Frames:
+    frames: list[Any]  # dict (sent as JSON text) or bytes
+    chunk: np.ndarray | None = None  # set for an audio chunk: accounted when sent
+    arrived: float = 0.0
+
+
+@dataclass
+class _Close:
+    code: int
+    reason: str = ""
+
+
+class _Outbox:
+    """What the sender task writes, in order. Audio chunks take one of a few slots (so a client that reads
+    slowly holds back the model work of its own stream only); control messages never wait."""
+
+    def __init__(self, chunk_slots: int = 4) -> None:
+        self.items: deque[_Frames | _Close] = deque()
+        self.ready = asyncio.Event()
+        self.slots = asyncio.Semaphore(chunk_slots)
+
+    def put(self, item: _Frames | _Close) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def put_chunk(self, item: _Frames) -> None:
+        await self.slots.acquire()
+        self.put(item)
+
+    def replace_with(self, item: _Close, first: _Frames | None = None) -> None:
+        """Drop what is not sent yet and end with ``item`` (after ``first``, if given)."""
+        for old in self.items:
+            if isinstance(old, _Frames) and old.chunk is not None:
+                self.slots.release()
+        self.items.clear()
+        if first is not None:
+            self.items.append(first)
+        self.put(item)
+
+    async def get(self) -> _Frames | _Close:
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.items.popleft()
+
+
 class _StreamHandler:
-    """One WebSocket stream: a small state machine around one engine session."""
+    """One WebSocket stream, full duplex: three tasks around one engine session.
+
+    * the receiver reads every client message as it arrives, whatever the model is doing: it validates it,
+      queues tokens (at most ``max_queued_tokens``), notes ``end``, and sees a disconnect at once;
+    * the worker feeds queued tokens to the session one chunk-sized piece at a time, in order, then finishes;
+    * the sender writes the worker's chunks (and control messages) to the client.
+
+    Whichever ends first decides: the sender after ``done`` (close 1000), a client error (its error, then its
+    close code), a disconnect or a client that stops reading (slot freed at once, queued work dropped), or a
+    server drain (close 1001).
+    """
 
     def __init__(self, state: ServerState, ws: WebSocket) -> None:
         self.state = state
         self.ws = ws
         self.session: Any = None
-        self.pending: Future[Any] | None = None  # the model call in flight, if any
+        self.outbox = _Outbox()
+        self.input = asyncio.Event()  # set by the receiver whenever it queued something for the worker
+        self.start_msg: P.StartMessage | None = None
+        self.pending: deque[tuple[np.ndarray, float]] = deque()  # (tokens, arrival time) not yet decoded
+        self.queued = 0  # tokens in ``pending``
+        self.decoded = 0  # tokens handed to the model so far
+        self.end_at: float | None = None  # arrival time of 'end'
+        self.slowed = False  # a 'slow_down' is outstanding
         self.tokens = 0
         self.chunks = 0
         self.samples = 0
         self.first_sent = False
         self.done = False
-        self.stop = threading.Event()  # tells a running push job to stop between pieces
-        self.piece = 25  # tokens per push inside one message; set from the model at 'start'
+        self.piece = 25  # tokens per push; set from the model at 'start'
+        self.released = False
 
-    # -- model calls: keep a handle on the future so a vanished client cannot close a busy session
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        fut = self.state.executor.submit(fn, *args)
-        self.pending = fut
-        try:
-            return await asyncio.wrap_future(fut)
-        finally:
-            if fut.done():
-                self.pending = None
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state.release()
 
     def close_session(self) -> None:
-        self.stop.set()
         session, self.session = self.session, None
-        if session is None:
-            return
-        pending = self.pending
-        if pending is not None and not pending.done():
-            pending.add_done_callback(lambda _f: _quiet_close(session))
-        else:
-            _quiet_close(session)
+        if session is not None:
+            session.close()
 
     # -- transport
-    async def _send_json(self, payload: dict[str, Any]) -> None:
-        await self._send(self.ws.send_json(payload))
-
-    async def _send(self, coro: Any) -> None:
+    async def _send(self, frame: Any) -> None:
+        coro = self.ws.send_bytes(frame) if isinstance(frame, bytes) else self.ws.send_json(frame)
         try:
             await asyncio.wait_for(coro, self.state.limits.send_timeout_s)
         except asyncio.TimeoutError:
-            raise _Disconnected("send timeout") from None
+            raise _Disconnected("send timeout: the client stopped reading") from None
         except (WebSocketDisconnect, RuntimeError, OSError) as e:  # the peer is gone
             raise _Disconnected(str(e)) from None
 
-    async def _receive_text(self) -> str:
-        limits = self.state.limits
-        # A connection holds one of max_sessions slots: one that never starts a session gives it back sooner.
-        waiting_for_start = self.session is None
-        timeout = limits.start_timeout_s if waiting_for_start else limits.idle_timeout_s
-        try:
-            msg = await asyncio.wait_for(self.ws.receive(), timeout)
-        except asyncio.TimeoutError:
-            what = "no 'start' message" if waiting_for_start else "no message"
-            raise P.ProtocolError(f"idle timeout: {what} for {timeout:g} s", status=408) from None
-        if msg["type"] == "websocket.disconnect":
-            raise _Disconnected("client closed")
-        text = msg.get("text")
-        if text is None:
-            raise P.ProtocolError("binary frames are not accepted: send JSON text messages")
-        if len(text) > limits.max_message_bytes or len(text.encode("utf-8")) > limits.max_message_bytes:
-            raise P.ProtocolError(f"message exceeds max_message_bytes={limits.max_message_bytes}", ws_code=P.WS_TOO_BIG)
-        return text
-
     async def fail(self, err: P.ProtocolError) -> None:
+        """Refuse a connection that holds no session (busy, draining): error message, then close."""
         self.state.metrics.rejected_total.inc(reason=_reason(err))
-        with contextlib.suppress(_Disconnected, Exception):
-            await self._send_json(err.to_json())
+        with contextlib.suppress(Exception):
+            await self._send(err.to_json())
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(err.ws_code, err.close_reason), self.state.limits.send_timeout_s)
 
-    # -- the protocol
-    async def run(self) -> None:
-        try:
-            while not self.done:
-                raw = await self._receive_text()
-                await self._handle(P.parse_client_message(raw, self.state.vocab_size))
-            with contextlib.suppress(Exception):  # a client gone right after 'done' is no error
-                await asyncio.wait_for(self.ws.close(P.WS_NORMAL), self.state.limits.send_timeout_s)
-        except P.ProtocolError as e:
-            await self.fail(e)
-        except (_Disconnected, WebSocketDisconnect):
-            if not self.done:
-                self.state.metrics.disconnects_total.inc()
-        except Exception as e:
-            self.state.metrics.errors_total.inc()
-            err = P.ProtocolError(f"internal error: {type(e).__name__}: {e}", ws_code=P.WS_INTERNAL_ERROR)
-            with contextlib.suppress(Exception):
-                await self._send_json(err.to_json())
-                await self.ws.close(err.ws_code, err.close_reason)
-
-    async def _handle(self, msg: P.ClientMessage) -> None:
+    # -- the three tasks
+    async def _receive_loop(self) -> None:
         st = self.state
-        if isinstance(msg, P.StartMessage):
-            if self.session is not None:
-                raise P.ProtocolError("wrong message order: 'start' sent twice")
-            prompt = st.lookup_prompt(msg.prompt_id, status=400)
-            kwargs: dict[str, Any] = {"prompt": prompt}
-            for key in ("preset", "hop", "mode", "window_frames"):
-                if getattr(msg, key) is not None:
-                    kwargs[key] = getattr(msg, key)
-            try:
-                self.session = await self._call(lambda: st.t2w.stream(**kwargs))
-            except (ValueError, TypeError, NotImplementedError) as e:
-                raise P.ProtocolError(f"cannot start session: {e}") from None
-            chunk = int(getattr(st.t2w, "chunk_tokens", 25))
-            self.piece = max(1, min(chunk, msg.hop or chunk))
-            await self._send_json(
-                {
-                    "type": "started",
-                    "session": uuid.uuid4().hex[:16],
-                    "sample_rate": int(st.t2w.sample_rate),
-                    "token_rate": float(st.t2w.token_rate),
-                }
-            )
-            return
-        if self.session is None:
-            kind = "tokens" if isinstance(msg, P.TokensMessage) else "end"
-            raise P.ProtocolError(f"wrong message order: '{kind}' before 'start'")
-        arrived = time.perf_counter()
-        if isinstance(msg, P.TokensMessage):
-            n = int(msg.tokens.size)
-            if self.tokens + n > st.limits.max_tokens_per_session:
+        limits = st.limits
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                raise _Disconnected("client closed")
+            text = msg.get("text")
+            if text is None:
+                raise P.ProtocolError("binary frames are not accepted: send JSON text messages")
+            if len(text) > limits.max_message_bytes or len(text.encode("utf-8")) > limits.max_message_bytes:
                 raise P.ProtocolError(
-                    f"session would hold {self.tokens + n} tokens, over max_tokens_per_session="
-                    f"{st.limits.max_tokens_per_session}",
-                    ws_code=P.WS_TOO_BIG,
+                    f"message exceeds max_message_bytes={limits.max_message_bytes}", ws_code=P.WS_TOO_BIG
                 )
-            self.tokens += n
-            st.metrics.tokens_total.inc(float(n))
-            if n == 0:
-                return
-            await self._push(msg.tokens, arrived)
+            if self.end_at is not None:
+                continue  # after 'end' the stream is finishing: later messages are ignored
+            parsed = P.parse_client_message(text, st.vocab_size)
+            now = time.perf_counter()
+            if isinstance(parsed, P.StartMessage):
+                if self.start_msg is not None:
+                    raise P.ProtocolError("wrong message order: 'start' sent twice")
+                self.start_msg = parsed
+            elif self.start_msg is None:
+                kind = "tokens" if isinstance(parsed, P.TokensMessage) else "end"
+                raise P.ProtocolError(f"wrong message order: '{kind}' before 'start'")
+            elif isinstance(parsed, P.TokensMessage):
+                self._queue_tokens(parsed.tokens, now)
+            else:
+                self.end_at = now
+            self.input.set()
+
+    def _queue_tokens(self, tokens: np.ndarray, now: float) -> None:
+        limits = self.state.limits
+        n = int(tokens.size)
+        if self.tokens + n > limits.max_tokens_per_session:
+            raise P.ProtocolError(
+                f"session would hold {self.tokens + n} tokens, over max_tokens_per_session="
+                f"{limits.max_tokens_per_session}",
+                ws_code=P.WS_TOO_BIG,
+            )
+        if self.queued + n > limits.max_queued_tokens:
+            raise P.ProtocolError(
+                f"queue limit: {self.queued} tokens wait to be decoded and {n} more arrived, over "
+                f"max_queued_tokens={limits.max_queued_tokens}; send no faster than the audio plays "
+                "(pause on 'slow_down' until 'resume')",
+                status=429,
+            )
+        self.tokens += n
+        self.state.metrics.tokens_total.inc(float(n))
+        if n == 0:
             return
-        # end
-        if self.tokens > 0:
-            t0 = time.perf_counter()
-            last = await self._call(self.session.finish)
-            elapsed = time.perf_counter() - t0
-            st.metrics.compute.observe(elapsed, call="finish")
-            await self._send_chunks([np.asarray(last)], elapsed, arrived)
-        await self._send_json({"type": "done", "chunks": self.chunks, "samples": self.samples})
-        self.done = True
+        self.pending.append((tokens, now))
+        self.queued += n
+        if not self.slowed and self.queued > limits.max_queued_tokens // 2:
+            self.slowed = True
+            self.outbox.put(_Frames([{"type": "slow_down", **self._progress()}]))
 
-    async def _push(self, tokens: np.ndarray, arrived: float) -> None:
-        """Push a message's tokens in pieces of at most one chunk, all in one worker job, and send each chunk
-        as soon as it exists: a client that sends many tokens at once still gets its first chunk early."""
+    def _take(self, count: int) -> tuple[np.ndarray, float]:
+        """Up to ``count`` queued tokens, joined across messages, and the arrival of the last message used."""
+        parts: list[np.ndarray] = []
+        arrived = 0.0
+        need = count
+        while need > 0 and self.pending:
+            tokens, arrived = self.pending[0]
+            if tokens.size <= need:
+                self.pending.popleft()
+                parts.append(tokens)
+                need -= tokens.size
+            else:
+                parts.append(tokens[:need])
+                self.pending[0] = (tokens[need:], arrived)
+                need = 0
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self.queued -= int(out.size)
+        self.decoded += int(out.size)
+        limits = self.state.limits
+        if self.slowed and self.queued <= limits.max_queued_tokens // 4:
+            self.slowed = False
+            self.outbox.put(_Frames([{"type": "resume", **self._progress()}]))
+        return out, arrived
+
+    def _progress(self) -> dict[str, int]:
+        return {"queued_tokens": self.queued, "decoded_tokens": self.decoded}
+
+    async def _wait_input(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        session, piece, stop = self.session, self.piece, self.stop
+        deadline = loop.time() + timeout
+        while not ready():
+            self.input.clear()
+            try:
+                await asyncio.wait_for(self.input.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise P.ProtocolError(f"idle timeout: {what} for {timeout:g} s", status=408) from None
 
-        def post(item: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
-            for i in range(0, tokens.size, piece):
-                if stop.is_set():  # the client left: do not compute audio nobody will read
-                    return
+    async def _work_loop(self) -> None:
+        st = self.state
+        limits = st.limits
+        # A connection holds one of max_sessions slots: one that never starts a session gives it back sooner.
+        await self._wait_input(lambda: self.start_msg is not None, limits.start_timeout_s, "no 'start' message")
+        msg = self.start_msg
+        assert msg is not None
+        prompt = await st.get_prompt(msg.prompt_id, status=400)
+        kwargs: dict[str, Any] = {"prompt": prompt}
+        for key in ("preset", "hop", "mode", "window_frames"):
+            if getattr(msg, key) is not None:
+                kwargs[key] = getattr(msg, key)
+        try:
+            self.session = await st.open_session(**kwargs)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise P.ProtocolError(f"cannot start session: {e}") from None
+        chunk = int(getattr(st.t2w, "chunk_tokens", 25))
+        self.piece = max(1, min(chunk, msg.hop or chunk))
+        self.outbox.put(
+            _Frames(
+                [
+                    {
+                        "type": "started",
+                        "session": uuid.uuid4().hex[:16],
+                        "sample_rate": int(st.t2w.sample_rate),
+                        "token_rate": float(st.t2w.token_rate),
+                        "max_queued_tokens": limits.max_queued_tokens,
+                    }
+                ]
+            )
+        )
+        while True:
+            if self.queued > 0:
+                # one chunk-sized piece per call: a large message still gets its first chunk early, and a
+                # disconnect or an error stops the work between pieces
+                tokens, arrived = self._take(self.piece)
                 t0 = time.perf_counter()
-                chunks = session.push(tokens[i : i + piece])
-                post((chunks, time.perf_counter() - t0))
+                chunks = await self.session.apush(tokens)
+                elapsed = time.perf_counter() - t0
+                st.metrics.compute.observe(elapsed, call="push")
+                await self._emit([np.asarray(c) for c in chunks], elapsed, arrived)
+            elif self.end_at is not None:
+                if self.tokens > 0:
+                    t0 = time.perf_counter()
+                    last = await self.session.afinish()
+                    elapsed = time.perf_counter() - t0
+                    st.metrics.compute.observe(elapsed, call="finish")
+                    await self._emit([np.asarray(last)], elapsed, self.end_at)
+                self.outbox.put(_Frames([{"type": "done", "chunks": self.chunks, "samples": self.samples}]))
+                self.outbox.put(_Close(P.WS_NORMAL))
+                return
+            else:
+                await self._wait_input(
+                    lambda: self.queued > 0 or self.end_at is not None, limits.idle_timeout_s, "no message"
+                )
 
-        fut = self.state.executor.submit(work)
-        self.pending = fut
-        fut.add_done_callback(lambda _f: post(None))  # queued after every piece's result
-        while (item := await queue.get()) is not None:
-            chunks, elapsed = item
-            self.state.metrics.compute.observe(elapsed, call="push")
-            await self._send_chunks([np.asarray(c) for c in chunks], elapsed, arrived)
-        fut.result()  # re-raise a failed push
-        self.pending = None
-
-    async def _send_chunks(self, chunks: list[np.ndarray], elapsed: float, arrived: float) -> None:
+    async def _emit(self, chunks: list[np.ndarray], elapsed: float, arrived: float) -> None:
         chunks = [c.reshape(-1) for c in chunks if c.size > 0]
         if not chunks:
             return
         share_ms = elapsed * 1e3 / len(chunks)  # one call producing several chunks: split its time evenly
-        sr = self.state.t2w.sample_rate
-        m = self.state.metrics
         for c in chunks:
-            await self._send_json(
-                {
-                    "type": "chunk",
-                    "index": self.chunks,
-                    "samples": int(c.size),
-                    "compute_ms": round(share_ms, 3),
-                }
-            )
-            await self._send(self.ws.send_bytes(P.pcm16_bytes(c)))
-            if not self.first_sent:
-                self.first_sent = True
-                m.first_chunk.observe(time.perf_counter() - arrived)
+            header = {
+                "type": "chunk",
+                "index": self.chunks,
+                "samples": int(c.size),
+                "compute_ms": round(share_ms, 3),
+                **self._progress(),
+            }
             self.chunks += 1
             self.samples += int(c.size)
-            m.chunks_total.inc()
-            m.audio_seconds_total.inc(c.size / sr)
+            await self.outbox.put_chunk(_Frames([header, P.pcm16_bytes(c)], chunk=c, arrived=arrived))
+
+    async def _send_loop(self) -> None:
+        m = self.state.metrics
+        sr = self.state.t2w.sample_rate
+        while True:
+            item = await self.outbox.get()
+            if isinstance(item, _Close):
+                with contextlib.suppress(Exception):  # a client gone right after the last message is no error
+                    await asyncio.wait_for(self.ws.close(item.code, item.reason), self.state.limits.send_timeout_s)
+                return
+            for frame in item.frames:
+                await self._send(frame)
+                if isinstance(frame, dict) and frame.get("type") == "done":
+                    self.done = True  # a client that leaves from here on left a finished stream
+            if item.chunk is not None:
+                self.outbox.slots.release()
+                if not self.first_sent:
+                    self.first_sent = True
+                    m.first_chunk.observe(time.perf_counter() - item.arrived)
+                m.chunks_total.inc()
+                m.audio_seconds_total.inc(item.chunk.size / sr)
+
+    # -- supervision
+    async def run(self) -> None:
+        recv = asyncio.create_task(self._receive_loop())
+        work = asyncio.create_task(self._work_loop())
+        send = asyncio.create_task(self._send_loop())
+        drain = asyncio.create_task(self.state.closing.wait())
+        tasks = [recv, send, work, drain]  # checked in this order when several end at once
+        outcome: BaseException | None = None
+        try:
+            pending: set[asyncio.Task[Any]] = set(tasks)
+            while outcome is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in tasks:
+                    if t not in done:
+                        continue
+                    if t is drain:
+                        outcome = P.ProtocolError("server shutting down", ws_code=P.WS_GOING_AWAY, status=503)
+                    elif t.exception() is not None:
+                        outcome = t.exception()
+                    elif t is send:
+                        outcome = _Finished()
+                    else:
+                        continue  # the worker queued its last message: wait for the sender
+                    break
+            await self._conclude(outcome, recv, work, send)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _conclude(
+        self, outcome: BaseException, recv: asyncio.Task[Any], work: asyncio.Task[Any], send: asyncio.Task[Any]
+    ) -> None:
+        st = self.state
+        m = st.metrics
+        if isinstance(outcome, _Finished) or self.done:
+            return
+        if isinstance(outcome, (_Disconnected, WebSocketDisconnect)):
+            # the client left (or stopped reading): its slot is free now, its queued tokens are dropped, and a
+            # model call in flight finishes in its thread, after which the session is closed
+            self.release()
+            work.cancel()
+            send.cancel()
+            m.disconnects_total.inc()
+            m.dropped_tokens_total.inc(float(self.queued))
+            m.last_disconnect.set(time.time())
+            return
+        if isinstance(outcome, P.ProtocolError):
+            err = outcome
+            m.rejected_total.inc(reason=_reason(err))
+        else:
+            m.errors_total.inc()
+            err = P.ProtocolError(
+                f"internal error: {type(outcome).__name__}: {outcome}", ws_code=P.WS_INTERNAL_ERROR
+            )
+        # an error ends the model work now; the sender finishes the frame it is writing (so a chunk header
+        # is never cut from its audio), then writes the error and closes with its code
+        work.cancel()
+        m.dropped_tokens_total.inc(float(self.queued))
+        if send.done():
+            return
+        self.outbox.replace_with(_Close(err.ws_code, err.close_reason), _Frames([err.to_json()]))
+        with contextlib.suppress(Exception):
+            await asyncio.wait({send, recv}, timeout=2 * st.limits.send_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+
+
+class _Finished(Exception):
+    """The stream ended normally: 'done' sent, closed with 1000."""
 
 
 def _quiet_close(session: Any) -> None:
@@ -521,7 +844,7 @@ def uvicorn_config(
     import uvicorn
 
     limits: P.ServerLimits = app.state.server.limits
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -532,3 +855,5 @@ def uvicorn_config(
         timeout_keep_alive=5,
         **kwargs,
     )
+    install_log_redaction()  # after uvicorn set up its loggers: a browser's ?token=KEY is never logged
+    return config

@@ -54,6 +54,7 @@ class StreamResult:
     first_chunk_latency_s: float | None = None  # first token sent -> first audio frame received
     wall_s: float = 0.0  # first token sent -> done received
     started: dict[str, Any] = field(default_factory=dict)
+    slow_downs: int = 0  # 'slow_down' messages received (the server's decoder fell behind the tokens)
 
     @property
     def audio(self) -> np.ndarray:
@@ -158,7 +159,9 @@ async def stream_tokens(
 ) -> StreamResult:
     """Stream ``tokens`` to ``/v1/stream`` at ``rate`` tokens per second (``rate <= 0``: all at once).
 
-    Tokens due at the same moment go in one message, so a high rate costs few messages.
+    Tokens due at the same moment go in one message, so a high rate costs few messages. The client never
+    has more than the server's ``max_queued_tokens`` tokens sent but not yet decoded (it waits for the
+    server's ``decoded_tokens`` reports), so even ``rate=0`` respects the server's queue limit.
     """
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
@@ -181,6 +184,10 @@ async def stream_tokens(
         started = _expect(json.loads(await asyncio.wait_for(ws.recv(), receive_timeout)), "started")
         result = StreamResult(pcm=b"", sample_rate=int(started["sample_rate"]), started=started)
         t_first: list[float] = []
+        limit = started.get("max_queued_tokens")
+        window = limit if isinstance(limit, int) and limit > 0 else None  # None: an older server
+        decoded = [0]
+        progress = asyncio.Event()  # set when the server reports more tokens decoded
 
         async def send_all() -> None:
             t0 = time.perf_counter()
@@ -192,6 +199,13 @@ async def stream_tokens(
                 else:
                     due = len(ids)
                 due = min(due, sent + _MAX_TOKENS_PER_MESSAGE)
+                if window is not None and due > sent:
+                    room = decoded[0] + window - sent  # what the server's queue can still take
+                    if room <= 0:
+                        progress.clear()
+                        await progress.wait()
+                        continue
+                    due = min(due, sent + room)
                 if due > sent:
                     await ws.send(json.dumps({"type": "tokens", "tokens": ids[sent:due]}))
                     sent = due
@@ -227,6 +241,12 @@ async def stream_tokens(
                     continue
                 data = json.loads(msg)
                 kind = data.get("type")
+                reported = data.get("decoded_tokens")
+                if isinstance(reported, int) and reported > decoded[0]:
+                    decoded[0] = reported
+                    progress.set()
+                if kind == "slow_down":
+                    result.slow_downs += 1
                 if kind == "chunk":
                     expecting_audio = data
                 elif kind == "done":

@@ -11,11 +11,18 @@ WebSocket ``/v1/stream`` (client -> server, JSON text frames)::
 
 server -> client::
 
-    {"type": "started", "session": str, "sample_rate": int, "token_rate": float}
-    {"type": "chunk", "index": i, "samples": n, "compute_ms": x}   followed by one binary frame:
-    <n int16 little-endian PCM samples>
+    {"type": "started", "session": str, "sample_rate": int, "token_rate": float, "max_queued_tokens": int}
+    {"type": "chunk", "index": i, "samples": n, "compute_ms": x, "queued_tokens": q, "decoded_tokens": d}
+    followed by one binary frame: <n int16 little-endian PCM samples>
+    {"type": "slow_down", "queued_tokens": q, "decoded_tokens": d}   the decoder is behind
+    {"type": "resume", "queued_tokens": q, "decoded_tokens": d}      it caught up
     {"type": "done", "chunks": k, "samples": s}
     {"type": "error", "code": <ws close code>, "status": <http status>, "message": str}  then close
+
+The server reads while it computes: tokens that arrive during a push wait in a queue of at most
+``max_queued_tokens`` tokens, in order; ``slow_down`` is sent when the queue passes half of that and
+``resume`` when it falls to a quarter; a message that would overfill it ends the stream with close 1008
+(status 429). A client that keeps ``sent - decoded_tokens <= max_queued_tokens`` never overfills it.
 """
 
 from __future__ import annotations
@@ -113,6 +120,7 @@ class ServerLimits:
     send_timeout_s: float = 30.0  # longest wait for a client to take one outgoing frame
     max_prompts: int = 256  # registered prompts kept; the least recently used is dropped
     workers: int = 4  # threads running model work
+    max_queued_tokens: int = 25 * 120  # tokens received but not yet decoded, per stream (2 min of speech)
 
     def __post_init__(self) -> None:
         ints = (
@@ -122,6 +130,7 @@ class ServerLimits:
             "max_prompt_bytes",
             "max_prompts",
             "workers",
+            "max_queued_tokens",
         )
         for name in ints:
             v = getattr(self, name)
