@@ -19,7 +19,7 @@ from .checkpoints import (
 from .config import ConfigError, ModelConfig, build_module, read_config
 
 __all__ = ["build_flow", "load_flow", "build_vocoder", "load_vocoder", "resolve_model_dir", "model_files",
-           "BUNDLED_MODELS"]
+           "resolve_dtype", "BUNDLED_MODELS"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 # Models that ship inside the package, by name.
@@ -80,6 +80,21 @@ def _config(config: str | Path | ModelConfig) -> ModelConfig:
     return config if isinstance(config, ModelConfig) else read_config(config)
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+           "fp32": torch.float32, "fp16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from a dtype or its name ("float16", "bfloat16", "float32", "float64"; "fp16", "bf16")."""
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"dtype must be one of float32, float16, bfloat16, float64; got {dtype!r}")
+        return _DTYPES[key]
+    _check_dtype(dtype)
+    return dtype
+
+
 def _check_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype must be one of float32, float16, bfloat16, float64; got {dtype}")
@@ -119,10 +134,10 @@ def load_flow(
     config_path: str | Path | ModelConfig,
     weights_path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> nn.Module:
     """Build the flow of a config and load `flow.pt` / `flow.safetensors` into it strictly."""
-    _check_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     config = _config(config_path)
     flow = build_flow(config, device="cpu")
     state = read_state_dict(weights_path)
@@ -135,10 +150,10 @@ def load_vocoder(
     config_path: str | Path | ModelConfig,
     weights_path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> nn.Module:
     """Build the vocoder of a config and load `hift.pt` / `.safetensors` strictly, then fold weight norm."""
-    _check_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     config = _config(config_path)
     vocoder = build_vocoder(config, device="cpu")
     state = strip_generator_prefix(read_state_dict(weights_path))

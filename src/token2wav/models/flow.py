@@ -195,7 +195,10 @@ class _FlowBase(nn.Module):
         return n_timesteps
 
     def _speaker(self, embedding: Tensor) -> Tensor:
-        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        # normalised in float32 at least: in half precision the eps underflows and a zero embedding
+        # (no prompt) would become 0/0
+        unit = F.normalize(embedding.to(torch.promote_types(embedding.dtype, torch.float32)), dim=1)
+        return self.spk_embed_affine_layer(unit.to(embedding.dtype))
 
     def _conditions(self, prompt_feat: Tensor, start: int, stop: int) -> Tensor:
         """``cond`` ``[1, C, stop - start]`` for absolute frames: the prompt's mel, zeros after it."""

@@ -63,6 +63,25 @@ def fold_weight_norm(module: nn.Module) -> int:
     return _fold_weight_norm(module)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _spectral(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the spectral ops (STFT, iSTFT, F0 and the sine source) run in for a model in ``dtype``.
+
+    Half-precision models keep them in float32: FFTs do not take half tensors on every device, and a
+    half-precision phase (tens of thousands of radians after a few seconds) would be noise."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` in the dtype of ``x`` (the layer's weights cast, the module untouched)."""
+    if layer.weight.dtype == x.dtype:
+        return layer(x)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
+
+
 def _weight_in(conv: nn.Module, dtype: torch.dtype) -> Tensor:
     """The conv's effective weight in ``dtype``; weight norm is evaluated in that dtype when possible."""
     if parametrize.is_parametrized(conv, "weight"):
@@ -226,8 +245,19 @@ class ConvRNNF0Predictor(nn.Module):
         self.classifier = nn.Linear(cond_channels, num_class)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.condnet(x).transpose(1, 2)
-        return self.classifier(h).squeeze(-1).abs()
+        """F0 [B, T] of a mel [B, 80, T], computed in the dtype of ``x`` (float32 inside a half model)."""
+        if x.dtype == self.classifier.weight.dtype:
+            h = self.condnet(x)
+        else:
+            h = x
+            for layer in self.condnet:
+                if isinstance(layer, nn.Conv1d):
+                    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+                    h = F.conv1d(h, _weight_in(layer, x.dtype), bias, layer.stride, layer.padding,
+                                 layer.dilation, layer.groups)
+                else:
+                    h = layer(h)
+        return _linear(self.classifier, h.transpose(1, 2)).squeeze(-1).abs()
 
 
 class CausalConvRNNF0Predictor(nn.Module):
@@ -439,7 +469,7 @@ class SourceModuleHnNSF(nn.Module):
         noise = torch.empty(b, h, length, device=dev, dtype=f0.dtype).transpose(1, 2)
         noise.normal_(generator=generator)
         mixed = sines * uv + self._noise_amp(uv) * noise.transpose(1, 2).to(f0.device)
-        merged = torch.tanh(self.l_linear(mixed.transpose(1, 2)))  # [B, L, 1]
+        merged = torch.tanh(_linear(self.l_linear, mixed.transpose(1, 2)))  # [B, L, 1]
         torch.empty(b, length, 1, device=dev, dtype=f0.dtype).normal_(generator=generator)
         return merged.transpose(1, 2), rand_ini
 
@@ -462,7 +492,7 @@ class SourceModuleHnNSF(nn.Module):
         sines = sines.repeat_interleave(up, dim=1)
         uv = uv.repeat_interleave(up, dim=1)
         mixed = sines * uv + self._noise_amp(uv) * noise.to(device=f0.device, dtype=f0.dtype)
-        merged = torch.tanh(self.l_linear(mixed))  # [B, n*scale, 1]
+        merged = torch.tanh(_linear(self.l_linear, mixed))  # [B, n*scale, 1]
         return merged.transpose(1, 2), acc[:, -1]
 
 
@@ -585,8 +615,9 @@ class HiFTGenerator(_HiFTBase):
 
     def source_spec(self, source: Tensor) -> Tensor:
         """Centered STFT of the source [B, 1, L] as [B, n_fft + 2, L / hop + 1] (real, then imaginary)."""
-        spec = torch.stft(source.squeeze(1), self.n_fft, self.hop_len, self.n_fft, window=self.stft_window,
-                          center=True, return_complex=True)
+        sd = _spectral(source.dtype)
+        spec = torch.stft(source.squeeze(1).to(sd), self.n_fft, self.hop_len, self.n_fft,
+                          window=self.stft_window.to(sd), center=True, return_complex=True)
         spec = torch.view_as_real(spec)
         return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
 
@@ -596,7 +627,8 @@ class HiFTGenerator(_HiFTBase):
         want = speech_feat.shape[-1] * self.samples_per_frame
         if source.dim() != 3 or source.shape[1] != 1 or source.shape[-1] != want:
             raise ValueError(f"source must have shape [batch, 1, {want}], got {tuple(source.shape)}")
-        spec = self.source_spec(source)
+        speech_feat = speech_feat.to(self.stft_window.dtype)  # the model's dtype (a float32 mel into a half model)
+        spec = self.source_spec(source).to(speech_feat.dtype)
         x = self.conv_pre(speech_feat)
         for i in range(self.num_upsamples):
             x = self.ups[i](F.leaky_relu(x, self.lrelu_slope))
@@ -605,14 +637,15 @@ class HiFTGenerator(_HiFTBase):
             x = x + self.source_resblocks[i](self.source_downs[i](spec))
             x = self._stage_resblocks(i, x)
         x = self.conv_post(F.leaky_relu(x))
-        speech = torch.istft(self._spec_to_complex(x), self.n_fft, self.hop_len, self.n_fft,
-                             window=self.stft_window, center=True)
+        sd = _spectral(x.dtype)  # float32 speech from a half model
+        speech = torch.istft(self._spec_to_complex(x.to(sd)), self.n_fft, self.hop_len, self.n_fft,
+                             window=self.stft_window.to(sd), center=True)
         return speech.clamp(-self.audio_limit, self.audio_limit)
 
     def source(self, speech_feat: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(F0 [B, T], random harmonic source [B, 1, T*480]) exactly as :meth:`inference` draws them."""
         _check_mel("speech_feat", speech_feat, self.in_channels)
-        f0 = self.f0_predictor(speech_feat)
+        f0 = self.f0_predictor(speech_feat.to(_spectral(speech_feat.dtype)))
         return f0, self.m_source.random_source(f0, generator)[0]
 
     @torch.inference_mode()
@@ -813,6 +846,7 @@ class CausalHiFTGenerator(_HiFTBase):
         p = self.conv_pre
         dev = torch.device(device) if device is not None else self.stft_window.device
         dt = dtype or self.stft_window.dtype
+        sd = _spectral(dt)
         like = torch.zeros(batch_size, 1, 0, device=dev, dtype=dt)
         f0_pending, f0_tails = self.f0_predictor.initial_state(like.to(torch.float64))
         z = lambda c, n: torch.zeros(batch_size, c, n, device=dev, dtype=dt)  # noqa: E731
@@ -825,7 +859,7 @@ class CausalHiFTGenerator(_HiFTBase):
             f0_tails=f0_tails,
             phase_sum=torch.zeros(batch_size, self.nb_harmonics + 1, dtype=torch.float64),  # CPU scan
             source_samples=0,
-            stft_buf=torch.zeros(batch_size, 0, device=dev, dtype=dt),
+            stft_buf=torch.zeros(batch_size, 0, device=dev, dtype=sd),
             stft_started=False,
             down_tails=down_tails,
             source_res_tails=tuple(r.initial_tails(like) for r in self.source_resblocks),
@@ -836,7 +870,7 @@ class CausalHiFTGenerator(_HiFTBase):
             s_pending=empties,
             res_tails=tuple(r.initial_tails(like) for r in self.resblocks),
             post_tail=z(self.conv_post.in_channels, self.conv_post.left_context),
-            istft_frames=torch.zeros(batch_size, 0, self.n_fft, device=dev, dtype=dt),
+            istft_frames=torch.zeros(batch_size, 0, self.n_fft, device=dev, dtype=sd),
             istft_count=0,
             speech_samples=0,
             samples_per_frame=self.samples_per_frame,
@@ -861,8 +895,8 @@ class CausalHiFTGenerator(_HiFTBase):
             return buf.new_zeros(buf.shape[0], self.n_fft + 2, 0), buf.clone(), started
         frames = (n - self.n_fft) // self.hop_len + 1
         used = (frames - 1) * self.hop_len + self.n_fft
-        spec = torch.stft(buf[..., :used], self.n_fft, self.hop_len, self.n_fft, window=self.stft_window,
-                          center=False, return_complex=True)
+        spec = torch.stft(buf[..., :used], self.n_fft, self.hop_len, self.n_fft,
+                          window=self.stft_window.to(buf.dtype), center=False, return_complex=True)
         spec = torch.view_as_real(spec)
         spec = torch.cat([spec[..., 0], spec[..., 1]], dim=1)
         return spec, buf[..., frames * self.hop_len:].clone(), started
@@ -877,9 +911,10 @@ class CausalHiFTGenerator(_HiFTBase):
         """
         hop, r, half = self.hop_len, self.n_fft // self.hop_len, self.n_fft // 2
         frames = prev
+        window = self.stft_window.to(prev.dtype)  # float32 inside a half model (see _spectral)
         if x.shape[-1]:
-            t = torch.fft.irfft(self._spec_to_complex(x), n=self.n_fft, dim=1)
-            t = t * self.stft_window.view(1, -1, 1)
+            t = torch.fft.irfft(self._spec_to_complex(x.to(prev.dtype)), n=self.n_fft, dim=1)
+            t = t * window.view(1, -1, 1)
             frames = torch.cat([prev, t.transpose(1, 2)], dim=1)
         total = count + x.shape[-1]
         first = total - frames.shape[1]  # absolute index of frames[:, 0]
@@ -900,7 +935,7 @@ class CausalHiFTGenerator(_HiFTBase):
         sel = F.pad(sel, (0, 0, have_lo - start, hi - have_hi)).view(bsz, hi - start, r, hop)
         idx = torch.arange(start, hi, device=frames.device)
         exists = ((idx >= 0) & (idx < total)).to(frames.dtype).unsqueeze(-1)
-        w2 = self.stft_window.pow(2).view(r, hop)
+        w2 = window.pow(2).view(r, hop)
         nb = hi - lo
         acc = sel[:, r - 1:r - 1 + nb, 0]
         env = exists[r - 1:r - 1 + nb] * w2[0]
@@ -924,13 +959,14 @@ class CausalHiFTGenerator(_HiFTBase):
         # F0 in float64, then the harmonic source for the new F0 frames
         f0, f0_pending, f0_tails = self.f0_predictor.stream(mel.to(torch.float64), c.f0_pending, c.f0_tails,
                                                             finalize)
-        f0 = f0.to(dt)
+        f0 = f0.to(_spectral(dt))
         n_src = f0.shape[-1] * spf
         noise = self._tables()["sine"].rows(c.source_samples, c.source_samples + n_src)
         source, phase_sum = self.m_source.causal_frames(f0, c.phase_sum, noise)
 
         # source branch: STFT, then each stage's down-sampling conv and resblock
         spec, stft_buf, started = self._source_stft(source.squeeze(1), c.stft_buf, c.stft_started, finalize)
+        spec = spec.to(dt)
         s_stage, down_tails, sres_tails = [], [], []
         for i, down in enumerate(self.source_downs):
             si, t = _conv_run(spec, c.down_tails[i], down.weight, down.bias, stride=down.stride[0])
