@@ -473,12 +473,14 @@ def _warm_up(t2w: Any) -> None:
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
         *_MODEL_ARGS,
     ],
+    configure=lambda p: importlib.import_module("token2wav.serve.runner").add_server_options(p),
 )
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from token2wav.serve.app import create_app, uvicorn_config
+    from token2wav.serve.app import create_app
     from token2wav.serve.protocol import ServerLimits
+    from token2wav.serve.runner import access_from_args, run_server
+
+    access = access_from_args(args)  # before loading anything: a refused address or a bad key fails fast
 
     limits = ServerLimits(
         max_sessions=args.max_sessions,
@@ -488,6 +490,7 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout,
         start_timeout_s=args.start_timeout,
         workers=args.workers,
+        max_queued_tokens=args.max_queued_tokens,
     )
     if args.threads is not None:
         if args.threads < 1:
@@ -502,14 +505,16 @@ def _serve(args: argparse.Namespace) -> int:
         f"token2wav: model {args.model} loaded and warmed up ({time.perf_counter() - t0:.1f} s)",
         file=sys.stderr,
     )
-    app = create_app(t2w, name=_model_name(args.model), limits=limits)
+    app = create_app(t2w, name=_model_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir)
     print(
         f"token2wav: serving {args.model} on http://{args.host}:{args.port} "
-        f"(stream: ws://{args.host}:{args.port}/v1/stream)",
+        f"(stream: ws://{args.host}:{args.port}/v1/stream)"
+        + ("; access key required" if access.api_key else ""),
         file=sys.stderr,
     )
-    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
-    return 0
+    return run_server(
+        app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout_s=args.drain_timeout
+    )
 
 
 @subcommand(
