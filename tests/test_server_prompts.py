@@ -1,0 +1,135 @@
+"""``--prompt-dir``: registered prompts survive a restart; damaged or foreign files are skipped, never run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from test_server import TIMEOUT, _tokens, running_server
+
+from token2wav.serve.app import create_app
+from token2wav.serve.client import stream_tokens
+from token2wav.serve.prompt_store import PromptStore, prompt_id
+from token2wav.serve.protocol import ServerLimits
+
+LIMITS = ServerLimits(max_sessions=4, max_tokens_per_session=400, workers=2)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    from token2wav import Token2Wav
+
+    return Token2Wav.from_pretrained("tiny")
+
+
+def _prompt_body(seed: int, vocab: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {
+        "tokens": _tokens(10, seed, vocab),
+        "mel": rng.random((20, 80)).astype(np.float32).round(4).tolist(),
+        "embedding": rng.random(192).astype(np.float32).round(4).tolist(),
+    }
+
+
+def _stream(addr: str, tokens: list[int], pid: str) -> np.ndarray:
+    res = asyncio.run(stream_tokens(f"ws://{addr}/v1/stream", tokens, rate=0, prompt_id=pid))
+    return np.frombuffer(res.pcm, "<i2")
+
+
+class Boom:
+    """Unpickling this would create a file: proof that a prompt file was executed."""
+
+    marker: Path
+
+    def __reduce__(self) -> Any:
+        return (Path.touch, (self.marker,))
+
+
+def test_prompts_survive_a_restart_and_bad_files_are_skipped(engine: Any, tmp_path: Path, caplog) -> None:
+    vocab = int(engine.config.vocab_size)
+    folder = tmp_path / "prompts"
+    tokens = _tokens(40, 7, vocab)
+    with running_server(create_app(engine, name="a", limits=LIMITS, prompt_dir=str(folder))) as addr:
+        r = httpx.post(f"http://{addr}/v1/prompts", json=_prompt_body(1, vocab), timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        pid = r.json()["prompt_id"]
+        before = _stream(addr, tokens, pid)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{pid}.npz"]  # no temporary file left behind
+
+    # damage: a truncated copy under another valid-looking id, random bytes, a foreign file, a pickle bomb,
+    # arrays that are fine but of another vocabulary, and a write interrupted by a crash
+    good = (folder / f"{pid}.npz").read_bytes()
+    (folder / "p_000000000000000000000001.npz").write_bytes(good[: len(good) // 2])
+    (folder / "p_000000000000000000000002.npz").write_bytes(np.random.default_rng(0).bytes(500))
+    (folder / "notes.txt").write_text("not a prompt")
+    boom = Boom()
+    Boom.marker = tmp_path / "executed"
+    with open(folder / "p_000000000000000000000003.npz", "wb") as f:
+        np.savez(f, tokens=np.array([boom], dtype=object), mel=np.zeros((2, 80)), embedding=np.zeros(192))
+    foreign = (np.array([vocab + 5]), np.zeros((2, 80), np.float32), np.zeros(192, np.float32))
+    np.savez(folder / f"{prompt_id(*foreign)}.npz", tokens=foreign[0], mel=foreign[1], embedding=foreign[2])
+    (folder / ".tmp-crashed.npz").write_bytes(good[:100])
+
+    with caplog.at_level(logging.WARNING, logger="token2wav.serve"):
+        app = create_app(engine, name="b", limits=LIMITS, prompt_dir=str(folder))  # the restart
+    assert not Boom.marker.exists()
+    skipped = [rec.getMessage() for rec in caplog.records if "skipping" in rec.getMessage()]
+    assert len(skipped) == 5, skipped
+    for name in ("p_000000000000000000000001", "p_000000000000000000000002", "notes.txt", "_000000000000000000000003"):
+        assert any(name in msg for msg in skipped), (name, skipped)
+    assert any("outside [0," in msg for msg in skipped)
+    assert not (folder / ".tmp-crashed.npz").exists()
+    assert list(app.state.server.prompts) == [pid]
+    with np.load(folder / "p_000000000000000000000003.npz", allow_pickle=True) as live:
+        live["tokens"]  # the bomb is live: loading it with pickles allowed does run it
+    assert Boom.marker.exists()
+
+    with running_server(app) as addr:
+        after = _stream(addr, tokens, pid)
+        r = httpx.post(f"http://{addr}/v1/synthesize", json={"tokens": tokens, "prompt_id": pid}, timeout=TIMEOUT)
+        assert r.status_code == 200
+    assert np.array_equal(before, after)
+
+
+def test_prompt_dropped_from_memory_is_reloaded_from_disk(engine: Any, tmp_path: Path) -> None:
+    vocab = int(engine.config.vocab_size)
+    limits = ServerLimits(max_sessions=2, max_tokens_per_session=400, workers=2, max_prompts=1)
+    with running_server(create_app(engine, name="lru", limits=limits, prompt_dir=str(tmp_path))) as addr:
+        ids = [
+            httpx.post(f"http://{addr}/v1/prompts", json=_prompt_body(s, vocab), timeout=TIMEOUT).json()["prompt_id"]
+            for s in (2, 3)
+        ]
+        assert len(set(ids)) == 2
+        r = httpx.post(f"http://{addr}/v1/synthesize", json={"tokens": [1, 2, 3], "prompt_id": ids[0]},
+                       timeout=TIMEOUT)
+        assert r.status_code == 200, r.text  # dropped from memory (max_prompts=1), read back from disk
+        r = httpx.post(f"http://{addr}/v1/synthesize", json={"tokens": [1, 2, 3], "prompt_id": "p_" + "0" * 24},
+                       timeout=TIMEOUT)
+        assert r.status_code == 404
+
+
+def test_interrupted_write_leaves_no_entry(tmp_path: Path, monkeypatch) -> None:
+    store = PromptStore(tmp_path, vocab_size=10)
+    arrays = (np.array([1, 2]), np.ones((4, 80), np.float32), np.ones(192, np.float32))
+    pid = prompt_id(*arrays)
+
+    def crash(*_a: Any, **_k: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.save(pid, *arrays)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    store.save(pid, *arrays)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{pid}.npz"]
+    got = store.load(pid)
+    assert got is not None and all(np.array_equal(a, b) for a, b in zip(got, arrays))
+    assert store.load("../../etc/passwd") is None and store.load("p_" + "1" * 24) is None
+    with pytest.raises(ValueError, match="not a directory"):
+        PromptStore(tmp_path / f"{pid}.npz", vocab_size=10)
