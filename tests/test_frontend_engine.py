@@ -6,7 +6,6 @@ The model directory is the parity fixtures' CosyVoice 3 flow and vocoder plus th
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import numpy as np
@@ -166,7 +165,7 @@ def test_spk2info_with_code_is_refused(tmp_path) -> None:
     ("keep", "words"),
     [
         (("speech_tokenizer_v3.onnx",), "no campplus.onnx \\(the CAM\\+\\+ speaker model"),
-        (("campplus.onnx",), "no speech_tokenizer_v3.onnx or speech_tokenizer_v2.onnx \\(the S3 speech tokenizer"),
+        (("campplus.onnx",), "no speech_tokenizer_v3.onnx \\(the cosyvoice3 S3 speech tokenizer"),
     ],
 )
 def test_missing_onnx_file_is_named(tmp_path, keep, words, one_thread) -> None:
@@ -177,11 +176,20 @@ def test_missing_onnx_file_is_named(tmp_path, keep, words, one_thread) -> None:
     assert t2w._frontend is None  # nothing half-made
 
 
-def test_v2_tokenizer_name_is_found(tmp_path, ref, one_thread) -> None:
-    d = make_model_dir(tmp_path / "m", onnx=("campplus.onnx",))
-    shutil.copyfile(FRONTEND / "speech_tokenizer_v3.onnx", d / "speech_tokenizer_v2.onnx")
-    p = Token2Wav.from_pretrained(d, n_timesteps=4).prompt_from_wav(FRONTEND / "dev1_16k_mono.wav")
-    assert torch.equal(p.tokens, _fixture_prompt(ref, "dev1_16k_mono").tokens)
+@pytest.mark.parametrize("wav", ["dev2_22k_mono", "dev4_48k_mono"])
+def test_cosyvoice2_directory_uses_v2_tokenizer_and_its_fmax(tmp_path, ref, wav, one_thread) -> None:
+    d = make_model_dir(tmp_path / "m", family="cv2")
+    t2w = Token2Wav.from_pretrained(d, n_timesteps=2)
+    assert t2w.config.mel.fmax == 8000.0  # read from the YAML's feat_extractor, as data
+    got = t2w.prompt_from_wav(FRONTEND / f"{wav}.wav")
+    k = f"{wav}/prompt_cv2"
+    assert torch.equal(got.tokens, ref[f"{k}/speech_token"][0].long())
+    assert max_abs_diff(got.mel, ref[f"{k}/speech_feat"][0]) <= 1e-3  # README's cv2 tolerance; measured: 0
+    assert max_abs_diff(got.embedding, ref[f"{k}/embedding"][0]) <= EMB_TOL
+    assert max_abs_diff(got.mel, _fixture_prompt(ref, wav).mel) > 0.1  # the cv3 mel differs: fmax matters
+    (d / "speech_tokenizer_v2.onnx").rename(d / "speech_tokenizer_v3.onnx")  # the other family's file is no use
+    with pytest.raises(FileNotFoundError, match="no speech_tokenizer_v2.onnx"):
+        Token2Wav.from_pretrained(d, n_timesteps=2).prompt_from_wav(FRONTEND / f"{wav}.wav")
 
 
 def test_without_onnxruntime_the_error_says_what_to_install(model_dir, monkeypatch) -> None:

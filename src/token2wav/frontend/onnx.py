@@ -19,8 +19,8 @@ import numpy as np
 __all__ = ["INSTALL_HINT", "SPEECH_TOKENIZER_NAMES", "OnnxModel", "SpeechTokenizer", "SpeakerEncoder"]
 
 INSTALL_HINT = "pip install 'token2wav[frontend]'"
-# The newest first: a CosyVoice 3 directory holds v3; CosyVoice 2 holds v2.
-SPEECH_TOKENIZER_NAMES = ("speech_tokenizer_v3.onnx", "speech_tokenizer_v2.onnx")
+# Each family's own tokenizer: the two give different tokens, so one never stands in for the other.
+SPEECH_TOKENIZER_NAMES = {"cosyvoice2": "speech_tokenizer_v2.onnx", "cosyvoice3": "speech_tokenizer_v3.onnx"}
 
 
 def _onnxruntime() -> Any:

@@ -106,18 +106,20 @@ class PromptFrontend:
     Thread-safe: onnxruntime sessions may run concurrently, everything else is per call.
     """
 
-    def __init__(self, model_dir: str | Path, mel: Any, token_mel_ratio: int = 2) -> None:
+    def __init__(self, model_dir: str | Path, mel: Any, token_mel_ratio: int = 2, family: str = "cosyvoice3") -> None:
         model_dir = Path(model_dir)
         if mel is None:
             raise ValueError(f"{model_dir}: the config has no feat_extractor, so the prompt mel's settings are "
                              "unknown (CosyVoice 2/3 configs have one)")
-        tok_path = next((model_dir / n for n in SPEECH_TOKENIZER_NAMES if (model_dir / n).is_file()), None)
+        if family not in SPEECH_TOKENIZER_NAMES:
+            raise ValueError(f"family must be one of {sorted(SPEECH_TOKENIZER_NAMES)}, got {family!r}")
+        tok_path = model_dir / SPEECH_TOKENIZER_NAMES[family]
         spk_path = model_dir / "campplus.onnx"
         # Both files are checked before either session is made: an error leaves nothing half-built.
         missing = []
-        if tok_path is None:
-            missing.append(f"{' or '.join(SPEECH_TOKENIZER_NAMES)} (the S3 speech tokenizer: prompt audio -> "
-                           "prompt speech tokens)")
+        if not tok_path.is_file():
+            missing.append(f"{tok_path.name} (the {family} S3 speech tokenizer: prompt audio -> prompt speech "
+                           "tokens)")
         if not spk_path.is_file():
             missing.append("campplus.onnx (the CAM++ speaker model: prompt audio -> speaker embedding)")
         if missing:
@@ -132,7 +134,7 @@ class PromptFrontend:
 
     @classmethod
     def for_config(cls, config: Any) -> PromptFrontend:
-        return cls(Path(config.path).parent, config.mel, int(config.token_mel_ratio))
+        return cls(Path(config.path).parent, config.mel, int(config.token_mel_ratio), family=config.family)
 
     def speech_tokens(self, wave_16k: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.tokenizer(whisper_log_mel(wave_16k, n_mels=128).numpy()))
