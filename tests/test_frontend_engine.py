@@ -234,6 +234,10 @@ def test_prompt_from_wav_refuses_files_that_are_not_audio(t2w, tmp_path) -> None
         t2w.prompt_from_wav(low)
     with pytest.raises(FileNotFoundError):
         t2w.prompt_from_wav(tmp_path / "absent.wav")
+    long = tmp_path / "long.wav"  # refused from its header, before the samples are read
+    sf.write(str(long), _tone(31.0, 22050), 22050, subtype="PCM_16")
+    with pytest.raises(ValueError, match="wav is 31.00 s long; a prompt must be at most 30 s"):
+        t2w.prompt_from_wav(long)
 
 
 # ------------------------------------------------------------------------------------------ demo voice

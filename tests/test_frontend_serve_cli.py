@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -103,6 +104,14 @@ def test_prompt_command_errors_are_one_line(model_dir, tmp_path, capsys) -> None
     assert "alternatives" in capsys.readouterr().err
 
 
+def test_prompt_command_without_onnxruntime_says_what_to_install(model_dir, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    wav = str(FRONTEND / "dev1_16k_mono.wav")
+    assert cli.main(["prompt", "--model", str(model_dir), wav, "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'token2wav[frontend]'" in err and "\n" not in err
+
+
 # ------------------------------------------------------------------------------------------ server
 
 
@@ -174,6 +183,15 @@ def test_wav_upload_limits(server, make, status, words) -> None:
                    timeout=TIMEOUT)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
+
+
+def test_upload_to_a_model_without_front_end_is_501(tmp_path) -> None:
+    bare = make_model_dir(tmp_path / "bare", onnx=())
+    app = create_app(Token2Wav.from_pretrained(bare, n_timesteps=2), limits=ServerLimits(workers=1))
+    with _serve(app) as hostport:
+        r = httpx.post(f"http://{hostport}/v1/prompts", content=(FRONTEND / "dev1_16k_mono.wav").read_bytes(),
+                       headers={"Content-Type": "audio/wav"}, timeout=TIMEOUT)
+    assert r.status_code == 501 and "campplus.onnx" in r.json()["error"]
 
 
 def test_multipart_without_a_file_is_400(server) -> None:

@@ -50,6 +50,21 @@ def _n_out(n: int, orig: int, new: int) -> int:
     return -(-n * (new // g) // (orig // g))
 
 
+def _check_header(path: Path) -> None:
+    """Refuse a file that is too long or too low-rate from its header, before reading its samples into memory."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception:  # not audio, or absent: read_audio says which, in its own words
+        return
+    if 0 < info.samplerate < MIN_SAMPLE_RATE:
+        raise ValueError(f"sample_rate must be >= {MIN_SAMPLE_RATE} Hz, got {info.samplerate}")
+    if info.samplerate > 0 and _n_out(int(info.frames), int(info.samplerate), 16000) > MAX_PROMPT_SECONDS * 16000:
+        raise ValueError(f"wav is {info.frames / info.samplerate:.2f} s long; a prompt must be at most "
+                         f"{MAX_PROMPT_SECONDS:g} s (the speech tokenizer's limit)")
+
+
 def prompt_audio(wav: Any, sample_rate: int | None = None) -> tuple[torch.Tensor, int]:
     """Mono float32 samples ``[n]`` and their rate, checked for use as a prompt (before any resampling).
 
@@ -58,6 +73,7 @@ def prompt_audio(wav: Any, sample_rate: int | None = None) -> tuple[torch.Tensor
     silence, and durations outside [0.5, 30] s (measured at 16 kHz, as the reference does).
     """
     if isinstance(wav, (str, Path)):
+        _check_header(Path(wav))
         data, sr = read_audio(wav)
         if sample_rate is not None and _check_rate(sample_rate, "sample_rate") != sr:
             raise ValueError(f"sample_rate={sample_rate} disagrees with the file's own rate {sr}")
