@@ -58,6 +58,16 @@ def models(fdir):
 
 
 @pytest.mark.parametrize("wav", WAVS)
+def test_fixture_wavs_are_the_ones_the_reference_read(fdir, index, wav) -> None:
+    import hashlib
+
+    meta = index["wavs"][wav]
+    assert hashlib.sha256((fdir / f"{wav}.wav").read_bytes()).hexdigest() == meta["sha256"]
+    trim = meta["trim_cv3"]  # the recorded trim lengths: tokens before, mel frames before, kept tokens
+    assert trim["token_len"] == min(trim["feat_frames_before"] // 2, trim["tokens_before"])
+
+
+@pytest.mark.parametrize("wav", WAVS)
 @pytest.mark.parametrize("rate", [16000, 24000])
 def test_load_wav_matches_reference_waveforms(fdir, ref, wav, rate) -> None:
     got = load_wav(fdir / f"{wav}.wav", rate)
