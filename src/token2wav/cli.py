@@ -39,6 +39,7 @@ __all__ = ["COMMAND_MODULES", "arg", "build_parser", "main", "subcommand"]
 COMMAND_MODULES: dict[str, str] = {
     "bench": "token2wav.bench",
     "demo": "token2wav.demo",
+    "loadtest": "token2wav.serve.loadtest",
     "prompt": "token2wav.frontend.command",
     "tokenize": "token2wav.tokenizer",
 }
@@ -176,9 +177,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _note_printer(args.command)  # notes (e.g. ignored training entries): one line
             code = args._run(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        # bad input: one clear line, no traceback
+    except (ValueError, TypeError, FileNotFoundError, MemoryError) as e:
+        # bad input (or an input this machine cannot hold): one clear line, no traceback
         print(f"token2wav {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from token2wav.memory import is_out_of_memory, out_of_memory_message
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"token2wav {args.command}: error: {out_of_memory_message(e, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -337,8 +345,8 @@ def _synth(args: argparse.Namespace) -> int:
         raise ValueError("--speaker and --prompt are alternatives: give one")
     if args.prompt_wav is not None and args.prompt is not None:
         raise ValueError("--prompt and --prompt-wav are alternatives: give one")
-    _precheck_synth(args, tokens)  # what the config alone decides, before seconds of loading
     prompt = None if args.speaker is not None else _load_prompt(args.prompt)
+    _precheck_synth(args, tokens, prompt)  # what the config alone decides, before seconds of loading
     t2w = load_engine(args.model, args.device, args.dtype)
     if args.prompt_wav is not None:  # with --speaker: that voice's embedding (the demo model needs one)
         prompt = _prompt_from_wav(t2w, args.prompt_wav, args.speaker)
@@ -420,10 +428,11 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _precheck_synth(args: argparse.Namespace, tokens: Any) -> None:
+def _precheck_synth(args: argparse.Namespace, tokens: Any, prompt: Any = None) -> None:
     """Refuse, before any weights are read, what the model's config alone rules out (flags named as typed)."""
     from token2wav.config import read_config
     from token2wav.loading import resolve_model_dir
+    from token2wav.memory import check_offline_memory
     from token2wav.preflight import CLI_NAMES, check_stream_options, check_token_ids
 
     config = read_config(resolve_model_dir(args.model))
@@ -433,6 +442,13 @@ def _precheck_synth(args: argparse.Namespace, tokens: Any) -> None:
             config, preset=args.preset, hop=args.hop, mode=args.mode, window_frames=args.window_frames,
             names=CLI_NAMES,
         )
+    else:
+        import torch
+
+        prompt_tokens = 0 if prompt is None else int(prompt.num_tokens)
+        frames = (prompt_tokens + int(tokens.size)) * int(config.token_mel_ratio)
+        check_offline_memory(config, frames, attention=args.attention or "full", dtype=getattr(torch, args.dtype),
+                             device=args.device, names=CLI_NAMES)
     if args.speaker is not None:
         from token2wav.frontend.voices import voice_names
 
@@ -498,7 +514,12 @@ def _serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    t2w = load_engine(args.model, args.device, args.dtype)
+    if args.model.startswith("bench:"):  # the random-weight architectures of `token2wav bench`, for load tests
+        from token2wav.serve.loadtest import bench_engine
+
+        t2w = bench_engine(args.model, args.device, args.dtype)
+    else:
+        t2w = load_engine(args.model, args.device, args.dtype)
     t0 = time.perf_counter()
     _warm_up(t2w)
     print(

@@ -42,7 +42,7 @@ def resolve_model_dir(model: str | Path) -> Path:
     if not path.is_dir():
         names = ", ".join(sorted(BUNDLED_MODELS))
         raise FileNotFoundError(
-            f"model '{model}' is neither a directory, a model config (.yaml) nor a bundled model ({names})"
+            f"model '{model}' is neither a directory nor a bundled model ({names}); a model's .yaml file also works"
         )
     return path
 

@@ -17,6 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..memory import (
+    ONE_SHOT_FRAMES,
+    InsufficientMemoryError,
+    check_offline_memory,
+    is_out_of_memory,
+    out_of_memory_message,
+)
 from ..presets import PRESETS, PresetSettings, resolve_preset
 from .schedule import DEFAULT_MAX_HOP_CHUNKS, SCHEDULES, HopPlan, chunk_tokens, prompt_pad, validate_hop
 from .session import (
@@ -37,6 +44,7 @@ ATTENTIONS = ("full", "chunk")
 # A prompt whose mel and tokens disagree by at most this many tokens (or this share of the prompt) is trimmed
 # the reference's way, with a warning; a larger mismatch means they describe different audio.
 _TRIM_TOKENS = 2
+_OFFLINE_HOP_CHUNKS = 4  # chunks per call when a long offline chunk-attention decode goes through a session
 _TRIM_SHARE = 0.1
 
 
@@ -151,6 +159,8 @@ class Token2Wav:
         ref = next(iter(flow.parameters()), None)
         self._device = ref.device if ref is not None else torch.device("cpu")
         self._dtype = ref.dtype if ref is not None else torch.float32
+        # offline chunk attention above this many mel frames runs chunk by chunk (token2wav.memory)
+        self.one_shot_frames = ONE_SHOT_FRAMES
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -435,18 +445,41 @@ class Token2Wav:
         if ids.shape[1] == 0:
             raise ValueError("tokens is empty: synthesize needs at least one token")
         p = self.prepare_prompt(prompt)
+        frames = (int(p.tokens.shape[1]) + int(ids.shape[1])) * int(self._config.token_mel_ratio)
+        # refused up front when it cannot fit (see token2wav.memory for the rule)
+        check_offline_memory(self._config, frames, attention=attention, dtype=self._dtype, device=self._device,
+                             n_timesteps=self.n_timesteps)
         extra: dict[str, Any] = {}
         look = self._default_lookahead_override()
         if attention == "chunk" and look is not None:
             extra["lookahead"] = look  # the same lookahead a default stream decodes with
-        with torch.inference_mode():
-            mel = self._flow.inference(
-                ids, p.tokens, p.feat, p.embedding, streaming=attention == "chunk", finalize=True,
-                n_timesteps=self.n_timesteps, **extra,
-            )
-            if output == "mel":
-                return mel[0].float().cpu().numpy()
-            return self.vocode(mel, rng=rng)
+        try:
+            with torch.inference_mode():
+                if attention == "chunk" and frames > self.one_shot_frames:
+                    # long input: chunk by chunk through the cached path (the same mel to float rounding),
+                    # so memory grows linearly with length instead of with its square
+                    mel = self._chunked_mel(ids, prompt)
+                else:
+                    mel = self._flow.inference(
+                        ids, p.tokens, p.feat, p.embedding, streaming=attention == "chunk", finalize=True,
+                        n_timesteps=self.n_timesteps, **extra,
+                    )
+                if output == "mel":
+                    return mel[0].float().cpu().numpy()
+                return self.vocode(mel, rng=rng)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise InsufficientMemoryError(out_of_memory_message(exc, "offline synthesis")) from None
+            raise
+
+    def _chunked_mel(self, ids: torch.Tensor, prompt: Prompt | None) -> torch.Tensor:
+        """The chunk-attention mel of ``ids`` decoded by a cached session, four chunks per call."""
+        session = self.stream(prompt, hop=_OFFLINE_HOP_CHUNKS * self._chunk, schedule="fixed", output="mel")
+        with session:
+            pieces = session.push(ids[0].cpu())
+            pieces.append(session.finish())
+        mel = np.concatenate([m for m in pieces if m.ndim == 2 and m.shape[-1]], axis=-1)
+        return torch.from_numpy(mel).unsqueeze(0).to(device=self._device, dtype=self._dtype)
 
     def vocode(self, mel: torch.Tensor, rng: RngSpec = None) -> np.ndarray:
         """Vocode a whole mel ``[1, mel_dim, frames]`` (or ``[mel_dim, frames]``) at once."""
@@ -457,7 +490,16 @@ class Token2Wav:
         mel = mel.to(device=self._device, dtype=self._dtype)
         with torch.inference_mode():
             kind = vocoder_kind(self._vocoder)
-            if kind == "causal":
+            if kind == "causal" and mel.shape[-1] > self.one_shot_frames:
+                # a long mel through the causal vocoder's streaming API, piece by piece (the same samples
+                # to float rounding), so its activations stay bounded
+                step, cache, parts = self.one_shot_frames, None, []
+                for start in range(0, mel.shape[-1], step):
+                    last = start + step >= mel.shape[-1]
+                    part, cache = self._vocoder.stream_step(mel[..., start : start + step], cache, finalize=last)
+                    parts.append(part)
+                speech = torch.cat(parts, dim=-1)
+            elif kind == "causal":
                 speech = self._vocoder.inference(mel, finalize=True)[0]
             elif kind == "hifigan":
                 speech = self._vocoder(mel)[:, 0]
