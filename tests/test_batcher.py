@@ -146,7 +146,8 @@ def test_asyncio_sessions_equal_alone(engine_case):
 
     async def main():
         with t2w.batcher(max_wait_ms=50) as batcher:
-            return await asyncio.gather(*(one(batcher, sp, tk, sz) for sp, tk, sz in zip(specs, tokens, (4, 13, 1, 60))))
+            sizes = (4, 13, 1, 60)
+            return await asyncio.gather(*(one(batcher, sp, tk, sz) for sp, tk, sz in zip(specs, tokens, sizes)))
 
     _check_equal(alone, asyncio.run(main()), specs)
 
