@@ -258,3 +258,15 @@ def test_token_query_parameter_is_masked_in_logs(engine: Any) -> None:
         f.filter(record)
     text = record.getMessage()
     assert KEY not in text and "token=***" in text and "b=2" in text
+
+
+def test_bundled_client_sends_the_key(keyed: dict[str, Any], monkeypatch) -> None:
+    from token2wav.serve.client import StreamError, stream_tokens
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    tokens = [1, 2, 3, 4, 5] * 8
+    with pytest.raises(StreamError):
+        asyncio.run(stream_tokens(keyed["ws"], tokens, rate=0))
+    assert asyncio.run(stream_tokens(keyed["ws"], tokens, rate=0, api_key=KEY)).samples > 0
+    monkeypatch.setenv(API_KEY_ENV, KEY)  # what `token2wav client` relies on
+    assert asyncio.run(stream_tokens(keyed["ws"], tokens, rate=0)).samples > 0

@@ -26,6 +26,7 @@ from token2wav.serve.protocol import pcm16_to_float
 __all__ = [
     "StreamError",
     "StreamResult",
+    "auth_headers",
     "http_base_url",
     "register_prompt",
     "register_prompt_wav",
@@ -112,7 +113,17 @@ def ws_stream_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-def register_prompt(url: str, tokens: Any, mel: Any, embedding: Any, *, timeout: float = 60.0) -> str:
+def auth_headers(api_key: str | None = None) -> dict[str, str]:
+    """``Authorization: Bearer KEY`` for ``api_key``, or for ``$TOKEN2WAV_API_KEY`` when not given."""
+    import os
+
+    key = api_key if api_key is not None else os.environ.get("TOKEN2WAV_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def register_prompt(
+    url: str, tokens: Any, mel: Any, embedding: Any, *, timeout: float = 60.0, api_key: str | None = None
+) -> str:
     """POST a prompt to the server and return its ``prompt_id``."""
     import httpx
 
@@ -121,7 +132,7 @@ def register_prompt(url: str, tokens: Any, mel: Any, embedding: Any, *, timeout:
         "mel": np.asarray(mel, dtype=np.float32).tolist(),
         "embedding": np.asarray(embedding, dtype=np.float32).reshape(-1).tolist(),
     }
-    r = httpx.post(http_base_url(url) + "/v1/prompts", json=body, timeout=timeout)
+    r = httpx.post(http_base_url(url) + "/v1/prompts", json=body, timeout=timeout, headers=auth_headers(api_key))
     if r.status_code != 200:
         raise StreamError(
             f"prompt registration failed: HTTP {r.status_code}: {r.text[:200]}", status=r.status_code
@@ -129,14 +140,14 @@ def register_prompt(url: str, tokens: Any, mel: Any, embedding: Any, *, timeout:
     return str(r.json()["prompt_id"])
 
 
-def register_prompt_wav(url: str, path: str | Path, *, timeout: float = 120.0) -> str:
+def register_prompt_wav(url: str, path: str | Path, *, timeout: float = 120.0, api_key: str | None = None) -> str:
     """Upload a recording (WAV body, ``Content-Type: audio/wav``); the server clones it into a prompt and
     returns its ``prompt_id`` (the same id the prompt's arrays would get)."""
     import httpx
 
     data = Path(path).read_bytes()
-    r = httpx.post(http_base_url(url) + "/v1/prompts", content=data, headers={"Content-Type": "audio/wav"},
-                   timeout=timeout)
+    headers = {"Content-Type": "audio/wav", **auth_headers(api_key)}
+    r = httpx.post(http_base_url(url) + "/v1/prompts", content=data, headers=headers, timeout=timeout)
     if r.status_code != 200:
         raise StreamError(
             f"prompt upload failed: HTTP {r.status_code}: {r.text[:200]}", status=r.status_code
@@ -156,12 +167,14 @@ async def stream_tokens(
     window_frames: int | None = None,
     open_timeout: float = 10.0,
     receive_timeout: float = 120.0,
+    api_key: str | None = None,
 ) -> StreamResult:
     """Stream ``tokens`` to ``/v1/stream`` at ``rate`` tokens per second (``rate <= 0``: all at once).
 
     Tokens due at the same moment go in one message, so a high rate costs few messages. The client never
     has more than the server's ``max_queued_tokens`` tokens sent but not yet decoded (it waits for the
     server's ``decoded_tokens`` reports), so even ``rate=0`` respects the server's queue limit.
+    ``api_key`` (default ``$TOKEN2WAV_API_KEY``) is sent as ``Authorization: Bearer``.
     """
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
@@ -179,7 +192,10 @@ async def stream_tokens(
         if value is not None:
             start[key] = value
 
-    async with connect(ws_stream_url(url), open_timeout=open_timeout, max_size=64 << 20) as ws:
+    headers = auth_headers(api_key) or None
+    async with connect(
+        ws_stream_url(url), open_timeout=open_timeout, max_size=64 << 20, additional_headers=headers
+    ) as ws:
         await ws.send(json.dumps(start))
         started = _expect(json.loads(await asyncio.wait_for(ws.recv(), receive_timeout)), "started")
         result = StreamResult(pcm=b"", sample_rate=int(started["sample_rate"]), started=started)
