@@ -824,8 +824,9 @@ class _StreamHandler:
         if send.done():
             return
         self.outbox.replace_with(_Close(err.ws_code, err.close_reason), _Frames([err.to_json()]))
-        with contextlib.suppress(Exception):
-            await asyncio.wait({send, recv}, timeout=2 * st.limits.send_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        # wait for the sender only: the receiver may be the task that raised (it is done already); a client
+        # that is gone or not reading ends the sender through its failed or timed-out write
+        await asyncio.wait({send}, timeout=2 * st.limits.send_timeout_s)
 
 
 class _Finished(Exception):
