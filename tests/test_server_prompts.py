@@ -131,5 +131,9 @@ def test_interrupted_write_leaves_no_entry(tmp_path: Path, monkeypatch) -> None:
     got = store.load(pid)
     assert got is not None and all(np.array_equal(a, b) for a, b in zip(got, arrays))
     assert store.load("../../etc/passwd") is None and store.load("p_" + "1" * 24) is None
+    (tmp_path / f"{pid}.npz").write_bytes(b"damaged")  # registering the prompt again repairs its file
+    assert store.load(pid) is None
+    store.save(pid, *arrays)
+    assert store.load(pid) is not None
     with pytest.raises(ValueError, match="not a directory"):
         PromptStore(tmp_path / f"{pid}.npz", vocab_size=10)

@@ -61,8 +61,8 @@ class PromptStore:
 
     def save(self, pid: str, tokens: np.ndarray, mel: np.ndarray, embedding: np.ndarray) -> None:
         final = self.path(pid)
-        if final.exists():
-            return  # same id, same content
+        if final.is_file() and self._read(final, pid) is not None:
+            return  # same id, same content (a damaged file of that name is replaced)
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".npz", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as f:
