@@ -86,11 +86,16 @@ LIMITS = ServerLimits(
 )
 
 
-@pytest.fixture(scope="module")
-def server(engine: Any) -> Iterator[dict[str, Any]]:
-    app = create_app(engine, name="test", limits=LIMITS)
+@pytest.fixture(scope="module", params=["batched", "unbatched"])
+def server(engine: Any, request: Any) -> Iterator[dict[str, Any]]:
+    """The server as `token2wav serve` runs it (streams through one batcher) and with --no-batching."""
+    engine.prompt_cache.clear()  # each variant computes its prompts' states itself
+    batcher = engine.batcher(max_wait_ms=5) if request.param == "batched" else None
+    app = create_app(engine, name="test", limits=LIMITS, batcher=batcher)
     with running_server(app) as addr:
-        yield {"http": f"http://{addr}", "ws": f"ws://{addr}/v1/stream", "app": app}
+        yield {"http": f"http://{addr}", "ws": f"ws://{addr}/v1/stream", "app": app, "batcher": batcher}
+    if batcher is not None:
+        assert batcher.sessions_open == 0  # every stream's session was released
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -562,3 +567,16 @@ def test_client_command(server: dict[str, Any], engine: Any, tmp_path, capsys) -
 
     assert cli.main(["client", "--url", server["ws"], "--tokens", str(token_file), "--preset", "turbo"]) == 1
     assert "preset" in capsys.readouterr().err
+
+
+def test_batched_calls_are_counted_in_metrics(server: dict[str, Any], engine: Any) -> None:
+    before = _metrics(server["http"])
+    _good_stream(server["ws"], _vocab(engine), n=40)
+    after = _metrics(server["http"])
+    rows = after.get("token2wav_batch_rows_count", 0) - before.get("token2wav_batch_rows_count", 0)
+    waits = after.get("token2wav_batch_queue_wait_seconds_count", 0) - before.get(
+        "token2wav_batch_queue_wait_seconds_count", 0)
+    if server["batcher"] is None:
+        assert rows == 0 and waits == 0  # --no-batching: no batcher, nothing counted
+    else:
+        assert rows >= 2 and waits >= 2  # one call per chunk (40 tokens: at least two chunks)

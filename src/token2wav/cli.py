@@ -486,6 +486,14 @@ def _warm_up(t2w: Any) -> None:
             help="seconds a new stream may wait before its 'start' message"),
         arg("--workers", type=int, default=4, help="threads running model work"),
         arg("--threads", type=int, help="torch intra-op threads (default: torch's choice)"),
+        arg("--no-batching", action="store_true",
+            help="run every stream's model calls on their own (default: one batcher runs all streams' chunks "
+                 "together)"),
+        arg("--max-batch", type=int, default=16, help="most chunks in one batched call (default 16)"),
+        arg("--max-wait-ms", type=float, default=2.0,
+            help="longest a ready chunk waits for others to join its batch (default 2)"),
+        arg("--max-cache-mb", type=float,
+            help="memory budget of all streams' attention caches; a stream that would pass it gets 503 / 1013"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
         *_MODEL_ARGS,
     ],
@@ -497,6 +505,12 @@ def _serve(args: argparse.Namespace) -> int:
     from token2wav.serve.runner import access_from_args, run_server
 
     access = access_from_args(args)  # before loading anything: a refused address or a bad key fails fast
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not 0 <= args.max_wait_ms <= 1000:
+        raise ValueError(f"--max-wait-ms must be in [0, 1000], got {args.max_wait_ms}")
+    if args.max_cache_mb is not None and not args.max_cache_mb > 0:
+        raise ValueError(f"--max-cache-mb must be > 0, got {args.max_cache_mb}")
 
     limits = ServerLimits(
         max_sessions=args.max_sessions,
@@ -526,7 +540,12 @@ def _serve(args: argparse.Namespace) -> int:
         f"token2wav: model {args.model} loaded and warmed up ({time.perf_counter() - t0:.1f} s)",
         file=sys.stderr,
     )
-    app = create_app(t2w, name=_model_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir)
+    batcher = None
+    if not args.no_batching:
+        budget = None if args.max_cache_mb is None else int(args.max_cache_mb * 2**20)
+        batcher = t2w.batcher(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_cache_bytes=budget)
+    app = create_app(t2w, name=_model_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir,
+                     batcher=batcher)
     print(
         f"token2wav: serving {args.model} on http://{args.host}:{args.port} "
         f"(stream: ws://{args.host}:{args.port}/v1/stream)"

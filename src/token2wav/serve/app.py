@@ -30,6 +30,7 @@ from token2wav.serve.auth import AccessMiddleware, AccessPolicy, install_log_red
 from token2wav.serve.metrics import CONTENT_TYPE, Registry
 from token2wav.serve.prompt_store import PromptStore, prompt_id
 from token2wav.serve.upload import prompt_request
+from token2wav.streaming.batcher import CacheBudgetError
 
 __all__ = ["ServerState", "create_app", "uvicorn_config"]
 
@@ -38,6 +39,7 @@ T = TypeVar("T")
 log = logging.getLogger("token2wav.serve")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _COMPUTE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -81,6 +83,18 @@ class _Metrics:
         self.cache_hits = r.gauge("token2wav_prompt_cache_hits", "Sessions that reused a cached prompt state.")
         self.cache_misses = r.gauge("token2wav_prompt_cache_misses", "Prompt states computed.")
         self.cache_entries = r.gauge("token2wav_prompt_cache_entries", "Prompt states held by the engine.")
+        self.batch_rows = r.histogram(
+            "token2wav_batch_rows", "Chunks (sessions) computed together in one batched model call.", _ROW_BUCKETS
+        )
+        self.queue_wait = r.histogram(
+            "token2wav_batch_queue_wait_seconds", "Time a chunk waited in the batcher's queue.", _LATENCY_BUCKETS
+        )
+
+    def observe_batch(self, rows: int, waits: list[float]) -> None:
+        """Batcher listener (called on its worker thread after every batched call)."""
+        self.batch_rows.observe(float(rows))
+        for wait in waits:
+            self.queue_wait.observe(wait)
 
     def collect(self, t2w: Any) -> None:
         cache = getattr(t2w, "prompt_cache", None)
@@ -110,6 +124,7 @@ class ServerState:
     draining: bool = False  # set when shutdown begins: nothing new is admitted
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # set when the drain time is over
     slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
+    batcher: Any = None  # a token2wav.Batcher: streams' chunks run in batched model calls
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -117,13 +132,17 @@ class ServerState:
 
     async def open_session(self, **kwargs: Any) -> Any:
         """The one place a stream gets its engine session: ``t2w.stream(**kwargs)``, wrapped so that
-        ``await s.apush(tokens)`` / ``await s.afinish()`` run in the thread pool. ``s.close()`` releases it."""
-        fut = self.executor.submit(lambda: self.t2w.stream(**kwargs))
+        ``await s.apush(tokens)`` / ``await s.afinish()`` run in the thread pool. ``s.close()`` releases it.
+        With a batcher, the session is the batcher's own (its chunks are computed with other streams')."""
+        opener = self.batcher.stream if self.batcher is not None else self.t2w.stream
+        fut = self.executor.submit(lambda: opener(**kwargs))
         try:
             session = await asyncio.wrap_future(fut)
         except asyncio.CancelledError:  # the client left while the session was being made
             fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else _quiet_close(f.result()))
             raise
+        if self.batcher is not None:
+            return session
         return ThreadedSession(session, self.executor)
 
     def try_admit(self, kind: str) -> bool:
@@ -245,11 +264,14 @@ def create_app(
     prompt_factory: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None,
     access: AccessPolicy | None = None,
     prompt_dir: str | None = None,
+    batcher: Any = None,
 ) -> FastAPI:
     """Build the server around an already loaded engine (``token2wav.Token2Wav`` or anything alike).
 
     ``access``: key and web origins required of clients (default: no key, WebSockets from the server's own
-    origin only). ``prompt_dir``: a folder where registered prompts are kept across restarts.
+    origin only). ``prompt_dir``: a folder where registered prompts are kept across restarts. ``batcher``: a
+    ``token2wav.Batcher`` of ``t2w`` that runs the streams (the app closes it at shutdown); None runs each
+    stream's calls on their own in the thread pool.
     """
     limits = limits or P.ServerLimits()
     if prompt_factory is None:
@@ -268,7 +290,10 @@ def create_app(
         metrics=_Metrics(),
         prompts=OrderedDict(),
         make_prompt=make_prompt,
+        batcher=batcher,
     )
+    if batcher is not None:
+        batcher.listeners.append(state.metrics.observe_batch)
     if prompt_dir is not None:
         state.prompt_store = PromptStore(prompt_dir, state.vocab_size, max_file_bytes=limits.max_prompt_bytes)
         _load_stored_prompts(state, t2w)
@@ -278,6 +303,8 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.executor.shutdown(wait=False, cancel_futures=True)
+        if state.batcher is not None:
+            state.batcher.close()
 
     app = FastAPI(title="token2wav", version="1", lifespan=lifespan)
     app.state.server = state
@@ -809,6 +836,8 @@ class _StreamHandler:
             m.dropped_tokens_total.inc(float(self.queued))
             m.last_disconnect.set(time.time())
             return
+        if isinstance(outcome, CacheBudgetError):  # the batcher's memory budget: like a full server
+            outcome = P.ProtocolError(f"server busy: {outcome}", ws_code=P.WS_TRY_AGAIN_LATER, status=503)
         if isinstance(outcome, P.ProtocolError):
             err = outcome
             m.rejected_total.inc(reason=_reason(err))
