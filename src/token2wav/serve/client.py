@@ -196,8 +196,19 @@ async def stream_tokens(
     async with connect(
         ws_stream_url(url), open_timeout=open_timeout, max_size=64 << 20, additional_headers=headers
     ) as ws:
-        await ws.send(json.dumps(start))
-        started = _expect(json.loads(await asyncio.wait_for(ws.recv(), receive_timeout)), "started")
+        try:
+            await ws.send(json.dumps(start))
+        except ConnectionClosed:
+            pass  # refused at once (busy, no key, ...): the reason is in its error message or close frame
+        try:
+            first = await asyncio.wait_for(ws.recv(), receive_timeout)
+        except ConnectionClosed as e:
+            rcvd = e.rcvd
+            raise StreamError(
+                f"connection closed before 'started': {rcvd.reason if rcvd else 'no close frame'}",
+                rcvd.code if rcvd else None,
+            ) from None
+        started = _expect(json.loads(first), "started")
         result = StreamResult(pcm=b"", sample_rate=int(started["sample_rate"]), started=started)
         t_first: list[float] = []
         limit = started.get("max_queued_tokens")
