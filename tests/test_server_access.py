@@ -265,8 +265,9 @@ def test_bundled_client_sends_the_key(keyed: dict[str, Any], monkeypatch) -> Non
 
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     tokens = [1, 2, 3, 4, 5] * 8
-    with pytest.raises(StreamError):
+    with pytest.raises(StreamError) as refused:
         asyncio.run(stream_tokens(keyed["ws"], tokens, rate=0))
+    assert refused.value.code == 1008
     assert asyncio.run(stream_tokens(keyed["ws"], tokens, rate=0, api_key=KEY)).samples > 0
     monkeypatch.setenv(API_KEY_ENV, KEY)  # what `token2wav client` relies on
     assert asyncio.run(stream_tokens(keyed["ws"], tokens, rate=0)).samples > 0
