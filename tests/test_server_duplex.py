@@ -277,10 +277,12 @@ def test_client_keeps_within_the_queue_limit(engine: Any) -> None:
     assert m.get('token2wav_rejected_total{reason="queue_full"}', 0) == 0
 
 
-def test_twenty_vanished_clients_then_a_21st_is_served(engine: Any) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+def test_twenty_vanished_clients_then_a_21st_is_served(engine: Any, batched: bool) -> None:
     limits = ServerLimits(max_sessions=16, max_tokens_per_session=400, workers=4)
     vocab = int(engine.config.vocab_size)
-    with running_server(create_app(engine, name="burst", limits=limits)) as addr:
+    batcher = engine.batcher(max_wait_ms=5) if batched else None
+    with running_server(create_app(engine, name="burst", limits=limits, batcher=batcher)) as addr:
         url, base = f"ws://{addr}/v1/stream", f"http://{addr}"
 
         async def scenario() -> Any:
@@ -297,6 +299,8 @@ def test_twenty_vanished_clients_then_a_21st_is_served(engine: Any) -> None:
         assert m["token2wav_disconnects_total"] == 20
         assert m.get('token2wav_rejected_total{reason="busy"}', 0) == 0
         assert m['token2wav_sessions_total{kind="stream"}'] == 21
+        if batcher is not None:  # every vanished stream's batched session was released too
+            _wait(lambda: batcher.sessions_open == 0, "the batcher's sessions to close")
 
 
 @contextlib.contextmanager
