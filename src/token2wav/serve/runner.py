@@ -84,7 +84,8 @@ def run_server(app: Any, *, host: str, port: int, log_level: str = "info", drain
     from token2wav.serve.app import uvicorn_config
 
     server = _draining_server_class()(
-        uvicorn_config(app, host=host, port=port, log_level=log_level),
+        # after the drain, connections that still do not close (a client that stopped reading) are not waited for
+        uvicorn_config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5),
         state=app.state.server,
         drain_timeout_s=drain_timeout_s,
     )
