@@ -164,15 +164,15 @@ def test_row_that_fails_mid_batch_leaves_the_others_exact(cv3):
     with cv3.batcher(max_wait_ms=200) as batcher:
         sessions = [batcher.stream() for _ in range(3)]
         calls = {"n": 0}
-        original = sessions[1]._output
+        original = sessions[1]._record
 
-        def failing_output(work, em, mel):
+        def failing_record(work, em, mel):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise RuntimeError("vocoder exploded")
             return original(work, em, mel)
 
-        sessions[1]._output = failing_output
+        sessions[1]._record = failing_record
         results: list = [None] * 3
         failures: list = []
         start = threading.Barrier(3)

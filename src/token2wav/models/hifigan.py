@@ -225,20 +225,77 @@ def vocode_stream(
     `left_context` earlier frames. With both at least the generator's effective receptive radius the
     result equals the offline `generator(all_mel)` up to float rounding. Cost per chunk: its own frames
     plus left_context + lookahead frames."""
+    window = _plan_window(generator, mel, state, final, left_context, lookahead)
+    if isinstance(window, HiFiGANStreamState):
+        return mel.new_zeros(mel.shape[0], 0), window
+    return window.cut(generator(window.mel)[:, 0])
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One streaming call's vocoder input window and how to cut its audio."""
+
+    mel: Tensor  # (B, n_mels, stop - start)
+    ctx: Tensor
+    pending: int
+    ready: int
+    first: int  # index in ctx of the first frame not yet emitted
+    start: int  # index in ctx where the window starts
+    hop: int
+    left_context: int
+
+    def cut(self, wav: Tensor) -> tuple[Tensor, HiFiGANStreamState]:
+        """The newly final audio from the window's waveform ``(B, samples)``, and the next state."""
+        lo = (self.first - self.start) * self.hop
+        audio = wav[:, lo : lo + self.ready * self.hop]
+        keep_from = max(0, self.first + self.ready - self.left_context)
+        return audio, HiFiGANStreamState(self.ctx[:, :, keep_from:], self.pending - self.ready)
+
+
+def _plan_window(
+    generator: HiFiGANGenerator, mel: Tensor, state: HiFiGANStreamState | None, final: bool, left_context: int,
+    lookahead: int,
+) -> _Window | HiFiGANStreamState:
+    """The window a call vocodes, or (nothing ready yet) the next state."""
     if left_context < 0 or lookahead < 0:
         raise ValueError(f"left_context and lookahead must be >= 0, got {left_context} and {lookahead}")
     state = state or HiFiGANStreamState()
     ctx = mel if state.context is None else torch.cat([state.context, mel], dim=2)
     pending = state.pending + mel.shape[2]
-    hop = generator.hop_length
     ready = pending if final else max(0, pending - lookahead)
     if ready == 0:
-        return mel.new_zeros(mel.shape[0], 0), HiFiGANStreamState(ctx, pending)
+        return HiFiGANStreamState(ctx, pending)
     total = ctx.shape[2]
-    first = total - pending  # index in ctx of the first frame not yet emitted
+    first = total - pending
     start = max(0, first - left_context)
     stop = total if final else min(total, first + ready + lookahead)
-    wav = generator(ctx[:, :, start:stop])[:, 0]
-    audio = wav[:, (first - start) * hop : (first - start + ready) * hop]
-    keep_from = max(0, first + ready - left_context)
-    return audio, HiFiGANStreamState(ctx[:, :, keep_from:], pending - ready)
+    return _Window(ctx[:, :, start:stop], ctx, pending, ready, first, start, generator.hop_length, left_context)
+
+
+def vocode_stream_rows(
+    generator: HiFiGANGenerator,
+    mels: list[Tensor],
+    states: list[HiFiGANStreamState | None],
+    finals: list[bool],
+    *,
+    left_context: int = 24,
+    lookahead: int = 8,
+) -> list[tuple[Tensor, HiFiGANStreamState]]:
+    """``vocode_stream`` for many streams (batch 1 each): windows of equal length go through the generator as
+    one batch, so each row computes exactly what it computes alone (a padded window would not: the generator's
+    receptive field reaches past the ``lookahead`` frames, by about 1e-3 on the demo voice). In a steady stream
+    every window has ``left_context + hop + lookahead`` frames, so rows at the same hop share one call."""
+    results: list[tuple[Tensor, HiFiGANStreamState] | None] = [None] * len(mels)
+    groups: dict[int, list[tuple[int, _Window]]] = {}
+    for i, (mel, state, final) in enumerate(zip(mels, states, finals)):
+        window = _plan_window(generator, mel, state, final, left_context, lookahead)
+        if isinstance(window, HiFiGANStreamState):
+            results[i] = (mel.new_zeros(mel.shape[0], 0), window)
+        else:
+            groups.setdefault(window.mel.shape[2], []).append((i, window))
+    for group in groups.values():
+        stacked = group[0][1].mel if len(group) == 1 else torch.cat([w.mel for _, w in group], dim=0)
+        wav = generator(stacked)[:, 0]
+        for row, (i, window) in enumerate(group):
+            results[i] = window.cut(wav[row : row + 1])
+    return results  # type: ignore[return-value]

@@ -411,15 +411,48 @@ class Batcher:
                 flows = self._flow_rows(live)
         except Exception:  # noqa: BLE001 - isolate the failing row; the others still get their chunks
             flows = None
+        recorded: list[tuple[_Job, torch.Tensor]] = []
         for i, job in enumerate(live):
             try:
                 with torch.inference_mode():
                     mel = flows[i] if flows is not None else self._flow_rows([job])[0]
-                    out = job.session._output(job.work, job.emission, mel)
+                    mel_out = job.session._record(job.work, job.emission, mel)
+            except BaseException as exc:  # noqa: BLE001 - delivered to the row's caller
+                job.future.set_exception(exc)
+                continue
+            if job.session.output == "mel":
+                job.future.set_result(mel_out)
+            else:
+                recorded.append((job, mel))
+        self._vocode_rows(recorded)
+
+    def _vocode_rows(self, rows: list[tuple[_Job, torch.Tensor]]) -> None:
+        """Each row's audio; HiFi-GAN rows in one batched generator call, other vocoders row by row."""
+        from ..models.hifigan import vocode_stream_rows
+
+        batched = [(job, mel) for job, mel in rows if job.session.vocoder_kind == "hifigan"]
+        if len(batched) > 1:
+            try:
+                with torch.inference_mode():
+                    outs = vocode_stream_rows(
+                        batched[0][0].session.vocoder, [mel for _, mel in batched],
+                        [job.work.vocoder_state for job, _ in batched], [job.emission.finalize for job, _ in batched],
+                    )  # fmt: skip
+            except Exception:  # noqa: BLE001 - fall back to one row at a time below
+                pass
+            else:
+                for (job, _), (audio, state) in zip(batched, outs):
+                    job.work.vocoder_state = state
+                    job.future.set_result(audio[0].float().cpu().numpy())
+                rows = [(job, mel) for job, mel in rows if job.session.vocoder_kind != "hifigan"]
+        for job, mel in rows:
+            try:
+                with torch.inference_mode():
+                    speech = job.session._vocode(job.work, mel, job.emission.finalize)
             except BaseException as exc:  # noqa: BLE001 - delivered to the row's caller
                 job.future.set_exception(exc)
             else:
-                job.future.set_result(out)
+                job.future.set_result(speech[0].float().cpu().numpy())
 
     def _flow_rows(self, jobs: list[_Job]) -> list[torch.Tensor]:
         """Each job's mel; cached sessions in one ``stream_step_rows`` call, committing their flow states."""

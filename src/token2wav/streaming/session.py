@@ -288,6 +288,14 @@ class StreamSession:
 
     def _output(self, work: SessionState, em: Emission, mel: torch.Tensor) -> np.ndarray:
         """Record emission ``em``'s mel in ``work`` and turn it into the chunk the caller gets."""
+        mel_out = self._record(work, em, mel)
+        if self.output == "mel":
+            return mel_out
+        speech = self._vocode(work, mel, em.finalize)
+        return speech[0].float().cpu().numpy()
+
+    def _record(self, work: SessionState, em: Emission, mel: torch.Tensor) -> np.ndarray:
+        """Check emission ``em``'s mel and advance ``work`` past it; returns the mel as numpy."""
         want = (em.end - em.start) * self.ratio
         if mel.shape[-1] != want:
             raise RuntimeError(
@@ -297,10 +305,7 @@ class StreamSession:
         work.chunk_frames.append(want)
         mel_out = mel[0].float().cpu().numpy()
         self.last_mel = mel_out  # the mel behind the newest chunk, for inspection and tests
-        if self.output == "mel":
-            return mel_out
-        speech = self._vocode(work, mel, em.finalize)
-        return speech[0].float().cpu().numpy()
+        return mel_out
 
     def _flow_chunk(self, work: SessionState, em: Emission) -> torch.Tensor:
         tokens = work.tokens[:, : em.prefix]
