@@ -472,9 +472,9 @@ def _warm_up(t2w: Any) -> None:
 
 @subcommand(
     "serve",
-    help="run the HTTP/WebSocket streaming server",
+    help="run the HTTP/WebSocket streaming server and its web page (GET /)",
     args=[
-        arg("--model", required=True, help="model directory or bundled model name"),
+        arg("--model", default=None, help="model directory or bundled model name (default: the demo voice)"),
         arg("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)"),
         arg("--port", type=int, default=50000, help="port (default: 50000)"),
         arg("--max-sessions", type=int, default=16, help="open streams + synthesize requests at once"),
@@ -505,6 +505,10 @@ def _serve(args: argparse.Namespace) -> int:
     from token2wav.serve.runner import access_from_args, run_server
 
     access = access_from_args(args)  # before loading anything: a refused address or a bad key fails fast
+    if args.model is None:  # the bundled demo voice (the tiny random-weight model if it is not installed)
+        from token2wav.demo import _default_model
+
+        args.model = _default_model()
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 0 <= args.max_wait_ms <= 1000:
@@ -552,6 +556,9 @@ def _serve(args: argparse.Namespace) -> int:
         + ("; access key required" if access.api_key else ""),
         file=sys.stderr,
     )
+    page_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    page_host = f"[{page_host}]" if ":" in page_host else page_host
+    print(f"token2wav: open http://{page_host}:{args.port}/ in a browser to hear it", file=sys.stderr, flush=True)
     return run_server(
         app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout_s=args.drain_timeout
     )

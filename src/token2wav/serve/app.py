@@ -337,7 +337,9 @@ def create_app(
         try:
             body = await _read_body(request, limits.max_prompt_bytes, "max_prompt_bytes")
             # JSON arrays, or a recording (audio/wav or multipart) that the engine clones: see serve/upload.py
-            req = await prompt_request(state, t2w, request.headers.get("content-type"), body)
+            req = await prompt_request(
+                state, t2w, request.headers.get("content-type"), body, request.query_params.get("speaker")
+            )
             pid = _prompt_id(req)
             if pid not in state.prompts:
                 try:
@@ -420,6 +422,9 @@ def create_app(
             handler.release()
             handler.close_session()
 
+    from token2wav.serve.page import install_page  # GET / (the web page), /v1/voices, /v1/utterances, /v1/tokenize
+
+    install_page(app, state)
     return app
 
 
@@ -704,7 +709,7 @@ class _StreamHandler:
         assert msg is not None
         prompt = await st.get_prompt(msg.prompt_id, status=400)
         kwargs: dict[str, Any] = {"prompt": prompt}
-        for key in ("preset", "hop", "mode", "window_frames"):
+        for key in ("preset", "hop", "mode", "window_frames", "pre_lookahead_len"):
             if getattr(msg, key) is not None:
                 kwargs[key] = getattr(msg, key)
         try:

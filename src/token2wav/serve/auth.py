@@ -136,6 +136,12 @@ def _presented_key(scope: Scope) -> str | None:
     return None
 
 
+def _is_public_page(scope: Scope) -> bool:
+    """GET/HEAD of the web page (``/``) and its static files (``/static/...``): served without a key."""
+    path = scope.get("path", "")
+    return scope.get("method") in ("GET", "HEAD") and (path == "/" or path.startswith("/static/"))
+
+
 class AccessMiddleware:
     """ASGI middleware applying an :class:`AccessPolicy` to every HTTP request and WebSocket.
 
@@ -162,6 +168,9 @@ class AccessMiddleware:
                 f"WebSocket from origin {origin!r} refused: not this server's own origin; "
                 "allow it with --allow-origin",
             )
+            return
+        if kind == "http" and _is_public_page(scope):  # the page holds no data: it asks for the key itself
+            await self.app(scope, receive, send)
             return
         if not policy.key_matches(_presented_key(scope)):
             how = "'Authorization: Bearer <key>'" + (" or ?token=<key>" if kind == "websocket" else "")

@@ -211,6 +211,7 @@ class StartMessage:
     hop: int | None = None
     mode: str | None = None
     window_frames: int | None = None
+    pre_lookahead_len: int | None = None
 
 
 @dataclass(frozen=True)
@@ -226,7 +227,7 @@ class EndMessage:
 ClientMessage = StartMessage | TokensMessage | EndMessage
 
 _ALLOWED_KEYS = {
-    "start": {"type", "prompt_id", "preset", "hop", "mode", "window_frames"},
+    "start": {"type", "prompt_id", "preset", "hop", "mode", "window_frames", "pre_lookahead_len"},
     "tokens": {"type", "tokens"},
     "end": {"type"},
 }
@@ -253,12 +254,16 @@ def parse_client_message(raw: str | bytes, vocab_size: int) -> ClientMessage:
         v = data.get(key)
         if v is not None and (not _is_int(v) or not 1 <= v <= top):
             raise ProtocolError(f"'{key}' must be an integer in [1, {top}], got {json.dumps(v)[:40]}")
+    look = data.get("pre_lookahead_len")
+    if look is not None and (not _is_int(look) or not 0 <= look <= MAX_HOP):
+        raise ProtocolError(f"'pre_lookahead_len' must be an integer >= 0, got {json.dumps(look)[:40]}")
     return StartMessage(
         prompt_id=_opt_str(data, "prompt_id"),
         preset=_opt_str(data, "preset"),
         hop=data.get("hop"),
         mode=_opt_str(data, "mode", MODES),
         window_frames=data.get("window_frames"),
+        pre_lookahead_len=look,
     )
 
 
@@ -372,6 +377,9 @@ def describe_model(t2w: Any, name: str = "") -> dict[str, Any]:
     supported = getattr(cfg, "supported_chunk_tokens", None)
     if supported:
         info["supported_chunk_tokens"] = [int(supported[0]), int(supported[1])]
+    supported_look = getattr(cfg, "supported_pre_lookahead", None)
+    if supported_look:
+        info["supported_pre_lookahead"] = [int(supported_look[0]), int(supported_look[1])]
     presets: dict[str, Any] = {}
     from token2wav.presets import PRESETS
 

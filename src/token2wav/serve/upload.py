@@ -59,13 +59,18 @@ def _decode(data: bytes) -> tuple[np.ndarray, int]:
     return samples, int(sr)
 
 
-def _clone(t2w: Any, data: bytes) -> Any:
+def _clone(t2w: Any, data: bytes, speaker: str | None = None) -> Any:
     samples, sr = _decode(data)
+    if speaker is not None:  # a voice's embedding instead of the speaker model's (the demo voice needs one)
+        return t2w.prompt_from_wav(samples, sample_rate=sr, speaker=speaker)
     return t2w.prompt_from_wav(samples, sample_rate=sr)
 
 
-async def prompt_request(state: Any, t2w: Any, content_type: str | None, body: bytes) -> P.PromptRequest:
-    """The prompt arrays of a ``/v1/prompts`` body: parsed JSON, or the clone of a recording."""
+async def prompt_request(
+    state: Any, t2w: Any, content_type: str | None, body: bytes, speaker: str | None = None
+) -> P.PromptRequest:
+    """The prompt arrays of a ``/v1/prompts`` body: parsed JSON, or the clone of a recording (``speaker``: a
+    voice of the model whose embedding the clone uses, from ``?speaker=``)."""
     data = audio_from_body(body, content_type)
     if data is None:
         return P.parse_prompt_request(body, state.vocab_size)
@@ -73,7 +78,7 @@ async def prompt_request(state: Any, t2w: Any, content_type: str | None, body: b
         raise P.ProtocolError("this server's engine cannot clone a voice from audio; post the prompt's arrays",
                               status=_NOT_SUPPORTED)
     try:
-        prompt = await state.run(_clone, t2w, data)
+        prompt = await state.run(_clone, t2w, data, speaker)
     except (ImportError, FileNotFoundError) as exc:  # the model has no front end (onnxruntime / ONNX files)
         raise P.ProtocolError(f"voice cloning is not available on this server: {exc}",
                               status=_NOT_SUPPORTED) from None
