@@ -13,7 +13,7 @@ REQUIRED = {"model", "mode", "utterance_s", "first_chunk_ms", "first_chunk_cold_
 
 
 def test_bench_report_and_plots(tmp_path):
-    report = bench.run_bench(["tiny"], quick=False, utterances=[2.0], modes=list(bench.MODES), sessions=2,
+    report = bench.run_bench(["tiny"], quick=False, utterances=[2.0], modes=list(bench.MODES), sessions=[1, 2],
                              device="cpu", dtype=torch.float32, log=lambda _: None, isolate=False)
     assert {"cpu", "threads", "torch", "device", "dtype", "commit"} <= set(report["machine"])
     runs = {r["mode"]: r for r in report["runs"]}
@@ -25,19 +25,29 @@ def test_bench_report_and_plots(tmp_path):
         if mode != "offline":
             assert run["vs_offline"] == run["total_s"] / runs["offline"]["total_s"]
             assert len(run["chunk_ms"]) >= 2  # at least one hop and the flush
-    assert [c["sessions"] for c in report["concurrency"]] == [1, 2]
+    conc = [(c["sessions"], c["batched"]) for c in report["concurrency"]]
+    assert conc == [(1, False), (1, True), (2, False), (2, True)]
+    for c in report["concurrency"]:
+        assert c["throughput"] == c["sessions"] * 2.0 / c["wall_s"]
+        assert c["first_chunk_ms_p50"] <= c["first_chunk_ms_p99"] and c["chunk_ms_p50"] <= c["chunk_ms_p99"]
+        assert c["ops_per_session_chunk"] > 100 and c["peak_rss_mb"] > 0
+    two = next(c for c in report["concurrency"] if c["sessions"] == 2 and c["batched"])
+    assert max(two["batch_sizes"]) == 2  # the two streams' chunks shared calls
+    assert {t["target"] for t in report["batching_targets"]} == {
+        "2 sessions: batched throughput >= 2 x unbatched", "2 sessions: batched first-chunk p99 <= 3 x one session's",
+        "2 sessions: batched ops per session-chunk <= 1/5 of one session's"}
     assert {t["target"] for t in report["targets"]} == {
         "cached total <= 1.10 x offline", "last/first chunk compute <= 1.3",
         "warm first chunk <= 0.3 x recompute first chunk"}
     json.dumps(report)  # everything in it is plain JSON
     paths = bench.plot(report, tmp_path)
-    assert [p.name for p in paths] == ["chunk_ms.png", "total_vs_length.png", "first_chunk_vs_sessions.png"]
+    assert [p.name for p in paths] == ["chunk_ms.png", "total_vs_length.png", "sessions.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
 def test_isolated_rows_run_in_their_own_process():
     # the default: each row builds its own engine in a fresh interpreter, so its peak RSS is its own
-    report = bench.run_bench(["tiny"], quick=False, utterances=[2.0], modes=["offline", "cached"], sessions=1,
+    report = bench.run_bench(["tiny"], quick=False, utterances=[2.0], modes=["offline", "cached"], sessions=[],
                              device="cpu", dtype=torch.float32, log=lambda _: None)
     assert report["isolated"] is True
     offline, cached = report["runs"]
@@ -66,8 +76,21 @@ def test_a_mode_the_model_lacks_is_reported_as_skipped(monkeypatch):
         return real(model, quick, device, dtype, seconds, mode, engine=engine)
 
     monkeypatch.setattr(bench, "measure_mode", measure)
-    report = bench.run_bench(["tiny"], quick=False, utterances=[1.0], modes=["offline", "window"], sessions=1,
+    report = bench.run_bench(["tiny"], quick=False, utterances=[1.0], modes=["offline", "window"], sessions=[],
                              device="cpu", dtype=torch.float32, log=lambda _: None, isolate=False)
     assert [r["mode"] for r in report["runs"]] == ["offline"]
     assert report["skipped"] == [{"model": "tiny", "mode": "window", "utterance_s": 1.0,
                                   "reason": "no window cache here"}]
+
+
+def test_session_levels():
+    assert bench.session_levels("1,2,4,8,16") == [1, 2, 4, 8, 16]
+    assert bench.session_levels("8") == [1, 2, 4, 8]
+    assert bench.session_levels("1") == []
+    for bad in ("0", "a,b", ""):
+        try:
+            bench.session_levels(bad)
+        except ValueError as exc:
+            assert "--sessions" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")

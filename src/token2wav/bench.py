@@ -197,45 +197,96 @@ def run_stream(engine, prompt, tokens, mode: str, device: str, hop: int) -> dict
     return {"total_s": total, "chunk_ms": chunk_ms, "first_chunk_ms": chunk_ms[0], **mem}
 
 
-def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int) -> dict[str, Any]:
-    """N streams at once from N threads; aggregate RTF and the spread of first-chunk latency."""
+def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int, batched: bool = False
+                   ) -> dict[str, Any]:
+    """N streams at once from N threads, fed one hop at a time as fast as the engine takes them: aggregate
+    throughput, first-chunk and per-chunk latency spread, peak memory; with ``batched`` through one Batcher."""
+    from .streaming.batcher import count_aten_ops
+
     first: list[float] = [0.0] * sessions
+    chunk_ms: list[list[float]] = [[] for _ in range(sessions)]
     errors: list[BaseException] = []
+    batcher = engine.batcher(max_batch=max(16, sessions)) if batched else None
+    source = batcher if batcher is not None else engine
+    start_line = threading.Barrier(sessions)
 
     def one(i: int) -> None:
         try:
+            start_line.wait()
             start = time.perf_counter()
-            with engine.stream(prompt, hop=hop, schedule="fixed", mode="cached") as session:
-                got_first = False
+            with source.stream(prompt, hop=hop, schedule="fixed", mode="cached") as session:
                 for j in range(0, len(tokens), hop):
-                    if session.push(tokens[j : j + hop]) and not got_first:
-                        first[i] = (time.perf_counter() - start) * 1e3
-                        got_first = True
+                    t0 = time.perf_counter()
+                    if session.push(tokens[j : j + hop]):
+                        _sync(device)
+                        now = time.perf_counter()
+                        chunk_ms[i].append((now - t0) * 1e3)
+                        if len(chunk_ms[i]) == 1:
+                            first[i] = (now - start) * 1e3
+                t0 = time.perf_counter()
                 session.finish()
-                if not got_first:
+                _sync(device)
+                chunk_ms[i].append((time.perf_counter() - t0) * 1e3)
+                if len(chunk_ms[i]) == 1:
                     first[i] = (time.perf_counter() - start) * 1e3
         except BaseException as exc:  # reported after join
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    with peak_memory(device) as mem:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
     if errors:
         raise errors[0]
+    # Operator calls per session-chunk, in a short second pass (the profiler slows the run it watches).
+    probe_tokens = tokens[: 3 * hop]
+    if batcher is not None:
+        batcher.count_ops = True
+        probe = threading.Barrier(sessions)
+
+        def short(_i: int) -> None:
+            probe.wait()
+            with batcher.stream(prompt, hop=hop) as s:
+                for j in range(0, len(probe_tokens), hop):
+                    s.push(probe_tokens[j : j + hop])
+
+        threads = [threading.Thread(target=short, args=(i,)) for i in range(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        batcher.close()  # joins the worker, so its counts include the last call
+        ops = batcher.ops_counted / max(1, batcher.ops_rows)
+        stats = batcher.stats()
+    else:
+        with engine.stream(prompt, hop=hop) as s:
+            s.push(probe_tokens[:hop])  # the first chunk (prompt set-up) is not typical
+            ops = count_aten_ops(lambda: s.push(probe_tokens[hop : 2 * hop]))
+        stats = None
     audio_s = sessions * len(tokens) / engine.config.token_rate
-    ordered = sorted(first)
-    return {
+    every_chunk = sorted(ms for per in chunk_ms for ms in per)
+    result = {
         "sessions": sessions,
+        "batched": batched,
         "wall_s": wall,
         "aggregate_rtf": wall / audio_s,
+        "throughput": audio_s / wall,  # audio seconds per wall second, all sessions together
         "first_chunk_ms_mean": statistics.fmean(first),
-        "first_chunk_ms_p50": float(np.percentile(ordered, 50)),
-        "first_chunk_ms_p99": float(np.percentile(ordered, 99)),
+        "first_chunk_ms_p50": float(np.percentile(first, 50)),
+        "first_chunk_ms_p99": float(np.percentile(first, 99)),
+        "chunk_ms_p50": float(np.percentile(every_chunk, 50)),
+        "chunk_ms_p99": float(np.percentile(every_chunk, 99)),
+        "ops_per_session_chunk": ops,
+        **mem,
     }
+    if stats is not None:
+        result["batch_sizes"] = stats["batch_sizes"]
+        result["mean_queue_wait_ms"] = stats["mean_queue_wait_ms"]
+    return result
 
 
 def machine_info(device: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -287,6 +338,32 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def batching_targets(conc: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue [1/6]'s CPU targets at 8 sessions: throughput >= 2x unbatched, first-chunk p99 <= 3x one session's,
+    operator calls per session-chunk <= a fifth of one session's."""
+    out = []
+    for model in sorted({c["model"] for c in conc}):
+        rows = {(c["sessions"], c["batched"]): c for c in conc if c["model"] == model}
+        single = rows.get((1, False))
+        for n in sorted({c["sessions"] for c in conc if c["model"] == model and c["sessions"] > 1}):
+            on, off = rows.get((n, True)), rows.get((n, False))
+            if not (on and off and single):
+                continue
+            checks = [
+                (f"{n} sessions: batched throughput >= 2 x unbatched", on["throughput"] / off["throughput"], 2.0,
+                 ">="),
+                (f"{n} sessions: batched first-chunk p99 <= 3 x one session's",
+                 on["first_chunk_ms_p99"] / single["first_chunk_ms_p50"], 3.0, "<="),
+                (f"{n} sessions: batched ops per session-chunk <= 1/5 of one session's",
+                 on["ops_per_session_chunk"] / single["ops_per_session_chunk"], 0.2, "<="),
+            ]
+            for name, value, limit, how in checks:
+                met = value >= limit if how == ">=" else value <= limit
+                out.append({"model": model, "utterance_s": on["utterance_s"], "target": name, "value": value,
+                            "met": met})
+    return out
+
+
 def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -294,11 +371,15 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = report["runs"]
+    paths = _plot_modes(plt, report["runs"], out_dir) if report["runs"] else []
+    conc = report.get("concurrency") or []
+    return paths + _plot_sessions(plt, conc, out_dir)
+
+
+def _plot_modes(plt: Any, runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     paths = []
     models = sorted({r["model"] for r in runs})
     longest = max(r["utterance_s"] for r in runs)
-
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for r in runs:
@@ -323,21 +404,29 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "total_vs_length.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    return paths
 
-    conc = report.get("concurrency") or []
+
+def _plot_sessions(plt: Any, conc: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    paths = []
     if conc:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for model in models:
-            pts = sorted((c["sessions"], c["first_chunk_ms_p50"], c["first_chunk_ms_p99"])
-                         for c in conc if c["model"] == model)
-            if pts:
-                n, p50, p99 = zip(*pts)
-                ax.plot(n, p50, marker="o", label=f"{model} p50")
-                ax.plot(n, p99, marker="x", linestyle="--", label=f"{model} p99")
-        ax.set(title="first-chunk latency vs concurrency", xlabel="concurrent sessions", ylabel="ms")
-        ax.legend()
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for model in sorted({c["model"] for c in conc}):
+            for batched, style in ((False, "--"), (True, "-")):
+                pts = sorted((c["sessions"], c["throughput"], c["first_chunk_ms_p99"])
+                             for c in conc if c["model"] == model and c.get("batched", False) == batched)
+                if pts:
+                    n, thr, p99 = zip(*pts)
+                    tag = f"{model} {'batched' if batched else 'unbatched'}"
+                    axes[0].plot(n, thr, marker="o", linestyle=style, label=tag)
+                    axes[1].plot(n, p99, marker="o", linestyle=style, label=tag)
+        axes[0].set(title="aggregate throughput", xlabel="concurrent sessions", ylabel="audio s per wall s")
+        axes[1].set(title="first-chunk latency p99", xlabel="concurrent sessions", ylabel="ms")
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+            ax.legend()
         fig.tight_layout()
-        paths.append(out_dir / "first_chunk_vs_sessions.png")
+        paths.append(out_dir / "sessions.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
@@ -378,10 +467,26 @@ def measure_mode(model: str, quick: bool, device: str, dtype: torch.dtype, secon
 
 
 def measure_concurrency(model: str, quick: bool, device: str, dtype: torch.dtype, seconds: float, sessions: int,
-                        engine=None) -> dict[str, Any]:
+                        batched: bool = False, engine=None) -> dict[str, Any]:
     engine = engine if engine is not None else _warm_engine(model, quick, device, dtype)
     prompt, tokens = _workload(engine, seconds, seed=7)
-    return run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens)
+    result = run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens, batched)
+    result["utterance_s"] = seconds
+    return result
+
+
+def session_levels(spec: str) -> list[int]:
+    """``--sessions``: '1,2,4,8,16' as given, or one number N for 1, 2, 4, ... up to N."""
+    try:
+        values = [int(v) for v in str(spec).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sessions must be a number or a comma-separated list of numbers, got {spec!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--sessions values must be >= 1, got {spec!r}")
+    if len(values) == 1:
+        n = values[0]
+        return sorted({1, *[2**k for k in range(1, n.bit_length()) if 2**k < n], n}) if n > 1 else []
+    return sorted(set(values))
 
 
 def _child_init(threads: int) -> None:
@@ -404,7 +509,7 @@ def run_bench(
     quick: bool,
     utterances: list[float],
     modes: list[str],
-    sessions: int,
+    sessions: list[int],
     device: str,
     dtype: torch.dtype,
     log: Callable[[str], None] = print,
@@ -442,15 +547,16 @@ def run_bench(
                 log(f"{label:>5} {mode:>9} {seconds:5.0f}s  total {result['total_s']:7.2f}s  "
                     f"rtf {result['rtf']:.3f}  first {result['first_chunk_ms']:8.1f}ms  "
                     f"cold {result['first_chunk_cold_ms']:8.1f}ms  rss {result['peak_rss_mb']:.0f}MB")
-        if sessions > 1:
-            levels = sorted({1, *[2**k for k in range(1, sessions.bit_length()) if 2**k < sessions], sessions})
-            for n in levels:
-                c = call(measure_concurrency, min(utterances), n)
+        for n in sessions:
+            for batched in (False, True):
+                c = call(measure_concurrency, min(utterances), n, batched)
                 c["model"] = label
                 report["concurrency"].append(c)
-                log(f"{label:>5} sessions {n:3d}  aggregate rtf {c['aggregate_rtf']:.3f}  first chunk "
-                    f"mean {c['first_chunk_ms_mean']:.0f} p50 {c['first_chunk_ms_p50']:.0f} "
-                    f"p99 {c['first_chunk_ms_p99']:.0f} ms")
+                log(f"{label:>5} sessions {n:3d} {'batched' if batched else 'alone':>7}  throughput "
+                    f"{c['throughput']:.2f} audio s/s  first chunk p50 {c['first_chunk_ms_p50']:.0f} "
+                    f"p99 {c['first_chunk_ms_p99']:.0f} ms  chunk p99 {c['chunk_ms_p99']:.0f} ms  "
+                    f"ops/chunk {c['ops_per_session_chunk']:.0f}  rss {c['peak_rss_mb']:.0f} MB")
+        report["batching_targets"] = batching_targets(report["concurrency"])
         del shared, call  # free this model before the next one is built
     report["targets"] = targets(report["runs"])
     return report
@@ -465,7 +571,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--utterance", type=float, action="append", default=None,
                         help="target length in seconds (repeatable; default 10 30 60, --quick 10 20)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    parser.add_argument("--sessions", type=int, default=1, help="also run up to N concurrent cached streams")
+    parser.add_argument("--sessions", default="1",
+                        help="concurrent cached streams, with and without batching: a list (1,2,4,8,16) or N for "
+                             "1, 2, 4, ... N (default 1: none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -480,17 +588,19 @@ def main(args: argparse.Namespace) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    if args.sessions < 1:
-        raise SystemExit("--sessions must be >= 1")
+    try:
+        sessions = session_levels(args.sessions)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     utterances = args.utterance or ([10.0, 20.0] if args.quick else [10.0, 30.0, 60.0])
     models = args.model or (["cv3"] if args.quick else ["cv3", "cv2"])
-    report = run_bench(models, args.quick, utterances, modes, args.sessions, args.device, getattr(torch, args.dtype),
+    report = run_bench(models, args.quick, utterances, modes, sessions, args.device, getattr(torch, args.dtype),
                        isolate=not args.same_process)
-    for t in report["targets"]:
+    for t in report["targets"] + report.get("batching_targets", []):
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"target [{'met' if t['met'] else 'NOT met'}] {t['model']} {t['utterance_s']:g}s {t['target']}: {value}")
     if args.json:

@@ -40,7 +40,7 @@ from .schedule import Emission
 from .session import SessionClosedError, StreamSession
 from .state import SessionState
 
-__all__ = ["Batcher", "BatchedSession", "CacheBudgetError", "BatcherClosedError"]
+__all__ = ["Batcher", "BatchedSession", "CacheBudgetError", "BatcherClosedError", "count_aten_ops"]
 
 # Stores grow by half when full (kv_store.append_rows): what a session holds can exceed what it uses by that.
 _STORE_GROWTH = 1.5
@@ -85,6 +85,24 @@ def cache_bytes_per_frame(flow: torch.nn.Module, n_timesteps: int) -> int:
         layers = len(blocks)
         width = blocks[0].attn1.heads * blocks[0].attn1.dim_head if blocks else 0
     return n_timesteps * layers * 2 * 2 * width * itemsize
+
+
+def count_aten_ops(fn: Any) -> int:
+    """How many aten operators ``fn()`` dispatches on this thread (each call that reaches a kernel, composite
+    operators counted as the operators they decompose into). A dispatch mode, not the profiler: it is
+    per-thread, and the profiler cannot be started from more than one thread of a process."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+            _Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.calls
 
 
 class BatchedSession(StreamSession):
@@ -242,6 +260,9 @@ class Batcher:
         self.queue_wait_s = 0.0
         self.jobs_done = 0
         self.listeners: list[Any] = []  # callables (rows, queue waits) called after every batch
+        self.count_ops = False  # bench: count the torch operators each batched call runs (profiler; slow)
+        self.ops_counted = 0
+        self.ops_rows = 0  # chunks computed while counting
         self._thread = threading.Thread(target=self._loop, name="token2wav-batcher", daemon=True)
         self._thread.start()
 
@@ -383,7 +404,11 @@ class Batcher:
             if batch is None:
                 return
             started = time.perf_counter()
-            self._run(batch)
+            if self.count_ops:
+                self.ops_counted += count_aten_ops(lambda batch=batch: self._run(batch))
+                self.ops_rows += len(batch)
+            else:
+                self._run(batch)
             waits = [started - j.queued_at for j in batch]
             with self._cv:
                 self.batch_sizes[len(batch)] += 1
