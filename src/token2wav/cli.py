@@ -470,6 +470,11 @@ def _warm_up(t2w: Any) -> None:
         session.close()
 
 
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    importlib.import_module("token2wav.serve.runner").add_server_options(p)
+    importlib.import_module("token2wav.serve.ray").add_ray_options(p)  # imports no Ray
+
+
 @subcommand(
     "serve",
     help="run the HTTP/WebSocket streaming server and its web page (GET /)",
@@ -497,13 +502,17 @@ def _warm_up(t2w: Any) -> None:
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
         *_MODEL_ARGS,
     ],
-    configure=lambda p: importlib.import_module("token2wav.serve.runner").add_server_options(p),
+    configure=_serve_options,
 )
 def _serve(args: argparse.Namespace) -> int:
     from token2wav.serve.app import create_app
     from token2wav.serve.protocol import ServerLimits
     from token2wav.serve.runner import access_from_args, run_server
 
+    if args.ray:  # the same server on Ray Serve replicas (serve/ray/)
+        from token2wav.serve.ray import serve_on_ray
+
+        return serve_on_ray(args)
     access = access_from_args(args)  # before loading anything: a refused address or a bad key fails fast
     if args.model is None:  # the bundled demo voice (the tiny random-weight model if it is not installed)
         from token2wav.demo import _default_model
