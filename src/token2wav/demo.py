@@ -1,4 +1,11 @@
-"""`token2wav demo`: the main job. Streams a bundled utterance through the engine and writes demo.wav."""
+"""`token2wav demo`: the main job. Streams a bundled utterance through the engine and writes demo.wav.
+
+By default it streams the way a voice assistant would, for the earliest audio: the first hop is the smallest
+one whose chunk ends exactly at the end of the voice prompt (no alignment pad: 16 tokens for the demo voice's
+64-token prompts), the hops then double up to four of those chunks, and the flow solver takes 5 Euler steps
+(10 is the model's default). The voice's prompt state is computed once at load, as a server does. It prints
+the first-chunk latency, the RTF and where the time went (flow, vocoder, the rest; set-up apart).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,13 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .loading import BUNDLED_MODELS
+
+LOW_LATENCY_STEPS = 5  # Euler steps of the flow solver in the demo's default setting
 
 
 def _default_model() -> str:
@@ -29,16 +39,64 @@ def _utterance(t2w, speaker: str | None) -> tuple[list[int], str | None, str | N
     return rng.integers(0, t2w.config.vocab_size, 8 * t2w.config.token_rate).tolist(), None, speaker
 
 
+def low_latency_options(t2w: Any, prompt: Any) -> dict[str, Any]:
+    """Stream options for the earliest first chunk on this model and prompt.
+
+    A model trained with run-time chunk sizes (``supported.chunk_tokens``) takes the smallest hop that divides
+    the prompt (the first emission is then the hop alone, no pad to the next chunk boundary), else the hop that
+    minimises hop + pad; hops then double up to four chunks. Other models use the 'assistant' preset."""
+    supported = getattr(t2w.config, "supported_chunk_tokens", None)
+    if not supported:
+        return {"preset": "assistant"}
+    lo, hi = int(supported[0]), int(supported[1])
+    p = 0 if prompt is None else int(np.asarray(prompt.tokens).size)
+    no_pad = [h for h in range(lo, hi + 1) if p % h == 0]
+    hop = no_pad[0] if no_pad else min(range(lo, hi + 1), key=lambda h: (h + (-p) % h, -h))
+    return {"hop": hop, "schedule": "exponential", "max_hop": 4 * hop}
+
+
+class _Timed:
+    """A module stand-in that adds the wall time of its calls (``__call__`` or ``stream_step``) to a counter."""
+
+    def __init__(self, module: Any, clock: dict[str, float], key: str) -> None:
+        self._module, self._clock, self._key = module, clock, key
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._module, name)
+        if name != "stream_step":
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self._clock[self._key] += time.perf_counter() - t0
+
+        return timed
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self._module(*args, **kwargs)
+        finally:
+            self._clock[self._key] += time.perf_counter() - t0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory or bundled name (default: demo)")
     parser.add_argument("--speaker", default=None, help="voice of the demo model (default: its first)")
-    parser.add_argument("--preset", default="balanced", help="assistant | balanced | quality | constrained")
+    parser.add_argument("--preset", default=None,
+                        help="assistant | balanced | quality | constrained (default: the low-latency setting above; "
+                             "'balanced' with --steps 10 is the setting before it)")
+    parser.add_argument("--hop", type=int, default=None, help="first hop in tokens (overrides the default's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"flow solver steps (default: {LOW_LATENCY_STEPS}; with --preset: the model's, 10)")
     parser.add_argument("--out", type=Path, default=Path("demo.wav"))
+    parser.add_argument("--json", action="store_true", help="also print the measurements as one JSON line")
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .audio import write_wav
     from .streaming.engine import Token2Wav
 
@@ -46,33 +104,81 @@ def main(args: argparse.Namespace) -> int:
     if model == "tiny":
         print("note: the bundled demo voice is not installed; running the tiny model with RANDOM weights "
               "(the whole pipeline runs, the audio is noise-like)")
+    t_load = time.perf_counter()
     t2w = Token2Wav.from_pretrained(model)
+    load_s = time.perf_counter() - t_load
     if args.speaker is not None and args.speaker not in t2w.speakers:
         raise SystemExit(f"--speaker must be one of {t2w.speakers or 'none (this model has no bundled voices)'}")
     tokens, text, speaker = _utterance(t2w, args.speaker)
     prompt = t2w.speaker_prompt(speaker) if speaker in t2w.speakers else None
+    if args.preset is None:
+        options = low_latency_options(t2w, prompt)
+        t2w.n_timesteps = args.steps or LOW_LATENCY_STEPS
+        label = "low latency"
+    else:
+        options = {"preset": args.preset}
+        if args.steps:
+            t2w.n_timesteps = args.steps
+        label = f"preset {args.preset}"
+    if args.hop is not None:
+        options["hop"] = args.hop
+        if options.get("max_hop") is not None:
+            options["max_hop"] = max(options["max_hop"], 4 * args.hop)
     if text:
         print(f"text ({speaker}, held out from training): {text}")
-    print(f"model: {model}  tokens: {len(tokens)} ({len(tokens) / t2w.token_rate:.1f} s)  preset: {args.preset}")
 
+    # Set-up, once per process (a server does it at start): the voice's prompt state (the flow's cache after
+    # the prompt) and one-time allocations, through one throwaway chunk.
+    t_setup = time.perf_counter()
+    with t2w.stream(prompt, **options) as warm:
+        warm.push(tokens[: 2 * int(warm.plan.hop) + int(warm.plan.lookahead)])
+    setup_s = time.perf_counter() - t_setup
+
+    clock = {"flow": 0.0, "vocoder": 0.0}
     pieces: list[np.ndarray] = []
-    first_chunk_s = None
+    first: dict[str, float] | None = None
     feed = max(1, t2w.config.chunk_tokens // 5)  # an LLM delivers a few tokens at a time
     start = time.perf_counter()
-    with t2w.stream(prompt, preset=args.preset) as session, tqdm(total=len(tokens), unit="tok") as bar:
+    with t2w.stream(prompt, **options) as session:
+        plan = session.plan
+        session.flow = _Timed(session.flow, clock, "flow")
+        if session.vocoder is not None:
+            session.vocoder = _Timed(session.vocoder, clock, "vocoder")
         for i in range(0, len(tokens), feed):
             out = session.push(tokens[i : i + feed])
-            bar.update(len(tokens[i : i + feed]))
-            if out and first_chunk_s is None:
-                first_chunk_s = time.perf_counter() - start
+            if first is None and any(o.size for o in out):
+                first = {"s": time.perf_counter() - start, **clock,
+                         "audio_s": sum(o.size for o in out) / t2w.sample_rate}
             pieces.extend(out)
         pieces.append(session.finish())
     elapsed = time.perf_counter() - start
-    if first_chunk_s is None:
-        first_chunk_s = elapsed
+    if first is None:
+        first = {"s": elapsed, **clock, "audio_s": pieces[-1].size / t2w.sample_rate}
     audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     seconds = len(audio) / t2w.sample_rate
     write_wav(args.out, audio, t2w.sample_rate)
-    print(f"first-chunk latency: {first_chunk_s * 1e3:.0f} ms   RTF: {elapsed / max(seconds, 1e-9):.3f}   "
+    rtf = elapsed / max(seconds, 1e-9)
+    look = plan.lookahead
+    print(f"model: {model}  tokens: {len(tokens)} ({len(tokens) / t2w.token_rate:.1f} s)  setting: {label} "
+          f"(hop {plan.hop}{' + pad ' + str(plan.pad) if plan.pad else ''}, {plan.schedule}"
+          f"{' to ' + str(plan.max_hop) if plan.schedule == 'exponential' else ''}, lookahead {look}, "
+          f"{t2w.n_timesteps} solver steps)")
+    other = elapsed - clock["flow"] - clock["vocoder"]
+    f_other = first["s"] - first["flow"] - first["vocoder"]
+    print(f"set-up (once): load {load_s * 1e3:.0f} ms, voice prompt state + warm-up {setup_s * 1e3:.0f} ms")
+    print(f"first chunk: flow {first['flow'] * 1e3:.0f} ms + vocoder {first['vocoder'] * 1e3:.0f} ms + other "
+          f"{f_other * 1e3:.0f} ms ({first['audio_s']:.2f} s of audio)")
+    print(f"whole utterance: flow {clock['flow'] / seconds:.3f} + vocoder {clock['vocoder'] / seconds:.3f} + other "
+          f"{other / seconds:.3f} s per s of audio")
+    print(f"first-chunk latency: {first['s'] * 1e3:.0f} ms   RTF: {rtf:.3f}   "
           f"audio: {seconds:.2f} s in {len(pieces)} chunks -> {args.out}")
+    if args.json:
+        print(json.dumps({
+            "first_chunk_ms": round(first["s"] * 1e3, 1), "rtf": round(rtf, 4), "audio_s": round(seconds, 3),
+            "first_flow_ms": round(first["flow"] * 1e3, 1), "first_vocoder_ms": round(first["vocoder"] * 1e3, 1),
+            "flow_rtf": round(clock["flow"] / seconds, 4), "vocoder_rtf": round(clock["vocoder"] / seconds, 4),
+            "other_rtf": round(other / seconds, 4), "load_ms": round(load_s * 1e3), "setup_ms": round(setup_s * 1e3),
+            "hop": plan.hop, "pad": plan.pad, "schedule": plan.schedule, "max_hop": plan.max_hop,
+            "lookahead": look, "steps": t2w.n_timesteps, "chunks": len(pieces),
+        }))
     return 0

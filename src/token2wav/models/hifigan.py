@@ -139,6 +139,9 @@ class HiFiGANGenerator(nn.Module):
         self.sampling_rate = sampling_rate
         self.num_kernels = len(resblock_kernel_sizes)
         self._is_folded = False
+        # vocode_stream's window when the caller gives none; loading sets them from the config's vocoder_stream
+        self.stream_left_context = 24
+        self.stream_lookahead = 8
         self.conv_pre = WNConv1d(in_channels, upsample_initial_channel, 7, padding=3)
         self.ups = nn.ModuleList()
         self.resblocks = nn.ModuleList()
@@ -216,8 +219,8 @@ def vocode_stream(
     state: HiFiGANStreamState | None = None,
     *,
     final: bool = False,
-    left_context: int = 24,
-    lookahead: int = 8,
+    left_context: int | None = None,
+    lookahead: int | None = None,
 ) -> tuple[Tensor, HiFiGANStreamState]:
     """Vocode (B, n_mels, n) new frames; returns (B, samples) of newly final audio and the next state.
 
@@ -253,10 +256,13 @@ class _Window:
 
 
 def _plan_window(
-    generator: HiFiGANGenerator, mel: Tensor, state: HiFiGANStreamState | None, final: bool, left_context: int,
-    lookahead: int,
+    generator: HiFiGANGenerator, mel: Tensor, state: HiFiGANStreamState | None, final: bool,
+    left_context: int | None, lookahead: int | None,
 ) -> _Window | HiFiGANStreamState:
     """The window a call vocodes, or (nothing ready yet) the next state."""
+    # unset: the generator's own (its config's ``vocoder_stream``; 24 / 8 if it has none)
+    left_context = generator.stream_left_context if left_context is None else left_context
+    lookahead = generator.stream_lookahead if lookahead is None else lookahead
     if left_context < 0 or lookahead < 0:
         raise ValueError(f"left_context and lookahead must be >= 0, got {left_context} and {lookahead}")
     state = state or HiFiGANStreamState()
@@ -278,8 +284,8 @@ def vocode_stream_rows(
     states: list[HiFiGANStreamState | None],
     finals: list[bool],
     *,
-    left_context: int = 24,
-    lookahead: int = 8,
+    left_context: int | None = None,
+    lookahead: int | None = None,
 ) -> list[tuple[Tensor, HiFiGANStreamState]]:
     """``vocode_stream`` for many streams (batch 1 each): windows of equal length go through the generator as
     one batch, so each row computes exactly what it computes alone (a padded window would not: the generator's
