@@ -26,6 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from token2wav.demo import low_latency_options
 from token2wav.serve import protocol as P
 from token2wav.serve.prompt_store import prompt_id
 
@@ -146,7 +147,11 @@ def install_page(app: FastAPI, state: Any) -> None:
                 speaker_ids[name] = pid
                 if pid not in state.prompts:
                     state.add_prompt(pid, prompt)
-            bundled.append({"name": name, "prompt_id": pid})
+            entry = {"name": name, "prompt_id": pid}
+            low = low_latency_options(t2w, state.prompts.get(pid))
+            if "hop" in low:  # the first hop that needs no alignment pad after this voice's prompt
+                entry["low_latency_hop"] = low["hop"]
+            bundled.append(entry)
         mine = set(speaker_ids.values())
         registered = [pid for pid in state.prompts if pid not in mine]
         clone = callable(getattr(t2w, "prompt_from_wav", None))

@@ -134,6 +134,7 @@
     }
     if (keep && [...sel.options].some((o) => o.value === keep)) sel.value = keep;
     else if (v.speakers.length) sel.value = v.speakers[0].prompt_id;
+    voiceChanged();
     const cs = $("clone-speaker");
     cs.replaceChildren(...v.speakers.map((s) => option(s.name, s.name)));
     $("clone-speaker-label").hidden = !v.clone_needs_speaker;
@@ -142,6 +143,13 @@
         "encoder, so the clone takes the speaker embedding of the voice chosen here." :
         "The server clones the recording (speech tokenizer and speaker model of the release).";
     $("say-like").hidden = !v.tokenize;
+  }
+
+  // a bundled voice suggests its low-latency hop (no alignment pad after its prompt) unless the user set one
+  function voiceChanged() {
+    const hop = $("hop");
+    const sp = st.voices && st.voices.speakers.find((s) => s.prompt_id === $("voice").value);
+    if (hop.dataset.user !== "1") hop.value = sp && sp.low_latency_hop ? sp.low_latency_hop : "";
   }
 
   async function init() {
@@ -620,6 +628,8 @@
       uploadVoice(f, f.name);
     });
     $("rec").addEventListener("click", toggleRecord);
+    $("voice").addEventListener("change", voiceChanged);
+    $("hop").addEventListener("input", () => { $("hop").dataset.user = "1"; });
     $("tokenize").addEventListener("click", tokenizeRecording);
     $("tokens").addEventListener("input", () => {
       document.querySelector("input[name=source][value=tokens]").checked = true;
