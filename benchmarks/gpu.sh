@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One prepared device check (issue [1/6]); fits in about 8 minutes on one H200.
+#
+#   benchmarks/gpu.sh OUT_DIR                 # CUDA: parity tests (fp32, TF32 off), half-precision streams,
+#                                             # bench in bfloat16 at 1, 4, 16, 64 sessions
+#   benchmarks/gpu.sh OUT_DIR --device cpu --quick   # the same steps, tiny sizes, on the CPU (tested in CI)
+#
+# The device's Python may lack some of our dependencies (it has torch; no FastAPI is needed here): wheels in
+# $T2W_WHEELS (a folder carried along with the command, made here with `pip download -d DIR safetensors
+# PyYAML soundfile tqdm pytest matplotlib`) are installed from that folder only, never from the network.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out="${1:?usage: benchmarks/gpu.sh OUT_DIR [--device cuda|cpu] [--quick]}"
+shift
+device=cuda
+quick=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) device="$2"; shift 2 ;;
+        --quick) quick=1; shift ;;
+        *) echo "gpu.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+
+if [ -n "${T2W_WHEELS:-}" ] && [ -d "$T2W_WHEELS" ]; then
+    "$py" -m pip install -q --no-index --find-links "$T2W_WHEELS" safetensors PyYAML soundfile tqdm pytest \
+        matplotlib 2>&1 | tail -2 || true
+fi
+# the source tree, not an installed copy: nothing to build on the device
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$quick" = 1 ]; then
+    models=(--model tiny); seconds=1; sessions=1,2; utterance=2; bench_model=(--model tiny)
+else
+    models=(--model cv3 --model cv2); seconds=30; sessions=1,4,16,64; utterance=10; bench_model=(--model cv3 --model cv2)
+fi
+
+echo "== 1/3 parity on $device (fp32, TF32 off): reference fixtures, batched == alone"
+T2W_TEST_DEVICE="$device" "$py" -m pytest -o addopts= -q -p no:cacheprovider tests/test_device_parity.py 2>&1 \
+    | tee "$out/parity.txt" | tail -3
+
+echo "== 2/3 half precision: ${seconds} s streams, finite audio"
+"$py" benchmarks/half_precision_check.py --device "$device" "${models[@]}" --seconds "$seconds" \
+    --json "$out/half_precision.json"
+
+echo "== 3/3 bench in bfloat16, batched and unbatched, sessions $sessions"
+# graphs=True (CUDA graph capture) is not implemented yet: the batched path runs eagerly (README).
+"$py" -m token2wav bench "${bench_model[@]}" --device "$device" --dtype bfloat16 --modes offline,cached \
+    --utterance "$utterance" --sessions "$sessions" --same-process --json "$out/bench.json" --plots "$out/plots"
+echo "gpu.sh: done; results in $out"

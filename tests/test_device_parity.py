@@ -1,0 +1,91 @@
+"""Reference parity and batched == alone on the device named by $T2W_TEST_DEVICE (default: the CPU).
+
+`benchmarks/gpu.sh` runs this file on CUDA in float32 with TF32 off; CI runs it on the CPU, where it repeats
+(cheaply) what the CPU parity tests check, so the file itself is known to work before a GPU runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA
+from safetensors.torch import load_file
+
+from token2wav.config import read_config
+from token2wav.loading import load_flow, load_vocoder
+from token2wav.streaming.engine import Prompt, Token2Wav
+
+DEVICE = os.environ.get("T2W_TEST_DEVICE", "cpu")
+MEL_TOL = 1e-4  # as the CPU parity tests (FIXTURES.md); on CUDA with TF32 off measured within 1.5e-6
+BATCH_TOL = 1e-5
+
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.fail(f"T2W_TEST_DEVICE={DEVICE} but no CUDA device is available", pytrace=False)
+
+
+@pytest.fixture(scope="module", params=["cv3", "cv2"])
+def case(request):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    name = request.param
+    cfg = DATA / f"{name}_config.yaml"
+    flow = load_flow(cfg, DATA / f"{name}_flow_state.safetensors", device=DEVICE)
+    vocoder = load_vocoder(cfg, DATA / f"{name}_hift_state.safetensors", device=DEVICE)
+    engine = Token2Wav(flow, vocoder, read_config(cfg))
+    data = load_file(str(DATA / f"{name}_token2wav.safetensors"))
+    meta = json.loads((DATA / f"{name}_token2wav.json").read_text())
+    prompt = Prompt(data["prompt_token"], data["prompt_feat"], data["embedding"])
+    return name, engine, prompt, data, meta
+
+
+def _maxdiff(a: np.ndarray, b: torch.Tensor) -> float:
+    return float(np.abs(a - b.numpy()).max())
+
+
+def test_reference_mel_on_device(case):
+    name, engine, prompt, data, meta = case
+    assert engine.device.type == torch.device(DEVICE).type
+    tokens = data["token"][0]
+    offline = engine.synthesize(tokens, prompt, attention="full", output="mel")
+    assert _maxdiff(offline, data["offline_mel"][0]) <= MEL_TOL, name
+    with engine.stream(prompt, mode="recompute", schedule="exponential", output="mel") as s:
+        mels = s.push(tokens) + [s.finish()]
+    assert len(mels) == len(meta["calls"])
+    for k, mel in enumerate(mels):
+        assert _maxdiff(mel, data[f"flow_mel{k}"][0]) <= MEL_TOL, (name, k)
+
+
+def test_batched_equals_alone_on_device(case):
+    name, engine, prompt, data, meta = case
+    rng = np.random.default_rng(4)
+    tokens = [rng.integers(0, engine.config.vocab_size, n).tolist() for n in (70, 55, 90)]
+    prompts = [prompt, None, prompt]
+
+    def alone(p, tk):
+        with engine.stream(p, output="mel") as s:
+            return s.push(tk) + [s.finish()]
+
+    want = [alone(p, tk) for p, tk in zip(prompts, tokens)]
+    with engine.batcher(max_wait_ms=50) as batcher:
+        sessions = [batcher.stream(p, output="mel") for p in prompts]
+        got: list[list[np.ndarray]] = [[] for _ in sessions]
+        # drive the sessions' pushes in lockstep from threads so that their chunks share calls
+        import threading
+
+        def run(i: int) -> None:
+            got[i] = sessions[i].push(tokens[i]) + [sessions[i].finish()]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert max(batcher.stats()["batch_sizes"]) >= 2
+    for a, b in zip(want, got):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert float(np.abs(x - y).max(initial=0.0)) <= BATCH_TOL, name

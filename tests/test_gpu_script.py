@@ -1,0 +1,29 @@
+"""`benchmarks/gpu.sh` (the prepared device check of issue [1/6]) runs end to end; CI exercises it on the CPU
+with tiny sizes, so that the one try on a GPU machine does not fail on a typo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_on_cpu_quick(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--device", "cpu", "--quick"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 passed" in (tmp_path / "parity.txt").read_text()
+    half = json.loads((tmp_path / "half_precision.json").read_text())
+    assert [(r["model"], r["dtype"]) for r in half] == [("tiny", "bfloat16"), ("tiny", "float16")]
+    assert all(r["finite"] and r["peak"] > 0 for r in half)
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["machine"]["dtype"] == "torch.bfloat16" or "bfloat16" in str(bench["machine"]["dtype"])
+    assert [(c["sessions"], c["batched"]) for c in bench["concurrency"]] == [(1, False), (1, True), (2, False),
+                                                                         (2, True)]
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"chunk_ms.png", "total_vs_length.png",
+                                                                "sessions.png"}
