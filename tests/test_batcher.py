@@ -281,3 +281,14 @@ def test_packed_causal_conv_equals_each_row_alone():
         full = torch.cat([tail, row], dim=2)
         assert torch.allclose(got, conv(full), atol=1e-6)
         assert torch.equal(new, full[:, :, -4:])
+
+
+def test_info_describes_batching(cv3):
+    from token2wav.serve.protocol import describe_model
+
+    info = describe_model(cv3)["batching"]
+    assert info["flow"].startswith("rows packed along time")
+    assert info["vocoder"] == "row by row"  # the causal HiFT steps each stream on its own
+    assert info["cache_bytes_per_frame"] == 20480
+    # 25 tokens/s x 2 frames per token x 60 s x 20480 bytes
+    assert info["cache_mb_per_stream_minute"] == round(20480 * 3000 / 2**20, 1)

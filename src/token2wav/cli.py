@@ -292,6 +292,9 @@ def _info(args: argparse.Namespace) -> int:
         read = [files["config"], files["flow"], files["vocoder"], *files["assets"]]
         info["files read"] = f"{', '.join(read)} (in {files['directory']})"
         info["files ignored"] = ", ".join(files["ignored"]) or "none"
+        batching = info.pop("batching")
+        info["batching"] = (f"flow: {batching['flow']}; vocoder: {batching['vocoder']}; cache "
+                            f"{batching['cache_mb_per_stream_minute']} MB per stream-minute")
         _print_table(info)
         print(describe_presets(t2w.config))
     return 0

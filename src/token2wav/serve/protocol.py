@@ -397,4 +397,25 @@ def describe_model(t2w: Any, name: str = "") -> dict[str, Any]:
             "summary": s.summary,
         }
     info["presets"] = presets
+    info["batching"] = describe_batching(t2w)
     return info
+
+
+def describe_batching(t2w: Any) -> dict[str, Any]:
+    """How a Batcher runs this model's streams: what shares a call, and what each stream's cache costs."""
+    from token2wav.streaming.batcher import cache_bytes_per_frame
+    from token2wav.streaming.session import vocoder_kind
+
+    flow = t2w.flow
+    per_frame = cache_bytes_per_frame(flow, int(getattr(t2w, "n_timesteps", 10)))
+    frames_per_minute = 60 * float(t2w.token_rate) * int(t2w.config.token_mel_ratio)
+    packed = hasattr(getattr(getattr(flow, "decoder", None), "estimator", None), "forward_rows")
+    vocoder = {"hifigan": "windows of equal length in one call", "causal": "row by row",
+               "crossfade": "row by row"}.get(vocoder_kind(t2w.vocoder) or "", "none")
+    return {
+        "flow": "rows packed along time in one call per solver step (no padding, no shape buckets)" if packed
+        else "row by row",
+        "vocoder": vocoder,
+        "cache_bytes_per_frame": per_frame,
+        "cache_mb_per_stream_minute": round(per_frame * frames_per_minute / 2**20, 1),
+    }
