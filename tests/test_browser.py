@@ -319,3 +319,46 @@ def test_tokenize_endpoint_on_the_demo_voice(server: dict[str, Any]) -> None:
                             "pre_lookahead_len": 9}))
         err = json.loads(ws.recv(timeout=60))
     assert err["type"] == "error" and "pre_lookahead_len=9" in err["message"], err
+
+
+def test_page_with_an_access_key(tmp_path: Path) -> None:
+    """A server with a key: the page loads without it, asks for it, and sends it (Bearer on HTTP, ?token= on the
+    WebSocket); a wrong key is shown as the server's 401."""
+    sync_playwright = _require_browser()
+    from test_server import running_server
+
+    from token2wav import Token2Wav
+    from token2wav.serve.app import create_app
+    from token2wav.serve.auth import AccessPolicy
+
+    key = "page-key-0123456789"
+    t2w = Token2Wav.from_pretrained("tiny")
+    app = create_app(t2w, name="tiny", access=AccessPolicy(api_key=key))
+    with running_server(app) as hostport, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM,
+                                     args=["--autoplay-policy=no-user-gesture-required", "--no-sandbox",
+                                           "--mute-audio"])
+        try:
+            page = browser.new_page()
+            page.goto(f"http://{hostport}/")  # no key: the page loads, its data requests are refused
+            page.wait_for_function("() => window.t2w && window.t2w.ready === true", timeout=60_000)
+            assert "server error 401" in page.text_content("#error")
+            page.goto(f"http://{hostport}/?token={key}")  # the key given to the page
+            page.wait_for_function("() => window.t2w && window.t2w.ready === true", timeout=60_000)
+            st = _state(page)
+            assert st["error"] is None, st["error"]
+            assert page.is_checked("input[name=source][value=tokens]")  # tiny ships no utterances
+            n = 2 * int(t2w.chunk_tokens) + int(t2w.config.pre_lookahead_len)
+            page.fill("#tokens", " ".join(str(i % 50) for i in range(n)))
+            page.fill("#rate", "0")
+            page.click("#speak")
+            page.wait_for_function("() => ['done', 'error'].includes(window.t2w.state.phase)", timeout=60_000)
+            st = _state(page)
+            assert st["phase"] == "done", st["error"]
+            assert st["chunks"] and sum(c["samples"] for c in st["chunks"]) == st["done"]["samples"]
+            page.fill("#key", "wrong-key-0123456789")
+            page.click("#speak")
+            page.wait_for_function("() => window.t2w.state.phase === 'error'", timeout=60_000)
+            assert "401" in page.text_content("#error")
+        finally:
+            browser.close()
