@@ -9,7 +9,8 @@ Measures, on this machine with the tiny model (local Ray: --ray-cpus 2, 200 MB o
   int16 steps, and which replica served each;
 * the ingress cost per chunk: streams in lock step (one hop of tokens sent, its chunk awaited), the time from
   sending to receiving minus the server's compute for that chunk, through Ray Serve's proxy and replica and
-  through the single-process server; the difference is what the Ray hop adds to every chunk's latency.
+  through the single-process server; the difference is what the Ray hop adds to every chunk's latency; and the
+  CPU time Serve's proxy process spends per chunk (its tokens message in, its header and audio out).
 """
 
 from __future__ import annotations
@@ -130,6 +131,33 @@ def overhead_per_chunk(url: str, tokens: list[int], runs: int) -> dict[str, floa
     }
 
 
+def proxy_pid(root: int) -> int:
+    """Serve's HTTP proxy actor among the processes below ``root``."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    todo, found = [root], []
+    while todo:
+        for c in children.get(todo.pop(), []):
+            todo.append(c)
+            with open(f"/proc/{c}/cmdline", "rb") as f:
+                if b"ProxyActor" in f.read():
+                    found.append(c)
+    if len(found) != 1:
+        raise RuntimeError(f"expected one proxy process, found {found}")
+    return found[0]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -175,7 +203,7 @@ def main() -> int:
     proc = subprocess.Popen(
         [sys.executable, "-m", "token2wav", "serve", "--ray", "--model", "tiny", "--replicas", "2", "--port",
          str(port), "--ray-cpus", "2", "--ray-object-store-mb", "200", "--threads", "1", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=open(os.environ.get("RAY_SCALEOUT_LOG", os.devnull), "wb"),
     )  # fmt: skip
     try:
         wait_ready(base, 300, 2)
@@ -196,7 +224,16 @@ def main() -> int:
             "same_length": all(a["audio"].size == b["audio"].size for a, b in zip(singles, many)),
             "streams_per_replica": {r: sum(1 for m in many if m["replica"] == r) for r in {m["replica"] for m in many}},
         }
+        proxy = proxy_pid(proc.pid)
+        cpu0, t0 = cpu_seconds(proxy), time.perf_counter()
+        time.sleep(5.0)  # the proxy's own background work (long polls, metrics), idle
+        idle_rate = (cpu_seconds(proxy) - cpu0) / (time.perf_counter() - t0)
+        cpu0, t0 = cpu_seconds(proxy), time.perf_counter()
         out["ingress_ray"] = overhead_per_chunk(url, long_tokens, args.runs)
+        busy = cpu_seconds(proxy) - cpu0 - idle_rate * (time.perf_counter() - t0)
+        # CPU the proxy spends per chunk (its tokens message in, header and audio out): sizes the ingress tier
+        out["proxy_idle_cpu_percent"] = round(idle_rate * 100, 1)
+        out["proxy_cpu_ms_per_chunk"] = round(busy * 1e3 / out["ingress_ray"]["chunks"], 2)
         h = httpx.get(f"{base}/health", timeout=10).json()
         out["replica_rss_mb"] = [r["rss_mb"] for r in h["replicas"]]
         out["replica_load_s"] = [r["load_s"] for r in h["replicas"]]

@@ -384,12 +384,34 @@ def run(
         for s, h in previous.items():
             signal.signal(s, h)
         if ray.is_initialized():
-            with contextlib.suppress(Exception):
-                serve.delete(settings.name)
-            with contextlib.suppress(Exception):
-                ray.kill(ray.get_actor(registry_name(settings.name), namespace=REGISTRY_NAMESPACE))
+            # each step bounded: when the whole process group got the signal (systemd, `timeout`), Ray's own
+            # processes may be gone already and these calls would wait for them forever
+            _bounded("removing the application", lambda: serve.delete(settings.name), settings.drain_timeout + 15)
+            _bounded(
+                "removing the prompt registry",
+                lambda: ray.kill(ray.get_actor(registry_name(settings.name), namespace=REGISTRY_NAMESPACE)),
+                10,
+            )
             if local:
-                with contextlib.suppress(Exception):
-                    serve.shutdown()
+                _bounded("stopping Serve", serve.shutdown, 15)
             ray.shutdown()
     return 0
+
+
+def _bounded(what: str, fn: Any, timeout_s: float) -> None:
+    """Run ``fn`` for at most ``timeout_s`` (in a daemon thread); errors and overruns are reported, not raised."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=target, name=f"token2wav-{what}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        print(f"token2wav: {what}: no answer from Ray within {timeout_s:g} s, going on", file=sys.stderr)
+    elif errors and not isinstance(errors[0], ValueError):  # ValueError: nothing to remove
+        print(f"token2wav: {what}: {type(errors[0]).__name__}: {errors[0]}", file=sys.stderr)
