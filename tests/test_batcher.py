@@ -292,3 +292,34 @@ def test_info_describes_batching(cv3):
     assert info["cache_bytes_per_frame"] == 20480
     # 25 tokens/s x 2 frames per token x 60 s x 20480 bytes
     assert info["cache_mb_per_stream_minute"] == round(20480 * 3000 / 2**20, 1)
+
+
+def test_causal_vocoder_rows_at_different_positions_share_a_step(cv3):
+    voc = cv3.vocoder
+    g = torch.Generator().manual_seed(9)
+    mels = [torch.randn(1, 80, 400, generator=g) - 5 for _ in range(3)]
+    # three streams 0, 50 and 150 frames in, then each gets 50-frame chunks
+    starts = [50, 100, 200]
+    caches = []
+    for mel, start in zip(mels, starts):
+        _, cache = voc.stream_step(mel[:, :, :start])
+        caches.append(cache)
+    sigs = {voc._row_signature(mel[:, :, s : s + 50], c, False) for mel, s, c in zip(mels, starts, caches)}
+    assert len(sigs) == 1 and None not in sigs  # different positions, one shared step
+    alone_caches, rows_caches = list(caches), list(caches)
+    for step in range(3):
+        pieces = [mel[:, :, s + 50 * step : s + 50 * (step + 1)] for mel, s in zip(mels, starts)]
+        want = [voc.stream_step(p, c) for p, c in zip(pieces, alone_caches)]
+        got = voc.stream_step_rows(pieces, rows_caches, [False] * 3)
+        for (wa, wc), (ga, gc) in zip(want, got):
+            assert wa.shape == ga.shape
+            assert float((wa - ga).abs().max()) <= 1e-6
+            assert (gc.source_samples, gc.istft_count, gc.speech_samples) == (
+                wc.source_samples, wc.istft_count, wc.speech_samples)
+        alone_caches, rows_caches = [w[1] for w in want], [r[1] for r in got]
+    tail = [voc.stream_step(mel[:, :, s + 150 :], c, finalize=True)[0] for mel, s, c in
+            zip(mels, starts, rows_caches)]  # fmt: skip
+    want_tail = [voc.stream_step(mel[:, :, s + 150 :], c, finalize=True)[0] for mel, s, c in
+                 zip(mels, starts, alone_caches)]  # fmt: skip
+    for a, b in zip(tail, want_tail):
+        assert float((a - b).abs().max()) <= 1e-6  # the stacked caches continue like the row's own

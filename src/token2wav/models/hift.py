@@ -715,6 +715,19 @@ class CausalHiFTCache:
         return total
 
 
+def _stack_field(values: list) -> Tensor | tuple:
+    """Rows' values of one cache field (a tensor or nested tuples of tensors) joined along the batch."""
+    if isinstance(values[0], Tensor):
+        return torch.cat(values, dim=0)
+    return tuple(_stack_field([v[i] for v in values]) for i in range(len(values[0])))
+
+
+def _take_row(value: Tensor | tuple, row: int) -> Tensor | tuple:
+    if isinstance(value, Tensor):
+        return value[row : row + 1]
+    return tuple(_take_row(v, row) for v in value)
+
+
 def _flatten(v) -> list[Tensor]:
     if isinstance(v, Tensor):
         return [v]
@@ -945,8 +958,10 @@ class CausalHiFTGenerator(_HiFTBase):
         out = (acc / env).reshape(bsz, nb * hop)[:, emitted + half - lo * hop:]
         return out, keep, total, emitted + out.shape[-1]
 
-    def _advance(self, mel: Tensor, c: CausalHiFTCache, finalize: bool
+    def _advance(self, mel: Tensor, c: CausalHiFTCache, finalize: bool, noise_starts: Sequence[int] | None = None
                  ) -> tuple[Tensor, Tensor, CausalHiFTCache]:
+        """One streaming step. ``noise_starts``: for stacked streams (``stream_step_rows``), where each row's
+        fixed source noise starts (default: every row at ``c.source_samples``)."""
         if c.finalized:
             raise ValueError("this stream was finalized; start a new cache with new_cache()")
         _check_mel("mel_new", mel, self.in_channels)
@@ -961,7 +976,11 @@ class CausalHiFTGenerator(_HiFTBase):
                                                             finalize)
         f0 = f0.to(_spectral(dt))
         n_src = f0.shape[-1] * spf
-        noise = self._tables()["sine"].rows(c.source_samples, c.source_samples + n_src)
+        table = self._tables()["sine"]
+        if noise_starts is None:
+            noise = table.rows(c.source_samples, c.source_samples + n_src)
+        else:
+            noise = torch.cat([table.rows(start, start + n_src) for start in noise_starts], dim=0)
         source, phase_sum = self.m_source.causal_frames(f0, c.phase_sum, noise)
 
         # source branch: STFT, then each stage's down-sampling conv and resblock
@@ -1032,6 +1051,52 @@ class CausalHiFTGenerator(_HiFTBase):
             cache = self.new_cache(mel_new.shape[0], mel_new.device)
         speech, _, cache = self._advance(mel_new, cache, finalize)
         return speech, cache
+
+    def _row_signature(self, mel: Tensor, c: CausalHiFTCache, finalize: bool) -> tuple | None:
+        """What must be equal for streams to share one step: everything but their absolute position.
+
+        A step's arithmetic depends on position only through the source noise (taken per row) and through the
+        overlap-add bookkeeping, which is translation invariant once the first iSTFT frames exist: the frame
+        and sample counters enter as differences and as the sample count modulo the hop. None: not stackable
+        (stream start or end, where the absolute position matters).
+        """
+        hop, r, half = self.hop_len, self.n_fft // self.hop_len, self.n_fft // 2
+        if finalize or c.finalized or not (c.stft_started and c.reflect_done):
+            return None
+        if (c.speech_samples + half) // hop - r + 1 < 0:
+            return None
+        shapes = tuple(tuple(t.shape) for v in c.__dict__.values() for t in _flatten(v))
+        return (tuple(mel.shape), c.istft_count * hop - c.speech_samples, c.speech_samples % hop, shapes)
+
+    @torch.inference_mode()
+    def stream_step_rows(self, mels: list[Tensor], caches: list[CausalHiFTCache | None], finalize: list[bool]
+                         ) -> list[tuple[Tensor, CausalHiFTCache]]:
+        """``stream_step`` for many streams (batch 1 each): streams in the same state but at different positions
+        (see ``_row_signature``) run as one batch; the others one by one. Each gets what it gets alone."""
+        results: list[tuple[Tensor, CausalHiFTCache] | None] = [None] * len(mels)
+        groups: dict[tuple, list[int]] = {}
+        for i, (mel, cache, fin) in enumerate(zip(mels, caches, finalize)):
+            sig = None if cache is None or mel.shape[0] != 1 else self._row_signature(mel, cache, fin)
+            if sig is None:
+                results[i] = self.stream_step(mel, cache, finalize=fin)
+            else:
+                groups.setdefault(sig, []).append(i)
+        for rows in groups.values():
+            if len(rows) == 1:
+                results[rows[0]] = self.stream_step(mels[rows[0]], caches[rows[0]], finalize=False)
+                continue
+            row_caches = [caches[i] for i in rows]
+            first = row_caches[0]
+            stacked = replace(first, **{k: _stack_field([getattr(c, k) for c in row_caches])
+                                        for k, v in first.__dict__.items() if _flatten(v)})  # fmt: skip
+            speech, _, new = self._advance(torch.cat([mels[i] for i in rows], dim=0), stacked, False,
+                                           noise_starts=[c.source_samples for c in row_caches])
+            for j, (i, old) in enumerate(zip(rows, row_caches)):
+                fields = {k: _take_row(v, j) for k, v in new.__dict__.items() if _flatten(v)}
+                for k in ("mel_frames", "source_samples", "istft_count", "speech_samples"):
+                    fields[k] = getattr(old, k) + getattr(new, k) - getattr(first, k)
+                results[i] = (speech[j : j + 1], replace(new, **fields))
+        return results  # type: ignore[return-value]
 
     @torch.inference_mode()
     def inference(self, speech_feat: Tensor, finalize: bool = True) -> tuple[Tensor, Tensor]:

@@ -452,25 +452,40 @@ class Batcher:
         self._vocode_rows(recorded)
 
     def _vocode_rows(self, rows: list[tuple[_Job, torch.Tensor]]) -> None:
-        """Each row's audio; HiFi-GAN rows in one batched generator call, other vocoders row by row."""
+        """Each row's audio: HiFi-GAN and causal HiFT rows through their batched steps (which stack the rows
+        that can share a call), other vocoders row by row."""
         from ..models.hifigan import vocode_stream_rows
 
-        batched = [(job, mel) for job, mel in rows if job.session.vocoder_kind == "hifigan"]
-        if len(batched) > 1:
+        def hifigan(voc: Any, mels: list, states: list, finals: list) -> list:
+            return vocode_stream_rows(voc, mels, states, finals)
+
+        def causal(voc: Any, mels: list, states: list, finals: list) -> list:
+            return voc.stream_step_rows(mels, states, finals)
+
+        steppers = {"hifigan": hifigan, "causal": causal}
+        by_kind: dict[str, list[tuple[_Job, torch.Tensor]]] = {}
+        for job, mel in rows:
+            kind = job.session.vocoder_kind
+            if kind in steppers and job.session.mode != "recompute":
+                by_kind.setdefault(kind, []).append((job, mel))
+        alone = [(job, mel) for job, mel in rows if not any(job is j for group in by_kind.values() for j, _ in group)]
+        for kind, group in by_kind.items():
+            if len(group) == 1:
+                alone += group
+                continue
             try:
                 with torch.inference_mode():
-                    outs = vocode_stream_rows(
-                        batched[0][0].session.vocoder, [mel for _, mel in batched],
-                        [job.work.vocoder_state for job, _ in batched], [job.emission.finalize for job, _ in batched],
+                    outs = steppers[kind](
+                        group[0][0].session.vocoder, [mel for _, mel in group],
+                        [job.work.vocoder_state for job, _ in group], [job.emission.finalize for job, _ in group],
                     )  # fmt: skip
             except Exception:  # noqa: BLE001 - fall back to one row at a time below
-                pass
-            else:
-                for (job, _), (audio, state) in zip(batched, outs):
-                    job.work.vocoder_state = state
-                    job.future.set_result(audio[0].float().cpu().numpy())
-                rows = [(job, mel) for job, mel in rows if job.session.vocoder_kind != "hifigan"]
-        for job, mel in rows:
+                alone += group
+                continue
+            for (job, _), (audio, state) in zip(group, outs):
+                job.work.vocoder_state = state
+                job.future.set_result(audio[0].float().cpu().numpy())
+        for job, mel in alone:
             try:
                 with torch.inference_mode():
                     speech = job.session._vocode(job.work, mel, job.emission.finalize)
