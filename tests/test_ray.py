@@ -335,14 +335,18 @@ def test_eight_concurrent_streams_equal_their_single_runs_on_both_replicas(deplo
     jobs = [{"tokens": _tokens(60 + 7 * i, i, vocab)} for i in range(8)]
     singles = [_run_streams(d, [job])[0] for job in jobs]  # one at a time
     # paced so that all eight are open together (each takes ~1 s to send)
-    together = _run_streams(d, [{**job, "pace_s": 0.1} for job in jobs])
-    for i, (one, many) in enumerate(zip(singles, together)):
-        for r in (one, many):
-            assert r["last"]["type"] == "done" and r["close"] == 1000, r["last"]
-        assert many["audio"].size == one["audio"].size > 0
-        diff = np.abs(many["audio"].astype(np.int32) - one["audio"].astype(np.int32)).max()
-        assert diff <= 2, f"stream {i}: concurrent audio differs from its single run by {diff} int16 steps"
-    replicas = {r["replica"] for r in together}
+    rounds = [_run_streams(d, [{**job, "pace_s": 0.1} for job in jobs])]
+    if len({r["replica"] for r in rounds[0]}) < 2:
+        # Serve's router picks between equally loaded replicas at random: all eight on one is rare, not wrong
+        rounds.append(_run_streams(d, [{**job, "pace_s": 0.1} for job in jobs]))
+    for together in rounds:
+        for i, (one, many) in enumerate(zip(singles, together)):
+            for r in (one, many):
+                assert r["last"]["type"] == "done" and r["close"] == 1000, r["last"]
+            assert many["audio"].size == one["audio"].size > 0
+            diff = np.abs(many["audio"].astype(np.int32) - one["audio"].astype(np.int32)).max()
+            assert diff <= 2, f"stream {i}: concurrent audio differs from its single run by {diff} int16 steps"
+    replicas = {r["replica"] for together in rounds for r in together}
     assert replicas == {h["replica"] for h in health["replicas"]}, f"streams all on {replicas}"
     # /metrics: every replica's own counters and their total
     m = parse_exposition(httpx.get(f"{d.base}/metrics", timeout=TIMEOUT).text)
