@@ -175,6 +175,34 @@ def test_stream_guard_ends_a_lost_stream_with_error_and_1011() -> None:
     assert _guard_run(client_left, [{"type": "websocket.disconnect", "code": 1001}]) == [{"type": "websocket.accept"}]
 
 
+def test_registry_keeps_prompts_in_memory_and_on_disk(tmp_path: Path) -> None:
+    from token2wav.serve.prompt_store import prompt_id
+    from token2wav.serve.ray.deployment import _Registry
+
+    rng = np.random.default_rng(0)
+    arrays = [
+        (rng.integers(0, 100, 5), rng.random((10, 80)).astype(np.float32), rng.random(192).astype(np.float32))
+        for _ in range(3)
+    ]
+    ids = [prompt_id(*a) for a in arrays]
+    reg = _Registry(vocab_size=100, prompt_dir=str(tmp_path), max_prompts=2, max_file_bytes=1 << 20)
+    for pid, a in zip(ids, arrays):
+        assert reg.save(pid, *a)
+    assert list(reg.prompts) == ids[1:]  # the least recently used left memory ...
+    back = reg.load(ids[0])  # ... and is read back from the folder
+    assert back is not None and all(np.array_equal(x, y) for x, y in zip(back, arrays[0]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.npz" for i in ids)
+    with pytest.raises(ValueError, match="content does not match id"):
+        reg.save(ids[1], *arrays[2])
+    no_disk = _Registry(vocab_size=100, prompt_dir=None, max_prompts=1, max_file_bytes=1 << 20)
+    no_disk.save(ids[0], *arrays[0])
+    no_disk.save(ids[1], *arrays[1])
+    assert no_disk.load(ids[0]) is None and no_disk.load(ids[1]) is not None
+    reg.report("a", {"status": "ok"}, "m 1\n")
+    reg.reports["b"] = (time.time() - 60, {"status": "ok"}, "")  # a replica that stopped reporting
+    assert set(reg.recent(4.0)) == {"a"} and "b" not in reg.reports
+
+
 # ------------------------------------------------------------------------------------ a real deployment
 
 
@@ -249,7 +277,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     cmd = [
         sys.executable, "-m", "token2wav.serve.ray", "--model", "tiny", "--replicas", "2", "--port", str(port),
         "--ray-cpus", "2", "--ray-object-store-mb", "200", "--replica-cpus", "1", "--threads", "1",
-        "--workers", "2", "--log-level", "warning",
+        "--workers", "2", "--log-level", "warning", "--prompt-dir", str(log.parent / "prompts"),
     ]  # fmt: skip
     t0 = time.monotonic()
     with open(log, "wb") as out:
@@ -367,6 +395,7 @@ def test_a_prompt_registered_once_is_used_on_both_replicas(deployment: Deploymen
     r = httpx.post(f"{d.base}/v1/prompts", json=body, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     pid, registered_on = r.json()["prompt_id"], r.headers["x-token2wav-replica"]
+    assert (d.log.parent / "prompts" / f"{pid}.npz").is_file()  # the registry writes through to --prompt-dir
     d.prompt = (pid, body)  # type: ignore[attr-defined]
     tokens = _tokens(60, 11, vocab)
     results: list[dict[str, Any]] = []
