@@ -141,7 +141,9 @@ def test_page_streams_plays_uploads_and_shows_errors(server: dict[str, Any], tmp
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--autoplay-policy=no-user-gesture-required", "--no-sandbox", "--mute-audio"],
+            # a fake microphone (a beeping test signal) for the page's recorder, allowed without a prompt
+            args=["--autoplay-policy=no-user-gesture-required", "--no-sandbox", "--mute-audio",
+                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
         )
         try:
             ctx = browser.new_context(accept_downloads=True, viewport={"width": 1100, "height": 1400})
@@ -230,6 +232,21 @@ def test_page_streams_plays_uploads_and_shows_errors(server: dict[str, Any], tmp
             assert page.input_value("#voice") == pid  # the new voice is selected
             listed = httpx.get(base + "/v1/voices").json()["prompts"]
             assert pid in listed
+
+            # ... and one recorded with the microphone (the page encodes it as a WAV and uploads it the same way)
+            ctx.grant_permissions(["microphone"])
+            page.click("#rec")
+            page.wait_for_function("() => document.getElementById('rec-status').textContent.startsWith('recording')",
+                                   timeout=10_000)
+            page.wait_for_timeout(1500)
+            page.click("#rec")
+            page.wait_for_function(f"() => (window.t2w.state.lastUpload && window.t2w.state.lastUpload.prompt_id "
+                                   f"!== '{pid}') || window.t2w.state.error", timeout=60_000)
+            st = _state(page)
+            assert st["error"] is None, st["error"]
+            rec_pid = st["lastUpload"]["prompt_id"]
+            assert page.input_value("#voice") == rec_pid and rec_pid in httpx.get(base + "/v1/voices").json()["prompts"]
+            assert "registered as" in page.text_content("#rec-status")
 
             # -- 4. "speak like this recording": the page tokenizes a WAV into the token box
             page.set_input_files("#say-file", str(wav_path))

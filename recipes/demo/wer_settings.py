@@ -66,6 +66,7 @@ def main() -> None:
             hyp = asr(audio)
             pairs.append((u["text"], hyp))
             hyps.append({"id": u.get("id"), "speaker": u["speaker"], "ref": u["text"], "hyp": hyp})
+            print(json.dumps({"setting": name, **hyps[-1]}), flush=True)  # a partial run can still be scored
         score = wer(pairs)
         results[name] = {"setting": spec, "wer": round(score, 4), "utterances": len(utts),
                          "wall_s": round(time.perf_counter() - t0, 1), "hyps": hyps}
