@@ -270,13 +270,16 @@ def test_batcher_arguments_are_checked(cv3):
         batcher.stream(hop=7)
 
 
-def test_packed_causal_conv_equals_each_row_alone():
+@pytest.mark.parametrize("lengths", [(5, 1, 7), (5, 4, 9)])  # a row shorter than the history; all longer
+def test_packed_causal_conv_equals_each_row_alone(lengths):
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(4, 3, 3, dilation=2)
-    layout = RowLayout((5, 1, 7))
+    layout = RowLayout(lengths)
     x = torch.randn(2, 4, layout.total)
     tails = [torch.randn(2, 4, 4) for _ in range(3)]
-    out, new_tails = packed_causal_conv(conv, x, tails, layout)
+    tail_index = layout.tail_index(4, x.device)
+    assert (tail_index is None) == (min(lengths) < 4)
+    out, new_tails = packed_causal_conv(conv, x, tails, layout, tail_index=tail_index)
     for row, tail, got, new in zip(layout.split(x, 2), tails, layout.split(out, 2), new_tails):
         full = torch.cat([tail, row], dim=2)
         assert torch.allclose(got, conv(full), atol=1e-6)

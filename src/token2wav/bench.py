@@ -243,29 +243,36 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
     if errors:
         raise errors[0]
     # Operator calls per session-chunk, in a short second pass (the profiler slows the run it watches).
-    probe_tokens = tokens[: 3 * hop]
+    # Steady chunks only: the first chunk of a stream also finishes the prompt's last chunk (twice the frames).
+    probe_tokens = tokens[: 4 * hop]
     if batcher is not None:
-        batcher.count_ops = True
-        probe = threading.Barrier(sessions)
+        probe = threading.Barrier(sessions + 1)
+        counting = threading.Barrier(sessions + 1)
 
         def short(_i: int) -> None:
-            probe.wait()
             with batcher.stream(prompt, hop=hop) as s:
-                for j in range(0, len(probe_tokens), hop):
+                s.push(probe_tokens[: 2 * hop])  # the first chunk
+                probe.wait()
+                counting.wait()
+                for j in range(2 * hop, len(probe_tokens), hop):
                     s.push(probe_tokens[j : j + hop])
 
-        threads = [threading.Thread(target=short, args=(i,)) for i in range(sessions)]
-        for t in threads:
+        workers = [threading.Thread(target=short, args=(i,)) for i in range(sessions)]
+        for t in workers:
             t.start()
-        for t in threads:
+        probe.wait()
+        batcher.count_ops = True
+        counting.wait()
+
+        for t in workers:
             t.join()
         batcher.close()  # joins the worker, so its counts include the last call
         ops = batcher.ops_counted / max(1, batcher.ops_rows)
         stats = batcher.stats()
     else:
         with engine.stream(prompt, hop=hop) as s:
-            s.push(probe_tokens[:hop])  # the first chunk (prompt set-up) is not typical
-            ops = count_aten_ops(lambda: s.push(probe_tokens[hop : 2 * hop]))
+            s.push(probe_tokens[: 2 * hop])  # the first chunk
+            ops = count_aten_ops(lambda: s.push(probe_tokens[2 * hop : 3 * hop]))
         stats = None
     audio_s = sessions * len(tokens) / engine.config.token_rate
     every_chunk = sorted(ms for per in chunk_ms for ms in per)

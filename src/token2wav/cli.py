@@ -498,8 +498,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
             help="run every stream's model calls on their own (default: one batcher runs all streams' chunks "
                  "together)"),
         arg("--max-batch", type=int, default=16, help="most chunks in one batched call (default 16)"),
-        arg("--max-wait-ms", type=float, default=2.0,
-            help="longest a ready chunk waits for others to join its batch (default 2)"),
+        arg("--max-wait-ms", type=float, default=10.0,
+            help="longest a ready chunk waits for others to join its batch (default 10)"),
         arg("--max-cache-mb", type=float,
             help="memory budget of all streams' attention caches; a stream that would pass it gets 503 / 1013"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),

@@ -88,6 +88,7 @@ class RowsGeometry:
     cos: Tensor
     sin: Tensor
     conv_index: Tensor
+    tail_index: Tensor | None
 
 
 def _sinusoidal(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
@@ -559,6 +560,7 @@ class DiT(nn.Module):
             cos=torch.cat([g.cos for g in geoms]),
             sin=torch.cat([g.sin for g in geoms]),
             conv_index=layout.conv_index(history, device),
+            tail_index=layout.tail_index(history, device),
         )
 
     def forward_rows(
@@ -592,10 +594,11 @@ class DiT(nn.Module):
         h = embed.proj(torch.cat(parts, dim=-1))
         pos_conv = embed.conv_pos_embed
         hidden, tails1 = packed_causal_conv(
-            pos_conv.conv1, h.transpose(1, 2), [c.pos_tail1 for c in caches], layout, context.conv_index
+            pos_conv.conv1, h.transpose(1, 2), [c.pos_tail1 for c in caches], layout, context.conv_index,
+            context.tail_index,
         )
         pos, tails2 = packed_causal_conv(
-            pos_conv.conv2, hidden, [c.pos_tail2 for c in caches], layout, context.conv_index
+            pos_conv.conv2, hidden, [c.pos_tail2 for c in caches], layout, context.conv_index, context.tail_index
         )
         h = pos.transpose(1, 2) + h
         residual = h

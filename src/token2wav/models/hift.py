@@ -722,10 +722,18 @@ def _stack_field(values: list) -> Tensor | tuple:
     return tuple(_stack_field([v[i] for v in values]) for i in range(len(values[0])))
 
 
-def _take_row(value: Tensor | tuple, row: int) -> Tensor | tuple:
+def _split_rows(value: Tensor | tuple) -> tuple:
+    """A stacked field as per-row pieces (one split per tensor), nested like the field."""
     if isinstance(value, Tensor):
-        return value[row : row + 1]
-    return tuple(_take_row(v, row) for v in value)
+        return ("rows", value.split(1, dim=0))
+    return ("tuple", tuple(_split_rows(v) for v in value))
+
+
+def _take_row(split: tuple, row: int) -> Tensor | tuple:
+    kind, parts = split
+    if kind == "rows":
+        return parts[row]
+    return tuple(_take_row(p, row) for p in parts)
 
 
 def _flatten(v) -> list[Tensor]:
@@ -1091,8 +1099,9 @@ class CausalHiFTGenerator(_HiFTBase):
                                         for k, v in first.__dict__.items() if _flatten(v)})  # fmt: skip
             speech, _, new = self._advance(torch.cat([mels[i] for i in rows], dim=0), stacked, False,
                                            noise_starts=[c.source_samples for c in row_caches])
+            split = {k: _split_rows(v) for k, v in new.__dict__.items() if _flatten(v)}
             for j, (i, old) in enumerate(zip(rows, row_caches)):
-                fields = {k: _take_row(v, j) for k, v in new.__dict__.items() if _flatten(v)}
+                fields = {k: _take_row(v, j) for k, v in split.items()}
                 for k in ("mel_frames", "source_samples", "istft_count", "speech_samples"):
                     fields[k] = getattr(old, k) + getattr(new, k) - getattr(first, k)
                 results[i] = (speech[j : j + 1], replace(new, **fields))

@@ -66,6 +66,14 @@ class RowLayout:
         parts = [torch.arange(n) + start + i * history for i, (start, n) in enumerate(zip(self.starts, self.lengths))]
         return torch.cat(parts).to(device)
 
+    def tail_index(self, history: int, device: torch.device) -> Tensor | None:
+        """Positions in the packed sequence of every row's last ``history`` frames, row after row; None when a
+        row is shorter than that (its tail then reaches into its old one)."""
+        if history == 0 or min(self.lengths) < history:
+            return None
+        parts = [torch.arange(start + n - history, start + n) for start, n in zip(self.starts, self.lengths)]
+        return torch.cat(parts).to(device)
+
 
 def packed_causal_conv(
     conv: Callable[[Tensor], Tensor],
@@ -73,13 +81,15 @@ def packed_causal_conv(
     tails: Sequence[Tensor],
     layout: RowLayout,
     index: Tensor | None = None,
+    tail_index: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """A causal convolution over packed rows, each continuing from its own tail.
 
     conv: a padding-free convolution (output length = input length - history); x ``[B, C, S]`` packed;
     tails: per row ``[B, C, history]``, the inputs just before the row. Returns the packed output and each
     row's new tail (its last ``history`` inputs, tail included when the row is shorter than that).
-    index: ``layout.conv_index(history, ...)``, when the caller already has it.
+    index: ``layout.conv_index(history, ...)``, when the caller already has it; tail_index:
+    ``layout.tail_index(history, ...)``, likewise (the new tails are then gathered in one call).
     """
     history = tails[0].shape[2]
     rows = layout.split(x, dim=2)
@@ -90,6 +100,8 @@ def packed_causal_conv(
     if index is None:
         index = layout.conv_index(history, x.device)
     out = y.index_select(2, index)
+    if tail_index is not None:
+        return out, list(x.index_select(2, tail_index).split(history, dim=2))
     new_tails = []
     for tail, row in zip(tails, rows):
         if row.shape[2] >= history:

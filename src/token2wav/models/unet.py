@@ -128,15 +128,16 @@ class _PackedTails:
     def __init__(self, old: Sequence[Sequence[Tensor]], layout: RowLayout) -> None:
         self._old: Iterator[tuple[Tensor, ...]] = iter(zip(*old))  # per conv: every row's history
         self._layout = layout
-        self._index: dict[int, Tensor] = {}
+        self._index: dict[int, tuple[Tensor, Tensor | None]] = {}
         self.new: list[list[Tensor]] = []  # per conv: every row's new history
 
     def step(self, conv: CausalConv1d, x: Tensor) -> Tensor:
         history = conv.causal_padding
         if history not in self._index:
-            self._index[history] = self._layout.conv_index(history, x.device)
+            self._index[history] = (self._layout.conv_index(history, x.device),
+                                    self._layout.tail_index(history, x.device))
         y, tails = packed_causal_conv(
-            lambda seq: nn.Conv1d.forward(conv, seq), x, next(self._old), self._layout, self._index[history]
+            lambda seq: nn.Conv1d.forward(conv, seq), x, next(self._old), self._layout, *self._index[history]
         )
         self.new.append(tails)
         return y

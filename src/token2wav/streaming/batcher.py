@@ -218,7 +218,7 @@ class BatchedSession(StreamSession):
 class Batcher:
     """Runs the chunks of all its sessions in batched model calls (see the module docstring).
 
-    ``Batcher(t2w, max_batch=16, max_wait_ms=2.0, max_cache_bytes=None)``; ``b.stream(...)`` takes the
+    ``Batcher(t2w, max_batch=16, max_wait_ms=10.0, max_cache_bytes=None)``; ``b.stream(...)`` takes the
     arguments of ``Token2Wav.stream``. Use as a context manager or call ``close()`` to stop its thread.
     """
 
@@ -227,7 +227,7 @@ class Batcher:
         t2w: Any,
         *,
         max_batch: int = 16,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 10.0,
         max_cache_bytes: int | None = None,
         graphs: bool = False,
     ) -> None:

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "batching": True,
     "max_batch": 16,
-    "max_wait_ms": 2.0,
+    "max_wait_ms": 10.0,
     "max_cache_mb": None,
     "max_queued_tokens": 25 * 120,
     "prompt_dir": None,
