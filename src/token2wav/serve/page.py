@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def _static(name: str) -> bytes:
 
 def _csp(host: str) -> str:
     # the page talks to its own server only: HTTP to 'self', the stream to ws(s)://<the same host>
+    if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]{1,255}", host):
+        host = "127.0.0.1"  # a Host header that is not a host[:port] never reaches the policy
     return (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         f"connect-src 'self' ws://{host} wss://{host}; media-src 'self' blob:; base-uri 'none'; form-action 'none'"
