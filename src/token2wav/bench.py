@@ -244,7 +244,7 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
         raise errors[0]
     # Operator calls per session-chunk, in a short second pass (the profiler slows the run it watches).
     # Steady chunks only: the first chunk of a stream also finishes the prompt's last chunk (twice the frames).
-    probe_tokens = tokens[: 4 * hop]
+    probe_tokens = (tokens * (1 + 4 * hop // max(1, len(tokens))))[: 4 * hop]  # repeated if the utterance is short
     if batcher is not None:
         probe = threading.Barrier(sessions + 1)
         counting = threading.Barrier(sessions + 1)
