@@ -516,13 +516,15 @@ def run_bench(
     quick: bool,
     utterances: list[float],
     modes: list[str],
-    sessions: list[int],
+    sessions: list[int] | int,
     device: str,
     dtype: torch.dtype,
     log: Callable[[str], None] = print,
     isolate: bool = True,
 ) -> dict[str, Any]:
     """Every row; with ``isolate`` each row runs in its own process (it builds its own engine)."""
+    if isinstance(sessions, int):  # N: 1, 2, 4, ... N (1: none)
+        sessions = session_levels(str(sessions))
     report: dict[str, Any] = {"machine": machine_info(device, dtype), "quick": quick, "isolated": isolate,
                               "runs": [], "concurrency": []}
     for model in models:
