@@ -107,7 +107,7 @@ def test_threads_through_one_batcher_equal_alone(engine_case):
     specs = _specs(case, short, long)
     tokens = _tokens(t2w, len(specs), seed=11)
     alone = [_run(t2w.stream(**spec), tk, [9]) for spec, tk in zip(specs, tokens)]
-    with t2w.batcher(max_batch=8, max_wait_ms=100) as batcher:
+    with t2w.batcher(max_batch=8, max_wait_ms=100, workers=1) as batcher:
         results: list = [None] * len(specs)
         start = threading.Barrier(len(specs))
         errors: list[BaseException] = []
@@ -266,6 +266,10 @@ def test_batcher_arguments_are_checked(cv3):
         token2wav.Batcher(cv3, max_wait_ms=-1)
     with pytest.raises(ValueError, match="max_cache_bytes must be a positive int"):
         token2wav.Batcher(cv3, max_cache_bytes=0)
+    with pytest.raises(ValueError, match=r"workers must be an int in \[1, 64\]"):
+        token2wav.Batcher(cv3, workers=0)
+    with pytest.raises(ValueError, match="graphs=True .* is not implemented"):
+        token2wav.Batcher(cv3, graphs=True)
     with cv3.batcher() as batcher, pytest.raises(ValueError, match="hop=7 tokens is not a multiple"):
         batcher.stream(hop=7)
 

@@ -70,7 +70,7 @@ def test_batched_equals_alone_on_device(case):
             return s.push(tk) + [s.finish()]
 
     want = [alone(p, tk) for p, tk in zip(prompts, tokens)]
-    with engine.batcher(max_wait_ms=50) as batcher:
+    with engine.batcher(max_wait_ms=50, workers=1) as batcher:
         sessions = [batcher.stream(p, output="mel") for p in prompts]
         got: list[list[np.ndarray]] = [[] for _ in sessions]
         # drive the sessions' pushes in lockstep from threads so that their chunks share calls

@@ -24,6 +24,7 @@ with ``CacheBudgetError`` (the server maps it to 503 / close 1013).
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -229,6 +230,7 @@ class Batcher:
         max_batch: int = 16,
         max_wait_ms: float = 10.0,
         max_cache_bytes: int | None = None,
+        workers: int | None = None,
         graphs: bool = False,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -239,6 +241,13 @@ class Batcher:
             isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int) or max_cache_bytes < 1
         ):
             raise ValueError(f"max_cache_bytes must be a positive int or None, got {max_cache_bytes!r}")
+        if workers is None:
+            # CPU: one batch per core at a time. A worker thread runs its call's Python on one core, and torch's
+            # intra-op threads gain little at these sizes (measured: 2 unbatched streams on 2 cores run at
+            # twice one stream's throughput; one batched call of 2 rows at 1.2x). GPU: one stream of calls.
+            workers = 1 if t2w.device.type != "cpu" else max(1, min(os.cpu_count() or 1, 8))
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise ValueError(f"workers must be an int in [1, 64] or None, got {workers!r}")
         if graphs:
             raise ValueError(
                 "graphs=True (CUDA graph capture) is not implemented yet; the batched path runs eagerly"
@@ -252,6 +261,8 @@ class Batcher:
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._pushers = 0
+        self._inflight = 0  # jobs being computed by a worker
+        self._idle_workers = 0
         self._sessions: set[BatchedSession] = set()
         self._reserved = 0
         self._closed = False
@@ -263,8 +274,11 @@ class Batcher:
         self.count_ops = False  # bench: count the torch operators each batched call runs (profiler; slow)
         self.ops_counted = 0
         self.ops_rows = 0  # chunks computed while counting
-        self._thread = threading.Thread(target=self._loop, name="token2wav-batcher", daemon=True)
-        self._thread.start()
+        self.workers = workers
+        self._threads = [threading.Thread(target=self._loop, name=f"token2wav-batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -312,7 +326,8 @@ class Batcher:
             self._cv.notify_all()
         for job in pending:
             job.future.set_exception(BatcherClosedError("the batcher was closed"))
-        self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def __enter__(self) -> Batcher:
         return self
@@ -377,26 +392,39 @@ class Batcher:
     def _take(self) -> list[_Job] | None:
         """Block until a group of jobs is ready; None when closed."""
         with self._cv:
-            while not self._queue and not self._closed:
-                self._cv.wait()
-            if self._closed:
-                return None
-            deadline = self._queue[0].queued_at + self.max_wait_s
-            # wait for sessions that are mid-push and have not queued their next chunk yet
-            while len(self._queue) < min(self._pushers, self.max_batch) and not self._closed:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            if self._closed:
-                return None
-            # first chunks first, then arrival order
-            order = sorted(self._queue, key=lambda j: (j.emission.index > 0, j.queued_at))
-            key = order[0].group
-            batch = [j for j in order if j.group == key][: self.max_batch]
-            for job in batch:
-                self._queue.remove(job)
-            return batch
+            self._idle_workers += 1
+            try:
+                while True:
+                    while not self._queue and not self._closed:
+                        self._cv.wait()
+                    if self._closed:
+                        return None
+                    deadline = self._queue[0].queued_at + self.max_wait_s
+                    # wait for sessions that are mid-push and have not queued their next chunk yet (those being
+                    # computed by another worker cannot queue before it ends)
+                    while (self._queue and len(self._queue) < min(self._pushers - self._inflight, self.max_batch)
+                           and not self._closed):
+                        left = deadline - time.perf_counter()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
+                    if self._closed:
+                        return None
+                    if self._queue:  # else a closed session's jobs were dropped meanwhile, or another worker took them
+                        break
+                # first chunks first, then arrival order
+                order = sorted(self._queue, key=lambda j: (j.emission.index > 0, j.queued_at))
+                key = order[0].group
+                group = [j for j in order if j.group == key]
+                # a fair share when other workers are idle: two half batches on two cores beat one on one
+                share = -(-len(group) // max(1, self._idle_workers))
+                batch = group[: min(self.max_batch, share)]
+                for job in batch:
+                    self._queue.remove(job)
+                self._inflight += len(batch)
+                return batch
+            finally:
+                self._idle_workers -= 1
 
     def _loop(self) -> None:
         while True:
@@ -404,13 +432,22 @@ class Batcher:
             if batch is None:
                 return
             started = time.perf_counter()
-            if self.count_ops:
-                self.ops_counted += count_aten_ops(lambda batch=batch: self._run(batch))
-                self.ops_rows += len(batch)
-            else:
-                self._run(batch)
+            ops = None
+            try:
+                ops = count_aten_ops(lambda batch=batch: self._run(batch)) if self.count_ops else None
+                if ops is None:
+                    self._run(batch)
+            except BaseException as exc:  # noqa: BLE001 - a worker never dies with callers waiting on it
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
             waits = [started - j.queued_at for j in batch]
             with self._cv:
+                self._inflight -= len(batch)
+                self._cv.notify_all()
+                if ops is not None:
+                    self.ops_counted += ops
+                    self.ops_rows += len(batch)
                 self.batch_sizes[len(batch)] += 1
                 self.jobs_done += len(batch)
                 self.queue_wait_s += sum(waits)
