@@ -500,6 +500,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
         arg("--max-batch", type=int, default=16, help="most chunks in one batched call (default 16)"),
         arg("--max-wait-ms", type=float, default=10.0,
             help="longest a ready chunk waits for others to join its batch (default 10)"),
+        arg("--batch-workers", type=int,
+            help="threads running batched calls (default: two per CPU core, one on a GPU)"),
         arg("--max-cache-mb", type=float,
             help="memory budget of all streams' attention caches; a stream that would pass it gets 503 / 1013"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
@@ -525,6 +527,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 0 <= args.max_wait_ms <= 1000:
         raise ValueError(f"--max-wait-ms must be in [0, 1000], got {args.max_wait_ms}")
+    if args.batch_workers is not None and not 1 <= args.batch_workers <= 64:
+        raise ValueError(f"--batch-workers must be in [1, 64], got {args.batch_workers}")
     if args.max_cache_mb is not None and not args.max_cache_mb > 0:
         raise ValueError(f"--max-cache-mb must be > 0, got {args.max_cache_mb}")
 
@@ -559,7 +563,8 @@ def _serve(args: argparse.Namespace) -> int:
     batcher = None
     if not args.no_batching:
         budget = None if args.max_cache_mb is None else int(args.max_cache_mb * 2**20)
-        batcher = t2w.batcher(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_cache_bytes=budget)
+        batcher = t2w.batcher(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_cache_bytes=budget,
+                              workers=args.batch_workers)
     app = create_app(t2w, name=_model_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir,
                      batcher=batcher)
     print(
