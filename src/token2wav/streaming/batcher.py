@@ -2,9 +2,10 @@
 
 One ``Batcher`` owns an engine's model calls. Its sessions (``BatchedSession``: the ``StreamSession`` API plus
 ``apush`` / ``afinish`` for asyncio) validate and plan their chunks on the caller's thread, then hand each
-chunk to the batcher as a job and wait for it. A single worker thread gathers the queued jobs, groups those
-that can share a solver pass, and runs each group as one ``flow.stream_step_rows`` call (all solver steps, both
-guidance branches, every row against its own cache) followed by each row's vocoder step.
+chunk to the batcher as a job and wait for it. Worker threads (one on a GPU, two per core on a CPU) gather the
+queued jobs, group those that can share a solver pass, and run each group as one ``flow.stream_step_rows`` call
+(all solver steps, both guidance branches, every row against its own cache) followed by a batched vocoder step
+where the vocoder has one (HiFi-GAN windows of equal length, causal HiFT rows in the same state).
 
 Exactness: a row's chunk is what the session computes alone (``stream_step_rows`` is tested against
 ``stream_step``), whatever else shares the call. Rows commit only after their whole chunk succeeded, so a
