@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -74,8 +75,6 @@ def test_batched_equals_alone_on_device(case):
         sessions = [batcher.stream(p, output="mel") for p in prompts]
         got: list[list[np.ndarray]] = [[] for _ in sessions]
         # drive the sessions' pushes in lockstep from threads so that their chunks share calls
-        import threading
-
         def run(i: int) -> None:
             got[i] = sessions[i].push(tokens[i]) + [sessions[i].finish()]
 

@@ -83,7 +83,9 @@ def cache_bytes_per_frame(flow: torch.nn.Module, n_timesteps: int) -> int:
     if hasattr(est, "transformer_blocks"):  # DiT
         layers, width = len(est.transformer_blocks), est.heads * est.dim_head
     else:  # U-Net: every transformer block of every level
-        blocks = [m for m in est.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        from ..models.unet import BasicTransformerBlock
+
+        blocks = [m for m in est.modules() if isinstance(m, BasicTransformerBlock)]
         layers = len(blocks)
         width = blocks[0].attn1.heads * blocks[0].attn1.dim_head if blocks else 0
     return n_timesteps * layers * 2 * 2 * width * itemsize
@@ -504,11 +506,13 @@ class Batcher:
 
         steppers = {"hifigan": hifigan, "causal": causal}
         by_kind: dict[str, list[tuple[_Job, torch.Tensor]]] = {}
+        alone: list[tuple[_Job, torch.Tensor]] = []
         for job, mel in rows:
             kind = job.session.vocoder_kind
             if kind in steppers and job.session.mode != "recompute":
                 by_kind.setdefault(kind, []).append((job, mel))
-        alone = [(job, mel) for job, mel in rows if not any(job is j for group in by_kind.values() for j, _ in group)]
+            else:
+                alone.append((job, mel))
         for kind, group in by_kind.items():
             if len(group) == 1:
                 alone += group
