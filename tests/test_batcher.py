@@ -238,9 +238,9 @@ def test_cache_budget_refuses_cleanly(cv3):
         cache = probe.state.flow_state.cache
         held = sum(t.numel() * t.element_size() for step in cache.steps for t in (*step.keys, *step.values))
         assert held == per_frame * cache.offset
-    # accounting: frames a session's next chunk needs x bytes per frame x 1.5 (store growth room);
-    # a first chunk needs 50 frames, a second 106 (the 3-token lookahead); the budget holds 130
-    budget = int(1.5 * per_frame * 130)
+    # accounting: frames a session's next chunk needs, rounded up to 16-frame pages, x bytes per frame;
+    # a first chunk needs 50 frames (4 pages: 64), a second 106 (7 pages: 112); the budget holds 130
+    budget = per_frame * 130
     rng = np.random.default_rng(7)
     tokens = rng.integers(0, cv3.config.vocab_size, 53).tolist()
     with cv3.batcher(max_cache_bytes=budget) as batcher:
@@ -257,6 +257,9 @@ def test_cache_budget_refuses_cleanly(cv3):
         a.push(tokens[28:])  # with b's share back, it fits
         a.finish()
         assert batcher.sessions_open == 0 and batcher.reserved_bytes == 0
+        stats = batcher.stats()
+        assert stats["kv_pages_free"] == stats["kv_pages_total"] > 0  # every page is back in the pool
+        assert stats["kv_pool_bytes"] <= budget + 2 * stats["kv_pool_bytes"] // stats["kv_pages_total"]
 
 
 def test_batcher_arguments_are_checked(cv3):

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .buckets import ShapeBuckets
+from .kv_pool import PageTable, PooledRows
 
 __all__ = ["CausalConditionalCFM", "CFMCache", "NOISE_FRAMES", "NOISE_CHANNELS", "fixed_noise"]
 
@@ -53,10 +57,13 @@ class CFMCache:
 
     modulations: per step, the estimator's time-only terms (``estimator.modulation``), when it has them;
     filled by the first ``solve_chunk`` and reused by every later chunk (a step's time never changes).
+    paged: the keys/values live in a stream's ``PageTable`` (``models/kv_pool.py``), not in ``steps``,
+    which then hold only the convolution tails; only ``solve_rows`` with that table continues it.
     """
 
     steps: tuple[Any, ...]
     modulations: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    paged: bool = False
 
     @property
     def offset(self) -> int:
@@ -250,6 +257,8 @@ class CausalConditionalCFM(nn.Module):
         caches: list[CFMCache],
         chunk_sizes: list[int | None],
         temperature: float = 1.0,
+        tables: Sequence[PageTable] | None = None,
+        buckets: ShapeBuckets | None = None,
     ) -> tuple[list[Tensor], list[CFMCache]]:
         """``solve_chunk`` for many streams at once: row ``i`` solves ``mus[i]`` ``[1, C, T_i]`` against
         ``caches[i]``, and gets what ``solve_chunk`` gives it alone.
@@ -257,12 +266,18 @@ class CausalConditionalCFM(nn.Module):
         With an estimator that has ``forward_rows`` every solver step is one estimator call over the rows'
         frames packed along time (see ``models/rows.py``); otherwise the rows run one after another. All rows
         need the same number of solver steps (the same time schedule).
+        tables: per row, the stream's pages in a ``KVPool`` (all in one pool): attention then reads and
+        writes the pool (one gather per layer for all rows) and the returned caches are paged; a row whose
+        cache still holds tensors (a voice prompt's) is moved into its table first, the prompt's full pages
+        shared. buckets: the padded attention sizes (default: no padding).
         """
         steps = {c.n_timesteps for c in caches}
         if len(steps) != 1:
             raise ValueError(f"rows of one solve need the same n_timesteps, got {sorted(steps)}")
         est = self.estimator
-        if not hasattr(est, "forward_rows") or len(mus) == 1:
+        if tables is None and any(c.paged for c in caches):
+            raise ValueError("a paged cache continues only with its page table (tables=...)")
+        if tables is None and (not hasattr(est, "forward_rows") or len(mus) == 1):
             pairs = [
                 self.solve_chunk(m, s, c, cache=k, temperature=temperature, chunk_size=n)
                 for m, s, c, k, n in zip(mus, spks, conds, caches, chunk_sizes)
@@ -285,33 +300,74 @@ class CausalConditionalCFM(nn.Module):
             spk_in = self._pair(torch.cat([s.unsqueeze(-1).expand(-1, -1, n) for s, n in zip(spks, layout.lengths)],
                                           dim=2))  # fmt: skip
         context = est.prepare_rows([c.steps[0].offset for c in caches], layout, chunk_sizes)
+        kv = None
+        if tables is not None:
+            caches = [self._paged(c, table) for c, table in zip(caches, tables)]
+            kv = self._pooled_rows(tables, offsets, layout, chunk_sizes, buckets)
         modulate = hasattr(est, "modulation")
         # a step's time-only terms are the same for every stream: take them from any row that has them
         mods = list(max((c.modulations for c in caches), key=len)) if modulate else []
         new_steps: list[list[Any]] = [[] for _ in mus]
         t = span[0]
         dt = span[1] - span[0]
-        for step in range(1, len(span)):
-            x_in = torch.cat([x, x], dim=0)
-            t_in = t.reshape(1).expand(2).contiguous()
-            extra: dict[str, Any] = {"t": t_in}
-            if modulate:
-                if len(mods) < step:
-                    mods.append(est.modulation(t_in, 2))
-                extra = {"modulation": mods[step - 1]}
-            raw, step_caches = est.forward_rows(
-                x_in, mu_in, cond_in, spk_in, caches=[c.steps[step - 1] for c in caches], layout=layout,
-                context=context, **extra,
-            )  # fmt: skip
-            for row, step_cache in zip(new_steps, step_caches):
-                row.append(step_cache)
-            x = x + dt * self._guided(raw)
-            t = t + dt
-            if step < len(span) - 1:
-                dt = span[step + 1] - t
+        with kv.pool.reading() if kv is not None else nullcontext():
+            for step in range(1, len(span)):
+                x_in = torch.cat([x, x], dim=0)
+                t_in = t.reshape(1).expand(2).contiguous()
+                extra: dict[str, Any] = {"t": t_in}
+                if modulate:
+                    if len(mods) < step:
+                        mods.append(est.modulation(t_in, 2))
+                    extra = {"modulation": mods[step - 1]}
+                if kv is not None:
+                    extra.update(kv=kv, step=step - 1)
+                raw, step_caches = est.forward_rows(
+                    x_in, mu_in, cond_in, spk_in, caches=[c.steps[step - 1] for c in caches], layout=layout,
+                    context=context, **extra,
+                )  # fmt: skip
+                for row, step_cache in zip(new_steps, step_caches):
+                    row.append(step_cache)
+                x = x + dt * self._guided(raw)
+                t = t + dt
+                if step < len(span) - 1:
+                    dt = span[step + 1] - t
         mels = list(layout.split(x.float(), dim=2))
         kept = tuple(mods) if modulate else ()
-        return mels, [CFMCache(tuple(row), kept) for row in new_steps]
+        return mels, [CFMCache(tuple(row), kept, paged=kv is not None) for row in new_steps]
+
+    @staticmethod
+    def _paged(cache: CFMCache, table: PageTable) -> CFMCache:
+        """``cache`` with its keys/values in ``table`` (moved there when it still holds tensors)."""
+        if cache.paged:
+            if table.capacity < cache.offset:
+                raise ValueError(f"a paged cache of {cache.offset} frames came with a table of {table.capacity}")
+            return cache
+        pool = table.pool
+        if cache.n_timesteps != pool.steps:
+            raise ValueError(f"the pool is for {pool.steps} solver steps, the cache has {cache.n_timesteps}")
+        steps = cache.steps
+        table.adopt(cache, cache.offset, lambda s, layer: (steps[s].keys[layer], steps[s].values[layer]))
+        return CFMCache(tuple(replace(c, keys=(), values=(), stores=()) for c in steps), cache.modulations, True)
+
+    def _pooled_rows(
+        self,
+        tables: Sequence[PageTable],
+        offsets: list[int],
+        layout: Any,
+        chunk_sizes: list[int | None],
+        buckets: ShapeBuckets | None,
+    ) -> PooledRows:
+        pool = tables[0].pool
+        if any(table.pool is not pool for table in tables):
+            raise ValueError("the rows' page tables belong to different pools")
+        ends = [o + n for o, n in zip(offsets, layout.lengths)]
+        for table, end in zip(tables, ends):
+            table.reserve(end)
+        default = int(self.estimator.static_chunk_size)
+        chunks = [default if c is None else int(c) for c in chunk_sizes]
+        sizes = (len(tables), max(layout.lengths), max(ends))
+        rows, queries, keys = buckets.pad(*sizes) if buckets is not None else sizes
+        return PooledRows.build(pool, tables, offsets, layout.lengths, chunks, rows=rows, queries=queries, keys=keys)
 
     # ------------------------------------------------------------------ training
     def compute_loss(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
+from token2wav.models.kv_pool import PooledRows, pooled_attention
 from token2wav.models.kv_store import PastKV, RowStore, extend_kv
 from token2wav.models.rows import RowLayout, packed_attention, packed_causal_conv
 
@@ -336,6 +337,15 @@ class DiTBlock(nn.Module):
         attn = self.attn.output(attended)
         return self._feed_forward(x, attn, gate_a, shift_f, scale_f, gate_f), keys, values, stores
 
+    def forward_pooled(
+        self, x: Tensor, mod: tuple[Tensor, ...], cos: Tensor, sin: Tensor, kv: PooledRows, step: int, layer: int
+    ) -> Tensor:
+        """``forward_rows`` with the rows' caches in a page pool (see ``models/kv_pool.py``)."""
+        normed, gate_a, shift_f, scale_f, gate_f = self.attn_norm.apply(x, mod)
+        q, k, v = self.attn.project(normed, cos, sin)
+        attn = self.attn.output(pooled_attention(q, k, v, kv, step, layer))
+        return self._feed_forward(x, attn, gate_a, shift_f, scale_f, gate_f)
+
 
 class DiT(nn.Module):
     """Velocity estimator ``(x, mask, mu, t, spks, cond) -> dx/dt``, all mel tensors ``[B, C, T]``.
@@ -384,6 +394,10 @@ class DiT(nn.Module):
         self.num_decoding_left_chunks = num_decoding_left_chunks
 
     # ------------------------------------------------------------------ helpers
+    def kv_layout(self) -> tuple[int, int, int]:
+        """Attention layers, heads and head width: the shape of one frame's keys (or values) per branch."""
+        return self.depth, self.heads, self.dim_head
+
     def _chunk(self, chunk_size: int | None) -> int:
         if chunk_size is None:
             return int(self.static_chunk_size)
@@ -574,12 +588,15 @@ class DiT(nn.Module):
         layout: RowLayout,
         context: RowsGeometry,
         modulation: TimeModulation,
+        kv: PooledRows | None = None,
+        step: int = 0,
     ) -> tuple[Tensor, list[DiTCache]]:
         """``forward_chunk`` of many streams in one call, their new frames packed along time.
 
         x, mu, cond ``[B, C, S]`` and spk ``[B, spk_dim, S]`` (the speaker per frame) hold row ``i``'s frames
         at ``layout``'s span ``i``; ``caches[i]`` is row ``i``'s cache (batch ``B``, the guidance branches).
         Every row gives what ``forward_chunk`` gives it alone; ``context`` is ``prepare_rows(...)``.
+        kv: where the rows' keys/values live in a page pool, at solver ``step`` (the caches then hold none).
         Returns the packed velocity ``[B, mel_dim, S]`` and each row's new cache.
         """
         for cache, geom in zip(caches, context.rows):
@@ -605,6 +622,9 @@ class DiT(nn.Module):
         masks = [g.mask for g in context.rows]
         per_layer = []
         for i, block in enumerate(self.transformer_blocks):
+            if kv is not None:
+                h = block.forward_pooled(h, modulation.blocks[i], context.cos, context.sin, kv, step, i)
+                continue
             pasts = []
             for cache in caches:
                 k_store, v_store = cache.stores[i] if cache.stores else (None, None)
@@ -617,6 +637,9 @@ class DiT(nn.Module):
             h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
         h = self.norm_out.apply(h, modulation.final)
         out = self.proj_out(h).transpose(1, 2)
+        if kv is not None:
+            return out, [DiTCache(cache.offset + n, (), (), tails1[r], tails2[r])
+                         for r, (cache, n) in enumerate(zip(caches, layout.lengths))]  # fmt: skip
         new = [
             DiTCache(
                 cache.offset + n,

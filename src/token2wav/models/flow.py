@@ -375,11 +375,15 @@ class _FlowBase(nn.Module):
         *,
         finalize: list[bool],
         lookahead: list[int | None],
+        tables: list[Any] | None = None,
+        buckets: Any = None,
     ) -> list[tuple[Tensor, FlowStreamState]]:
         """``stream_step`` for many sessions in one solver pass: row ``i`` is
         ``stream_step(states[i], tokens[i], finalize=finalize[i], lookahead=lookahead[i])`` and gets the same
         result (to float rounding) as alone. Sessions may differ in prompt, position, chunk size, lookahead
         and finality; they must share ``n_timesteps``. Raises before any work if a row is invalid.
+        tables, buckets: per session its ``PageTable`` and the padded sizes (see ``cfm.solve_rows``); the
+        new states' caches are then paged and continue only through this method with the same tables.
         """
         if not (len(states) == len(tokens) == len(finalize) == len(lookahead)):
             raise ValueError("states, tokens, finalize and lookahead must have one entry per row")
@@ -387,6 +391,8 @@ class _FlowBase(nn.Module):
                  for st, tok, fin, look in zip(states, tokens, finalize, lookahead)]  # fmt: skip
         results: list[tuple[Tensor, FlowStreamState] | None] = [None] * len(states)
         rows, inputs = [], []
+        if tables is not None and len(tables) != len(states):
+            raise ValueError("tables must have one entry per row")
         for i, (state, (toks, look, end), fin) in enumerate(zip(states, plans, finalize)):
             if end <= state.frames_done:
                 results[i] = self._nothing_new(state, toks, fin)
@@ -398,6 +404,7 @@ class _FlowBase(nn.Module):
             mels, caches = self.decoder.solve_rows(
                 [inp[0] for inp in inputs], [states[i].spks for i in rows], [inp[1] for inp in inputs],
                 caches=[inp[2] for inp in inputs], chunk_sizes=[states[i].chunk_size for i in rows],
+                tables=None if tables is None else [tables[i] for i in rows], buckets=buckets,
             )  # fmt: skip
             for i, inp, mel, cache in zip(rows, inputs, mels, caches):
                 state, (toks, _, end), fin = states[i], plans[i], finalize[i]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from token2wav.masks import add_chunk_mask, make_chunk_mask
+from token2wav.models.kv_pool import PooledRows, pooled_attention
 from token2wav.models.kv_store import PastKV, RowStore, extend_kv
 from token2wav.models.rows import RowLayout, packed_attention, packed_causal_conv
 
@@ -377,6 +378,11 @@ class Attention(nn.Module):
         out, keys, values, stores = packed_attention(q, k, v, pasts, biases, layout)
         return self._merge(out, q.dtype), keys, values, stores
 
+    def forward_pooled(self, hidden_states: Tensor, kv: PooledRows, step: int, layer: int) -> Tensor:
+        """``forward_rows`` with the rows' caches in a page pool (see ``models/kv_pool.py``)."""
+        q, k, v = (self._split(proj(hidden_states)) for proj in (self.to_q, self.to_k, self.to_v))
+        return self._merge(pooled_attention(q, k, v, kv, step, layer), q.dtype)
+
 
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention and feed-forward with residuals (keys ``norm1``, ``attn1``, ``norm3``, ``ff``).
@@ -433,6 +439,10 @@ class BasicTransformerBlock(nn.Module):
         """``forward`` for packed rows (see ``models/rows.py``)."""
         attn, keys, values, stores = self.attn1.forward_rows(self.norm1(hidden_states), biases, pasts, layout)
         return self._feed_forward(attn + hidden_states), keys, values, stores
+
+    def forward_pooled(self, hidden_states: Tensor, kv: PooledRows, step: int, layer: int) -> Tensor:
+        attn = self.attn1.forward_pooled(self.norm1(hidden_states), kv, step, layer)
+        return self._feed_forward(attn + hidden_states)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -690,6 +700,13 @@ class CausalConditionalDecoder(nn.Module):
         """Same as :meth:`init_cache` with the default chunk size (the CFM's cached solver calls this)."""
         return self.init_cache(batch_size, device=device, dtype=dtype)
 
+    def kv_layout(self) -> tuple[int, int, int]:
+        """Attention layers (every transformer block, network order), heads and head width."""
+        attn = [m.attn1 for m in self.modules() if isinstance(m, BasicTransformerBlock)]
+        if not attn or len({(a.heads, a.dim_head) for a in attn}) != 1:
+            raise ValueError("a page pool needs transformer blocks that all share heads and head width")
+        return len(attn), attn[0].heads, attn[0].dim_head
+
     def _check_streamable(self) -> None:
         if len(self.down_blocks) != 1:
             raise ValueError(
@@ -831,11 +848,14 @@ class CausalConditionalDecoder(nn.Module):
         layout: RowLayout,
         context: tuple[list[int], list[Tensor | None]],
         t: Tensor,
+        kv: PooledRows | None = None,
+        step: int = 0,
     ) -> tuple[Tensor, list[UNetCache]]:
         """``forward_chunk`` of many streams in one call, their new frames packed along time.
 
         x, mu, cond ``[B, 80, S]`` and spk ``[B, 80, S]`` (speaker per frame) hold row ``i``'s frames at
         ``layout``'s span ``i``; ``caches[i]`` is row ``i``'s cache; ``context`` is ``prepare_rows(...)``.
+        kv: where the rows' keys/values live in a page pool, at solver ``step`` (the caches then hold none).
         Returns the packed velocity and each row's new cache.
         """
         batch = x.size(0)
@@ -851,12 +871,18 @@ class CausalConditionalDecoder(nn.Module):
         per_block = []
 
         def attend(block: BasicTransformerBlock, h: Tensor) -> Tensor:
+            if kv is not None:
+                per_block.append(((), (), ()))
+                return block.forward_pooled(h, kv, step, len(per_block) - 1)
             row_pasts = [(pk, pv, ks, vs) for pk, pv, (ks, vs) in next(pasts)]
             h, keys, values, stores = block.forward_rows(h, biases, row_pasts, layout)
             per_block.append((keys, values, stores))
             return h
 
         out = self._cached_trunk(h, temb, tails, attend)
+        if kv is not None:
+            return out, [UNetCache(offset=cache.offset + n, chunk_size=chunk, conv_tails=row_tails, keys=(), values=())
+                         for cache, n, row_tails, chunk in zip(caches, layout.lengths, tails.per_row(), chunks)]
         new = [
             UNetCache(offset=cache.offset + n, chunk_size=chunk, conv_tails=row_tails,
                       keys=tuple(b[0][r] for b in per_block), values=tuple(b[1][r] for b in per_block),

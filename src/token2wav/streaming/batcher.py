@@ -17,9 +17,16 @@ middle of a push and has not queued its next chunk yet (waiting for nobody would
 chunks go before later ones. Rows of one call share ``n_timesteps`` and the flow; ``recompute`` sessions
 run alone.
 
+Keys/values: ``cached`` sessions keep theirs in a page pool (``models/kv_pool.py``, one per number of solver
+steps), so a chunk writes only its own frames, one gather per layer serves every row of a call, a voice
+prompt's pages are shared by all sessions that start from it, and a session's pages return to the pool when
+it finishes or closes (after the step it is in, if any). Attention calls are padded to ``buckets``.
+``window`` sessions keep per-session tensors (their window is trimmed in place) and run in their own calls.
+
 Memory: with ``max_cache_bytes`` the batcher accounts each session's attention cache (frames held x bytes per
-frame, x 1.5 for the stores' growth room) and refuses a new session, or a chunk, that would pass the budget
-with ``CacheBudgetError`` (the server maps it to 503 / close 1013).
+frame, rounded up to pages; x 1.5 for a window session's growth room) and refuses a new session, or a chunk,
+that would pass the budget with ``CacheBudgetError`` (the server maps it to 503 / close 1013). The page pool
+never grows past the budget either.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.buckets import ShapeBuckets
+from ..models.kv_pool import KVPool, PageTable, PoolExhaustedError
 from .schedule import Emission
 from .session import SessionClosedError, StreamSession
 from .state import SessionState
@@ -69,26 +78,19 @@ class _Job:
         s = self.session
         if s.mode == "recompute" or not hasattr(s.flow, "stream_step_rows"):
             return ("alone", id(self))
-        return (id(s.flow), s.n_timesteps)
+        return (id(s.flow), s.n_timesteps, s._kv_table is not None)
 
 
 def cache_bytes_per_frame(flow: torch.nn.Module, n_timesteps: int) -> int:
     """Bytes one mel frame adds to a cached session: keys and values of every attention layer, for every
     solver step and both guidance branches."""
     est = getattr(getattr(flow, "decoder", None), "estimator", None)
-    if est is None:
+    if est is None or not hasattr(est, "kv_layout"):
         return 0
     ref = next(iter(est.parameters()), None)
     itemsize = ref.element_size() if ref is not None and ref.is_floating_point() else 4
-    if hasattr(est, "transformer_blocks"):  # DiT
-        layers, width = len(est.transformer_blocks), est.heads * est.dim_head
-    else:  # U-Net: every transformer block of every level
-        from ..models.unet import BasicTransformerBlock
-
-        blocks = [m for m in est.modules() if isinstance(m, BasicTransformerBlock)]
-        layers = len(blocks)
-        width = blocks[0].attn1.heads * blocks[0].attn1.dim_head if blocks else 0
-    return n_timesteps * layers * 2 * 2 * width * itemsize
+    layers, heads, dim_head = est.kv_layout()
+    return n_timesteps * layers * 2 * 2 * heads * dim_head * itemsize
 
 
 def count_aten_ops(fn: Any) -> int:
@@ -122,6 +124,7 @@ class BatchedSession(StreamSession):
         self._batcher = batcher
         self._closing = False
         self.reserved_bytes = 0
+        self._kv_table: PageTable | None = None  # this session's pages (cached mode), set by the batcher
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -224,6 +227,8 @@ class Batcher:
 
     ``Batcher(t2w, max_batch=16, max_wait_ms=10.0, max_cache_bytes=None)``; ``b.stream(...)`` takes the
     arguments of ``Token2Wav.stream``. Use as a context manager or call ``close()`` to stop its thread.
+    paged_kv: keep cached sessions' keys/values in a page pool (False: per-session tensors, the earlier
+    path, kept for comparison); page_frames: frames per page; buckets: padded attention sizes.
     """
 
     def __init__(
@@ -235,6 +240,9 @@ class Batcher:
         max_cache_bytes: int | None = None,
         workers: int | None = None,
         graphs: bool = False,
+        paged_kv: bool = True,
+        page_frames: int = 16,
+        buckets: ShapeBuckets | None = None,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
@@ -257,7 +265,17 @@ class Batcher:
             raise ValueError(
                 "graphs=True (CUDA graph capture) is not implemented yet; the batched path runs eagerly"
             )
+        if isinstance(page_frames, bool) or not isinstance(page_frames, int) or not 1 <= page_frames <= 1024:
+            raise ValueError(f"page_frames must be an int in [1, 1024], got {page_frames!r}")
         self.t2w = t2w
+        self.paged_kv = bool(paged_kv) and hasattr(getattr(t2w.flow, "decoder", None), "solve_rows") and hasattr(
+            getattr(t2w.flow.decoder, "estimator", None), "kv_layout"
+        )
+        self.page_frames = page_frames
+        self.buckets = ShapeBuckets() if buckets is None else buckets
+        self._pools: dict[int, KVPool] = {}  # per n_timesteps
+        self._running: Counter[BatchedSession] = Counter()  # sessions with a chunk being computed
+        self._release_after_step: set[BatchedSession] = set()
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_cache_bytes = max_cache_bytes
@@ -292,6 +310,8 @@ class Batcher:
         if self._closed:
             raise BatcherClosedError("the batcher is closed")
         session = BatchedSession(batcher=self, **self.t2w.session_options(prompt, **options))
+        if self.paged_kv and session.mode == "cached":
+            session._kv_table = PageTable(self._pool(session.n_timesteps))
         need = self._session_bytes(session, session.prompt.num_tokens + session.plan.pad + session.plan.hop)
         with self._cv:
             self._admit(need, 0)
@@ -299,6 +319,21 @@ class Batcher:
             self._reserved += need
             self._sessions.add(session)
         return session
+
+    def _pool(self, n_timesteps: int) -> KVPool:
+        with self._cv:
+            pool = self._pools.get(n_timesteps)
+            if pool is None:
+                est = self.t2w.flow.decoder.estimator
+                layers, heads, dim_head = est.kv_layout()
+                ref = next(est.parameters())
+                per_page = 2 * n_timesteps * layers * 2 * heads * dim_head * ref.element_size() * self.page_frames
+                # the budget bounds the pool too (+1: page 0, the zero page)
+                cap = None if self.max_cache_bytes is None else max(2, self.max_cache_bytes // per_page + 1)
+                pool = KVPool(steps=n_timesteps, layers=layers, heads=heads, dim_head=dim_head,
+                              page_frames=self.page_frames, max_pages=cap, device=ref.device, dtype=ref.dtype)  # fmt: skip
+                self._pools[n_timesteps] = pool
+            return pool
 
     @property
     def sessions_open(self) -> int:
@@ -313,6 +348,7 @@ class Batcher:
     def stats(self) -> dict[str, Any]:
         with self._cv:
             done = self.jobs_done
+            pools = list(self._pools.values())
             return {
                 "batches": sum(self.batch_sizes.values()),
                 "rows": done,
@@ -320,6 +356,10 @@ class Batcher:
                 "mean_queue_wait_ms": 1000.0 * self.queue_wait_s / done if done else 0.0,
                 "sessions_open": len(self._sessions),
                 "reserved_cache_bytes": self._reserved,
+                "kv_pages_total": sum(p.pages_total for p in pools),
+                "kv_pages_free": sum(p.pages_free for p in pools),
+                "kv_pool_bytes": sum(p.pages_total * p.bytes_per_page for p in pools),
+                "kv_pool_grown": sum(p.grown for p in pools),
             }
 
     def close(self) -> None:
@@ -342,10 +382,13 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------------------- accounting
 
-    def _session_bytes(self, session: StreamSession, tokens: int) -> int:
+    def _session_bytes(self, session: BatchedSession, tokens: int) -> int:
         if session.mode == "recompute":
             return 0
-        return int(tokens * self._ratio * self._bytes_per_frame * _STORE_GROWTH)
+        frames = tokens * self._ratio
+        if session._kv_table is not None:
+            return -(-frames // self.page_frames) * self.page_frames * self._bytes_per_frame
+        return int(frames * self._bytes_per_frame * _STORE_GROWTH)
 
     def _admit(self, need: int, held: int) -> None:
         budget = self.max_cache_bytes
@@ -362,6 +405,15 @@ class Batcher:
                 self._sessions.discard(session)
                 self._reserved -= session.reserved_bytes
                 session.reserved_bytes = 0
+            if self._running[session]:  # its pages are still being read or written: free them after the step
+                self._release_after_step.add(session)
+                return
+        self._free_pages(session)
+
+    @staticmethod
+    def _free_pages(session: BatchedSession) -> None:
+        if session._kv_table is not None:
+            session._kv_table.release()
 
     # ---------------------------------------------------------------------------------------------- queue
 
@@ -426,6 +478,7 @@ class Batcher:
                 batch = group[: min(self.max_batch, share)]
                 for job in batch:
                     self._queue.remove(job)
+                    self._running[job.session] += 1
                 self._inflight += len(batch)
                 return batch
             finally:
@@ -447,7 +500,15 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
             waits = [started - j.queued_at for j in batch]
+            release = []
             with self._cv:
+                for job in batch:
+                    self._running[job.session] -= 1
+                    if not self._running[job.session]:
+                        del self._running[job.session]
+                        if job.session in self._release_after_step:
+                            self._release_after_step.discard(job.session)
+                            release.append(job.session)
                 self._inflight -= len(batch)
                 self._cv.notify_all()
                 if ops is not None:
@@ -456,6 +517,8 @@ class Batcher:
                 self.batch_sizes[len(batch)] += 1
                 self.jobs_done += len(batch)
                 self.queue_wait_s += sum(waits)
+            for session in release:
+                self._free_pages(session)
             for listener in list(self.listeners):
                 try:
                     listener(len(batch), waits)
@@ -540,16 +603,24 @@ class Batcher:
 
     def _flow_rows(self, jobs: list[_Job]) -> list[torch.Tensor]:
         """Each job's mel; cached sessions in one ``stream_step_rows`` call, committing their flow states."""
-        if len(jobs) == 1 or jobs[0].group[0] == "alone":
+        paged = jobs[0].session._kv_table is not None
+        if jobs[0].group[0] == "alone" or (len(jobs) == 1 and not paged):
             return [job.session._flow_chunk(job.work, job.emission) for job in jobs]
         sessions = [job.session for job in jobs]
         states = [s._flow_state(job.work) for s, job in zip(sessions, jobs)]
-        rows = sessions[0].flow.stream_step_rows(
-            states,
-            [job.work.tokens[:, : job.emission.prefix] for job in jobs],
-            finalize=[job.emission.finalize for job in jobs],
-            lookahead=[s.lookahead for s in sessions],
-        )
+        extra: dict[str, Any] = {}
+        if paged:
+            extra = {"tables": [s._kv_table for s in sessions], "buckets": self.buckets}
+        try:
+            rows = sessions[0].flow.stream_step_rows(
+                states,
+                [job.work.tokens[:, : job.emission.prefix] for job in jobs],
+                finalize=[job.emission.finalize for job in jobs],
+                lookahead=[s.lookahead for s in sessions],
+                **extra,
+            )
+        except PoolExhaustedError as exc:
+            raise CacheBudgetError(f"cache budget exceeded: {exc}") from exc
         mels = []
         for s, job, (mel, new_state) in zip(sessions, jobs, rows):
             s._commit_flow(job.work, job.emission, new_state)

@@ -1,0 +1,411 @@
+"""Paged key/value caches for many streams: one pool, pages handed out to streams, attention by gathering.
+
+The batched path keeps every stream's attention keys/values in one preallocated pool per (solver steps,
+estimator) instead of one growing tensor per stream and layer. A stream owns a ``PageTable``: the pages that
+hold its frames, in order. Then
+
+* a chunk writes its new keys/values into its own pages (one ``index_copy_`` per layer for all rows), so
+  nothing is ever copied when a stream grows;
+* attention gathers every row's keys into a padded ``[rows, capacity]`` block (one ``index_select`` per layer
+  for all rows) and runs one masked attention call: each query sees its own row's keys up to the end of its
+  chunk (chunk-causal), padded keys point at a zero page and are masked out, so a row's result does not
+  depend on its neighbours;
+* a voice prompt's full pages are shared, read-only and reference-counted, by every stream that starts from
+  it; the frames after its last full page are copied into the stream's first own page;
+* a finished stream's pages return to the pool at once.
+
+Pool layout: ``[steps, layers, branches, slots, heads, dim_head]`` with ``slots = pages * page_frames``; a
+layer's plane ``[branches, slots, heads, dim_head]`` is what a ``[B, T, heads, dim_head]`` projection writes.
+Page 0 is a zero page that is never handed out (padded reads land there).
+
+Threads: page accounting is under a mutex. Steps that read or write the tensors hold the pool's shared lock;
+growing the pool (a bigger tensor, the old pages copied once) takes it exclusively, so a step never sees the
+tensors change under it. Allocate before entering a step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KVPool", "PageTable", "PoolExhaustedError", "PooledRows", "pooled_attention"]
+
+
+class PoolExhaustedError(RuntimeError):
+    """The pool has no free page and may not grow (its ``max_pages`` is reached)."""
+
+
+class _SharedLock:
+    """Many readers or one writer; a waiting writer stops new readers (growth is never starved)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cv:
+            while self._writing or self._writers_waiting:
+                self._cv.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._readers -= 1
+                self._cv.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cv:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cv.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._writing = False
+                self._cv.notify_all()
+
+
+@dataclass
+class _SharedPrefix:
+    owner: object  # kept alive so that its id() is not reused while the entry exists
+    pages: list[int]
+
+
+class KVPool:
+    """Pages of keys and values for every (solver step, attention layer, guidance branch) of many streams.
+
+    pages: how many pages to allocate at first (more are added, by half again, when they run out, unless
+    ``max_pages`` is reached); page_frames: frames per page.
+    """
+
+    def __init__(
+        self,
+        *,
+        steps: int,
+        layers: int,
+        heads: int,
+        dim_head: int,
+        branches: int = 2,
+        page_frames: int = 16,
+        pages: int = 64,
+        max_pages: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if page_frames < 1:
+            raise ValueError(f"page_frames must be >= 1, got {page_frames}")
+        if max_pages is not None and max_pages < 2:
+            raise ValueError(f"max_pages must be >= 2 (page 0 is reserved), got {max_pages}")
+        self.steps, self.layers, self.branches = steps, layers, branches
+        self.heads, self.dim_head, self.page_frames = heads, dim_head, page_frames
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_pages = max_pages
+        pages = max(2, pages if max_pages is None else min(pages, max_pages))
+        self.keys = self._new_tensor(pages)
+        self.values = self._new_tensor(pages)
+        self.keys[:, :, :, :page_frames].zero_()
+        self.values[:, :, :, :page_frames].zero_()
+        self._refs = [1] + [0] * (pages - 1)  # page 0: the zero page, never free
+        self._free = list(range(pages - 1, 0, -1))
+        self._mutex = threading.Lock()
+        self._lock = _SharedLock()
+        self._prefixes: dict[int, _SharedPrefix] = {}
+        self.grown = 0  # how many times the tensors were reallocated
+
+    # ------------------------------------------------------------------ sizes
+
+    def _new_tensor(self, pages: int) -> Tensor:
+        shape = (self.steps, self.layers, self.branches, pages * self.page_frames, self.heads, self.dim_head)
+        return torch.empty(shape, device=self.device, dtype=self.dtype)
+
+    @property
+    def bytes_per_page(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_frame = self.steps * self.layers * self.branches * self.heads * self.dim_head * itemsize
+        return 2 * per_frame * self.page_frames
+
+    @property
+    def pages_total(self) -> int:
+        return len(self._refs) - 1
+
+    @property
+    def pages_free(self) -> int:
+        with self._mutex:
+            return len(self._free)
+
+    def planes(self, step: int, layer: int) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[branches, slots, heads, dim_head]`` of one solver step and layer (call inside
+        ``reading()``)."""
+        return self.keys[step, layer], self.values[step, layer]
+
+    # ------------------------------------------------------------------ pages
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` fresh pages (all or none); grows the pool when needed and allowed."""
+        if n <= 0:
+            return []
+        with self._mutex:
+            if len(self._free) >= n:
+                return self._take(n)
+        self._grow(n)
+        with self._mutex:
+            if len(self._free) < n:
+                raise PoolExhaustedError(
+                    f"the key/value pool is full: {n} more pages of {self.bytes_per_page / 2**20:.2f} MiB needed, "
+                    f"{len(self._free)} free of {self.pages_total} (max_pages={self.max_pages})"
+                )
+            return self._take(n)
+
+    def _take(self, n: int) -> list[int]:
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._refs[p] = 1
+        return pages
+
+    def release(self, pages: Sequence[int]) -> None:
+        """Drop one reference to each page; a page nobody holds is free again (and a shared prefix whose
+        pages are free is forgotten, in the same step, so that nobody can be handed reused pages)."""
+        with self._mutex:
+            freed = set()
+            for p in pages:
+                if p == 0 or self._refs[p] <= 0:
+                    raise ValueError(f"page {p} is not held")
+                self._refs[p] -= 1
+                if self._refs[p] == 0:
+                    self._free.append(p)
+                    freed.add(p)
+            if freed:
+                for key, entry in list(self._prefixes.items()):
+                    if entry.pages[0] in freed:
+                        del self._prefixes[key]
+
+    def _grow(self, n: int) -> None:
+        with self._lock.exclusive():
+            with self._mutex:
+                if len(self._free) >= n:
+                    return
+                old = len(self._refs)
+                want = max(old + n - len(self._free), old + old // 2)
+                if self.max_pages is not None:
+                    want = min(want, self.max_pages)
+                if want <= old:
+                    return
+            keys, values = self._new_tensor(want), self._new_tensor(want)
+            slots = old * self.page_frames
+            keys[:, :, :, :slots] = self.keys
+            values[:, :, :, :slots] = self.values
+            with self._mutex:
+                self.keys, self.values = keys, values
+                self._refs += [0] * (want - old)
+                self._free += list(range(want - 1, old - 1, -1))
+                self.grown += 1
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Hold while a step reads or writes the tensors (they are never reallocated meanwhile)."""
+        with self._lock.shared():
+            yield
+
+    def shared_prefix(self, owner: object, pages: int, fill: Callable[[list[int]], None]) -> list[int]:
+        """The ``pages`` pages holding ``owner``'s leading frames (a voice prompt's), shared by every caller:
+        the first caller allocates them and runs ``fill(pages)``; every caller holds one reference to each and
+        gives it back with ``release``. The entry lives while anyone holds it."""
+        key = id(owner)
+        with self._mutex:
+            entry = self._prefixes.get(key)
+            if entry is not None and entry.owner is owner and len(entry.pages) == pages:
+                for p in entry.pages:
+                    self._refs[p] += 1
+                return list(entry.pages)
+        got = self.alloc(pages)
+        try:
+            with self.reading():
+                fill(got)
+        except BaseException:
+            self.release(got)
+            raise
+        with self._mutex:
+            if key not in self._prefixes:
+                self._prefixes[key] = _SharedPrefix(owner, got)
+            # else another caller registered the same prefix meanwhile: keep ours private, it is as valid
+        return got
+
+    # ------------------------------------------------------------------ copying a cache in
+
+    def write_frames(self, pages: Sequence[int], first: int, step_layers: Callable[[int, int], tuple[Tensor, Tensor]],
+                     start: int, stop: int) -> None:
+        """Write frames ``[start, stop)`` of a tensor cache into ``pages`` (whose first slot is frame ``first``):
+        ``step_layers(step, layer)`` gives that cache's keys and values ``[branches, heads, frames, dim_head]``.
+        Call inside ``reading()``."""
+        if stop <= start:
+            return
+        slots = _slots(pages, self.page_frames, start - first, stop - first).to(self.device)
+        for s in range(self.steps):
+            for layer in range(self.layers):
+                k, v = step_layers(s, layer)
+                pk, pv = self.planes(s, layer)
+                pk.index_copy_(1, slots, k[:, :, start:stop].transpose(1, 2).to(self.dtype))
+                pv.index_copy_(1, slots, v[:, :, start:stop].transpose(1, 2).to(self.dtype))
+
+
+def _slots(pages: Sequence[int], page_frames: int, start: int, stop: int) -> Tensor:
+    """Slot ids of frames ``[start, stop)`` of a stream whose frame 0 is slot 0 of ``pages[0]``."""
+    pos = np.arange(start, stop)
+    table = np.asarray(pages, dtype=np.int64)
+    return torch.from_numpy(table[pos // page_frames] * page_frames + pos % page_frames)
+
+
+class PageTable:
+    """One stream's pages in a ``KVPool``: frame ``f`` lives in slot ``f % page_frames`` of ``pages[f //
+    page_frames]``. The leading ``shared`` pages may be a voice prompt's, shared with other streams and never
+    written. Owned by one session; ``release()`` gives every page back."""
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+        self.pages: list[int] = []
+        self.shared = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.pages) * self.pool.page_frames
+
+    def reserve(self, frames: int) -> None:
+        """Own enough pages for ``frames`` frames."""
+        need = -(-frames // self.pool.page_frames) - len(self.pages)
+        if need > 0:
+            self.pages += self.pool.alloc(need)
+
+    def slots(self, start: int, stop: int) -> Tensor:
+        if stop > self.capacity:
+            raise ValueError(f"frames up to {stop} asked, the table holds {self.capacity}")
+        return _slots(self.pages, self.pool.page_frames, start, stop)
+
+    def adopt(self, owner: object, frames: int, step_layers: Callable[[int, int], tuple[Tensor, Tensor]]) -> None:
+        """Start from a tensor cache of ``frames`` frames (``step_layers`` as in ``KVPool.write_frames``):
+        its full pages are shared through the pool under ``owner`` (the cache every stream of a prompt
+        starts from), the rest is copied into a page of this table's own. Replaces what the table held."""
+        self.release()
+        pool = self.pool
+        full = frames // pool.page_frames
+        if full:
+            self.pages = pool.shared_prefix(
+                owner, full, lambda got: pool.write_frames(got, 0, step_layers, 0, full * pool.page_frames)
+            )
+            self.shared = full
+        self.reserve(frames)
+        with pool.reading():
+            done = full * pool.page_frames
+            pool.write_frames(self.pages[full:], done, step_layers, done, frames)
+
+    def release(self) -> None:
+        pages, self.pages, self.shared = self.pages, [], 0
+        if pages:
+            self.pool.release(pages)
+
+
+@dataclass(frozen=True)
+class PooledRows:
+    """Where a batched call's rows read and write in the pool (the same for every solver step and layer).
+
+    write_index ``[S]``: slot of every new packed frame. read_index ``[R * keys]``: per (padded) row, the
+    slots of its keys, padded with the zero slot. query_index ``[R * queries]``: per row, the packed positions
+    of its new frames (padding repeats position 0). out_index ``[S]``: where each packed frame's result sits
+    in the ``[R * queries]`` padded output. mask ``[2R, 1, queries, keys]`` (bool, per guidance branch and
+    row): which keys each query sees.
+    """
+
+    pool: KVPool
+    rows: int
+    queries: int
+    keys: int
+    write_index: Tensor
+    read_index: Tensor
+    query_index: Tensor
+    out_index: Tensor
+    mask: Tensor
+
+    @classmethod
+    def build(
+        cls,
+        pool: KVPool,
+        tables: Sequence[PageTable],
+        offsets: Sequence[int],
+        lengths: Sequence[int],
+        chunk_sizes: Sequence[int],
+        *,
+        rows: int,
+        queries: int,
+        keys: int,
+    ) -> PooledRows:
+        """Rows ``i`` add frames ``[offsets[i], offsets[i] + lengths[i])`` (packed in order) to
+        ``tables[i]``, with chunk-causal attention of ``chunk_sizes[i]`` frames (``<= 0``: every new frame sees
+        all keys up to the row's last). ``rows``, ``queries``, ``keys``: the padded sizes (at least the real
+        ones)."""
+        real = len(tables)
+        if rows < real or queries < max(lengths) or keys < max(o + n for o, n in zip(offsets, lengths)):
+            raise ValueError("padded sizes smaller than the rows they hold")
+        write, out = [], []
+        read_all = torch.zeros(rows, keys, dtype=torch.long)
+        query_all = torch.zeros(rows, queries, dtype=torch.long)
+        vis = torch.ones(rows, queries, dtype=torch.long)  # how many keys each query sees (padding: key 0)
+        packed = 0
+        for i, (table, o, n, chunk) in enumerate(zip(tables, offsets, lengths, chunk_sizes)):
+            total = o + n
+            write.append(table.slots(o, total))
+            read_all[i, :total] = table.slots(0, total)
+            query_all[i, :n] = torch.arange(packed, packed + n)
+            out.append(torch.arange(i * queries, i * queries + n))
+            pos = torch.arange(o, total)
+            vis[i, :n] = torch.clamp((pos // chunk + 1) * chunk, max=total) if chunk > 0 else total
+            packed += n
+        mask = torch.arange(keys).view(1, 1, keys) < vis.unsqueeze(-1)
+        device = pool.device
+        return cls(
+            pool=pool,
+            rows=rows,
+            queries=queries,
+            keys=keys,
+            write_index=torch.cat(write).to(device),
+            read_index=read_all.view(-1).to(device),
+            query_index=query_all.view(-1).to(device),
+            out_index=torch.cat(out).to(device),
+            mask=mask.unsqueeze(1).repeat(pool.branches, 1, 1, 1).to(device),
+        )
+
+
+def pooled_attention(q: Tensor, k: Tensor, v: Tensor, rows: PooledRows, step: int, layer: int) -> Tensor:
+    """Attention of packed rows against their paged caches: q, k, v ``[B, H, S, d]`` for the rows' new frames
+    (views of ``[B, S, H, d]`` projections); writes k, v into the pool, returns the output ``[B, H, S, d]``."""
+    pk, pv = rows.pool.planes(step, layer)
+    branches, heads, _, width = q.shape
+    pk.index_copy_(1, rows.write_index, k.transpose(1, 2).to(pk.dtype))
+    pv.index_copy_(1, rows.write_index, v.transpose(1, 2).to(pv.dtype))
+    r, nq, nk = rows.rows, rows.queries, rows.keys
+
+    def per_row(plane: Tensor, index: Tensor, length: int) -> Tensor:
+        # [B, slots, H, d] -> [B * R, H, length, d], a view of one gather
+        got = plane.index_select(1, index).view(branches, r, length, heads, width)
+        return got.permute(0, 1, 3, 2, 4).flatten(0, 1)
+
+    queries = per_row(q.transpose(1, 2), rows.query_index, nq)
+    out = F.scaled_dot_product_attention(
+        queries, per_row(pk, rows.read_index, nk), per_row(pv, rows.read_index, nk), attn_mask=rows.mask
+    )
+    # [B * R, H, queries, d] -> [B, R * queries, H, d] -> the packed frames -> [B, H, S, d]
+    out = out.view(branches, r, heads, nq, width).transpose(2, 3).reshape(branches, r * nq, heads, width)
+    return out.index_select(1, rows.out_index).transpose(1, 2)
