@@ -333,3 +333,61 @@ def test_causal_vocoder_rows_at_different_positions_share_a_step(cv3):
                  zip(mels, starts, alone_caches)]  # fmt: skip
     for a, b in zip(tail, want_tail):
         assert float((a - b).abs().max()) <= 1e-6  # the stacked caches continue like the row's own
+
+
+def test_pages_of_a_session_closed_mid_step_come_back_after_the_step(cv3):
+    rng = np.random.default_rng(8)
+    tokens = rng.integers(0, cv3.config.vocab_size, 60).tolist()
+    cfg = cv3.config
+    g = torch.Generator().manual_seed(4)
+    prompt = Prompt(torch.randint(0, cfg.vocab_size, (80,), generator=g),  # 80 tokens: 150 frames are cached
+                    torch.randn(160, cfg.mel_dim, generator=g) - 4, torch.randn(cfg.spk_embed_dim, generator=g))
+    alone = _run(cv3.stream(prompt), tokens, [60])
+    with cv3.batcher(max_wait_ms=500, workers=1) as batcher:
+        doomed, survivor = batcher.stream(prompt), batcher.stream(prompt)
+        released_while_running: list[int] = []
+        table = doomed._kv_table
+        original_release = table.release
+
+        def watched_release() -> None:
+            if table.pages:  # (adopting the prompt releases an empty table first)
+                released_while_running.append(batcher._running[doomed])
+            original_release()
+
+        table.release = watched_release
+        original_flow = batcher._flow_rows
+        shared: list[int] = []
+
+        def closing_flow(jobs):
+            if any(job.session is doomed for job in jobs):
+                doomed.close()  # the caller goes away while its chunk is being computed
+                mels = original_flow(jobs)
+                if any(job.session is survivor for job in jobs):
+                    shared.append(len(set(doomed._kv_table.pages) & set(survivor._kv_table.pages)))
+                return mels
+            return original_flow(jobs)
+
+        batcher._flow_rows = closing_flow
+        start = threading.Barrier(2)
+        outs: list = []
+        refused: list = []
+
+        def push_doomed() -> None:
+            start.wait()
+            try:
+                doomed.push(tokens)
+            except SessionClosedError as exc:  # its next chunk is refused: the session is closed
+                refused.append(exc)
+
+        threads = [threading.Thread(target=push_doomed),
+                   threading.Thread(target=lambda: outs.append(_run(survivor, tokens, [60], start)))]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = batcher.stats()
+    # the prompt's cached chunks (150 frames) fill 9 full 16-frame pages, which both sessions read
+    assert shared == [9]
+    assert released_while_running == [0]  # freed only once its step had ended
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]
+    _check_equal([alone], outs, [{}])

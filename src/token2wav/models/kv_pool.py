@@ -241,7 +241,7 @@ class KVPool:
             raise
         with self._mutex:
             if key not in self._prefixes:
-                self._prefixes[key] = _SharedPrefix(owner, got)
+                self._prefixes[key] = _SharedPrefix(owner, list(got))
             # else another caller registered the same prefix meanwhile: keep ours private, it is as valid
         return got
 
@@ -303,9 +303,9 @@ class PageTable:
         pool = self.pool
         full = frames // pool.page_frames
         if full:
-            self.pages = pool.shared_prefix(
+            self.pages = list(pool.shared_prefix(
                 owner, full, lambda got: pool.write_frames(got, 0, step_layers, 0, full * pool.page_frames)
-            )
+            ))
             self.shared = full
         self.reserve(frames)
         with pool.reading():

@@ -1,0 +1,148 @@
+"""The page pool behind batched attention: gathered attention equals each row's own attention, pages are
+shared, returned and never handed out twice, growth waits for running steps, sizes pad to buckets."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from token2wav.masks import make_chunk_mask
+from token2wav.models.buckets import ShapeBuckets
+from token2wav.models.kv_pool import KVPool, PageTable, PooledRows, PoolExhaustedError, pooled_attention
+
+HEADS, WIDTH = 4, 8
+
+
+def _pool(**kwargs) -> KVPool:
+    return KVPool(steps=2, layers=3, heads=HEADS, dim_head=WIDTH, page_frames=5, **kwargs)
+
+
+def _cache(frames: int, seed: int):
+    """A tensor cache as the estimators keep it: per (step, layer) keys/values [2, H, frames, d]."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, HEADS, frames, WIDTH)
+    kv = {(s, layer): (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+          for s in range(2) for layer in range(3)}  # fmt: skip
+    return kv, (lambda s, layer: kv[(s, layer)])
+
+
+def _projection(frames: int, seed: int) -> torch.Tensor:
+    # [2, S, H, d] viewed as [2, H, S, d], the layout the estimators' projections have
+    return torch.randn(2, frames, HEADS, WIDTH, generator=torch.Generator().manual_seed(seed)).transpose(1, 2)
+
+
+def _rows_attention(pool, tables, pasts, news, chunks, seed, padded=None, step=1, layer=2):
+    # each row's frames drawn from its own seed: a row's inputs do not depend on the other rows
+    q, k, v = (torch.cat([_projection(n, seed + 10 * r + i) for r, n in enumerate(news)], dim=2) for i in range(3))
+    for table, o, n in zip(tables, pasts, news):
+        table.reserve(o + n)
+    sizes = padded or (len(tables), max(news), max(o + n for o, n in zip(pasts, news)))
+    rows = PooledRows.build(pool, tables, pasts, news, chunks, rows=sizes[0], queries=sizes[1], keys=sizes[2])
+    with pool.reading():
+        out = pooled_attention(q, k, v, rows, step, layer)
+    return q, k, v, out
+
+
+def test_gathered_attention_equals_each_rows_own():
+    pool = _pool(pages=3)  # small: it grows while tables adopt and reserve
+    pasts, news, chunks = [0, 20, 7, 50], [13, 5, 30, 1], [10, 10, 0, 25]
+    tables = [PageTable(pool) for _ in pasts]
+    caches = []
+    for i, (table, frames) in enumerate(zip(tables, pasts)):
+        kv, step_layers = _cache(frames, seed=i)
+        table.adopt(object(), frames, step_layers)
+        caches.append(kv)
+    q, k, v, out = _rows_attention(pool, tables, pasts, news, chunks, seed=9, padded=(8, 32, 128))
+    start = 0
+    for kv, o, n, chunk in zip(caches, pasts, news, chunks):
+        span = slice(start, start + n)
+        past_k, past_v = kv[(1, 2)]
+        keys = torch.cat([past_k, k[:, :, span]], dim=2)
+        values = torch.cat([past_v, v[:, :, span]], dim=2)
+        mask = make_chunk_mask(n, chunk, -1, offset=o) if chunk > 0 else None
+        want = F.scaled_dot_product_attention(q[:, :, span], keys, values, attn_mask=mask)
+        torch.testing.assert_close(out[:, :, span], want, atol=1e-6, rtol=0)
+        start += n
+    assert pool.grown >= 1
+
+
+def test_a_row_does_not_depend_on_its_neighbours_within_one_padded_size():
+    pool = _pool(pages=64)
+    a, b, c = PageTable(pool), PageTable(pool), PageTable(pool)
+    for table, frames, seed in ((a, 30, 1), (b, 12, 2), (c, 41, 3)):
+        table.adopt(object(), frames, _cache(frames, seed)[1])
+    padded = (4, 16, 64)
+    _, _, _, with_b = _rows_attention(pool, [a, b], [30, 12], [10, 16], [10, 10], seed=5, padded=padded)
+    _, _, _, with_c = _rows_attention(pool, [a, c], [30, 41], [10, 3], [10, 10], seed=5, padded=padded)
+    assert not torch.equal(with_b[:, :, 10:13], with_c[:, :, 10:13])
+    assert torch.equal(with_b[:, :, :10], with_c[:, :, :10])  # row a: same inputs, bit for bit
+
+
+def test_a_prompts_full_pages_are_shared_and_every_page_comes_back():
+    pool = _pool(pages=32)
+    free = pool.pages_free
+    prompt = object()
+    kv, step_layers = _cache(23, seed=4)  # 4 full pages of 5 frames and 3 frames more
+    first, second = PageTable(pool), PageTable(pool)
+    first.adopt(prompt, 23, step_layers)
+    second.adopt(prompt, 23, step_layers)
+    assert first.pages[:4] == second.pages[:4] and first.pages[4] != second.pages[4]
+    assert pool.pages_free == free - 6  # 4 shared + one own page each
+    with pool.reading():  # every frame landed where the table says
+        slots = second.slots(0, 23)
+        keys, values = pool.planes(1, 2)
+        torch.testing.assert_close(keys.index_select(1, slots), kv[(1, 2)][0].transpose(1, 2), atol=0, rtol=0)
+        torch.testing.assert_close(values.index_select(1, slots), kv[(1, 2)][1].transpose(1, 2), atol=0, rtol=0)
+    first.release()
+    assert pool.pages_free == free - 5  # the shared pages stay while the second table holds them
+    second.release()
+    assert pool.pages_free == free and not pool._prefixes
+    with pytest.raises(ValueError, match="is not held"):
+        pool.release([3])
+
+
+def test_a_full_pool_refuses_all_or_nothing():
+    pool = _pool(pages=4, max_pages=4)  # page 0 is the zero page: 3 usable
+    table = PageTable(pool)
+    table.reserve(10)  # 2 pages
+    with pytest.raises(PoolExhaustedError, match=r"pool is full: 2 more pages .* 1 free of 3 \(max_pages=4\)"):
+        table.reserve(20)
+    assert pool.pages_free == 1 and len(table.pages) == 2
+    table.release()
+    assert pool.pages_free == 3
+
+
+def test_growth_waits_for_running_steps():
+    pool = _pool(pages=2)
+    inside, leave = threading.Event(), threading.Event()
+
+    def step() -> None:
+        with pool.reading():
+            inside.set()
+            leave.wait(10)
+
+    reader = threading.Thread(target=step)
+    reader.start()
+    inside.wait(10)
+    grower = threading.Thread(target=lambda: pool.alloc(4))
+    grower.start()
+    grower.join(0.3)
+    assert grower.is_alive() and pool.grown == 0  # the step still holds the old tensors
+    leave.set()
+    grower.join(10)
+    reader.join(10)
+    assert pool.grown == 1 and pool.pages_total == 4 and pool.pages_free == 0
+
+
+def test_buckets_pad_to_few_sizes():
+    buckets = ShapeBuckets()
+    assert buckets.pad(3, 50, 261) == (4, 64, 384)
+    assert buckets.pad(1, 1, 1) == (1, 16, 128)
+    assert buckets.pad(65, 129, 128) == (128, 256, 128)  # beyond the largest: multiples of it
+    with pytest.raises(ValueError, match="rows must be increasing positive sizes"):
+        ShapeBuckets(rows=(4, 2))
+    with pytest.raises(ValueError, match="keys_multiple must be >= 1"):
+        ShapeBuckets(keys_multiple=0)
