@@ -124,10 +124,38 @@ def test_threads_through_one_batcher_equal_alone(engine_case):
         for t in threads:
             t.join()
         assert not errors, errors
-        stats = batcher.stats()
+    stats = batcher.stats()
     _check_equal(alone, results, specs)
     assert max(stats["batch_sizes"]) >= 3, stats  # rows really shared calls
     assert stats["sessions_open"] == 0 and stats["reserved_cache_bytes"] == 0
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]  # every page back in the pool
+
+
+def test_fixed_shape_batches_equal_alone(engine_case):
+    """graphs=True: every row padded to its bucket, the whole solve in fixed shapes (on a CPU run eagerly, the
+    body a CUDA graph captures); CosyVoice 2's U-Net has no such path and says so."""
+    case, t2w, short, long = engine_case
+    if case == "cv2":
+        with pytest.raises(ValueError, match="graphs=True runs fixed-shape batches of a DiT estimator"):
+            t2w.batcher(graphs=True)
+        return
+    specs = _specs(case, short, long)[:5]
+    tokens = _tokens(t2w, len(specs), seed=13)
+    alone = [_run(t2w.stream(**spec), tk, [9]) for spec, tk in zip(specs, tokens)]
+    with t2w.batcher(max_batch=8, max_wait_ms=100, workers=1, graphs=True) as batcher:
+        results: list = [None] * len(specs)
+        start = threading.Barrier(len(specs))
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, _run(batcher.stream(**specs[i]), tokens[i], PUSH_SIZES[i], start))) for i in range(len(specs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    stats = batcher.stats()
+    _check_equal(alone, results, specs)
+    assert stats["graphs"] and stats["graph_captures"] == 0  # CPU: the fixed-shape body runs eagerly
+    assert max(stats["batch_sizes"]) >= 3 and any(rows >= 4 for rows, _, _ in stats["fixed_shapes"]), stats
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]
 
 
 def test_asyncio_sessions_equal_alone(engine_case):
@@ -257,9 +285,9 @@ def test_cache_budget_refuses_cleanly(cv3):
         a.push(tokens[28:])  # with b's share back, it fits
         a.finish()
         assert batcher.sessions_open == 0 and batcher.reserved_bytes == 0
-        stats = batcher.stats()
-        assert stats["kv_pages_free"] == stats["kv_pages_total"] > 0  # every page is back in the pool
-        assert stats["kv_pool_bytes"] <= budget + 2 * stats["kv_pool_bytes"] // stats["kv_pages_total"]
+    stats = batcher.stats()  # after close: a finished session's pages go back once its last step has ended
+    assert stats["kv_pages_free"] == stats["kv_pages_total"] > 0  # every page is back in the pool
+    assert stats["kv_pool_bytes"] <= budget + 2 * stats["kv_pool_bytes"] // stats["kv_pages_total"]
 
 
 def test_batcher_arguments_are_checked(cv3):
@@ -271,8 +299,10 @@ def test_batcher_arguments_are_checked(cv3):
         token2wav.Batcher(cv3, max_cache_bytes=0)
     with pytest.raises(ValueError, match=r"workers must be an int in \[1, 64\]"):
         token2wav.Batcher(cv3, workers=0)
-    with pytest.raises(ValueError, match="graphs=True .* is not implemented"):
-        token2wav.Batcher(cv3, graphs=True)
+    with pytest.raises(ValueError, match="page_frames must be an int in"):
+        token2wav.Batcher(cv3, page_frames=0)
+    with pytest.raises(ValueError, match="graphs=True runs fixed-shape batches of a DiT estimator .* with paged_kv"):
+        token2wav.Batcher(cv3, graphs=True, paged_kv=False)
     with cv3.batcher() as batcher, pytest.raises(ValueError, match="hop=7 tokens is not a multiple"):
         batcher.stream(hop=7)
 
@@ -385,7 +415,7 @@ def test_pages_of_a_session_closed_mid_step_come_back_after_the_step(cv3):
             t.start()
         for t in threads:
             t.join()
-        stats = batcher.stats()
+    stats = batcher.stats()
     # the prompt's cached chunks (150 frames) fill 9 full 16-frame pages, which both sessions read
     assert shared == [9]
     assert released_while_running == [0]  # freed only once its step had ended

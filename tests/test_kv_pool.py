@@ -102,13 +102,15 @@ def test_a_prompts_full_pages_are_shared_and_every_page_comes_back():
     assert pool.pages_free == free and not pool._prefixes
     with pytest.raises(ValueError, match="is not held"):
         pool.release([3])
+    with pytest.raises(ValueError, match="is not held"):
+        pool.release([1])  # the padding page is never anyone's
 
 
 def test_a_full_pool_refuses_all_or_nothing():
-    pool = _pool(pages=4, max_pages=4)  # page 0 is the zero page: 3 usable
+    pool = _pool(pages=5, max_pages=5)  # pages 0 and 1 are reserved: 3 usable
     table = PageTable(pool)
     table.reserve(10)  # 2 pages
-    with pytest.raises(PoolExhaustedError, match=r"pool is full: 2 more pages .* 1 free of 3 \(max_pages=4\)"):
+    with pytest.raises(PoolExhaustedError, match=r"pool is full: 2 more pages .* 1 free of 3 \(max_pages=5\)"):
         table.reserve(20)
     assert pool.pages_free == 1 and len(table.pages) == 2
     table.release()
@@ -116,7 +118,7 @@ def test_a_full_pool_refuses_all_or_nothing():
 
 
 def test_growth_waits_for_running_steps():
-    pool = _pool(pages=2)
+    pool = _pool(pages=3)  # one usable page
     inside, leave = threading.Event(), threading.Event()
 
     def step() -> None:

@@ -259,6 +259,7 @@ class CausalConditionalCFM(nn.Module):
         temperature: float = 1.0,
         tables: Sequence[PageTable] | None = None,
         buckets: ShapeBuckets | None = None,
+        padded: Any = None,
     ) -> tuple[list[Tensor], list[CFMCache]]:
         """``solve_chunk`` for many streams at once: row ``i`` solves ``mus[i]`` ``[1, C, T_i]`` against
         ``caches[i]``, and gets what ``solve_chunk`` gives it alone.
@@ -269,7 +270,9 @@ class CausalConditionalCFM(nn.Module):
         tables: per row, the stream's pages in a ``KVPool`` (all in one pool): attention then reads and
         writes the pool (one gather per layer for all rows) and the returned caches are paged; a row whose
         cache still holds tensors (a voice prompt's) is moved into its table first, the prompt's full pages
-        shared. buckets: the padded attention sizes (default: no padding).
+        shared. buckets: the padded attention sizes (default: no padding). padded: a
+        ``models.padded_solve.PaddedSolver`` for this pool: every row padded to its buckets, the whole solve in
+        fixed shapes (replayed as a CUDA graph when the solver captures them).
         """
         steps = {c.n_timesteps for c in caches}
         if len(steps) != 1:
@@ -293,16 +296,24 @@ class CausalConditionalCFM(nn.Module):
              zip(offsets, layout.lengths)], dim=2,
         ) * temperature  # fmt: skip
         span = self.time_span(caches[0].n_timesteps, ref.device, ref.dtype)
-        mu_in = self._pair(torch.cat(mus, dim=2))
-        cond_in = self._pair(torch.cat(conds, dim=2))
-        spk_in = None
-        if spks[0] is not None:
-            spk_in = self._pair(torch.cat([s.unsqueeze(-1).expand(-1, -1, n) for s, n in zip(spks, layout.lengths)],
-                                          dim=2))  # fmt: skip
+        mu_cat, cond_cat = torch.cat(mus, dim=2), torch.cat(conds, dim=2)
+        spk_cat = None
+        if spks[0] is not None:  # the speaker of every frame
+            spk_cat = torch.cat([s.unsqueeze(-1).expand(-1, -1, n) for s, n in zip(spks, layout.lengths)], dim=2)
+        if tables is not None:
+            caches = [self._paged(c, table) for c, table in zip(caches, tables)]
+            for table, o, n in zip(tables, offsets, layout.lengths):
+                table.reserve(o + n)
+        if padded is not None:
+            if tables is None:
+                raise ValueError("padded solves keep their caches in a page pool: tables=... is required")
+            return self._solve_padded(padded, x, mu_cat, cond_cat, spk_cat, caches, tables, offsets, layout,
+                                      chunk_sizes)  # fmt: skip
+        mu_in, cond_in = self._pair(mu_cat), self._pair(cond_cat)
+        spk_in = self._pair(spk_cat) if spk_cat is not None else None
         context = est.prepare_rows([c.steps[0].offset for c in caches], layout, chunk_sizes)
         kv = None
         if tables is not None:
-            caches = [self._paged(c, table) for c, table in zip(caches, tables)]
             kv = self._pooled_rows(tables, offsets, layout, chunk_sizes, buckets)
         modulate = hasattr(est, "modulation")
         # a step's time-only terms are the same for every stream: take them from any row that has them
@@ -361,13 +372,40 @@ class CausalConditionalCFM(nn.Module):
         if any(table.pool is not pool for table in tables):
             raise ValueError("the rows' page tables belong to different pools")
         ends = [o + n for o, n in zip(offsets, layout.lengths)]
-        for table, end in zip(tables, ends):
-            table.reserve(end)
-        default = int(self.estimator.static_chunk_size)
-        chunks = [default if c is None else int(c) for c in chunk_sizes]
         sizes = (len(tables), max(layout.lengths), max(ends))
         rows, queries, keys = buckets.pad(*sizes) if buckets is not None else sizes
-        return PooledRows.build(pool, tables, offsets, layout.lengths, chunks, rows=rows, queries=queries, keys=keys)
+        return PooledRows.build(pool, tables, offsets, layout.lengths, self._chunks(chunk_sizes), rows=rows,
+                                queries=queries, keys=keys)  # fmt: skip
+
+    def _chunks(self, chunk_sizes: list[int | None]) -> list[int]:
+        default = int(self.estimator.static_chunk_size)
+        return [default if c is None else int(c) for c in chunk_sizes]
+
+    def _solve_padded(
+        self,
+        padded: Any,
+        x: Tensor,
+        mu: Tensor,
+        cond: Tensor,
+        spk: Tensor | None,
+        caches: list[CFMCache],
+        tables: Sequence[PageTable],
+        offsets: list[int],
+        layout: Any,
+        chunk_sizes: list[int | None],
+    ) -> tuple[list[Tensor], list[CFMCache]]:
+        if padded.pool is not tables[0].pool or padded.n_timesteps != caches[0].n_timesteps:
+            raise ValueError("the padded solver belongs to another pool or solver schedule")
+        mel, tails = padded.solve(
+            x, mu, cond, spk, caches=[c.steps for c in caches], tables=tables, offsets=offsets,
+            lengths=layout.lengths, chunk_sizes=self._chunks(chunk_sizes),
+        )  # fmt: skip
+        new = []
+        for cache, n, row_tails in zip(caches, layout.lengths, tails):
+            steps = tuple(replace(step, offset=step.offset + n, pos_tail1=t1, pos_tail2=t2)
+                          for step, (t1, t2) in zip(cache.steps, row_tails))  # fmt: skip
+            new.append(CFMCache(steps, padded.modulations, paged=True))
+        return list(layout.split(mel, dim=2)), new
 
     # ------------------------------------------------------------------ training
     def compute_loss(

@@ -171,7 +171,11 @@ class RotaryEmbedding(nn.Module):
 
     def angles(self, start: int, length: int) -> Tensor:
         """``[length, dim]`` rotation angles for absolute positions ``[start, start + length)``."""
-        pos = torch.arange(start, start + length, device=self.inv_freq.device).to(self.inv_freq.dtype)
+        return self.angles_at(torch.arange(start, start + length, device=self.inv_freq.device))
+
+    def angles_at(self, positions: Tensor) -> Tensor:
+        """``[N, dim]`` rotation angles for absolute positions ``[N]`` (integers)."""
+        pos = positions.to(self.inv_freq.device, self.inv_freq.dtype)
         freqs = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0)
         return torch.stack((freqs, freqs), dim=-1).flatten(-2)
 
@@ -562,6 +566,56 @@ class DiT(nn.Module):
                              f"{geometry.chunk_size}), the call is for {cache.offset}+{length}")
         out, extended = self._trunk(h, mod, geometry.mask, None, cache.offset, cache, (geometry.cos, geometry.sin))
         return out, replace(extended, pos_tail1=tail1, pos_tail2=tail2)
+
+    # ------------------------------------------------------------------ padded rows (static shapes)
+    def forward_padded(
+        self,
+        x: Tensor,
+        mu: Tensor,
+        cond: Tensor,
+        spk: Tensor | None,
+        tails1: Tensor,
+        tails2: Tensor,
+        tail_index: Tensor,
+        *,
+        kv: PooledRows,
+        step: int,
+        modulation: TimeModulation,
+        cos: Tensor,
+        sin: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``forward_rows`` with every shape fixed by ``kv``'s padded sizes (so that it can be captured as a
+        CUDA graph): row ``r``'s new frames sit at ``[r * Q, r * Q + n_r)`` of x, mu, cond ``[B, C, R * Q]`` and
+        spk ``[B, spk_dim, R * Q]``, the rest is padding. tails1, tails2 ``[B * R, dim, kernel - 1]``
+        (branch-major): each row's position-convolution tails; tail_index ``[B * R, dim, kernel - 1]``: per
+        row ``n_r + arange(kernel - 1)``, where its new tails sit in ``[tail, frames]``. cos, sin: rotary
+        terms of every padded frame. Returns the velocity ``[B, mel_dim, R * Q]`` and the new tails. A row's
+        real frames see only its tails, its earlier frames and its keys: padding changes nothing there.
+        """
+        batch, rows, queries = x.shape[0], kv.rows, kv.queries
+        embed = self.input_embed
+        parts = [x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2)]
+        if embed.spk_dim > 0:
+            if spk is None:
+                raise ValueError("spk is required: the estimator was built with spk_dim > 0")
+            parts.append(spk.transpose(1, 2))
+        h = embed.proj(torch.cat(parts, dim=-1))  # [B, R * Q, dim]
+        dim = h.shape[-1]
+        # each row a batch entry of the position convolutions, continuing from its own tails
+        per_row = h.view(batch, rows, queries, dim).permute(0, 1, 3, 2).reshape(batch * rows, dim, queries)
+        pos_conv = embed.conv_pos_embed
+        seq1 = torch.cat([tails1, per_row], dim=2)
+        seq2 = torch.cat([tails2, pos_conv.conv1(seq1)], dim=2)
+        pos = pos_conv.conv2(seq2)
+        new1, new2 = seq1.gather(2, tail_index), seq2.gather(2, tail_index)
+        h = pos.view(batch, rows, dim, queries).permute(0, 1, 3, 2).reshape(batch, rows * queries, dim) + h
+        residual = h
+        for i, block in enumerate(self.transformer_blocks):
+            h = block.forward_pooled(h, modulation.blocks[i], cos, sin, kv, step, i)
+        if self.long_skip_connection is not None:
+            h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
+        h = self.norm_out.apply(h, modulation.final)
+        return self.proj_out(h).transpose(1, 2), new1, new2
 
     # ------------------------------------------------------------------ packed rows (many streams, one call)
     def prepare_rows(self, offsets: list[int], layout: RowLayout, chunk_sizes: list[int | None]) -> RowsGeometry:

@@ -377,13 +377,15 @@ class _FlowBase(nn.Module):
         lookahead: list[int | None],
         tables: list[Any] | None = None,
         buckets: Any = None,
+        padded: Any = None,
     ) -> list[tuple[Tensor, FlowStreamState]]:
         """``stream_step`` for many sessions in one solver pass: row ``i`` is
         ``stream_step(states[i], tokens[i], finalize=finalize[i], lookahead=lookahead[i])`` and gets the same
         result (to float rounding) as alone. Sessions may differ in prompt, position, chunk size, lookahead
         and finality; they must share ``n_timesteps``. Raises before any work if a row is invalid.
-        tables, buckets: per session its ``PageTable`` and the padded sizes (see ``cfm.solve_rows``); the
-        new states' caches are then paged and continue only through this method with the same tables.
+        tables, buckets, padded: per session its ``PageTable``, the padded sizes and the fixed-shape solver
+        (see ``cfm.solve_rows``); the new states' caches are then paged and continue only through this method
+        with the same tables.
         """
         if not (len(states) == len(tokens) == len(finalize) == len(lookahead)):
             raise ValueError("states, tokens, finalize and lookahead must have one entry per row")
@@ -404,7 +406,7 @@ class _FlowBase(nn.Module):
             mels, caches = self.decoder.solve_rows(
                 [inp[0] for inp in inputs], [states[i].spks for i in rows], [inp[1] for inp in inputs],
                 caches=[inp[2] for inp in inputs], chunk_sizes=[states[i].chunk_size for i in rows],
-                tables=None if tables is None else [tables[i] for i in rows], buckets=buckets,
+                tables=None if tables is None else [tables[i] for i in rows], buckets=buckets, padded=padded,
             )  # fmt: skip
             for i, inp, mel, cache in zip(rows, inputs, mels, caches):
                 state, (toks, _, end), fin = states[i], plans[i], finalize[i]

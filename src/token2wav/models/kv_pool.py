@@ -16,7 +16,8 @@ hold its frames, in order. Then
 
 Pool layout: ``[steps, layers, branches, slots, heads, dim_head]`` with ``slots = pages * page_frames``; a
 layer's plane ``[branches, slots, heads, dim_head]`` is what a ``[B, T, heads, dim_head]`` projection writes.
-Page 0 is a zero page that is never handed out (padded reads land there).
+Two pages are never handed out: page 0 stays zero (padded reads land there), page 1 takes the writes of
+padding frames (``RESERVED_PAGES``).
 
 Threads: page accounting is under a mutex. Steps that read or write the tensors hold the pool's shared lock;
 growing the pool (a bigger tensor, the old pages copied once) takes it exclusively, so a step never sees the
@@ -35,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KVPool", "PageTable", "PoolExhaustedError", "PooledRows", "pooled_attention"]
+__all__ = ["KVPool", "PageTable", "PoolExhaustedError", "PooledRows", "RESERVED_PAGES", "pooled_attention"]
+
+RESERVED_PAGES = 2  # page 0: zeros, read by padding; page 1: written by padding frames
 
 
 class PoolExhaustedError(RuntimeError):
@@ -109,19 +112,19 @@ class KVPool:
     ) -> None:
         if page_frames < 1:
             raise ValueError(f"page_frames must be >= 1, got {page_frames}")
-        if max_pages is not None and max_pages < 2:
-            raise ValueError(f"max_pages must be >= 2 (page 0 is reserved), got {max_pages}")
+        if max_pages is not None and max_pages <= RESERVED_PAGES:
+            raise ValueError(f"max_pages must be > {RESERVED_PAGES} (pages 0 and 1 are reserved), got {max_pages}")
         self.steps, self.layers, self.branches = steps, layers, branches
         self.heads, self.dim_head, self.page_frames = heads, dim_head, page_frames
         self.device, self.dtype = torch.device(device), dtype
         self.max_pages = max_pages
-        pages = max(2, pages if max_pages is None else min(pages, max_pages))
+        pages = max(RESERVED_PAGES + 1, pages if max_pages is None else min(pages, max_pages))
         self.keys = self._new_tensor(pages)
         self.values = self._new_tensor(pages)
         self.keys[:, :, :, :page_frames].zero_()
         self.values[:, :, :, :page_frames].zero_()
-        self._refs = [1] + [0] * (pages - 1)  # page 0: the zero page, never free
-        self._free = list(range(pages - 1, 0, -1))
+        self._refs = [1] * RESERVED_PAGES + [0] * (pages - RESERVED_PAGES)  # the reserved pages are never free
+        self._free = list(range(pages - 1, RESERVED_PAGES - 1, -1))
         self._mutex = threading.Lock()
         self._lock = _SharedLock()
         self._prefixes: dict[int, _SharedPrefix] = {}
@@ -141,7 +144,7 @@ class KVPool:
 
     @property
     def pages_total(self) -> int:
-        return len(self._refs) - 1
+        return len(self._refs) - RESERVED_PAGES
 
     @property
     def pages_free(self) -> int:
@@ -183,7 +186,7 @@ class KVPool:
         with self._mutex:
             freed = set()
             for p in pages:
-                if p == 0 or self._refs[p] <= 0:
+                if p < RESERVED_PAGES or self._refs[p] <= 0:
                     raise ValueError(f"page {p} is not held")
                 self._refs[p] -= 1
                 if self._refs[p] == 0:
@@ -322,11 +325,13 @@ class PageTable:
 class PooledRows:
     """Where a batched call's rows read and write in the pool (the same for every solver step and layer).
 
-    write_index ``[S]``: slot of every new packed frame. read_index ``[R * keys]``: per (padded) row, the
-    slots of its keys, padded with the zero slot. query_index ``[R * queries]``: per row, the packed positions
-    of its new frames (padding repeats position 0). out_index ``[S]``: where each packed frame's result sits
-    in the ``[R * queries]`` padded output. mask ``[2R, 1, queries, keys]`` (bool, per guidance branch and
-    row): which keys each query sees.
+    Packed layout (rows' new frames one after another, ``S`` in all): write_index ``[S]``, the slot of every
+    new frame; query_index ``[R * queries]``, per row the packed positions of its new frames (padding repeats
+    position 0); out_index ``[S]``, where each frame's result sits in the padded ``[R * queries]`` output.
+    Padded layout (row ``r``'s frames at ``[r * queries, r * queries + n_r)``, the rest padding): write_index
+    ``[R * queries]`` (padding frames write to the padding page), no query_index / out_index.
+    read_index ``[R * keys]``: per (padded) row, the slots of its keys, padded with the zero page. mask
+    ``[2R, 1, queries, keys]`` (bool, per guidance branch and row): which keys each query sees.
     """
 
     pool: KVPool
@@ -335,8 +340,8 @@ class PooledRows:
     keys: int
     write_index: Tensor
     read_index: Tensor
-    query_index: Tensor
-    out_index: Tensor
+    query_index: Tensor | None
+    out_index: Tensor | None
     mask: Tensor
 
     @classmethod
@@ -351,14 +356,18 @@ class PooledRows:
         rows: int,
         queries: int,
         keys: int,
+        padded: bool = False,
     ) -> PooledRows:
-        """Rows ``i`` add frames ``[offsets[i], offsets[i] + lengths[i])`` (packed in order) to
-        ``tables[i]``, with chunk-causal attention of ``chunk_sizes[i]`` frames (``<= 0``: every new frame sees
-        all keys up to the row's last). ``rows``, ``queries``, ``keys``: the padded sizes (at least the real
-        ones)."""
+        """Rows ``i`` add frames ``[offsets[i], offsets[i] + lengths[i])`` to ``tables[i]``, with chunk-causal
+        attention of ``chunk_sizes[i]`` frames (``<= 0``: every new frame sees all keys up to the row's last).
+        ``rows``, ``queries``, ``keys``: the padded sizes (at least the real ones); padded: the layout of
+        the frames (see the class docstring)."""
         real = len(tables)
         if rows < real or queries < max(lengths) or keys < max(o + n for o, n in zip(offsets, lengths)):
             raise ValueError("padded sizes smaller than the rows they hold")
+        pf = pool.page_frames
+        # padding frames write to the padding page (page 1), each to its own slot where it can
+        write_all = (pf + torch.arange(rows * queries) % pf).view(rows, queries) if padded else None
         write, out = [], []
         read_all = torch.zeros(rows, keys, dtype=torch.long)
         query_all = torch.zeros(rows, queries, dtype=torch.long)
@@ -366,10 +375,13 @@ class PooledRows:
         packed = 0
         for i, (table, o, n, chunk) in enumerate(zip(tables, offsets, lengths, chunk_sizes)):
             total = o + n
-            write.append(table.slots(o, total))
+            if padded:
+                write_all[i, :n] = table.slots(o, total)
+            else:
+                write.append(table.slots(o, total))
+                query_all[i, :n] = torch.arange(packed, packed + n)
+                out.append(torch.arange(i * queries, i * queries + n))
             read_all[i, :total] = table.slots(0, total)
-            query_all[i, :n] = torch.arange(packed, packed + n)
-            out.append(torch.arange(i * queries, i * queries + n))
             pos = torch.arange(o, total)
             vis[i, :n] = torch.clamp((pos // chunk + 1) * chunk, max=total) if chunk > 0 else total
             packed += n
@@ -380,17 +392,27 @@ class PooledRows:
             rows=rows,
             queries=queries,
             keys=keys,
-            write_index=torch.cat(write).to(device),
+            write_index=(write_all.view(-1) if padded else torch.cat(write)).to(device),
             read_index=read_all.view(-1).to(device),
-            query_index=query_all.view(-1).to(device),
-            out_index=torch.cat(out).to(device),
+            query_index=None if padded else query_all.view(-1).to(device),
+            out_index=None if padded else torch.cat(out).to(device),
             mask=mask.unsqueeze(1).repeat(pool.branches, 1, 1, 1).to(device),
         )
 
+    def copy_(self, other: PooledRows) -> None:
+        """Take ``other``'s indices and mask into these tensors (same sizes): static buffers for a replay."""
+        for name in ("write_index", "read_index", "query_index", "out_index", "mask"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if (mine is None) != (theirs is None):
+                raise ValueError(f"{name}: layouts differ")
+            if mine is not None:
+                mine.copy_(theirs)
+
 
 def pooled_attention(q: Tensor, k: Tensor, v: Tensor, rows: PooledRows, step: int, layer: int) -> Tensor:
-    """Attention of packed rows against their paged caches: q, k, v ``[B, H, S, d]`` for the rows' new frames
-    (views of ``[B, S, H, d]`` projections); writes k, v into the pool, returns the output ``[B, H, S, d]``."""
+    """Attention of rows against their paged caches: q, k, v ``[B, H, S, d]`` for the rows' new frames in the
+    layout of ``rows`` (views of ``[B, S, H, d]`` projections); writes k, v into the pool, returns the output
+    ``[B, H, S, d]``."""
     pk, pv = rows.pool.planes(step, layer)
     branches, heads, _, width = q.shape
     pk.index_copy_(1, rows.write_index, k.transpose(1, 2).to(pk.dtype))
@@ -402,10 +424,15 @@ def pooled_attention(q: Tensor, k: Tensor, v: Tensor, rows: PooledRows, step: in
         got = plane.index_select(1, index).view(branches, r, length, heads, width)
         return got.permute(0, 1, 3, 2, 4).flatten(0, 1)
 
-    queries = per_row(q.transpose(1, 2), rows.query_index, nq)
+    if rows.query_index is None:  # padded layout: the frames already are [B, R * queries, H, d]
+        queries = q.transpose(1, 2).reshape(branches, r, nq, heads, width).permute(0, 1, 3, 2, 4).flatten(0, 1)
+    else:
+        queries = per_row(q.transpose(1, 2), rows.query_index, nq)
     out = F.scaled_dot_product_attention(
         queries, per_row(pk, rows.read_index, nk), per_row(pv, rows.read_index, nk), attn_mask=rows.mask
     )
-    # [B * R, H, queries, d] -> [B, R * queries, H, d] -> the packed frames -> [B, H, S, d]
+    # [B * R, H, queries, d] -> [B, R * queries, H, d] -> (the packed frames) -> [B, H, S, d]
     out = out.view(branches, r, heads, nq, width).transpose(2, 3).reshape(branches, r * nq, heads, width)
-    return out.index_select(1, rows.out_index).transpose(1, 2)
+    if rows.out_index is not None:
+        out = out.index_select(1, rows.out_index)
+    return out.transpose(1, 2)

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from ..models.buckets import ShapeBuckets
-from ..models.kv_pool import KVPool, PageTable, PoolExhaustedError
+from ..models.kv_pool import RESERVED_PAGES, KVPool, PageTable, PoolExhaustedError
+from ..models.padded_solve import PaddedSolver
 from .schedule import Emission
 from .session import SessionClosedError, StreamSession
 from .state import SessionState
@@ -229,6 +230,10 @@ class Batcher:
     arguments of ``Token2Wav.stream``. Use as a context manager or call ``close()`` to stop its thread.
     paged_kv: keep cached sessions' keys/values in a page pool (False: per-session tensors, the earlier
     path, kept for comparison); page_frames: frames per page; buckets: padded attention sizes.
+    graphs: run cached DiT sessions as fixed-shape batches (every row padded to ``buckets``:
+    ``models/padded_solve.py``), each shape captured once as a CUDA graph and replayed on a GPU, run eagerly
+    on a CPU. With ``max_cache_bytes`` the page pool is allocated whole at the start, so it never grows
+    (growing would make every captured graph capture again).
     """
 
     def __init__(
@@ -261,9 +266,11 @@ class Batcher:
             workers = 1 if t2w.device.type != "cpu" else max(1, min(2 * (os.cpu_count() or 1), 16))
         if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
             raise ValueError(f"workers must be an int in [1, 64] or None, got {workers!r}")
-        if graphs:
+        if graphs and not (paged_kv and hasattr(getattr(getattr(t2w.flow, "decoder", None), "estimator", None),
+                                                "forward_padded")):  # fmt: skip
             raise ValueError(
-                "graphs=True (CUDA graph capture) is not implemented yet; the batched path runs eagerly"
+                "graphs=True runs fixed-shape batches of a DiT estimator (CosyVoice 3, the demo voice) with "
+                "paged_kv=True; this model's estimator has no such path: use graphs=False"
             )
         if isinstance(page_frames, bool) or not isinstance(page_frames, int) or not 1 <= page_frames <= 1024:
             raise ValueError(f"page_frames must be an int in [1, 1024], got {page_frames!r}")
@@ -273,7 +280,9 @@ class Batcher:
         )
         self.page_frames = page_frames
         self.buckets = ShapeBuckets() if buckets is None else buckets
+        self.graphs = bool(graphs)
         self._pools: dict[int, KVPool] = {}  # per n_timesteps
+        self._padded: dict[int, PaddedSolver] = {}  # per n_timesteps, with graphs
         self._running: Counter[BatchedSession] = Counter()  # sessions with a chunk being computed
         self._release_after_step: set[BatchedSession] = set()
         self.max_batch = max_batch
@@ -328,11 +337,17 @@ class Batcher:
                 layers, heads, dim_head = est.kv_layout()
                 ref = next(est.parameters())
                 per_page = 2 * n_timesteps * layers * 2 * heads * dim_head * ref.element_size() * self.page_frames
-                # the budget bounds the pool too (+1: page 0, the zero page)
-                cap = None if self.max_cache_bytes is None else max(2, self.max_cache_bytes // per_page + 1)
-                pool = KVPool(steps=n_timesteps, layers=layers, heads=heads, dim_head=dim_head,
-                              page_frames=self.page_frames, max_pages=cap, device=ref.device, dtype=ref.dtype)  # fmt: skip
+                # the budget bounds the pool too (plus the two reserved pages)
+                cap = None if self.max_cache_bytes is None else self.max_cache_bytes // per_page + RESERVED_PAGES
+                first = cap if self.graphs and cap is not None else 64  # graphs: never grow under a capture
+                pool = KVPool(steps=n_timesteps, layers=layers, heads=heads, dim_head=dim_head, pages=first,
+                              page_frames=self.page_frames, max_pages=cap, device=ref.device,
+                              dtype=ref.dtype)  # fmt: skip
                 self._pools[n_timesteps] = pool
+                if self.graphs:
+                    self._padded[n_timesteps] = PaddedSolver(
+                        self.t2w.flow.decoder, pool, buckets=self.buckets, graphs=ref.device.type == "cuda"
+                    )
             return pool
 
     @property
@@ -360,6 +375,9 @@ class Batcher:
                 "kv_pages_free": sum(p.pages_free for p in pools),
                 "kv_pool_bytes": sum(p.pages_total * p.bytes_per_page for p in pools),
                 "kv_pool_grown": sum(p.grown for p in pools),
+                "graphs": self.graphs,
+                "fixed_shapes": sorted({shape for p in self._padded.values() for shape in p.shapes()}),
+                "graph_captures": sum(p.captures for p in self._padded.values()),
             }
 
     def close(self) -> None:
@@ -611,6 +629,8 @@ class Batcher:
         extra: dict[str, Any] = {}
         if paged:
             extra = {"tables": [s._kv_table for s in sessions], "buckets": self.buckets}
+            if self.graphs:
+                extra["padded"] = self._padded[sessions[0].n_timesteps]
         try:
             rows = sessions[0].flow.stream_step_rows(
                 states,

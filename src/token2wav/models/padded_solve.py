@@ -1,0 +1,215 @@
+"""A batched chunk solve with fixed shapes, captured once per shape as a CUDA graph and replayed.
+
+``cfm.solve_rows`` packs the rows' new frames along time, so every call has new shapes: fine for eager
+execution, impossible to capture. Here the rows are padded to a bucket (rows R, new frames per row Q, keys
+per row K; ``models/buckets.py``): row ``r``'s frames sit at ``[r * Q, r * Q + n_r)``, its caches live in the
+page pool, and every input of the whole solve (all Euler steps, both guidance branches) is a preallocated
+buffer that each call fills in place: noise, mu, cond, speaker, rotary terms, the position-convolution tails of
+every step, the pool indices and the attention mask. The solve itself (``_Bucket.body``) then touches only
+those buffers, the weights and the pool, so on CUDA it is captured once per bucket (``graphs=True``) and each
+later call is one replay; on a CPU (or with ``graphs=False``) the same body runs eagerly.
+
+Exactness: padding frames sit after a row's real frames, write their keys to the pool's padding page and are
+masked out of every real query, and each row is its own batch entry of the causal convolutions, so a row's
+real frames get what they get alone (tested against the unpadded path).
+The pool must not be reallocated under a captured graph: a bucket recaptures when the pool has grown since.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .buckets import ShapeBuckets
+from .kv_pool import KVPool, PageTable, PooledRows
+
+__all__ = ["PaddedSolver"]
+
+
+class _Bucket:
+    """The buffers and the (captured) solve for one padded size."""
+
+    def __init__(self, solver: PaddedSolver, rows: int, queries: int, keys: int, channels: tuple[int, int, int]):
+        est, pool = solver.cfm.estimator, solver.pool
+        device, dtype = pool.device, solver.dtype
+        frames = rows * queries
+        mel, mu, spk = channels
+        embed = est.input_embed
+        history = embed.conv_pos_embed.kernel_size - 1
+        steps = solver.n_timesteps
+        self.rows, self.queries, self.keys = rows, queries, keys
+        self.x0 = torch.zeros(1, mel, frames, device=device, dtype=dtype)
+        self.mu = torch.zeros(1, mu, frames, device=device, dtype=dtype)
+        self.cond = torch.zeros(1, mel, frames, device=device, dtype=dtype)
+        self.spk = torch.zeros(1, spk, frames, device=device, dtype=dtype) if spk else None
+        rot = est.rotary_embed.inv_freq.numel() * 2
+        self.cos = torch.zeros(frames, rot, device=device, dtype=est.rotary_embed.inv_freq.dtype)
+        self.sin = torch.zeros_like(self.cos)
+        width = est.dim
+        self.tails1 = torch.zeros(steps, 2 * rows, width, history, device=device, dtype=dtype)
+        self.tails2 = torch.zeros_like(self.tails1)
+        self.tail_index = torch.zeros(2 * rows, width, history, device=device, dtype=torch.long)
+        self.new1 = torch.zeros_like(self.tails1)
+        self.new2 = torch.zeros_like(self.tails1)
+        self.mel = torch.zeros(1, mel, frames, device=device, dtype=torch.float32)
+        self.kv = PooledRows(
+            pool=pool, rows=rows, queries=queries, keys=keys,
+            write_index=torch.zeros(frames, device=device, dtype=torch.long),
+            read_index=torch.zeros(rows * keys, device=device, dtype=torch.long), query_index=None, out_index=None,
+            mask=torch.zeros(pool.branches * rows, 1, queries, keys, device=device, dtype=torch.bool),
+        )  # fmt: skip
+        self.solver = solver
+        self.lock = threading.Lock()
+        self.graph: Any = None
+        self.generation = -1  # pool.grown when the graph was captured
+
+    def body(self) -> None:
+        """The whole solve on the buffers (what a graph captures)."""
+        solver = self.solver
+        cfm, est = solver.cfm, solver.cfm.estimator
+        span = solver.span
+        mu_in, cond_in = cfm._pair(self.mu), cfm._pair(self.cond)
+        spk_in = cfm._pair(self.spk) if self.spk is not None else None
+        x = self.x0
+        t = span[0]
+        dt = span[1] - span[0]
+        for step in range(1, len(span)):
+            raw, new1, new2 = est.forward_padded(
+                torch.cat([x, x], dim=0), mu_in, cond_in, spk_in, self.tails1[step - 1], self.tails2[step - 1],
+                self.tail_index, kv=self.kv, step=step - 1, modulation=solver.modulations[step - 1], cos=self.cos,
+                sin=self.sin,
+            )  # fmt: skip
+            self.new1[step - 1].copy_(new1)
+            self.new2[step - 1].copy_(new2)
+            x = x + dt * cfm._guided(raw)
+            t = t + dt
+            if step < len(span) - 1:
+                dt = span[step + 1] - t
+        self.mel.copy_(x.float())
+
+    def run(self) -> None:
+        if not self.solver.graphs:
+            self.body()
+            return
+        pool = self.solver.pool
+        if self.graph is None or self.generation != pool.grown:
+            self._capture()
+        self.graph.replay()
+
+    def _capture(self) -> None:
+        device = self.solver.pool.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self.body()  # warm-up (kernels pick their algorithms outside the capture)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.solver.memory_pool):
+            self.body()
+        self.graph, self.generation = graph, self.solver.pool.grown
+        self.solver.captures += 1
+
+
+class PaddedSolver:
+    """``cfm.solve_rows`` for DiT estimators with fixed shapes per bucket (see the module docstring).
+
+    One per (flow, page pool); ``graphs``: capture and replay CUDA graphs (the pool must be on CUDA).
+    """
+
+    def __init__(self, cfm: Any, pool: KVPool, *, buckets: ShapeBuckets, graphs: bool) -> None:
+        est = cfm.estimator
+        if not hasattr(est, "forward_padded"):
+            raise ValueError("fixed-shape batches need a DiT estimator (CosyVoice 3, the demo voice)")
+        if graphs and pool.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {pool.device}")
+        self.cfm, self.pool, self.buckets, self.graphs = cfm, pool, buckets, graphs
+        self.dtype = next(est.parameters()).dtype
+        self.n_timesteps = pool.steps
+        device = pool.device
+        # the time schedule and its per-step modulations, computed once the way solve_chunk computes them
+        self.span = cfm.time_span(self.n_timesteps, device, self.dtype)
+        mods, t, dt = [], self.span[0], self.span[1] - self.span[0]
+        with torch.inference_mode():
+            for step in range(1, len(self.span)):
+                mods.append(est.modulation(t.reshape(1).expand(2).contiguous(), 2))
+                t = t + dt
+                if step < len(self.span) - 1:
+                    dt = self.span[step + 1] - t
+        self.modulations = tuple(mods)
+        self.memory_pool = torch.cuda.graph_pool_handle() if graphs else None
+        self._buckets: dict[tuple[int, int, int], _Bucket] = {}
+        self._lock = threading.Lock()
+        self.captures = 0
+
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """The (rows, queries, keys) sizes met so far (each one bucket, one graph with ``graphs``)."""
+        with self._lock:
+            return sorted(self._buckets)
+
+    def _bucket(self, rows: int, queries: int, keys: int, channels: tuple[int, int, int]) -> _Bucket:
+        with self._lock:
+            bucket = self._buckets.get((rows, queries, keys))
+            if bucket is None:
+                bucket = self._buckets[(rows, queries, keys)] = _Bucket(self, rows, queries, keys, channels)
+            return bucket
+
+    def solve(
+        self,
+        x: Tensor,
+        mu: Tensor,
+        cond: Tensor,
+        spk: Tensor | None,
+        *,
+        caches: Sequence[Any],
+        tables: Sequence[PageTable],
+        offsets: Sequence[int],
+        lengths: Sequence[int],
+        chunk_sizes: Sequence[int],
+    ) -> tuple[Tensor, list[list[tuple[Tensor, Tensor]]]]:
+        """x (the starting noise), mu, cond ``[1, C, S]`` and spk ``[1, spk_dim, S]`` packed like
+        ``solve_rows``'s rows (``lengths``); caches: each row's per-step estimator caches (paged, at
+        ``offsets``); tables: their pages, reserved up to ``offset + length``. Returns the packed mel ``[1,
+        C, S]`` (float32) and, per row and step, the new position-convolution tails."""
+        real = len(lengths)
+        rows, queries, keys = self.buckets.pad(real, max(lengths), max(o + n for o, n in zip(offsets, lengths)))
+        channels = (x.shape[1], mu.shape[1], 0 if spk is None else spk.shape[1])
+        bucket = self._bucket(rows, queries, keys, channels)
+        device = self.pool.device
+        est = self.cfm.estimator
+        history = bucket.tail_index.shape[-1]
+        pad_index = torch.cat([torch.arange(n) + r * queries for r, n in enumerate(lengths)]).to(device)
+        positions = torch.arange(queries).repeat(rows)
+        positions[: real * queries] += torch.tensor(list(offsets)).repeat_interleave(queries)
+        angles = est.rotary_embed.angles_at(positions)
+        ends = torch.zeros(rows, history, dtype=torch.long)
+        ends[:real] = torch.tensor(list(lengths)).unsqueeze(1)
+        ends += torch.arange(history)
+        ends = ends.unsqueeze(1).expand(rows, bucket.tail_index.shape[1], history).repeat(2, 1, 1)
+        layout = PooledRows.build(self.pool, tables, offsets, lengths, chunk_sizes, rows=rows, queries=queries,
+                                  keys=keys, padded=True)  # fmt: skip
+        width = bucket.tails1.shape[2]
+        with bucket.lock, self.pool.reading():
+            bucket.x0.index_copy_(2, pad_index, x.to(self.dtype))
+            bucket.mu.index_copy_(2, pad_index, mu.to(self.dtype))
+            bucket.cond.index_copy_(2, pad_index, cond.to(self.dtype))
+            if spk is not None:
+                bucket.spk.index_copy_(2, pad_index, spk.to(self.dtype))
+            bucket.cos.copy_(angles.cos())
+            bucket.sin.copy_(angles.sin())
+            bucket.tail_index.copy_(ends)
+            bucket.kv.copy_(layout)
+            for s in range(self.n_timesteps):
+                for buffer, name in ((bucket.tails1, "pos_tail1"), (bucket.tails2, "pos_tail2")):
+                    stacked = torch.stack([getattr(c[s], name) for c in caches], dim=1)  # [2, real, dim, h]
+                    buffer[s].view(2, rows, width, history)[:, :real].copy_(stacked)
+            bucket.run()
+            mel = bucket.mel.index_select(2, pad_index)
+            new1, new2 = bucket.new1.clone(), bucket.new2.clone()
+        per_row1 = new1.view(self.n_timesteps, 2, rows, width, history)
+        per_row2 = new2.view(self.n_timesteps, 2, rows, width, history)
+        tails = [[(per_row1[s, :, r], per_row2[s, :, r]) for s in range(self.n_timesteps)] for r in range(real)]
+        return mel, tails
