@@ -2,7 +2,8 @@
 # One prepared device check (issue [1/6]); fits in about 8 minutes on one H200.
 #
 #   benchmarks/gpu.sh OUT_DIR                 # CUDA: parity tests (fp32, TF32 off), half-precision streams,
-#                                             # bench in bfloat16 at 1, 4, 16, 64 sessions
+#                                             # bench in bfloat16 at 1, 4, 16, 64 sessions: unbatched,
+#                                             # batched, batched with CUDA graphs (CosyVoice 3)
 #   benchmarks/gpu.sh OUT_DIR --device cpu --quick   # the same steps, tiny sizes, on the CPU (tested in CI)
 #
 # The device's Python may lack some of our dependencies (it has torch; no FastAPI is needed here): wheels in
@@ -38,7 +39,7 @@ else
     models=(--model cv3 --model cv2); seconds=30; sessions=1,4,16,64; utterance=10; bench_model=(--model cv3 --model cv2)
 fi
 
-echo "== 1/3 parity on $device (fp32, TF32 off): reference fixtures, batched == alone"
+echo "== 1/3 parity on $device (fp32, TF32 off): reference fixtures, batched == alone, graphs == alone"
 T2W_TEST_DEVICE="$device" "$py" -m pytest -o addopts= -q -p no:cacheprovider tests/test_device_parity.py 2>&1 \
     | tee "$out/parity.txt" | tail -3
 
@@ -46,8 +47,8 @@ echo "== 2/3 half precision: ${seconds} s streams, finite audio"
 "$py" benchmarks/half_precision_check.py --device "$device" "${models[@]}" --seconds "$seconds" \
     --json "$out/half_precision.json"
 
-echo "== 3/3 bench in bfloat16, batched and unbatched, sessions $sessions"
-# graphs=True (CUDA graph capture) is not implemented yet: the batched path runs eagerly (README).
+echo "== 3/3 bench in bfloat16, unbatched / batched / batched with graphs, sessions $sessions"
 "$py" -m token2wav bench "${bench_model[@]}" --device "$device" --dtype bfloat16 --modes offline,cached \
-    --utterance "$utterance" --sessions "$sessions" --same-process --json "$out/bench.json" --plots "$out/plots"
+    --utterance "$utterance" --sessions "$sessions" --graphs --same-process --json "$out/bench.json" \
+    --plots "$out/plots"
 echo "gpu.sh: done; results in $out"

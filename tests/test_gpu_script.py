@@ -17,13 +17,14 @@ def test_gpu_script_on_cpu_quick(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(tmp_path), "--device", "cpu", "--quick"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 passed" in (tmp_path / "parity.txt").read_text()
+    assert "6 passed" in (tmp_path / "parity.txt").read_text()
     half = json.loads((tmp_path / "half_precision.json").read_text())
     assert [(r["model"], r["dtype"]) for r in half] == [("tiny", "bfloat16"), ("tiny", "float16")]
     assert all(r["finite"] and r["peak"] > 0 for r in half)
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["machine"]["dtype"] == "torch.bfloat16" or "bfloat16" in str(bench["machine"]["dtype"])
-    assert [(c["sessions"], c["batched"]) for c in bench["concurrency"]] == [(1, False), (1, True), (2, False),
-                                                                         (2, True)]
+    assert [(c["sessions"], c["batched"], c["graphs"]) for c in bench["concurrency"]] == [
+        (n, batched, graphs) for n in (1, 2) for batched, graphs in ((False, False), (True, False), (True, True))]
+    assert all(c["fixed_shapes"] >= 1 and c["graph_captures"] == 0 for c in bench["concurrency"] if c["graphs"])
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"chunk_ms.png", "total_vs_length.png",
                                                                 "sessions.png"}

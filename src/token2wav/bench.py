@@ -197,16 +197,17 @@ def run_stream(engine, prompt, tokens, mode: str, device: str, hop: int) -> dict
     return {"total_s": total, "chunk_ms": chunk_ms, "first_chunk_ms": chunk_ms[0], **mem}
 
 
-def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int, batched: bool = False
-                   ) -> dict[str, Any]:
+def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int, batched: bool = False,
+                   graphs: bool = False) -> dict[str, Any]:
     """N streams at once from N threads, fed one hop at a time as fast as the engine takes them: aggregate
-    throughput, first-chunk and per-chunk latency spread, peak memory; with ``batched`` through one Batcher."""
+    throughput, first-chunk and per-chunk latency spread, peak memory; with ``batched`` through one Batcher
+    (with ``graphs``: fixed-shape batches, CUDA graphs on a GPU)."""
     from .streaming.batcher import count_aten_ops
 
     first: list[float] = [0.0] * sessions
     chunk_ms: list[list[float]] = [[] for _ in range(sessions)]
     errors: list[BaseException] = []
-    batcher = engine.batcher(max_batch=max(16, sessions)) if batched else None
+    batcher = engine.batcher(max_batch=max(16, sessions), graphs=graphs) if batched else None
     source = batcher if batcher is not None else engine
     start_line = threading.Barrier(sessions)
 
@@ -279,6 +280,7 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
     result = {
         "sessions": sessions,
         "batched": batched,
+        "graphs": graphs,
         "wall_s": wall,
         "aggregate_rtf": wall / audio_s,
         "throughput": audio_s / wall,  # audio seconds per wall second, all sessions together
@@ -288,11 +290,14 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
         "chunk_ms_p50": float(np.percentile(every_chunk, 50)),
         "chunk_ms_p99": float(np.percentile(every_chunk, 99)),
         "ops_per_session_chunk": ops,
+        "hop_audio_ms": 1000.0 * hop / engine.config.token_rate,
         **mem,
     }
     if stats is not None:
         result["batch_sizes"] = stats["batch_sizes"]
         result["mean_queue_wait_ms"] = stats["mean_queue_wait_ms"]
+        result["fixed_shapes"] = len(stats["fixed_shapes"])
+        result["graph_captures"] = stats["graph_captures"]
     return result
 
 
@@ -350,7 +355,7 @@ def batching_targets(conc: list[dict[str, Any]]) -> list[dict[str, Any]]:
     operator calls per session-chunk <= a fifth of one session's."""
     out = []
     for model in sorted({c["model"] for c in conc}):
-        rows = {(c["sessions"], c["batched"]): c for c in conc if c["model"] == model}
+        rows = {(c["sessions"], c["batched"]): c for c in conc if c["model"] == model and not c.get("graphs")}
         single = rows.get((1, False))
         for n in sorted({c["sessions"] for c in conc if c["model"] == model and c["sessions"] > 1}):
             on, off = rows.get((n, True)), rows.get((n, False))
@@ -368,6 +373,32 @@ def batching_targets(conc: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 met = value >= limit if how == ">=" else value <= limit
                 out.append({"model": model, "utterance_s": on["utterance_s"], "target": name, "value": value,
                             "met": met})
+    return out
+
+
+def gpu_targets(conc: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue [1/6]'s GPU targets, on the graphs rows (else the batched ones): first chunk p50 <= 60 ms at 1
+    session, p99 <= 150 ms at 16, and 64 streams in real time (aggregate throughput >= 64 audio s/s and every
+    chunk within its hop's audio duration, p99)."""
+    out = []
+    for model in sorted({c["model"] for c in conc}):
+        mine = [c for c in conc if c["model"] == model and c["batched"]]
+        best = {c["sessions"]: c for c in sorted(mine, key=lambda c: c.get("graphs", False))}  # graphs win
+        checks = []
+        if 1 in best:
+            checks.append(("GPU 1 session: first chunk p50 <= 60 ms", best[1]["first_chunk_ms_p50"], 60.0, "<="))
+        if 16 in best:
+            checks.append(("GPU 16 sessions: first chunk p99 <= 150 ms", best[16]["first_chunk_ms_p99"], 150.0, "<="))
+        if 64 in best:
+            row = best[64]
+            checks.append(("GPU 64 sessions: aggregate throughput >= 64 audio s/s", row["throughput"], 64.0, ">="))
+            checks.append(("GPU 64 sessions: chunk p99 <= the hop's audio duration (ms)", row["chunk_ms_p99"],
+                           row["hop_audio_ms"], "<="))
+        for name, value, limit, how in checks:
+            met = value >= limit if how == ">=" else value <= limit
+            tag = " (graphs)" if best.get(1, {}).get("graphs") else ""
+            out.append({"model": model, "utterance_s": mine[0]["utterance_s"], "target": name + tag, "value": value,
+                        "limit": limit, "met": met})
     return out
 
 
@@ -419,12 +450,13 @@ def _plot_sessions(plt: Any, conc: list[dict[str, Any]], out_dir: Path) -> list[
     if conc:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         for model in sorted({c["model"] for c in conc}):
-            for batched, style in ((False, "--"), (True, "-")):
+            for batched, graphs, style in ((False, False, "--"), (True, False, "-"), (True, True, ":")):
                 pts = sorted((c["sessions"], c["throughput"], c["first_chunk_ms_p99"])
-                             for c in conc if c["model"] == model and c.get("batched", False) == batched)
+                             for c in conc if c["model"] == model and c.get("batched", False) == batched
+                             and c.get("graphs", False) == graphs)  # fmt: skip
                 if pts:
                     n, thr, p99 = zip(*pts)
-                    tag = f"{model} {'batched' if batched else 'unbatched'}"
+                    tag = f"{model} {'graphs' if graphs else 'batched' if batched else 'unbatched'}"
                     axes[0].plot(n, thr, marker="o", linestyle=style, label=tag)
                     axes[1].plot(n, p99, marker="o", linestyle=style, label=tag)
         axes[0].set(title="aggregate throughput", xlabel="concurrent sessions", ylabel="audio s per wall s")
@@ -474,10 +506,12 @@ def measure_mode(model: str, quick: bool, device: str, dtype: torch.dtype, secon
 
 
 def measure_concurrency(model: str, quick: bool, device: str, dtype: torch.dtype, seconds: float, sessions: int,
-                        batched: bool = False, engine=None) -> dict[str, Any]:
+                        batched: bool = False, graphs: bool = False, engine=None) -> dict[str, Any]:
     engine = engine if engine is not None else _warm_engine(model, quick, device, dtype)
+    if graphs and not hasattr(engine.flow.decoder.estimator, "forward_padded"):
+        raise NotImplementedError("graphs=True needs a DiT estimator (CosyVoice 3)")
     prompt, tokens = _workload(engine, seconds, seed=7)
-    result = run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens, batched)
+    result = run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens, batched, graphs)
     result["utterance_s"] = seconds
     return result
 
@@ -521,6 +555,7 @@ def run_bench(
     dtype: torch.dtype,
     log: Callable[[str], None] = print,
     isolate: bool = True,
+    graphs: bool = False,
 ) -> dict[str, Any]:
     """Every row; with ``isolate`` each row runs in its own process (it builds its own engine)."""
     if isinstance(sessions, int):  # N: 1, 2, 4, ... N (1: none)
@@ -556,16 +591,26 @@ def run_bench(
                 log(f"{label:>5} {mode:>9} {seconds:5.0f}s  total {result['total_s']:7.2f}s  "
                     f"rtf {result['rtf']:.3f}  first {result['first_chunk_ms']:8.1f}ms  "
                     f"cold {result['first_chunk_cold_ms']:8.1f}ms  rss {result['peak_rss_mb']:.0f}MB")
+        variants = [(False, False), (True, False)] + ([(True, True)] if graphs else [])
         for n in sessions:
-            for batched in (False, True):
-                c = call(measure_concurrency, min(utterances), n, batched)
+            for batched, with_graphs in variants:
+                try:
+                    c = call(measure_concurrency, min(utterances), n, batched, with_graphs)
+                except NotImplementedError as exc:  # graphs on a U-Net model
+                    report.setdefault("skipped", []).append({"model": label, "sessions": n, "graphs": True,
+                                                             "reason": str(exc)})
+                    log(f"{label:>5} sessions {n:3d}  graphs skipped: {exc}")
+                    continue
                 c["model"] = label
                 report["concurrency"].append(c)
-                log(f"{label:>5} sessions {n:3d} {'batched' if batched else 'alone':>7}  throughput "
+                kind = "graphs" if with_graphs else "batched" if batched else "alone"
+                log(f"{label:>5} sessions {n:3d} {kind:>7}  throughput "
                     f"{c['throughput']:.2f} audio s/s  first chunk p50 {c['first_chunk_ms_p50']:.0f} "
                     f"p99 {c['first_chunk_ms_p99']:.0f} ms  chunk p99 {c['chunk_ms_p99']:.0f} ms  "
                     f"ops/chunk {c['ops_per_session_chunk']:.0f}  rss {c['peak_rss_mb']:.0f} MB")
         report["batching_targets"] = batching_targets(report["concurrency"])
+        if device.startswith("cuda"):
+            report["batching_targets"] += gpu_targets(report["concurrency"])
         del shared, call  # free this model before the next one is built
     report["targets"] = targets(report["runs"])
     return report
@@ -583,6 +628,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", default="1",
                         help="concurrent cached streams, with and without batching: a list (1,2,4,8,16) or N for "
                              "1, 2, 4, ... N (default 1: none)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="with --sessions: also batched with graphs=True (fixed shapes; CUDA graphs on a GPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -608,7 +655,7 @@ def main(args: argparse.Namespace) -> int:
     utterances = args.utterance or ([10.0, 20.0] if args.quick else [10.0, 30.0, 60.0])
     models = args.model or (["cv3"] if args.quick else ["cv3", "cv2"])
     report = run_bench(models, args.quick, utterances, modes, sessions, args.device, getattr(torch, args.dtype),
-                       isolate=not args.same_process)
+                       isolate=not args.same_process, graphs=args.graphs)
     for t in report["targets"] + report.get("batching_targets", []):
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"target [{'met' if t['met'] else 'NOT met'}] {t['model']} {t['utterance_s']:g}s {t['target']}: {value}")
