@@ -327,8 +327,10 @@ def test_info_describes_batching(cv3):
     from token2wav.serve.protocol import describe_model
 
     info = describe_model(cv3)["batching"]
-    assert info["flow"].startswith("rows packed along time")
-    assert info["vocoder"] == "row by row"  # the causal HiFT steps each stream on its own
+    assert info["flow"].startswith("rows packed along time") and "page pool (16-frame pages" in info["flow"]
+    assert info["vocoder"] == "rows in the same state in one call"  # the causal HiFT stacks rows
+    assert info["buckets"] == {"rows": [1, 2, 4, 8, 16, 32, 64], "queries": [16, 32, 64, 128], "keys_multiple": 128}
+    assert info["graphs"].startswith("available")
     assert info["cache_bytes_per_frame"] == 20480
     # 25 tokens/s x 2 frames per token x 60 s x 20480 bytes
     assert info["cache_mb_per_stream_minute"] == round(20480 * 3000 / 2**20, 1)

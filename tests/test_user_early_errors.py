@@ -116,3 +116,13 @@ def test_engine_and_preflight_agree_on_the_tiny_model():
             check_stream_options(t2w.config, **kwargs)
     t2w.stream(hop=50, mode="window", window_frames=100).close()
     check_stream_options(t2w.config, hop=50, mode="window", window_frames=100)
+
+
+def test_serve_graphs_on_a_cosyvoice2_model_refused_before_loading(tmp_path, capsys, no_loading):
+    d = tmp_path / "CosyVoice2-0.5B"
+    d.mkdir()
+    shutil.copy(DATA / "real_configs" / "cosyvoice2.yaml", d / "cosyvoice2.yaml")
+    assert cli.main(["serve", "--model", str(d), "--graphs", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--graphs needs a DiT model (CosyVoice 3 family)" in err and "is cosyvoice2" in err

@@ -295,6 +295,11 @@ def _info(args: argparse.Namespace) -> int:
         batching = info.pop("batching")
         info["batching"] = (f"flow: {batching['flow']}; vocoder: {batching['vocoder']}; cache "
                             f"{batching['cache_mb_per_stream_minute']} MB per stream-minute")
+        if batching["buckets"]:
+            b = batching["buckets"]
+            info["batch buckets"] = (f"rows {b['rows']}, new frames per row {b['queries']}, keys per row in "
+                                     f"multiples of {b['keys_multiple']}")
+        info["cuda graphs"] = batching["graphs"]
         _print_table(info)
         print(describe_presets(t2w.config))
     return 0
@@ -504,6 +509,10 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
             help="threads running batched calls (default: two per CPU core, one on a GPU)"),
         arg("--max-cache-mb", type=float,
             help="memory budget of all streams' attention caches; a stream that would pass it gets 503 / 1013"),
+        arg("--graphs", action="store_true",
+            help="batched CosyVoice 3 / DiT streams in fixed-shape batches, each shape captured once as a CUDA "
+                 "graph and replayed (on a CPU the same path runs eagerly); give --max-cache-mb with it so that "
+                 "the key/value pool is allocated once and never grows"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
         *_MODEL_ARGS,
     ],
@@ -531,6 +540,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-workers must be in [1, 64], got {args.batch_workers}")
     if args.max_cache_mb is not None and not args.max_cache_mb > 0:
         raise ValueError(f"--max-cache-mb must be > 0, got {args.max_cache_mb}")
+    if args.graphs and not args.no_batching and not args.model.startswith("bench:"):
+        from token2wav.config import read_config
+        from token2wav.loading import resolve_model_dir
+
+        family = read_config(resolve_model_dir(args.model)).family  # known before any weights are read
+        if family != "cosyvoice3":
+            raise ValueError(f"--graphs needs a DiT model (CosyVoice 3 family); {args.model} is {family}: "
+                             "drop --graphs")
 
     limits = ServerLimits(
         max_sessions=args.max_sessions,
@@ -564,7 +581,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.no_batching:
         budget = None if args.max_cache_mb is None else int(args.max_cache_mb * 2**20)
         batcher = t2w.batcher(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_cache_bytes=budget,
-                              workers=args.batch_workers)
+                              workers=args.batch_workers, graphs=args.graphs)
     app = create_app(t2w, name=_model_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir,
                      batcher=batcher)
     print(

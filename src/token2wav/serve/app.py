@@ -89,6 +89,9 @@ class _Metrics:
         self.queue_wait = r.histogram(
             "token2wav_batch_queue_wait_seconds", "Time a chunk waited in the batcher's queue.", _LATENCY_BUCKETS
         )
+        self.kv_pages_used = r.gauge("token2wav_kv_pages_used", "Pages of the batcher's key/value pool in use.")
+        self.kv_pages_total = r.gauge("token2wav_kv_pages_total", "Pages the batcher's key/value pool holds.")
+        self.kv_pool_bytes = r.gauge("token2wav_kv_pool_bytes", "Memory of the batcher's key/value pool.")
 
     def observe_batch(self, rows: int, waits: list[float]) -> None:
         """Batcher listener (called on its worker thread after every batched call)."""
@@ -102,6 +105,12 @@ class _Metrics:
             self.cache_hits.set(getattr(cache, "hits", 0))
             self.cache_misses.set(getattr(cache, "misses", 0))
             self.cache_entries.set(len(cache))
+
+    def collect_batcher(self, batcher: Any) -> None:
+        stats = batcher.stats()
+        self.kv_pages_used.set(stats["kv_pages_total"] - stats["kv_pages_free"])
+        self.kv_pages_total.set(stats["kv_pages_total"])
+        self.kv_pool_bytes.set(stats["kv_pool_bytes"])
 
 
 # A new stream or synthesize request arriving at a full server waits this long for a slot before it is refused:
@@ -330,6 +339,8 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         state.metrics.collect(t2w)
+        if state.batcher is not None:
+            state.metrics.collect_batcher(state.batcher)
         return Response(state.metrics.registry.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/prompts")

@@ -402,20 +402,32 @@ def describe_model(t2w: Any, name: str = "") -> dict[str, Any]:
 
 
 def describe_batching(t2w: Any) -> dict[str, Any]:
-    """How a Batcher runs this model's streams: what shares a call, and what each stream's cache costs."""
-    from token2wav.streaming.batcher import cache_bytes_per_frame
+    """How a Batcher (with its defaults) runs this model's streams: what shares a call, where the caches live,
+    the padded sizes, and what each stream's cache costs."""
+    from token2wav.models.buckets import ShapeBuckets
+    from token2wav.streaming.batcher import DEFAULT_PAGE_FRAMES, cache_bytes_per_frame
     from token2wav.streaming.session import vocoder_kind
 
     flow = t2w.flow
     per_frame = cache_bytes_per_frame(flow, int(getattr(t2w, "n_timesteps", 10)))
     frames_per_minute = 60 * float(t2w.token_rate) * int(t2w.config.token_mel_ratio)
-    packed = hasattr(getattr(getattr(flow, "decoder", None), "estimator", None), "forward_rows")
-    vocoder = {"hifigan": "windows of equal length in one call", "causal": "row by row",
+    estimator = getattr(getattr(flow, "decoder", None), "estimator", None)
+    packed = hasattr(estimator, "forward_rows")
+    paged = packed and hasattr(estimator, "kv_layout")
+    vocoder = {"hifigan": "windows of equal length in one call", "causal": "rows in the same state in one call",
                "crossfade": "row by row"}.get(vocoder_kind(t2w.vocoder) or "", "none")
+    flow_text = "row by row"
+    if packed:
+        flow_text = "rows packed along time in one call per solver step"
+        if paged:
+            flow_text += (f"; keys/values in a page pool ({DEFAULT_PAGE_FRAMES}-frame pages, a prompt's shared), "
+                          "attention padded to buckets")
     return {
-        "flow": "rows packed along time in one call per solver step (no padding, no shape buckets)" if packed
-        else "row by row",
+        "flow": flow_text,
         "vocoder": vocoder,
+        "buckets": ShapeBuckets().describe() if paged else None,
+        "graphs": "available: fixed-shape batches, CUDA graphs on a GPU (graphs=True, serve --graphs)"
+        if hasattr(estimator, "forward_padded") else "not available for this estimator",
         "cache_bytes_per_frame": per_frame,
         "cache_mb_per_stream_minute": round(per_frame * frames_per_minute / 2**20, 1),
     }

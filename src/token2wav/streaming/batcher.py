@@ -56,6 +56,9 @@ __all__ = ["Batcher", "BatchedSession", "CacheBudgetError", "BatcherClosedError"
 
 # Stores grow by half when full (kv_store.append_rows): what a session holds can exceed what it uses by that.
 _STORE_GROWTH = 1.5
+# Frames per page of the key/value pool: small pages waste little of a stream's last page; attention reads
+# keys by slot anyway, so the page size does not shape any kernel.
+DEFAULT_PAGE_FRAMES = 16
 
 
 class CacheBudgetError(RuntimeError):
@@ -73,6 +76,7 @@ class _Job:
     emission: Emission
     queued_at: float
     future: Future = field(default_factory=Future)
+    flow_done: bool = False  # its pages are no longer read or written by this batch
 
     @property
     def group(self) -> tuple[Any, ...]:
@@ -246,7 +250,7 @@ class Batcher:
         workers: int | None = None,
         graphs: bool = False,
         paged_kv: bool = True,
-        page_frames: int = 16,
+        page_frames: int = DEFAULT_PAGE_FRAMES,
         buckets: ShapeBuckets | None = None,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -518,15 +522,8 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
             waits = [started - j.queued_at for j in batch]
-            release = []
+            self._flow_done(batch)  # (those a failure left marked running)
             with self._cv:
-                for job in batch:
-                    self._running[job.session] -= 1
-                    if not self._running[job.session]:
-                        del self._running[job.session]
-                        if job.session in self._release_after_step:
-                            self._release_after_step.discard(job.session)
-                            release.append(job.session)
                 self._inflight -= len(batch)
                 self._cv.notify_all()
                 if ops is not None:
@@ -535,8 +532,6 @@ class Batcher:
                 self.batch_sizes[len(batch)] += 1
                 self.jobs_done += len(batch)
                 self.queue_wait_s += sum(waits)
-            for session in release:
-                self._free_pages(session)
             for listener in list(self.listeners):
                 try:
                     listener(len(batch), waits)
@@ -545,25 +540,50 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------------------- model calls
 
+    def _flow_done(self, jobs: list[_Job]) -> None:
+        """These jobs' flow work is over (before any of their futures is set): a session closed or finished
+        meanwhile gets its pages back now."""
+        release = []
+        with self._cv:
+            for job in jobs:
+                if job.flow_done:
+                    continue
+                job.flow_done = True
+                self._running[job.session] -= 1
+                if not self._running[job.session]:
+                    del self._running[job.session]
+                    if job.session in self._release_after_step:
+                        self._release_after_step.discard(job.session)
+                        release.append(job.session)
+        for session in release:
+            self._free_pages(session)
+
     def _run(self, batch: list[_Job]) -> None:
         live = []
         for job in batch:
             if job.session._closing:
+                self._flow_done([job])
                 job.future.set_exception(SessionClosedError("the session was closed"))
             elif job.future.set_running_or_notify_cancel():
                 live.append(job)
+            else:
+                self._flow_done([job])
         if not live:
             return
         try:
             with torch.inference_mode():
                 flows = self._flow_rows(live)
+            self._flow_done(live)
         except Exception:  # noqa: BLE001 - isolate the failing row; the others still get their chunks
             flows = None
         recorded: list[tuple[_Job, torch.Tensor]] = []
         for i, job in enumerate(live):
             try:
                 with torch.inference_mode():
-                    mel = flows[i] if flows is not None else self._flow_rows([job])[0]
+                    try:
+                        mel = flows[i] if flows is not None else self._flow_rows([job])[0]
+                    finally:
+                        self._flow_done([job])
                     mel_out = job.session._record(job.work, job.emission, mel)
             except BaseException as exc:  # noqa: BLE001 - delivered to the row's caller
                 job.future.set_exception(exc)

@@ -87,6 +87,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
         "max_cache_mb": args.max_cache_mb,
+        "batch_workers": args.batch_workers,
+        "graphs": args.graphs,
         "max_queued_tokens": args.max_queued_tokens,
         "prompt_dir": args.prompt_dir,
         "api_key": args.api_key,

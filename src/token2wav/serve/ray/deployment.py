@@ -196,7 +196,8 @@ class Token2WavReplica:
         if settings.batching:
             budget = None if settings.max_cache_mb is None else int(settings.max_cache_mb * 2**20)
             batcher = t2w.batcher(
-                max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, max_cache_bytes=budget
+                max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, max_cache_bytes=budget,
+                workers=settings.batch_workers, graphs=settings.graphs,
             )
         try:
             self.replica_id = str(serve.get_replica_context().replica_tag)

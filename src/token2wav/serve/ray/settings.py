@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "max_batch": 16,
     "max_wait_ms": 10.0,
     "max_cache_mb": None,
+    "batch_workers": None,
+    "graphs": False,
     "max_queued_tokens": 25 * 120,
     "prompt_dir": None,
     "max_registry_prompts": 4096,
@@ -74,6 +76,8 @@ class RaySettings:
     max_batch: int
     max_wait_ms: float
     max_cache_mb: float | None
+    batch_workers: int | None
+    graphs: bool
     prompt_dir: str | None
     max_registry_prompts: int
     api_key: str | None = field(repr=False)  # never printed
@@ -191,8 +195,9 @@ def settings_from_options(
     else:
         gpus = _float(opts, "replica_gpus", 0, 64)
     threads = None if opts["threads"] is None else _int(opts, "threads", 1, 1024)
-    if not isinstance(opts["batching"], bool):
-        raise ValueError(f"--batching must be true or false, got {opts['batching']!r}")
+    for flag in ("batching", "graphs"):
+        if not isinstance(opts[flag], bool):
+            raise ValueError(f"--{flag} must be true or false, got {opts[flag]!r}")
     cache_mb = None if opts["max_cache_mb"] is None else _float(opts, "max_cache_mb", 0, 1 << 30, open_lo=True)
     prompt_dir = opts["prompt_dir"]
     if prompt_dir is not None and (not isinstance(prompt_dir, str) or not prompt_dir):
@@ -220,6 +225,8 @@ def settings_from_options(
         max_batch=_int(opts, "max_batch", 1, 4096),
         max_wait_ms=_float(opts, "max_wait_ms", 0, 1000),
         max_cache_mb=cache_mb,
+        batch_workers=None if opts["batch_workers"] is None else _int(opts, "batch_workers", 1, 64),
+        graphs=opts["graphs"],
         prompt_dir=None if prompt_dir is None else os.path.abspath(prompt_dir),
         max_registry_prompts=_int(opts, "max_registry_prompts", 1, 10**7),
         api_key=access.api_key,
