@@ -580,6 +580,8 @@ def test_batched_calls_are_counted_in_metrics(server: dict[str, Any], engine: An
         assert rows == 0 and waits == 0  # --no-batching: no batcher, nothing counted
     else:
         assert rows >= 2 and waits >= 2  # one call per chunk (40 tokens: at least two chunks)
-        # the stream is over: its key/value pages are back in the pool, which holds some
-        assert after["token2wav_kv_pages_used"] == 0 and after["token2wav_kv_pages_total"] > 0
+        # the stream is over: its key/value pages are back in the pool, which holds some (other tests' streams
+        # on this server may still be closing: fewer pages, never more)
+        assert after["token2wav_kv_pages_used"] <= before.get("token2wav_kv_pages_used", 0)
+        assert after["token2wav_kv_pages_total"] > 0
         assert after["token2wav_kv_pool_bytes"] > 0
