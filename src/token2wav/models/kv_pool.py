@@ -415,24 +415,26 @@ def pooled_attention(q: Tensor, k: Tensor, v: Tensor, rows: PooledRows, step: in
     ``[B, H, S, d]``."""
     pk, pv = rows.pool.planes(step, layer)
     branches, heads, _, width = q.shape
-    pk.index_copy_(1, rows.write_index, k.transpose(1, 2).to(pk.dtype))
-    pv.index_copy_(1, rows.write_index, v.transpose(1, 2).to(pv.dtype))
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if k.dtype != pk.dtype:
+        k, v = k.to(pk.dtype), v.to(pv.dtype)
+    pk.index_copy_(1, rows.write_index, k)
+    pv.index_copy_(1, rows.write_index, v)
     r, nq, nk = rows.rows, rows.queries, rows.keys
 
-    def per_row(plane: Tensor, index: Tensor, length: int) -> Tensor:
-        # [B, slots, H, d] -> [B * R, H, length, d], a view of one gather
-        got = plane.index_select(1, index).view(branches, r, length, heads, width)
-        return got.permute(0, 1, 3, 2, 4).flatten(0, 1)
+    def per_row(frames: Tensor, length: int) -> Tensor:
+        # [B, R * length, H, d] -> [B * R, H, length, d] (views only)
+        return frames.reshape(branches * r, length, heads, width).transpose(1, 2)
 
-    if rows.query_index is None:  # padded layout: the frames already are [B, R * queries, H, d]
-        queries = q.transpose(1, 2).reshape(branches, r, nq, heads, width).permute(0, 1, 3, 2, 4).flatten(0, 1)
-    else:
-        queries = per_row(q.transpose(1, 2), rows.query_index, nq)
+    queries = q.transpose(1, 2)  # [B, S, H, d]
+    if rows.query_index is not None:  # packed layout: gather each row's frames into its padded place
+        queries = queries.index_select(1, rows.query_index)
     out = F.scaled_dot_product_attention(
-        queries, per_row(pk, rows.read_index, nk), per_row(pv, rows.read_index, nk), attn_mask=rows.mask
-    )
+        per_row(queries, nq), per_row(pk.index_select(1, rows.read_index), nk),
+        per_row(pv.index_select(1, rows.read_index), nk), attn_mask=rows.mask,
+    )  # fmt: skip
     # [B * R, H, queries, d] -> [B, R * queries, H, d] -> (the packed frames) -> [B, H, S, d]
-    out = out.view(branches, r, heads, nq, width).transpose(2, 3).reshape(branches, r * nq, heads, width)
+    out = out.transpose(1, 2).reshape(branches, r * nq, heads, width)
     if rows.out_index is not None:
         out = out.index_select(1, rows.out_index)
     return out.transpose(1, 2)

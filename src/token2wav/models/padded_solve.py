@@ -108,7 +108,8 @@ class _Bucket:
             self.body()  # warm-up (kernels pick their algorithms outside the capture)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.solver.memory_pool):
+        # thread_local: callers' threads keep using the GPU (planning, vocoding) while this one captures
+        with torch.cuda.graph(graph, pool=self.solver.memory_pool, capture_error_mode="thread_local"):
             self.body()
         self.graph, self.generation = graph, self.solver.pool.grown
         self.solver.captures += 1
