@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from token2wav import bench
@@ -94,3 +95,11 @@ def test_session_levels():
             assert "--sessions" in str(exc)
         else:
             raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_batch_workers_flag_is_checked():
+    from token2wav import cli
+
+    # refused before any model is built (SystemExit prints the message as the command's one line)
+    with pytest.raises(SystemExit, match=r"--batch-workers must be in \[1, 64\], got 0"):
+        cli.main(["bench", "--quick", "--modes", "", "--sessions", "2", "--batch-workers", "0"])

@@ -198,7 +198,7 @@ def run_stream(engine, prompt, tokens, mode: str, device: str, hop: int) -> dict
 
 
 def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int, batched: bool = False,
-                   graphs: bool = False) -> dict[str, Any]:
+                   graphs: bool = False, workers: int | None = None) -> dict[str, Any]:
     """N streams at once from N threads, fed one hop at a time as fast as the engine takes them: aggregate
     throughput, first-chunk and per-chunk latency spread, peak memory; with ``batched`` through one Batcher
     (with ``graphs``: fixed-shape batches, CUDA graphs on a GPU)."""
@@ -207,7 +207,7 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
     first: list[float] = [0.0] * sessions
     chunk_ms: list[list[float]] = [[] for _ in range(sessions)]
     errors: list[BaseException] = []
-    batcher = engine.batcher(max_batch=max(16, sessions), graphs=graphs) if batched else None
+    batcher = engine.batcher(max_batch=max(16, sessions), graphs=graphs, workers=workers) if batched else None
     source = batcher if batcher is not None else engine
     start_line = threading.Barrier(sessions)
 
@@ -281,6 +281,7 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
         "sessions": sessions,
         "batched": batched,
         "graphs": graphs,
+        "batch_workers": batcher.workers if batcher is not None else None,
         "wall_s": wall,
         "aggregate_rtf": wall / audio_s,
         "throughput": audio_s / wall,  # audio seconds per wall second, all sessions together
@@ -506,12 +507,14 @@ def measure_mode(model: str, quick: bool, device: str, dtype: torch.dtype, secon
 
 
 def measure_concurrency(model: str, quick: bool, device: str, dtype: torch.dtype, seconds: float, sessions: int,
-                        batched: bool = False, graphs: bool = False, engine=None) -> dict[str, Any]:
+                        batched: bool = False, graphs: bool = False, workers: int | None = None,
+                        engine=None) -> dict[str, Any]:
     engine = engine if engine is not None else _warm_engine(model, quick, device, dtype)
     if graphs and not hasattr(engine.flow.decoder.estimator, "forward_padded"):
         raise NotImplementedError("graphs=True needs a DiT estimator (CosyVoice 3)")
     prompt, tokens = _workload(engine, seconds, seed=7)
-    result = run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens, batched, graphs)
+    result = run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens, batched, graphs,
+                            workers)
     result["utterance_s"] = seconds
     return result
 
@@ -556,6 +559,7 @@ def run_bench(
     log: Callable[[str], None] = print,
     isolate: bool = True,
     graphs: bool = False,
+    batch_workers: int | None = None,
 ) -> dict[str, Any]:
     """Every row; with ``isolate`` each row runs in its own process (it builds its own engine)."""
     if isinstance(sessions, int):  # N: 1, 2, 4, ... N (1: none)
@@ -595,7 +599,7 @@ def run_bench(
         for n in sessions:
             for batched, with_graphs in variants:
                 try:
-                    c = call(measure_concurrency, min(utterances), n, batched, with_graphs)
+                    c = call(measure_concurrency, min(utterances), n, batched, with_graphs, batch_workers)
                 except NotImplementedError as exc:  # graphs on a U-Net model
                     report.setdefault("skipped", []).append({"model": label, "sessions": n, "graphs": True,
                                                              "reason": str(exc)})
@@ -630,6 +634,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1, 2, 4, ... N (default 1: none)")
     parser.add_argument("--graphs", action="store_true",
                         help="with --sessions: also batched with graphs=True (fixed shapes; CUDA graphs on a GPU)")
+    parser.add_argument("--batch-workers", type=int, default=None,
+                        help="with --sessions: the batcher's worker threads (default: its own default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -652,10 +658,12 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch_workers is not None and not 1 <= args.batch_workers <= 64:
+        raise SystemExit(f"--batch-workers must be in [1, 64], got {args.batch_workers}")
     utterances = args.utterance or ([10.0, 20.0] if args.quick else [10.0, 30.0, 60.0])
     models = args.model or (["cv3"] if args.quick else ["cv3", "cv2"])
     report = run_bench(models, args.quick, utterances, modes, sessions, args.device, getattr(torch, args.dtype),
-                       isolate=not args.same_process, graphs=args.graphs)
+                       isolate=not args.same_process, graphs=args.graphs, batch_workers=args.batch_workers)
     for t in report["targets"] + report.get("batching_targets", []):
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"target [{'met' if t['met'] else 'NOT met'}] {t['model']} {t['utterance_s']:g}s {t['target']}: {value}")

@@ -420,12 +420,11 @@ def describe_batching(t2w: Any) -> dict[str, Any]:
     if packed:
         flow_text = "rows packed along time in one call per solver step"
         if paged:
-            flow_text += (f"; keys/values in a page pool ({DEFAULT_PAGE_FRAMES}-frame pages, a prompt's shared), "
-                          "attention padded to buckets")
+            flow_text += f"; keys/values in a page pool ({DEFAULT_PAGE_FRAMES}-frame pages, a prompt's shared)"
     return {
         "flow": flow_text,
         "vocoder": vocoder,
-        "buckets": ShapeBuckets().describe() if paged else None,
+        "buckets": ShapeBuckets().describe() if hasattr(estimator, "forward_padded") else None,  # graphs only
         "graphs": "available: fixed-shape batches, CUDA graphs on a GPU (graphs=True, serve --graphs)"
         if hasattr(estimator, "forward_padded") else "not available for this estimator",
         "cache_bytes_per_frame": per_frame,

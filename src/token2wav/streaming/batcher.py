@@ -20,7 +20,8 @@ run alone.
 Keys/values: ``cached`` sessions keep theirs in a page pool (``models/kv_pool.py``, one per number of solver
 steps), so a chunk writes only its own frames, one gather per layer serves every row of a call, a voice
 prompt's pages are shared by all sessions that start from it, and a session's pages return to the pool when
-it finishes or closes (after the step it is in, if any). Attention calls are padded to ``buckets``.
+it finishes or closes (after the step it is in, if any). With ``graphs=True`` every call is padded to
+``buckets`` (fixed shapes, replayed as CUDA graphs on a GPU); otherwise calls keep their exact sizes.
 ``window`` sessions keep per-session tensors (their window is trimmed in place) and run in their own calls.
 
 Memory: with ``max_cache_bytes`` the batcher accounts each session's attention cache (frames held x bytes per
@@ -233,7 +234,9 @@ class Batcher:
     ``Batcher(t2w, max_batch=16, max_wait_ms=10.0, max_cache_bytes=None)``; ``b.stream(...)`` takes the
     arguments of ``Token2Wav.stream``. Use as a context manager or call ``close()`` to stop its thread.
     paged_kv: keep cached sessions' keys/values in a page pool (False: per-session tensors, the earlier
-    path, kept for comparison); page_frames: frames per page; buckets: padded attention sizes.
+    path, kept for comparison); page_frames: frames per page; buckets: the padded sizes of fixed-shape
+    batches (default ``ShapeBuckets()``); without graphs, given buckets pad the eager calls' attention too
+    (by default those keep their exact sizes: padding only costs time when nothing is captured).
     graphs: run cached DiT sessions as fixed-shape batches (every row padded to ``buckets``:
     ``models/padded_solve.py``), each shape captured once as a CUDA graph and replayed on a GPU, run eagerly
     on a CPU. With ``max_cache_bytes`` the page pool is allocated whole at the start, so it never grows
@@ -284,6 +287,7 @@ class Batcher:
         )
         self.page_frames = page_frames
         self.buckets = ShapeBuckets() if buckets is None else buckets
+        self._eager_buckets = buckets  # None: exact sizes
         self.graphs = bool(graphs)
         self._pools: dict[int, KVPool] = {}  # per n_timesteps
         self._padded: dict[int, PaddedSolver] = {}  # per n_timesteps, with graphs
@@ -648,7 +652,7 @@ class Batcher:
         states = [s._flow_state(job.work) for s, job in zip(sessions, jobs)]
         extra: dict[str, Any] = {}
         if paged:
-            extra = {"tables": [s._kv_table for s in sessions], "buckets": self.buckets}
+            extra = {"tables": [s._kv_table for s in sessions], "buckets": self._eager_buckets}
             if self.graphs:
                 extra["padded"] = self._padded[sessions[0].n_timesteps]
         try:
