@@ -567,6 +567,15 @@ class DiT(nn.Module):
         out, extended = self._trunk(h, mod, geometry.mask, None, cache.offset, cache, (geometry.cos, geometry.sin))
         return out, replace(extended, pos_tail1=tail1, pos_tail2=tail2)
 
+    def _project_frames(self, x: Tensor, mu: Tensor, cond: Tensor, spk: Tensor | None) -> Tensor:
+        """The input projection of frames given channel-first with a per-frame speaker: ``[B, T, dim]``."""
+        parts = [x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2)]
+        if self.input_embed.spk_dim > 0:
+            if spk is None:
+                raise ValueError("spk is required: the estimator was built with spk_dim > 0")
+            parts.append(spk.transpose(1, 2))
+        return self.input_embed.proj(torch.cat(parts, dim=-1))
+
     # ------------------------------------------------------------------ padded rows (static shapes)
     def forward_padded(
         self,
@@ -594,12 +603,7 @@ class DiT(nn.Module):
         """
         batch, rows, queries = x.shape[0], kv.rows, kv.queries
         embed = self.input_embed
-        parts = [x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2)]
-        if embed.spk_dim > 0:
-            if spk is None:
-                raise ValueError("spk is required: the estimator was built with spk_dim > 0")
-            parts.append(spk.transpose(1, 2))
-        h = embed.proj(torch.cat(parts, dim=-1))  # [B, R * Q, dim]
+        h = self._project_frames(x, mu, cond, spk)  # [B, R * Q, dim]
         dim = h.shape[-1]
         # each row a batch entry of the position convolutions, continuing from its own tails
         per_row = h.view(batch, rows, queries, dim).permute(0, 1, 3, 2).reshape(batch * rows, dim, queries)
@@ -657,12 +661,7 @@ class DiT(nn.Module):
             if cache.offset != geom.offset:
                 raise ValueError(f"a row's cache ends at frame {cache.offset}, its geometry starts at {geom.offset}")
         embed = self.input_embed
-        parts = [x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2)]
-        if embed.spk_dim > 0:
-            if spk is None:
-                raise ValueError("spk is required: the estimator was built with spk_dim > 0")
-            parts.append(spk.transpose(1, 2))
-        h = embed.proj(torch.cat(parts, dim=-1))
+        h = self._project_frames(x, mu, cond, spk)
         pos_conv = embed.conv_pos_embed
         hidden, tails1 = packed_causal_conv(
             pos_conv.conv1, h.transpose(1, 2), [c.pos_tail1 for c in caches], layout, context.conv_index,
