@@ -289,7 +289,8 @@ def test_cache_budget_refuses_cleanly(cv3):
         assert batcher.sessions_open == 0 and batcher.reserved_bytes == 0
     stats = batcher.stats()  # after close: a finished session's pages go back once its last step has ended
     assert stats["kv_pages_free"] == stats["kv_pages_total"] > 0  # every page is back in the pool
-    assert stats["kv_pool_bytes"] <= budget + 2 * stats["kv_pool_bytes"] // stats["kv_pages_total"]
+    # the pool was allocated at the budget's size once (8 pages of 16 frames <= 130 frames) and never grew
+    assert stats["kv_pages_total"] == 8 and stats["kv_pool_grown"] == 0 and stats["kv_pool_bytes"] <= budget
 
 
 def test_batcher_arguments_are_checked(cv3):
@@ -331,7 +332,7 @@ def test_info_describes_batching(cv3):
     info = describe_model(cv3)["batching"]
     assert info["flow"].startswith("rows packed along time") and "page pool (16-frame pages" in info["flow"]
     assert info["vocoder"] == "rows in the same state in one call"  # the causal HiFT stacks rows
-    assert info["buckets"] == {"rows": [1, 2, 4, 8, 16, 32, 64], "queries": [16, 32, 64, 128], "keys_multiple": 128}
+    assert info["buckets"]["rows"] == [1, 2, 4, 8, 16, 32, 64] and info["buckets"]["keys"][:3] == [128, 256, 384]
     assert info["graphs"].startswith("available")
     assert info["cache_bytes_per_frame"] == 20480
     # 25 tokens/s x 2 frames per token x 60 s x 20480 bytes

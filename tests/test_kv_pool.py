@@ -143,7 +143,10 @@ def test_buckets_pad_to_few_sizes():
     buckets = ShapeBuckets()
     assert buckets.pad(3, 50, 261) == (4, 64, 384)
     assert buckets.pad(1, 1, 1) == (1, 16, 128)
-    assert buckets.pad(65, 129, 128) == (128, 256, 128)  # beyond the largest: multiples of it
+    assert buckets.pad(5, 100, 1100) == (8, 128, 1536)
+    assert buckets.pad(65, 129, 4097) == (128, 256, 6144)  # beyond the largest: multiples
+    # a 10-minute stream (30,000 frames at 50 frames/s) meets few key sizes
+    assert len({buckets.pad(1, 50, k)[2] for k in range(50, 30_001, 50)}) == 23
     with pytest.raises(ValueError, match="rows must be increasing positive sizes"):
         ShapeBuckets(rows=(4, 2))
     with pytest.raises(ValueError, match="keys_multiple must be >= 1"):

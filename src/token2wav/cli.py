@@ -297,8 +297,8 @@ def _info(args: argparse.Namespace) -> int:
                             f"{batching['cache_mb_per_stream_minute']} MB per stream-minute")
         if batching["buckets"]:
             b = batching["buckets"]
-            info["graph buckets"] = (f"rows {b['rows']}, new frames per row {b['queries']}, keys per row in "
-                                     f"multiples of {b['keys_multiple']}")
+            info["graph buckets"] = (f"rows {b['rows']}, new frames per row {b['queries']}, keys per row "
+                                     f"{b['keys']}, then multiples of {b['keys_multiple']}")
         info["cuda graphs"] = batching["graphs"]
         _print_table(info)
         print(describe_presets(t2w.config))

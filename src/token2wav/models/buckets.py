@@ -22,15 +22,18 @@ def _round_up(n: int, sizes: tuple[int, ...], multiple: int) -> int:
 
 @dataclass(frozen=True)
 class ShapeBuckets:
-    """rows: batch sizes; queries: new frames per row (beyond the largest: multiples of it); keys_multiple:
-    keys per row are rounded up to a multiple of this."""
+    """rows: batch sizes; queries: new frames per row (beyond the largest: multiples of it); keys: keys per row
+    (beyond the largest: multiples of ``keys_multiple``). Key sizes grow by about half from one to the next, so
+    a stream of any length meets only a dozen or so (each a captured graph per rows and queries); the padded
+    keys cost attention work only."""
 
     rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     queries: tuple[int, ...] = (16, 32, 64, 128)
-    keys_multiple: int = 128
+    keys: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+    keys_multiple: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("rows", "queries"):
+        for name in ("rows", "queries", "keys"):
             sizes = getattr(self, name)
             if not sizes or any(s < 1 for s in sizes) or list(sizes) != sorted(set(sizes)):
                 raise ValueError(f"{name} must be increasing positive sizes, got {sizes}")
@@ -42,8 +45,9 @@ class ShapeBuckets:
         return (
             _round_up(rows, self.rows, self.rows[-1]),
             _round_up(queries, self.queries, self.queries[-1]),
-            _round_up(keys, (), self.keys_multiple),
+            _round_up(keys, self.keys, self.keys_multiple),
         )
 
     def describe(self) -> dict[str, object]:
-        return {"rows": list(self.rows), "queries": list(self.queries), "keys_multiple": self.keys_multiple}
+        return {"rows": list(self.rows), "queries": list(self.queries), "keys": list(self.keys),
+                "keys_multiple": self.keys_multiple}

@@ -331,7 +331,8 @@ class PooledRows:
     Padded layout (row ``r``'s frames at ``[r * queries, r * queries + n_r)``, the rest padding): write_index
     ``[R * queries]`` (padding frames write to the padding page), no query_index / out_index.
     read_index ``[R * keys]``: per (padded) row, the slots of its keys, padded with the zero page. mask
-    ``[2R, 1, queries, keys]`` (bool, per guidance branch and row): which keys each query sees.
+    ``[2R, 1, queries, keys]`` (additive: 0 where a query sees a key, -inf elsewhere; per guidance branch and
+    row).
     """
 
     pool: KVPool
@@ -385,7 +386,10 @@ class PooledRows:
             pos = torch.arange(o, total)
             vis[i, :n] = torch.clamp((pos // chunk + 1) * chunk, max=total) if chunk > 0 else total
             packed += n
-        mask = torch.arange(keys).view(1, 1, keys) < vis.unsqueeze(-1)
+        seen = torch.arange(keys).view(1, 1, keys) < vis.unsqueeze(-1)
+        # additive (0 / -inf) in the pool's dtype, made once per call: a bool mask would be converted by every
+        # layer's attention call
+        mask = torch.zeros(seen.shape, dtype=pool.dtype).masked_fill_(~seen, float("-inf"))
         device = pool.device
         return cls(
             pool=pool,

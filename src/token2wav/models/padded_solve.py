@@ -60,7 +60,7 @@ class _Bucket:
             pool=pool, rows=rows, queries=queries, keys=keys,
             write_index=torch.zeros(frames, device=device, dtype=torch.long),
             read_index=torch.zeros(rows * keys, device=device, dtype=torch.long), query_index=None, out_index=None,
-            mask=torch.zeros(pool.branches * rows, 1, queries, keys, device=device, dtype=torch.bool),
+            mask=torch.zeros(pool.branches * rows, 1, queries, keys, device=device, dtype=pool.dtype),
         )  # fmt: skip
         self.solver = solver
         self.lock = threading.Lock()

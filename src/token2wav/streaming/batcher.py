@@ -240,7 +240,7 @@ class Batcher:
     graphs: run cached DiT sessions as fixed-shape batches (every row padded to ``buckets``:
     ``models/padded_solve.py``), each shape captured once as a CUDA graph and replayed on a GPU, run eagerly
     on a CPU. With ``max_cache_bytes`` the page pool is allocated whole at the start, so it never grows
-    (growing would make every captured graph capture again).
+    (growing copies every cache once and makes every captured graph capture again).
     """
 
     def __init__(
@@ -293,6 +293,8 @@ class Batcher:
         self._padded: dict[int, PaddedSolver] = {}  # per n_timesteps, with graphs
         self._running: Counter[BatchedSession] = Counter()  # sessions with a chunk being computed
         self._release_after_step: set[BatchedSession] = set()
+        # calls that can compute side by side: CPU cores (a call's Python runs on one), one GPU stream
+        self._cores = 1 if t2w.device.type != "cpu" else max(1, os.cpu_count() or 1)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_cache_bytes = max_cache_bytes
@@ -347,7 +349,9 @@ class Batcher:
                 per_page = 2 * n_timesteps * layers * 2 * heads * dim_head * ref.element_size() * self.page_frames
                 # the budget bounds the pool too (plus the two reserved pages)
                 cap = None if self.max_cache_bytes is None else self.max_cache_bytes // per_page + RESERVED_PAGES
-                first = cap if self.graphs and cap is not None else 64  # graphs: never grow under a capture
+                # with a budget the whole pool at once: it never grows (no copy of every cache, nothing to capture
+                # again); a CPU commits its memory only as pages are first written
+                first = cap if cap is not None else 64
                 pool = KVPool(steps=n_timesteps, layers=layers, heads=heads, dim_head=dim_head, pages=first,
                               page_frames=self.page_frames, max_pages=cap, device=ref.device,
                               dtype=ref.dtype)  # fmt: skip
@@ -499,8 +503,10 @@ class Batcher:
                 order = sorted(self._queue, key=lambda j: (j.emission.index > 0, j.queued_at))
                 key = order[0].group
                 group = [j for j in order if j.group == key]
-                # a fair share when other workers are idle: two half batches on two cores beat one on one
-                share = -(-len(group) // max(1, self._idle_workers))
+                # split the ready rows over the cores that no call occupies yet (two half batches on two free
+                # cores beat one on one; more calls than cores only shrink the batches), at least one call
+                busy = self.workers - self._idle_workers
+                share = -(-len(group) // max(1, min(self._idle_workers, self._cores - busy)))
                 batch = group[: min(self.max_batch, share)]
                 for job in batch:
                     self._queue.remove(job)
