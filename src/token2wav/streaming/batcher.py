@@ -349,9 +349,10 @@ class Batcher:
                 per_page = 2 * n_timesteps * layers * 2 * heads * dim_head * ref.element_size() * self.page_frames
                 # the budget bounds the pool too (plus the two reserved pages)
                 cap = None if self.max_cache_bytes is None else self.max_cache_bytes // per_page + RESERVED_PAGES
-                # with a budget the whole pool at once: it never grows (no copy of every cache, nothing to capture
-                # again); a CPU commits its memory only as pages are first written
-                first = cap if cap is not None else 64
+                # with a budget the first pool is allocated whole at once: it never grows (no copy of every cache,
+                # nothing to capture again; a CPU commits its memory only as pages are first written). Pools of
+                # other step counts (rarer presets) start small, so the budget is not allocated twice.
+                first = cap if cap is not None and not self._pools else 64
                 pool = KVPool(steps=n_timesteps, layers=layers, heads=heads, dim_head=dim_head, pages=first,
                               page_frames=self.page_frames, max_pages=cap, device=ref.device,
                               dtype=ref.dtype)  # fmt: skip
