@@ -151,3 +151,33 @@ def test_buckets_pad_to_few_sizes():
         ShapeBuckets(rows=(4, 2))
     with pytest.raises(ValueError, match="keys_multiple must be >= 1"):
         ShapeBuckets(keys_multiple=0)
+
+
+def test_fixed_shape_solver_keeps_a_bounded_number_of_shapes():
+    """The least recently used shapes are dropped beyond max_shapes; the rows stay exact (vs the packed path)."""
+    from conftest import DATA
+
+    from token2wav.loading import load_flow
+    from token2wav.models.padded_solve import PaddedSolver
+
+    flow = load_flow(DATA / "cv3_config.yaml", DATA / "cv3_flow_state.safetensors")
+    est = flow.decoder.estimator
+    layers, heads, width = est.kv_layout()
+    pool = KVPool(steps=10, layers=layers, heads=heads, dim_head=width)
+    solver = PaddedSolver(flow.decoder, pool, buckets=ShapeBuckets(), graphs=False, max_shapes=2)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(1, 192, generator=g)
+    for n_rows, tokens in ((1, 60), (2, 60), (3, 60), (1, 60)):  # 114 new frames each: shapes (R, 128, 128)
+        start = flow.stream_start(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80), emb)
+        toks = [torch.randint(0, 512, (1, tokens), generator=g) for _ in range(n_rows)]  # the fixture vocabulary
+        tables = [PageTable(pool) for _ in range(n_rows)]
+        with torch.inference_mode():
+            alone = [flow.stream_step(start, t, finalize=False)[0] for t in toks]
+            padded = flow.stream_step_rows([start] * n_rows, toks, finalize=[False] * n_rows,
+                                           lookahead=[None] * n_rows, tables=tables, padded=solver)  # fmt: skip
+        for a, (b, _) in zip(alone, padded):
+            assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5
+        assert len(solver.shapes()) <= 2
+        for table in tables:
+            table.release()
+    assert solver.shapes() == [(1, 128, 128), (4, 128, 128)]  # (2, ...) was the least recently used

@@ -18,6 +18,7 @@ The pool must not be reallocated under a captured graph: a bucket recaptures whe
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,10 +119,13 @@ class _Bucket:
 class PaddedSolver:
     """``cfm.solve_rows`` for DiT estimators with fixed shapes per bucket (see the module docstring).
 
-    One per (flow, page pool); ``graphs``: capture and replay CUDA graphs (the pool must be on CUDA).
+    One per (flow, page pool); ``graphs``: capture and replay CUDA graphs (the pool must be on CUDA);
+    max_shapes: how many shapes (buffers and graphs) to keep, the least recently used dropped beyond that.
     """
 
-    def __init__(self, cfm: Any, pool: KVPool, *, buckets: ShapeBuckets, graphs: bool) -> None:
+    def __init__(self, cfm: Any, pool: KVPool, *, buckets: ShapeBuckets, graphs: bool, max_shapes: int = 64) -> None:
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         est = cfm.estimator
         if not hasattr(est, "forward_padded"):
             raise ValueError("fixed-shape batches need a DiT estimator (CosyVoice 3, the demo voice)")
@@ -142,7 +146,8 @@ class PaddedSolver:
                     dt = self.span[step + 1] - t
         self.modulations = tuple(mods)
         self.memory_pool = torch.cuda.graph_pool_handle() if graphs else None
-        self._buckets: dict[tuple[int, int, int], _Bucket] = {}
+        self.max_shapes = max_shapes
+        self._buckets: OrderedDict[tuple[int, int, int], _Bucket] = OrderedDict()
         self._lock = threading.Lock()
         self.captures = 0
 
@@ -153,9 +158,13 @@ class PaddedSolver:
 
     def _bucket(self, rows: int, queries: int, keys: int, channels: tuple[int, int, int]) -> _Bucket:
         with self._lock:
-            bucket = self._buckets.get((rows, queries, keys))
+            key = (rows, queries, keys)
+            bucket = self._buckets.get(key)
             if bucket is None:
-                bucket = self._buckets[(rows, queries, keys)] = _Bucket(self, rows, queries, keys, channels)
+                bucket = self._buckets[key] = _Bucket(self, rows, queries, keys, channels)
+                while len(self._buckets) > self.max_shapes:  # a caller still using one keeps it alive
+                    self._buckets.popitem(last=False)
+            self._buckets.move_to_end(key)
             return bucket
 
     def solve(
