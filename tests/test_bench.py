@@ -103,3 +103,22 @@ def test_batch_workers_flag_is_checked():
     # refused before any model is built (SystemExit prints the message as the command's one line)
     with pytest.raises(SystemExit, match=r"--batch-workers must be in \[1, 64\], got 0"):
         cli.main(["bench", "--quick", "--modes", "", "--sessions", "2", "--batch-workers", "0"])
+
+
+def test_gpu_targets_prefer_the_graphs_rows():
+    from token2wav.bench import gpu_targets
+
+    def row(n, graphs, p50, p99, thr, chunk99):
+        return {"model": "cv3", "sessions": n, "batched": True, "graphs": graphs, "utterance_s": 10.0,
+                "first_chunk_ms_p50": p50, "first_chunk_ms_p99": p99, "throughput": thr, "chunk_ms_p99": chunk99,
+                "hop_audio_ms": 1000.0}
+
+    conc = [row(1, False, 90, 90, 5, 80), row(1, True, 50, 55, 6, 45), row(16, True, 120, 160, 70, 150),
+            row(64, False, 300, 900, 70, 900), {"model": "cv3", "sessions": 64, "batched": False}]
+    got = {t["target"]: (t["value"], t["met"]) for t in gpu_targets(conc)}
+    assert got == {
+        "GPU 1 session: first chunk p50 <= 60 ms (graphs)": (50, True),
+        "GPU 16 sessions: first chunk p99 <= 150 ms (graphs)": (160, False),
+        "GPU 64 sessions: aggregate throughput >= 64 audio s/s": (70, True),  # no graphs row at 64: the batched one
+        "GPU 64 sessions: chunk p99 <= the hop's audio duration (ms)": (900, True),
+    }

@@ -141,6 +141,19 @@ class CausalConditionalCFM(nn.Module):
         # conditional branch gets the value, the unconditional branch zeros
         return torch.cat([value, torch.zeros_like(value)], dim=0)
 
+    @staticmethod
+    def euler_steps(t_span: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``(t, dt)`` of every Euler step over ``t_span``. The reference accumulates t by adding dt (not by
+        indexing t_span) and takes the next dt as ``t_span[k + 1] - t``: kept here, with its rounding."""
+        steps = []
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        for step in range(1, len(t_span)):
+            steps.append((t, dt))
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        return steps
+
     @torch.inference_mode()
     def forward(
         self,
@@ -180,17 +193,11 @@ class CausalConditionalCFM(nn.Module):
         mu_in = self._pair(mu)
         spks_in = self._pair(spks) if spks is not None else None
         cond_in = self._pair(cond)
-        # the reference accumulates t by adding dt (not indexing t_span); keep that rounding
-        t = t_span[0]
-        dt = t_span[1] - t_span[0]
-        for step in range(1, len(t_span)):
+        for t, dt in self.euler_steps(t_span):
             x_in = torch.cat([x, x], dim=0)
             t_in = t.reshape(1).expand(2).contiguous()
             raw = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming, **extra)
             x = x + dt * self._guided(raw)
-            t = t + dt
-            if step < len(t_span) - 1:
-                dt = t_span[step + 1] - t
         return x.float()
 
     def empty_cache(self, n_timesteps: int, device: torch.device, dtype: torch.dtype) -> CFMCache:
@@ -221,15 +228,13 @@ class CausalConditionalCFM(nn.Module):
         mu_in = self._pair(mu)
         spks_in = self._pair(spks) if spks is not None else None
         cond_in = self._pair(cond)
-        t = span[0]
-        dt = span[1] - span[0]
         new_steps = []
         modulate = hasattr(self.estimator, "modulation")
         mods = list(cache.modulations)
         shared: dict[str, Any] = {}
         if hasattr(self.estimator, "chunk_geometry"):  # the same frames at every step: mask/rotary once
             shared["geometry"] = self.estimator.chunk_geometry(cache.steps[0].offset, length, chunk_size)
-        for step in range(1, len(span)):
+        for step, (t, dt) in enumerate(self.euler_steps(span), start=1):
             x_in = torch.cat([x, x], dim=0)
             t_in = t.reshape(1).expand(2).contiguous()
             extra = dict(shared)
@@ -242,9 +247,6 @@ class CausalConditionalCFM(nn.Module):
             )
             new_steps.append(step_cache)
             x = x + dt * self._guided(raw)
-            t = t + dt
-            if step < len(span) - 1:
-                dt = span[step + 1] - t
         return x.float(), CFMCache(tuple(new_steps), tuple(mods) if modulate else ())
 
     @torch.inference_mode()
@@ -301,6 +303,8 @@ class CausalConditionalCFM(nn.Module):
         if spks[0] is not None:  # the speaker of every frame
             spk_cat = torch.cat([s.unsqueeze(-1).expand(-1, -1, n) for s, n in zip(spks, layout.lengths)], dim=2)
         if tables is not None:
+            if any(table.pool is not tables[0].pool for table in tables):
+                raise ValueError("the rows' page tables belong to different pools")
             caches = [self._paged(c, table) for c, table in zip(caches, tables)]
             for table, o, n in zip(tables, offsets, layout.lengths):
                 table.reserve(o + n)
@@ -319,10 +323,8 @@ class CausalConditionalCFM(nn.Module):
         # a step's time-only terms are the same for every stream: take them from any row that has them
         mods = list(max((c.modulations for c in caches), key=len)) if modulate else []
         new_steps: list[list[Any]] = [[] for _ in mus]
-        t = span[0]
-        dt = span[1] - span[0]
         with kv.pool.reading() if kv is not None else nullcontext():
-            for step in range(1, len(span)):
+            for step, (t, dt) in enumerate(self.euler_steps(span), start=1):
                 x_in = torch.cat([x, x], dim=0)
                 t_in = t.reshape(1).expand(2).contiguous()
                 extra: dict[str, Any] = {"t": t_in}
@@ -339,9 +341,6 @@ class CausalConditionalCFM(nn.Module):
                 for row, step_cache in zip(new_steps, step_caches):
                     row.append(step_cache)
                 x = x + dt * self._guided(raw)
-                t = t + dt
-                if step < len(span) - 1:
-                    dt = span[step + 1] - t
         mels = list(layout.split(x.float(), dim=2))
         kept = tuple(mods) if modulate else ()
         return mels, [CFMCache(tuple(row), kept, paged=kv is not None) for row in new_steps]
@@ -369,8 +368,6 @@ class CausalConditionalCFM(nn.Module):
         buckets: ShapeBuckets | None,
     ) -> PooledRows:
         pool = tables[0].pool
-        if any(table.pool is not pool for table in tables):
-            raise ValueError("the rows' page tables belong to different pools")
         ends = [o + n for o, n in zip(offsets, layout.lengths)]
         sizes = (len(tables), max(layout.lengths), max(ends))
         rows, queries, keys = buckets.pad(*sizes) if buckets is not None else sizes

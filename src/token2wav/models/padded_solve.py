@@ -72,13 +72,10 @@ class _Bucket:
         """The whole solve on the buffers (what a graph captures)."""
         solver = self.solver
         cfm, est = solver.cfm, solver.cfm.estimator
-        span = solver.span
         mu_in, cond_in = cfm._pair(self.mu), cfm._pair(self.cond)
         spk_in = cfm._pair(self.spk) if self.spk is not None else None
         x = self.x0
-        t = span[0]
-        dt = span[1] - span[0]
-        for step in range(1, len(span)):
+        for step, (_, dt) in enumerate(solver.steps, start=1):
             raw, new1, new2 = est.forward_padded(
                 torch.cat([x, x], dim=0), mu_in, cond_in, spk_in, self.tails1[step - 1], self.tails2[step - 1],
                 self.tail_index, kv=self.kv, step=step - 1, modulation=solver.modulations[step - 1], cos=self.cos,
@@ -87,9 +84,6 @@ class _Bucket:
             self.new1[step - 1].copy_(new1)
             self.new2[step - 1].copy_(new2)
             x = x + dt * cfm._guided(raw)
-            t = t + dt
-            if step < len(span) - 1:
-                dt = span[step + 1] - t
         self.mel.copy_(x.float())
 
     def run(self) -> None:
@@ -135,16 +129,10 @@ class PaddedSolver:
         self.dtype = next(est.parameters()).dtype
         self.n_timesteps = pool.steps
         device = pool.device
-        # the time schedule and its per-step modulations, computed once the way solve_chunk computes them
-        self.span = cfm.time_span(self.n_timesteps, device, self.dtype)
-        mods, t, dt = [], self.span[0], self.span[1] - self.span[0]
+        # the Euler steps and their modulations, once, as solve_chunk computes them (constants to a graph)
+        self.steps = cfm.euler_steps(cfm.time_span(self.n_timesteps, device, self.dtype))
         with torch.inference_mode():
-            for step in range(1, len(self.span)):
-                mods.append(est.modulation(t.reshape(1).expand(2).contiguous(), 2))
-                t = t + dt
-                if step < len(self.span) - 1:
-                    dt = self.span[step + 1] - t
-        self.modulations = tuple(mods)
+            self.modulations = tuple(est.modulation(t.reshape(1).expand(2).contiguous(), 2) for t, _ in self.steps)
         self.memory_pool = torch.cuda.graph_pool_handle() if graphs else None
         self.max_shapes = max_shapes
         self._buckets: OrderedDict[tuple[int, int, int], _Bucket] = OrderedDict()

@@ -13,6 +13,7 @@ dependency) with the same keys.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -870,10 +871,11 @@ class CausalConditionalDecoder(nn.Module):
         pasts = iter(zip(*[zip(c.keys, c.values, c.stores or ((None, None),) * len(c.keys)) for c in caches]))
         per_block = []
 
+        layers = itertools.count()  # attention layers in network order: the pool's layer index
+
         def attend(block: BasicTransformerBlock, h: Tensor) -> Tensor:
             if kv is not None:
-                per_block.append(((), (), ()))
-                return block.forward_pooled(h, kv, step, len(per_block) - 1)
+                return block.forward_pooled(h, kv, step, next(layers))
             row_pasts = [(pk, pv, ks, vs) for pk, pv, (ks, vs) in next(pasts)]
             h, keys, values, stores = block.forward_rows(h, biases, row_pasts, layout)
             per_block.append((keys, values, stores))

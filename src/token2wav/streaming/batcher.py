@@ -346,7 +346,7 @@ class Batcher:
                 est = self.t2w.flow.decoder.estimator
                 layers, heads, dim_head = est.kv_layout()
                 ref = next(est.parameters())
-                per_page = 2 * n_timesteps * layers * 2 * heads * dim_head * ref.element_size() * self.page_frames
+                per_page = cache_bytes_per_frame(self.t2w.flow, n_timesteps) * self.page_frames
                 # the budget bounds the pool too (plus the two reserved pages)
                 cap = None if self.max_cache_bytes is None else self.max_cache_bytes // per_page + RESERVED_PAGES
                 # with a budget the first pool is allocated whole at once: it never grows (no copy of every cache,
