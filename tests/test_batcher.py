@@ -17,13 +17,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import DATA
+from graph_replay import record_graph
 from safetensors.torch import load_file
 
 import token2wav
 from token2wav.config import read_config
 from token2wav.loading import load_flow, load_vocoder
 from token2wav.models.buckets import ShapeBuckets
+from token2wav.models.padded_solve import PaddedSolver
 from token2wav.models.rows import RowLayout, packed_causal_conv
+from token2wav.streaming import batcher as batcher_module
 from token2wav.streaming.batcher import CacheBudgetError, cache_bytes_per_frame
 from token2wav.streaming.engine import Prompt, Token2Wav
 from token2wav.streaming.session import SessionClosedError
@@ -133,10 +136,21 @@ def test_threads_through_one_batcher_equal_alone(engine_case):
     assert stats["kv_pages_free"] == stats["kv_pages_total"]  # every page back in the pool
 
 
-def test_fixed_shape_batches_equal_alone(engine_case):
-    """graphs=True: every row padded to its bucket, the whole solve in fixed shapes (on a CPU run eagerly, the
-    body a CUDA graph captures); CosyVoice 2's U-Net has no such path and says so."""
+def test_fixed_shape_batches_equal_alone(engine_case, monkeypatch):
+    """graphs=True: every row padded to its bucket, the whole solve in fixed shapes, each shape captured once
+    and replayed (here by the CPU stand-in for a CUDA graph, ``graph_replay``); CosyVoice 2's U-Net has no such
+    path and says so."""
     case, t2w, short, long = engine_case
+    recorded = []
+
+    def capture(body):
+        recorded.append(record_graph(body))
+        return recorded[-1]
+
+    def solver(*args, **kwargs):
+        return PaddedSolver(*args, **{**kwargs, "graphs": True, "capture": capture})
+
+    monkeypatch.setattr(batcher_module, "PaddedSolver", solver)
     if case == "cv2":
         with pytest.raises(ValueError, match="graphs=True runs fixed-shape batches of a DiT estimator"):
             t2w.batcher(graphs=True)
@@ -155,7 +169,8 @@ def test_fixed_shape_batches_equal_alone(engine_case):
             t.join()
     stats = batcher.stats()
     _check_equal(alone, results, specs)
-    assert stats["graphs"] and stats["graph_captures"] == 0  # CPU: the fixed-shape body runs eagerly
+    assert stats["graphs"] and stats["graph_captures"] == len(recorded) == len(stats["fixed_shapes"])
+    assert sum(g.replays for g in recorded) > len(recorded)  # some shapes replayed on later calls' rows
     assert max(stats["batch_sizes"]) >= 3 and any(rows >= 4 for rows, _, _ in stats["fixed_shapes"]), stats
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
 

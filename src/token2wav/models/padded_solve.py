@@ -13,14 +13,18 @@ Exactness: padding frames sit after a row's real frames, write their keys to the
 masked out of every real query, and each row is its own batch entry of the causal convolutions, so a row's
 real frames get what they get alone (tested against the unpadded path).
 The pool must not be reallocated under a captured graph: a bucket recaptures when the pool has grown since.
+A captured graph freezes every host value the body used (sizes, Python numbers) and the addresses of every tensor
+it read, so the body reads per-call data only from the buffers; ``capture`` lets a test replay the body the way
+a graph would on a CPU and check exactly that.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,7 +32,26 @@ from torch import Tensor
 from .buckets import ShapeBuckets
 from .kv_pool import KVPool, PageTable, PooledRows
 
-__all__ = ["PaddedSolver"]
+__all__ = ["PaddedSolver", "Replayable", "capture_cuda_graph"]
+
+
+class Replayable(Protocol):
+    def replay(self) -> None: ...
+
+
+def capture_cuda_graph(body: Callable[[], None], *, device: torch.device, memory_pool: Any) -> Replayable:
+    """``body`` captured as a CUDA graph (not run: the caller replays it)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        body()  # warm-up (kernels pick their algorithms outside the capture)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: callers' threads keep using the GPU (planning, vocoding) while this one captures; every
+    # shape's graph draws on one memory pool (replays never overlap: they share a stream)
+    with torch.cuda.graph(graph, pool=memory_pool, capture_error_mode="thread_local"):
+        body()
+    return graph
 
 
 class _Bucket:
@@ -96,17 +119,8 @@ class _Bucket:
         self.graph.replay()
 
     def _capture(self) -> None:
-        device = self.solver.pool.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self.body()  # warm-up (kernels pick their algorithms outside the capture)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: callers' threads keep using the GPU (planning, vocoding) while this one captures
-        with torch.cuda.graph(graph, pool=self.solver.memory_pool, capture_error_mode="thread_local"):
-            self.body()
-        self.graph, self.generation = graph, self.solver.pool.grown
+        generation = self.solver.pool.grown
+        self.graph, self.generation = self.solver.capture(self.body), generation
         self.solver.captures += 1
 
 
@@ -114,16 +128,27 @@ class PaddedSolver:
     """``cfm.solve_rows`` for DiT estimators with fixed shapes per bucket (see the module docstring).
 
     One per (flow, page pool); ``graphs``: capture and replay CUDA graphs (the pool must be on CUDA);
-    max_shapes: how many shapes (buffers and graphs) to keep, the least recently used dropped beyond that.
+    max_shapes: how many shapes (buffers and graphs) to keep, the least recently used dropped beyond that;
+    capture: with ``graphs``, what turns a shape's solve into something replayable (default: a CUDA graph;
+    tests give a CPU stand-in that replays the recorded operator calls the way a graph does).
     """
 
-    def __init__(self, cfm: Any, pool: KVPool, *, buckets: ShapeBuckets, graphs: bool, max_shapes: int = 64) -> None:
+    def __init__(
+        self,
+        cfm: Any,
+        pool: KVPool,
+        *,
+        buckets: ShapeBuckets,
+        graphs: bool,
+        max_shapes: int = 64,
+        capture: Callable[[Callable[[], None]], Replayable] | None = None,
+    ) -> None:
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         est = cfm.estimator
         if not hasattr(est, "forward_padded"):
             raise ValueError("fixed-shape batches need a DiT estimator (CosyVoice 3, the demo voice)")
-        if graphs and pool.device.type != "cuda":
+        if graphs and capture is None and pool.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {pool.device}")
         self.cfm, self.pool, self.buckets, self.graphs = cfm, pool, buckets, graphs
         self.dtype = next(est.parameters()).dtype
@@ -133,7 +158,9 @@ class PaddedSolver:
         self.steps = cfm.euler_steps(cfm.time_span(self.n_timesteps, device, self.dtype))
         with torch.inference_mode():
             self.modulations = tuple(est.modulation(t.reshape(1).expand(2).contiguous(), 2) for t, _ in self.steps)
-        self.memory_pool = torch.cuda.graph_pool_handle() if graphs else None
+        if graphs and capture is None:
+            capture = functools.partial(capture_cuda_graph, device=device, memory_pool=torch.cuda.graph_pool_handle())
+        self.capture = capture
         self.max_shapes = max_shapes
         self._buckets: OrderedDict[tuple[int, int, int], _Bucket] = OrderedDict()
         self._lock = threading.Lock()
