@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu.sh OUT_DIR                 # CUDA: parity tests (fp32, TF32 off), half-precision streams,
 #                                             # bench in bfloat16 at 1, 4, 16, 64 sessions: unbatched,
-#                                             # batched, batched with CUDA graphs (CosyVoice 3)
+#                                             # batched, batched with CUDA graphs (CosyVoice 3 and 2)
 #   benchmarks/gpu.sh OUT_DIR --device cpu --quick   # the same steps, tiny sizes, on the CPU (tested in CI)
 #
 # The device's Python may lack some of our dependencies (it has torch; no FastAPI is needed here): wheels in

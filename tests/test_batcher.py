@@ -138,8 +138,8 @@ def test_threads_through_one_batcher_equal_alone(engine_case):
 
 def test_fixed_shape_batches_equal_alone(engine_case, monkeypatch):
     """graphs=True: every row padded to its bucket, the whole solve in fixed shapes, each shape captured once
-    and replayed (here by the CPU stand-in for a CUDA graph, ``graph_replay``); CosyVoice 2's U-Net has no such
-    path and says so."""
+    and replayed (here by the CPU stand-in for a CUDA graph, ``graph_replay``): CosyVoice 3 and the demo voice
+    (DiT), CosyVoice 2 (U-Net)."""
     case, t2w, short, long = engine_case
     recorded = []
 
@@ -151,10 +151,6 @@ def test_fixed_shape_batches_equal_alone(engine_case, monkeypatch):
         return PaddedSolver(*args, **{**kwargs, "graphs": True, "capture": capture})
 
     monkeypatch.setattr(batcher_module, "PaddedSolver", solver)
-    if case == "cv2":
-        with pytest.raises(ValueError, match="graphs=True runs fixed-shape batches of a DiT estimator"):
-            t2w.batcher(graphs=True)
-        return
     specs = _specs(case, short, long)[:5]
     tokens = _tokens(t2w, len(specs), seed=13)
     alone = [_run(t2w.stream(**spec), tk, [9]) for spec, tk in zip(specs, tokens)]
@@ -169,8 +165,9 @@ def test_fixed_shape_batches_equal_alone(engine_case, monkeypatch):
             t.join()
     stats = batcher.stats()
     _check_equal(alone, results, specs)
-    assert stats["graphs"] and stats["graph_captures"] == len(recorded) == len(stats["fixed_shapes"])
-    assert sum(g.replays for g in recorded) > len(recorded)  # some shapes replayed on later calls' rows
+    # every shape captured (again only if the pool grew under it), every call a replay
+    assert stats["graphs"] and len(stats["fixed_shapes"]) <= stats["graph_captures"] == len(recorded)
+    assert all(g.replays >= 1 for g in recorded)
     assert max(stats["batch_sizes"]) >= 3 and any(rows >= 4 for rows, _, _ in stats["fixed_shapes"]), stats
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
 
@@ -319,7 +316,7 @@ def test_batcher_arguments_are_checked(cv3):
         token2wav.Batcher(cv3, workers=0)
     with pytest.raises(ValueError, match="page_frames must be an int in"):
         token2wav.Batcher(cv3, page_frames=0)
-    with pytest.raises(ValueError, match="graphs=True runs fixed-shape batches of a DiT estimator .* with paged_kv"):
+    with pytest.raises(ValueError, match="graphs=True runs fixed-shape batches of a cached flow .* with paged_kv"):
         token2wav.Batcher(cv3, graphs=True, paged_kv=False)
     with cv3.batcher() as batcher, pytest.raises(ValueError, match="hop=7 tokens is not a multiple"):
         batcher.stream(hop=7)

@@ -92,12 +92,9 @@ def test_batched_equals_alone_on_device(case):
 
 def test_fixed_shape_batches_equal_alone_on_device(case):
     """graphs=True: on CUDA every bucket is captured once as a CUDA graph and replayed; on a CPU the same
-    fixed-shape body runs eagerly. Either way each row equals the session alone. CosyVoice 2 refuses it."""
+    fixed-shape body runs eagerly. Either way each row equals the session alone (CosyVoice 3's DiT and
+    CosyVoice 2's U-Net)."""
     name, engine, prompt, data, meta = case
-    if name == "cv2":
-        with pytest.raises(ValueError, match="graphs=True runs fixed-shape batches of a DiT estimator"):
-            engine.batcher(graphs=True)
-        return
     rng = np.random.default_rng(5)
     tokens = [rng.integers(0, engine.config.vocab_size, n).tolist() for n in (80, 45, 120)]
     prompts = [prompt, None, prompt]

@@ -40,18 +40,20 @@ def test_the_stand_in_replays_like_a_graph():
         record_graph(lambda: out.masked_fill_(source > 1, 0.0))  # a mask as an operand is capturable
 
 
-@pytest.fixture(scope="module")
-def flow():
-    return load_flow(DATA / "cv3_config.yaml", DATA / "cv3_flow_state.safetensors")
+@pytest.fixture(scope="module", params=["cv3", "cv2"])
+def flow(request):
+    """CosyVoice 3 (DiT: rotary terms, two position-conv tails) and CosyVoice 2 (U-Net: a conformer encoder
+    before the solve, a tail for each of its causal convs)."""
+    return load_flow(DATA / f"{request.param}_config.yaml", DATA / f"{request.param}_flow_state.safetensors")
 
 
 def _session(flow, prompt_tokens: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     ratio = flow.token_mel_ratio
-    prompt = torch.randint(0, 512, (1, prompt_tokens), generator=g)  # the fixture vocabulary
+    prompt = torch.randint(0, flow.vocab_size, (1, prompt_tokens), generator=g)
     feat = torch.randn(1, prompt_tokens * ratio, 80, generator=g)
-    emb = torch.randn(1, 192, generator=g)
-    return flow.stream_start(prompt, feat, emb), torch.randint(0, 512, (1, 64), generator=g)
+    emb = torch.randn(1, flow.spk_embed_dim, generator=g)
+    return flow.stream_start(prompt, feat, emb), torch.randint(0, flow.vocab_size, (1, 64), generator=g)
 
 
 def test_replayed_fixed_shape_solves_equal_each_rows_own_stream(flow):

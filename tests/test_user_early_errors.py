@@ -118,11 +118,11 @@ def test_engine_and_preflight_agree_on_the_tiny_model():
     check_stream_options(t2w.config, hop=50, mode="window", window_frames=100)
 
 
-def test_serve_graphs_on_a_cosyvoice2_model_refused_before_loading(tmp_path, capsys, no_loading):
+def test_serve_graphs_without_batching_refused_before_loading(tmp_path, capsys, no_loading):
     d = tmp_path / "CosyVoice2-0.5B"
     d.mkdir()
     shutil.copy(DATA / "real_configs" / "cosyvoice2.yaml", d / "cosyvoice2.yaml")
-    assert cli.main(["serve", "--model", str(d), "--graphs", "--port", "0"]) == 2
+    assert cli.main(["serve", "--model", str(d), "--graphs", "--no-batching", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "--graphs needs a DiT model (CosyVoice 3 family)" in err and "is cosyvoice2" in err
+    assert "--graphs runs the batcher's fixed-shape batches; it cannot be used with --no-batching" in err

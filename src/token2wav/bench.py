@@ -25,6 +25,7 @@ import torch
 
 from .config import ModelConfig, ModuleSpec, read_config
 from .loading import build_flow, build_vocoder, resolve_model_dir
+from .models.padded_solve import has_fixed_shapes
 
 _CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
 MODES = ("offline", "cached", "window", "recompute", "constrained")  # constrained: cached + int8 flow (CPU)
@@ -513,8 +514,8 @@ def measure_concurrency(model: str, quick: bool, device: str, dtype: torch.dtype
                         batched: bool = False, graphs: bool = False, workers: int | None = None,
                         engine=None) -> dict[str, Any]:
     engine = engine if engine is not None else _warm_engine(model, quick, device, dtype)
-    if graphs and not hasattr(engine.flow.decoder.estimator, "forward_padded"):
-        raise NotImplementedError("graphs=True needs a DiT estimator (CosyVoice 3)")
+    if graphs and not has_fixed_shapes(engine.flow.decoder.estimator):
+        raise NotImplementedError("graphs=True needs an estimator with fixed-shape solves")
     prompt, tokens = _workload(engine, seconds, seed=7)
     result = run_concurrent(engine, prompt, tokens, sessions, device, engine.config.chunk_tokens, batched, graphs,
                             workers)
@@ -603,7 +604,7 @@ def run_bench(
             for batched, with_graphs in variants:
                 try:
                     c = call(measure_concurrency, min(utterances), n, batched, with_graphs, batch_workers)
-                except NotImplementedError as exc:  # graphs on a U-Net model
+                except NotImplementedError as exc:  # graphs on an estimator without fixed shapes
                     report.setdefault("skipped", []).append({"model": label, "sessions": n, "graphs": True,
                                                              "reason": str(exc)})
                     log(f"{label:>5} sessions {n:3d}  graphs skipped: {exc}")

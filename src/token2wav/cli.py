@@ -540,14 +540,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-workers must be in [1, 64], got {args.batch_workers}")
     if args.max_cache_mb is not None and not args.max_cache_mb > 0:
         raise ValueError(f"--max-cache-mb must be > 0, got {args.max_cache_mb}")
-    if args.graphs and not args.no_batching and not args.model.startswith("bench:"):
-        from token2wav.config import read_config
-        from token2wav.loading import resolve_model_dir
-
-        family = read_config(resolve_model_dir(args.model)).family  # known before any weights are read
-        if family != "cosyvoice3":
-            raise ValueError(f"--graphs needs a DiT model (CosyVoice 3 family); {args.model} is {family}: "
-                             "drop --graphs")
+    if args.graphs and args.no_batching:
+        raise ValueError("--graphs runs the batcher's fixed-shape batches; it cannot be used with --no-batching")
 
     limits = ServerLimits(
         max_sessions=args.max_sessions,

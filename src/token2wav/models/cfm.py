@@ -393,15 +393,13 @@ class CausalConditionalCFM(nn.Module):
     ) -> tuple[list[Tensor], list[CFMCache]]:
         if padded.pool is not tables[0].pool or padded.n_timesteps != caches[0].n_timesteps:
             raise ValueError("the padded solver belongs to another pool or solver schedule")
-        mel, tails = padded.solve(
+        mel, steps = padded.solve(
             x, mu, cond, spk, caches=[c.steps for c in caches], tables=tables, offsets=offsets,
             lengths=layout.lengths, chunk_sizes=self._chunks(chunk_sizes),
         )  # fmt: skip
-        new = []
-        for cache, n, row_tails in zip(caches, layout.lengths, tails):
-            steps = tuple(replace(step, offset=step.offset + n, pos_tail1=t1, pos_tail2=t2)
-                          for step, (t1, t2) in zip(cache.steps, row_tails))  # fmt: skip
-            new.append(CFMCache(steps, padded.modulations, paged=True))
+        # a DiT's caches keep the steps' time modulations (shared); a U-Net keeps none
+        kept = padded.constants if hasattr(self.estimator, "modulation") else ()
+        new = [CFMCache(tuple(row), kept, paged=True) for row in steps]
         return list(layout.split(mel, dim=2)), new
 
     # ------------------------------------------------------------------ training

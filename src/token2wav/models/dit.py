@@ -12,6 +12,7 @@ Two entry points share every layer:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -21,7 +22,14 @@ from torch import Tensor, nn
 from token2wav.masks import add_chunk_mask, make_chunk_mask
 from token2wav.models.kv_pool import PooledRows, pooled_attention
 from token2wav.models.kv_store import PastKV, RowStore, extend_kv
-from token2wav.models.rows import RowLayout, packed_attention, packed_causal_conv
+from token2wav.models.rows import (
+    RowLayout,
+    packed_attention,
+    packed_causal_conv,
+    padded_causal_conv,
+    padded_rows,
+    unpadded_rows,
+)
 
 __all__ = ["ChunkGeometry", "DiT", "DiTCache", "RowsGeometry", "TimeModulation"]
 
@@ -577,49 +585,64 @@ class DiT(nn.Module):
         return self.input_embed.proj(torch.cat(parts, dim=-1))
 
     # ------------------------------------------------------------------ padded rows (static shapes)
+    # The fixed-shape interface (``models/padded_solve.py``), shared with the U-Net: per solver step its
+    # time-only terms, per padded frame its position terms, per row and step its convolution tails.
+    def padded_constants(self, t: Tensor) -> TimeModulation:
+        """The time-only terms of a solver step at ``t`` ``[2]`` (both guidance branches)."""
+        return self.modulation(t, 2)
+
+    def padded_terms(self, positions: Tensor) -> dict[str, Tensor]:
+        """Per padded frame (absolute ``positions``), the inputs ``forward_padded`` takes by name."""
+        angles = self.rotary_embed.angles_at(positions.to(self.rotary_embed.inv_freq.device))
+        return {"cos": angles.cos(), "sin": angles.sin()}
+
+    @staticmethod
+    def padded_tails(cache: DiTCache) -> tuple[Tensor, ...]:
+        """A row's convolution tails at one solver step, in ``forward_padded``'s order."""
+        return cache.pos_tail1, cache.pos_tail2
+
+    @staticmethod
+    def padded_advance(cache: DiTCache, frames: int, chunk_size: int, tails: Sequence[Tensor]) -> DiTCache:
+        """A paged step cache moved on by ``frames`` with new tails (keys and values are in the pool)."""
+        return replace(cache, offset=cache.offset + frames, pos_tail1=tails[0], pos_tail2=tails[1])
+
     def forward_padded(
         self,
         x: Tensor,
         mu: Tensor,
         cond: Tensor,
         spk: Tensor | None,
-        tails1: Tensor,
-        tails2: Tensor,
-        tail_index: Tensor,
         *,
+        tails: Sequence[Tensor],
+        ends: Tensor,
         kv: PooledRows,
         step: int,
-        modulation: TimeModulation,
+        constants: TimeModulation,
         cos: Tensor,
         sin: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """``forward_rows`` with every shape fixed by ``kv``'s padded sizes (so that it can be captured as a
         CUDA graph): row ``r``'s new frames sit at ``[r * Q, r * Q + n_r)`` of x, mu, cond ``[B, C, R * Q]`` and
-        spk ``[B, spk_dim, R * Q]``, the rest is padding. tails1, tails2 ``[B * R, dim, kernel - 1]``
-        (branch-major): each row's position-convolution tails; tail_index ``[B * R, dim, kernel - 1]``: per
-        row ``n_r + arange(kernel - 1)``, where its new tails sit in ``[tail, frames]``. cos, sin: rotary
-        terms of every padded frame. Returns the velocity ``[B, mel_dim, R * Q]`` and the new tails. A row's
-        real frames see only its tails, its earlier frames and its keys: padding changes nothing there.
+        spk ``[B, spk_dim, R * Q]``, the rest is padding. tails: ``padded_tails`` of every row, stacked
+        ``[B * R, dim, kernel - 1]`` (branch-major); ends ``[B * R]``: ``n_r``. constants:
+        ``padded_constants``; cos, sin: ``padded_terms`` of every padded frame. Returns the velocity
+        ``[B, mel_dim, R * Q]`` and the new tails. A row's real frames see only its tails, its earlier frames
+        and its keys: padding changes nothing there.
         """
-        batch, rows, queries = x.shape[0], kv.rows, kv.queries
-        embed = self.input_embed
+        batch, rows = x.shape[0], kv.rows
         h = self._project_frames(x, mu, cond, spk)  # [B, R * Q, dim]
-        dim = h.shape[-1]
+        pos_conv = self.input_embed.conv_pos_embed
         # each row a batch entry of the position convolutions, continuing from its own tails
-        per_row = h.view(batch, rows, queries, dim).permute(0, 1, 3, 2).reshape(batch * rows, dim, queries)
-        pos_conv = embed.conv_pos_embed
-        seq1 = torch.cat([tails1, per_row], dim=2)
-        seq2 = torch.cat([tails2, pos_conv.conv1(seq1)], dim=2)
-        pos = pos_conv.conv2(seq2)
-        new1, new2 = seq1.gather(2, tail_index), seq2.gather(2, tail_index)
-        h = pos.view(batch, rows, dim, queries).permute(0, 1, 3, 2).reshape(batch, rows * queries, dim) + h
+        y1, new1 = padded_causal_conv(pos_conv.conv1, padded_rows(h.transpose(1, 2), rows), tails[0], ends)
+        pos, new2 = padded_causal_conv(pos_conv.conv2, y1, tails[1], ends)
+        h = unpadded_rows(pos, batch).transpose(1, 2) + h
         residual = h
         for i, block in enumerate(self.transformer_blocks):
-            h = block.forward_pooled(h, modulation.blocks[i], cos, sin, kv, step, i)
+            h = block.forward_pooled(h, constants.blocks[i], cos, sin, kv, step, i)
         if self.long_skip_connection is not None:
             h = self.long_skip_connection(torch.cat((h, residual), dim=-1))
-        h = self.norm_out.apply(h, modulation.final)
-        return self.proj_out(h).transpose(1, 2), new1, new2
+        h = self.norm_out.apply(h, constants.final)
+        return self.proj_out(h).transpose(1, 2), (new1, new2)
 
     # ------------------------------------------------------------------ packed rows (many streams, one call)
     def prepare_rows(self, offsets: list[int], layout: RowLayout, chunk_sizes: list[int | None]) -> RowsGeometry:

@@ -4,14 +4,16 @@
 execution, impossible to capture. Here the rows are padded to a bucket (rows R, new frames per row Q, keys
 per row K; ``models/buckets.py``): row ``r``'s frames sit at ``[r * Q, r * Q + n_r)``, its caches live in the
 page pool, and every input of the whole solve (all Euler steps, both guidance branches) is a preallocated
-buffer that each call fills in place: noise, mu, cond, speaker, rotary terms, the position-convolution tails of
-every step, the pool indices and the attention mask. The solve itself (``_Bucket.body``) then touches only
-those buffers, the weights and the pool, so on CUDA it is captured once per bucket (``graphs=True``) and each
-later call is one replay; on a CPU (or with ``graphs=False``) the same body runs eagerly.
+buffer that each call fills in place: noise, mu, cond, speaker, the per-frame position terms (a DiT's rotary
+angles), every causal convolution's tails at every step, the pool indices and the attention mask. The solve
+itself (``_Bucket.body``) then touches only those buffers, the weights and the pool, so on CUDA it is captured
+once per bucket (``graphs=True``) and each later call is one replay; on a CPU (or with ``graphs=False``) the
+same body runs eagerly.
 
 Exactness: padding frames sit after a row's real frames, write their keys to the pool's padding page and are
 masked out of every real query, and each row is its own batch entry of the causal convolutions, so a row's
-real frames get what they get alone (tested against the unpadded path).
+real frames get what they get alone (tested against the unpadded path). The estimator provides the pieces
+(``has_fixed_shapes``): CosyVoice 3's DiT and CosyVoice 2's U-Net both do.
 The pool must not be reallocated under a captured graph: a bucket recaptures when the pool has grown since.
 A captured graph freezes every host value the body used (sizes, Python numbers) and the addresses of every tensor
 it read, so the body reads per-call data only from the buffers; ``capture`` lets a test replay the body the way
@@ -32,7 +34,7 @@ from torch import Tensor
 from .buckets import ShapeBuckets
 from .kv_pool import KVPool, PageTable, PooledRows
 
-__all__ = ["PaddedSolver", "Replayable", "capture_cuda_graph"]
+__all__ = ["PaddedSolver", "Replayable", "capture_cuda_graph", "has_fixed_shapes"]
 
 
 class Replayable(Protocol):
@@ -57,28 +59,23 @@ def capture_cuda_graph(body: Callable[[], None], *, device: torch.device, memory
 class _Bucket:
     """The buffers and the (captured) solve for one padded size."""
 
-    def __init__(self, solver: PaddedSolver, rows: int, queries: int, keys: int, channels: tuple[int, int, int]):
-        est, pool = solver.cfm.estimator, solver.pool
+    def __init__(self, solver: PaddedSolver, rows: int, queries: int, keys: int, channels: tuple[int, int, int],
+                 terms: dict[str, Tensor], tails: Sequence[Tensor]) -> None:  # fmt: skip
+        pool = solver.pool
         device, dtype = pool.device, solver.dtype
         frames = rows * queries
         mel, mu, spk = channels
-        embed = est.input_embed
-        history = embed.conv_pos_embed.kernel_size - 1
-        steps = solver.n_timesteps
         self.rows, self.queries, self.keys = rows, queries, keys
         self.x0 = torch.zeros(1, mel, frames, device=device, dtype=dtype)
         self.mu = torch.zeros(1, mu, frames, device=device, dtype=dtype)
         self.cond = torch.zeros(1, mel, frames, device=device, dtype=dtype)
         self.spk = torch.zeros(1, spk, frames, device=device, dtype=dtype) if spk else None
-        rot = est.rotary_embed.inv_freq.numel() * 2
-        self.cos = torch.zeros(frames, rot, device=device, dtype=est.rotary_embed.inv_freq.dtype)
-        self.sin = torch.zeros_like(self.cos)
-        width = est.dim
-        self.tails1 = torch.zeros(steps, 2 * rows, width, history, device=device, dtype=dtype)
-        self.tails2 = torch.zeros_like(self.tails1)
-        self.tail_index = torch.zeros(2 * rows, width, history, device=device, dtype=torch.long)
-        self.new1 = torch.zeros_like(self.tails1)
-        self.new2 = torch.zeros_like(self.tails1)
+        self.terms = {name: torch.zeros_like(value, device=device) for name, value in terms.items()}
+        # per solver step and causal conv: every row's tail, [2R, C, history] (branch-major), and the new ones
+        self.tails = [[tails[0].new_zeros(2 * rows, *t.shape[1:], device=device) for t in tails]
+                      for _ in range(solver.n_timesteps)]  # fmt: skip
+        self.new_tails = [[torch.zeros_like(t) for t in step] for step in self.tails]
+        self.ends = torch.zeros(2 * rows, device=device, dtype=torch.long)
         self.mel = torch.zeros(1, mel, frames, device=device, dtype=torch.float32)
         self.kv = PooledRows(
             pool=pool, rows=rows, queries=queries, keys=keys,
@@ -98,14 +95,13 @@ class _Bucket:
         mu_in, cond_in = cfm._pair(self.mu), cfm._pair(self.cond)
         spk_in = cfm._pair(self.spk) if self.spk is not None else None
         x = self.x0
-        for step, (_, dt) in enumerate(solver.steps, start=1):
-            raw, new1, new2 = est.forward_padded(
-                torch.cat([x, x], dim=0), mu_in, cond_in, spk_in, self.tails1[step - 1], self.tails2[step - 1],
-                self.tail_index, kv=self.kv, step=step - 1, modulation=solver.modulations[step - 1], cos=self.cos,
-                sin=self.sin,
+        for step, (_, dt) in enumerate(solver.steps):
+            raw, new = est.forward_padded(
+                torch.cat([x, x], dim=0), mu_in, cond_in, spk_in, tails=self.tails[step], ends=self.ends,
+                kv=self.kv, step=step, constants=solver.constants[step], **self.terms,
             )  # fmt: skip
-            self.new1[step - 1].copy_(new1)
-            self.new2[step - 1].copy_(new2)
+            for buffer, tail in zip(self.new_tails[step], new):
+                buffer.copy_(tail)
             x = x + dt * cfm._guided(raw)
         self.mel.copy_(x.float())
 
@@ -125,7 +121,9 @@ class _Bucket:
 
 
 class PaddedSolver:
-    """``cfm.solve_rows`` for DiT estimators with fixed shapes per bucket (see the module docstring).
+    """``cfm.solve_rows`` with fixed shapes per bucket (see the module docstring), for an estimator with the
+    fixed-shape interface (``forward_padded``, ``padded_constants``, ``padded_terms``, ``padded_tails``,
+    ``padded_advance``: the DiT of CosyVoice 3 and the demo voice, CosyVoice 2's U-Net).
 
     One per (flow, page pool); ``graphs``: capture and replay CUDA graphs (the pool must be on CUDA);
     max_shapes: how many shapes (buffers and graphs) to keep, the least recently used dropped beyond that;
@@ -146,18 +144,19 @@ class PaddedSolver:
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
         est = cfm.estimator
-        if not hasattr(est, "forward_padded"):
-            raise ValueError("fixed-shape batches need a DiT estimator (CosyVoice 3, the demo voice)")
+        if not has_fixed_shapes(est):
+            raise ValueError(f"fixed-shape batches need an estimator with forward_padded; {type(est).__name__} "
+                             "has none")  # fmt: skip
         if graphs and capture is None and pool.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {pool.device}")
         self.cfm, self.pool, self.buckets, self.graphs = cfm, pool, buckets, graphs
         self.dtype = next(est.parameters()).dtype
         self.n_timesteps = pool.steps
         device = pool.device
-        # the Euler steps and their modulations, once, as solve_chunk computes them (constants to a graph)
+        # the Euler steps and their time-only terms, once, as solve_chunk computes them (constants to a graph)
         self.steps = cfm.euler_steps(cfm.time_span(self.n_timesteps, device, self.dtype))
         with torch.inference_mode():
-            self.modulations = tuple(est.modulation(t.reshape(1).expand(2).contiguous(), 2) for t, _ in self.steps)
+            self.constants = tuple(est.padded_constants(t.reshape(1).expand(2).contiguous()) for t, _ in self.steps)
         if graphs and capture is None:
             capture = functools.partial(capture_cuda_graph, device=device, memory_pool=torch.cuda.graph_pool_handle())
         self.capture = capture
@@ -171,12 +170,12 @@ class PaddedSolver:
         with self._lock:
             return sorted(self._buckets)
 
-    def _bucket(self, rows: int, queries: int, keys: int, channels: tuple[int, int, int]) -> _Bucket:
+    def _bucket(self, rows: int, queries: int, keys: int, make: Callable[[], _Bucket]) -> _Bucket:
         with self._lock:
             key = (rows, queries, keys)
             bucket = self._buckets.get(key)
             if bucket is None:
-                bucket = self._buckets[key] = _Bucket(self, rows, queries, keys, channels)
+                bucket = self._buckets[key] = make()
                 while len(self._buckets) > self.max_shapes:  # a caller still using one keeps it alive
                     self._buckets.popitem(last=False)
             self._buckets.move_to_end(key)
@@ -189,52 +188,59 @@ class PaddedSolver:
         cond: Tensor,
         spk: Tensor | None,
         *,
-        caches: Sequence[Any],
+        caches: Sequence[Sequence[Any]],
         tables: Sequence[PageTable],
         offsets: Sequence[int],
         lengths: Sequence[int],
         chunk_sizes: Sequence[int],
-    ) -> tuple[Tensor, list[list[tuple[Tensor, Tensor]]]]:
+    ) -> tuple[Tensor, list[list[Any]]]:
         """x (the starting noise), mu, cond ``[1, C, S]`` and spk ``[1, spk_dim, S]`` packed like
         ``solve_rows``'s rows (``lengths``); caches: each row's per-step estimator caches (paged, at
         ``offsets``); tables: their pages, reserved up to ``offset + length``. Returns the packed mel ``[1,
-        C, S]`` (float32) and, per row and step, the new position-convolution tails."""
+        C, S]`` (float32) and, per row, its step caches moved on (``padded_advance``)."""
         real = len(lengths)
         rows, queries, keys = self.buckets.pad(real, max(lengths), max(o + n for o, n in zip(offsets, lengths)))
-        channels = (x.shape[1], mu.shape[1], 0 if spk is None else spk.shape[1])
-        bucket = self._bucket(rows, queries, keys, channels)
-        device = self.pool.device
         est = self.cfm.estimator
-        history = bucket.tail_index.shape[-1]
-        pad_index = torch.cat([torch.arange(n) + r * queries for r, n in enumerate(lengths)]).to(device)
         positions = torch.arange(queries).repeat(rows)
         positions[: real * queries] += torch.tensor(list(offsets)).repeat_interleave(queries)
-        angles = est.rotary_embed.angles_at(positions)
-        ends = torch.zeros(rows, history, dtype=torch.long)
-        ends[:real] = torch.tensor(list(lengths)).unsqueeze(1)
-        ends += torch.arange(history)
-        ends = ends.unsqueeze(1).expand(rows, bucket.tail_index.shape[1], history).repeat(2, 1, 1)
+        terms = est.padded_terms(positions)
+        row_tails = [[est.padded_tails(c[s]) for c in caches] for s in range(self.n_timesteps)]
+        channels = (x.shape[1], mu.shape[1], 0 if spk is None else spk.shape[1])
+        bucket = self._bucket(rows, queries, keys,
+                              lambda: _Bucket(self, rows, queries, keys, channels, terms, row_tails[0][0]))  # fmt: skip
+        device = self.pool.device
+        pad_index = torch.cat([torch.arange(n) + r * queries for r, n in enumerate(lengths)]).to(device)
+        ends = torch.zeros(rows, dtype=torch.long)
+        ends[:real] = torch.tensor(list(lengths))
         layout = PooledRows.build(self.pool, tables, offsets, lengths, chunk_sizes, rows=rows, queries=queries,
                                   keys=keys, padded=True)  # fmt: skip
-        width = bucket.tails1.shape[2]
         with bucket.lock, self.pool.reading():
             bucket.x0.index_copy_(2, pad_index, x.to(self.dtype))
             bucket.mu.index_copy_(2, pad_index, mu.to(self.dtype))
             bucket.cond.index_copy_(2, pad_index, cond.to(self.dtype))
             if spk is not None:
                 bucket.spk.index_copy_(2, pad_index, spk.to(self.dtype))
-            bucket.cos.copy_(angles.cos())
-            bucket.sin.copy_(angles.sin())
-            bucket.tail_index.copy_(ends)
+            for name, value in terms.items():
+                bucket.terms[name].copy_(value)
+            bucket.ends.copy_(ends.repeat(2))
             bucket.kv.copy_(layout)
-            for s in range(self.n_timesteps):
-                for buffer, name in ((bucket.tails1, "pos_tail1"), (bucket.tails2, "pos_tail2")):
-                    stacked = torch.stack([getattr(c[s], name) for c in caches], dim=1)  # [2, real, dim, h]
-                    buffer[s].view(2, rows, width, history)[:, :real].copy_(stacked)
+            for buffers, per_row in zip(bucket.tails, row_tails):
+                for j, buffer in enumerate(buffers):
+                    stacked = torch.stack([tails[j] for tails in per_row], dim=1)  # [2, real, C, history]
+                    buffer.view(2, rows, *buffer.shape[1:])[:, :real].copy_(stacked)
             bucket.run()
             mel = bucket.mel.index_select(2, pad_index)
-            new1, new2 = bucket.new1.clone(), bucket.new2.clone()
-        per_row1 = new1.view(self.n_timesteps, 2, rows, width, history)
-        per_row2 = new2.view(self.n_timesteps, 2, rows, width, history)
-        tails = [[(per_row1[s, :, r], per_row2[s, :, r]) for s in range(self.n_timesteps)] for r in range(real)]
-        return mel, tails
+            new = [[t.clone() for t in step] for step in bucket.new_tails]
+        advanced = []
+        for r, (row_caches, n, chunk) in enumerate(zip(caches, lengths, chunk_sizes)):
+            advanced.append([
+                est.padded_advance(cache, n, chunk, [t.view(2, rows, *t.shape[1:])[:, r] for t in step])
+                for cache, step in zip(row_caches, new)
+            ])  # fmt: skip
+        return mel, advanced
+
+
+def has_fixed_shapes(estimator: Any) -> bool:
+    """Whether an estimator can run fixed-shape (graph-captured) solves."""
+    return all(hasattr(estimator, name) for name in
+               ("forward_padded", "padded_constants", "padded_terms", "padded_tails", "padded_advance"))

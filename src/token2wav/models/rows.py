@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .kv_store import PastKV, RowStore, extend_kv
 
-__all__ = ["RowLayout", "packed_attention", "packed_causal_conv"]
+__all__ = ["RowLayout", "packed_attention", "packed_causal_conv", "padded_causal_conv", "padded_rows", "unpadded_rows"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,34 @@ def packed_causal_conv(
         else:
             new_tails.append(torch.cat([tail, row], dim=2)[:, :, -history:])
     return out, new_tails
+
+
+def padded_rows(x: Tensor, rows: int) -> Tensor:
+    """``[B, C, R * Q]`` with row ``r``'s frames at ``[r * Q, (r + 1) * Q)`` -> ``[B * R, C, Q]`` (branch-major):
+    each row its own batch entry."""
+    batch, channels, frames = x.shape
+    return x.view(batch, channels, rows, frames // rows).transpose(1, 2).reshape(batch * rows, channels, -1)
+
+
+def unpadded_rows(x: Tensor, batch: int) -> Tensor:
+    """The inverse of ``padded_rows``: ``[B * R, C, Q]`` -> ``[B, C, R * Q]``."""
+    entries, channels, queries = x.shape
+    rows = entries // batch
+    return x.view(batch, rows, channels, queries).transpose(1, 2).reshape(batch, channels, rows * queries)
+
+
+def padded_causal_conv(
+    conv: Callable[[Tensor], Tensor], x: Tensor, tail: Tensor, ends: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A causal convolution of padded rows (fixed shapes, for a captured graph): x ``[N, C, Q]``, one row per
+    entry, its real frames first; tail ``[N, C, history]``: the inputs just before each row; ends ``[N]``
+    (int64): each row's number of real frames. conv: padding-free. Returns the output ``[N, C', Q]`` (a
+    row's real frames see only its tail and its earlier frames) and each row's new tail, its last
+    ``history`` real inputs (reaching into the old tail when the row is shorter)."""
+    history = tail.shape[2]
+    seq = torch.cat([tail, x], dim=2)
+    index = (ends.view(-1, 1, 1) + torch.arange(history, device=ends.device)).expand(-1, x.shape[1], history)
+    return conv(seq), seq.gather(2, index)
 
 
 def packed_attention(

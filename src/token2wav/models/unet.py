@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from token2wav.masks import add_chunk_mask, make_chunk_mask
 from token2wav.models.kv_pool import PooledRows, pooled_attention
 from token2wav.models.kv_store import PastKV, RowStore, extend_kv
-from token2wav.models.rows import RowLayout, packed_attention, packed_causal_conv
+from token2wav.models.rows import (
+    RowLayout,
+    packed_attention,
+    packed_causal_conv,
+    padded_causal_conv,
+    padded_rows,
+    unpadded_rows,
+)
 
 __all__ = [
     "Attention",
@@ -146,6 +153,24 @@ class _PackedTails:
 
     def per_row(self) -> list[tuple[Tensor, ...]]:
         return [tuple(conv[r] for conv in self.new) for r in range(len(self._layout))]
+
+
+class _PaddedTails:
+    """``_Tails`` for padded rows (fixed shapes, ``models/padded_solve.py``): x ``[B, C, R * Q]`` with row ``r``
+    at ``[r * Q, r * Q + n_r)``; every causal conv runs with each row as its own batch entry, continuing from
+    its tail (``[B * R, C, history]``, branch-major); ends ``[B * R]``: ``n_r``."""
+
+    def __init__(self, old: Sequence[Tensor], ends: Tensor, rows: int) -> None:
+        self._old: Iterator[Tensor] = iter(old)
+        self._ends, self._rows = ends, rows
+        self.new: list[Tensor] = []
+
+    def step(self, conv: CausalConv1d, x: Tensor) -> Tensor:
+        y, tail = padded_causal_conv(
+            lambda seq: nn.Conv1d.forward(conv, seq), padded_rows(x, self._rows), next(self._old), self._ends
+        )
+        self.new.append(tail)
+        return unpadded_rows(y, x.shape[0])
 
 
 class CausalConv1d(nn.Conv1d):
@@ -892,3 +917,54 @@ class CausalConditionalDecoder(nn.Module):
             for r, (cache, n, row_tails, chunk) in enumerate(zip(caches, layout.lengths, tails.per_row(), chunks))
         ]  # fmt: skip
         return out, new
+
+    # -- padded rows (fixed shapes; the interface ``models/padded_solve.py`` uses, shared with the DiT) --
+
+    def padded_constants(self, t: Tensor) -> Tensor:
+        """The time embedding of a solver step at ``t`` ``[2]`` (both guidance branches)."""
+        self._check_streamable()
+        return self._time(t, 2)
+
+    def padded_terms(self, positions: Tensor) -> dict[str, Tensor]:
+        """No per-frame position inputs: a U-Net knows positions only through its causal convs' tails."""
+        return {}
+
+    @staticmethod
+    def padded_tails(cache: UNetCache) -> tuple[Tensor, ...]:
+        """A row's convolution tails at one solver step, in network order."""
+        return tuple(cache.conv_tails)
+
+    @staticmethod
+    def padded_advance(cache: UNetCache, frames: int, chunk_size: int, tails: Sequence[Tensor]) -> UNetCache:
+        """A paged step cache moved on by ``frames`` with new tails (keys and values are in the pool)."""
+        return replace(cache, offset=cache.offset + frames, chunk_size=chunk_size, conv_tails=tuple(tails),
+                       keys=(), values=(), stores=())  # fmt: skip
+
+    def forward_padded(
+        self,
+        x: Tensor,
+        mu: Tensor,
+        cond: Tensor,
+        spk: Tensor | None,
+        *,
+        tails: Sequence[Tensor],
+        ends: Tensor,
+        kv: PooledRows,
+        step: int,
+        constants: Tensor,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``forward_rows`` with every shape fixed by ``kv``'s padded sizes (so that it can be captured as a
+        CUDA graph): row ``r``'s new frames sit at ``[r * Q, r * Q + n_r)`` of x, mu, cond ``[B, C, R * Q]`` and
+        spk ``[B, C_spk, R * Q]``, the rest is padding. tails: ``padded_tails`` of every row, per conv stacked
+        ``[B * R, C, history]`` (branch-major); ends ``[B * R]``: ``n_r``; constants: ``padded_constants``.
+        Returns the velocity ``[B, out_channels, R * Q]`` and the new tails. A row's real frames see only its
+        tails, its earlier frames and its keys: padding changes nothing there."""
+        h = torch.cat([x, mu] + ([spk] if spk is not None else []) + [cond], dim=1)
+        if h.size(1) != self.in_channels:
+            raise ValueError(f"x, mu, spk and cond together have {h.size(1)} channels, the estimator expects "
+                             f"in_channels={self.in_channels}")
+        row_tails = _PaddedTails(tails, ends, kv.rows)
+        layers = itertools.count()  # attention layers in network order: the pool's layer index
+        out = self._cached_trunk(h, constants, row_tails,
+                                 lambda block, h: block.forward_pooled(h, kv, step, next(layers)))  # fmt: skip
+        return out, tuple(row_tails.new)

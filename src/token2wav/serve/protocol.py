@@ -405,6 +405,7 @@ def describe_batching(t2w: Any) -> dict[str, Any]:
     """How a Batcher (with its defaults) runs this model's streams: what shares a call, where the caches live,
     the padded sizes, and what each stream's cache costs."""
     from token2wav.models.buckets import ShapeBuckets
+    from token2wav.models.padded_solve import has_fixed_shapes
     from token2wav.streaming.batcher import DEFAULT_PAGE_FRAMES, cache_bytes_per_frame
     from token2wav.streaming.session import vocoder_kind
 
@@ -424,9 +425,9 @@ def describe_batching(t2w: Any) -> dict[str, Any]:
     return {
         "flow": flow_text,
         "vocoder": vocoder,
-        "buckets": ShapeBuckets().describe() if hasattr(estimator, "forward_padded") else None,  # graphs only
+        "buckets": ShapeBuckets().describe() if has_fixed_shapes(estimator) else None,  # graphs only
         "graphs": "available: fixed-shape batches, CUDA graphs on a GPU (graphs=True, serve --graphs)"
-        if hasattr(estimator, "forward_padded") else "not available for this estimator",
+        if has_fixed_shapes(estimator) else "not available for this estimator",
         "cache_bytes_per_frame": per_frame,
         "cache_mb_per_stream_minute": round(per_frame * frames_per_minute / 2**20, 1),
     }

@@ -48,7 +48,7 @@ import torch
 
 from ..models.buckets import ShapeBuckets
 from ..models.kv_pool import RESERVED_PAGES, KVPool, PageTable, PoolExhaustedError
-from ..models.padded_solve import PaddedSolver
+from ..models.padded_solve import PaddedSolver, has_fixed_shapes
 from .schedule import Emission
 from .session import SessionClosedError, StreamSession
 from .state import SessionState
@@ -273,11 +273,11 @@ class Batcher:
             workers = 1 if t2w.device.type != "cpu" else max(1, min(2 * (os.cpu_count() or 1), 16))
         if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
             raise ValueError(f"workers must be an int in [1, 64] or None, got {workers!r}")
-        if graphs and not (paged_kv and hasattr(getattr(getattr(t2w.flow, "decoder", None), "estimator", None),
-                                                "forward_padded")):  # fmt: skip
+        if graphs and not (paged_kv and has_fixed_shapes(getattr(getattr(t2w.flow, "decoder", None), "estimator",
+                                                                  None))):  # fmt: skip
             raise ValueError(
-                "graphs=True runs fixed-shape batches of a DiT estimator (CosyVoice 3, the demo voice) with "
-                "paged_kv=True; this model's estimator has no such path: use graphs=False"
+                "graphs=True runs fixed-shape batches of a cached flow (CosyVoice 3, CosyVoice 2, the demo voice) "
+                "with paged_kv=True; this engine has no such path: use graphs=False"
             )
         if isinstance(page_frames, bool) or not isinstance(page_frames, int) or not 1 <= page_frames <= 1024:
             raise ValueError(f"page_frames must be an int in [1, 1024], got {page_frames!r}")
