@@ -585,25 +585,22 @@ class DiT(nn.Module):
         return self.input_embed.proj(torch.cat(parts, dim=-1))
 
     # ------------------------------------------------------------------ padded rows (static shapes)
-    # The fixed-shape interface (``models/padded_solve.py``), shared with the U-Net: per solver step its
-    # time-only terms, per padded frame its position terms, per row and step its convolution tails.
+    # ------------------------------------------------------------------ padded rows (fixed shapes)
+    # ``models/padded_solve.FixedShapeEstimator``: what a graph-captured solve needs
     def padded_constants(self, t: Tensor) -> TimeModulation:
-        """The time-only terms of a solver step at ``t`` ``[2]`` (both guidance branches)."""
         return self.modulation(t, 2)
 
     def padded_terms(self, positions: Tensor) -> dict[str, Tensor]:
-        """Per padded frame (absolute ``positions``), the inputs ``forward_padded`` takes by name."""
+        """The rotary terms of every padded frame."""
         angles = self.rotary_embed.angles_at(positions.to(self.rotary_embed.inv_freq.device))
         return {"cos": angles.cos(), "sin": angles.sin()}
 
     @staticmethod
     def padded_tails(cache: DiTCache) -> tuple[Tensor, ...]:
-        """A row's convolution tails at one solver step, in ``forward_padded``'s order."""
         return cache.pos_tail1, cache.pos_tail2
 
     @staticmethod
     def padded_advance(cache: DiTCache, frames: int, chunk_size: int, tails: Sequence[Tensor]) -> DiTCache:
-        """A paged step cache moved on by ``frames`` with new tails (keys and values are in the pool)."""
         return replace(cache, offset=cache.offset + frames, pos_tail1=tails[0], pos_tail2=tails[1])
 
     def forward_padded(
@@ -621,14 +618,8 @@ class DiT(nn.Module):
         cos: Tensor,
         sin: Tensor,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """``forward_rows`` with every shape fixed by ``kv``'s padded sizes (so that it can be captured as a
-        CUDA graph): row ``r``'s new frames sit at ``[r * Q, r * Q + n_r)`` of x, mu, cond ``[B, C, R * Q]`` and
-        spk ``[B, spk_dim, R * Q]``, the rest is padding. tails: ``padded_tails`` of every row, stacked
-        ``[B * R, dim, kernel - 1]`` (branch-major); ends ``[B * R]``: ``n_r``. constants:
-        ``padded_constants``; cos, sin: ``padded_terms`` of every padded frame. Returns the velocity
-        ``[B, mel_dim, R * Q]`` and the new tails. A row's real frames see only its tails, its earlier frames
-        and its keys: padding changes nothing there.
-        """
+        """``forward_rows`` with every shape fixed by ``kv``'s padded sizes; tails: the two position
+        convolutions'."""
         batch, rows = x.shape[0], kv.rows
         h = self._project_frames(x, mu, cond, spk)  # [B, R * Q, dim]
         pos_conv = self.input_embed.conv_pos_embed

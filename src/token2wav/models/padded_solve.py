@@ -34,11 +34,39 @@ from torch import Tensor
 from .buckets import ShapeBuckets
 from .kv_pool import KVPool, PageTable, PooledRows
 
-__all__ = ["PaddedSolver", "Replayable", "capture_cuda_graph", "has_fixed_shapes"]
+__all__ = ["FixedShapeEstimator", "PaddedSolver", "Replayable", "capture_cuda_graph", "has_fixed_shapes"]
 
 
 class Replayable(Protocol):
     def replay(self) -> None: ...
+
+
+class FixedShapeEstimator(Protocol):
+    """What an estimator provides for fixed-shape solves (CosyVoice 3's DiT and CosyVoice 2's U-Net do).
+
+    Layout: row ``r``'s new frames sit at ``[r * Q, r * Q + n_r)`` of x, mu, cond ``[B, C, R * Q]`` and spk
+    ``[B, C_spk, R * Q]`` (speaker per frame), the rest is padding; per-row tensors are ``[B * R, ...]``,
+    branch-major. A row's real frames must see only its tails, its earlier frames and its keys (in ``kv``).
+    """
+
+    def padded_constants(self, t: Tensor) -> Any:
+        """The time-only terms of a solver step at ``t`` ``[2]`` (both guidance branches)."""
+
+    def padded_terms(self, positions: Tensor) -> dict[str, Tensor]:
+        """Per padded frame (absolute ``positions``), the inputs ``forward_padded`` takes by name."""
+
+    def padded_tails(self, cache: Any) -> tuple[Tensor, ...]:
+        """A row's causal-convolution tails ``[B, C, history]`` in a step cache, in network order."""
+
+    def padded_advance(self, cache: Any, frames: int, chunk_size: int, tails: Sequence[Tensor]) -> Any:
+        """A paged step cache moved on by ``frames`` with new tails (keys and values are in the pool)."""
+
+    def forward_padded(self, x: Tensor, mu: Tensor, cond: Tensor, spk: Tensor | None, *, tails: Sequence[Tensor],
+                       ends: Tensor, kv: PooledRows, step: int, constants: Any,
+                       **terms: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
+        """The velocity ``[B, C_out, R * Q]`` and the new tails. tails: per conv, every row's stacked
+        ``[B * R, C, history]``; ends ``[B * R]``: ``n_r``; kv: the padded pool layout; step: the solver step
+        (the pool's step index); constants: ``padded_constants``; terms: ``padded_terms``."""
 
 
 def capture_cuda_graph(body: Callable[[], None], *, device: torch.device, memory_pool: Any) -> Replayable:
@@ -121,9 +149,8 @@ class _Bucket:
 
 
 class PaddedSolver:
-    """``cfm.solve_rows`` with fixed shapes per bucket (see the module docstring), for an estimator with the
-    fixed-shape interface (``forward_padded``, ``padded_constants``, ``padded_terms``, ``padded_tails``,
-    ``padded_advance``: the DiT of CosyVoice 3 and the demo voice, CosyVoice 2's U-Net).
+    """``cfm.solve_rows`` with fixed shapes per bucket (see the module docstring), for a
+    ``FixedShapeEstimator``.
 
     One per (flow, page pool); ``graphs``: capture and replay CUDA graphs (the pool must be on CUDA);
     max_shapes: how many shapes (buffers and graphs) to keep, the least recently used dropped beyond that;
@@ -241,6 +268,6 @@ class PaddedSolver:
 
 
 def has_fixed_shapes(estimator: Any) -> bool:
-    """Whether an estimator can run fixed-shape (graph-captured) solves."""
+    """Whether an estimator can run fixed-shape (graph-captured) solves (is a ``FixedShapeEstimator``)."""
     return all(hasattr(estimator, name) for name in
                ("forward_padded", "padded_constants", "padded_terms", "padded_tails", "padded_advance"))

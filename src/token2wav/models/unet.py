@@ -918,25 +918,23 @@ class CausalConditionalDecoder(nn.Module):
         ]  # fmt: skip
         return out, new
 
-    # -- padded rows (fixed shapes; the interface ``models/padded_solve.py`` uses, shared with the DiT) --
+    # -- padded rows (fixed shapes): ``models/padded_solve.FixedShapeEstimator`` --
 
     def padded_constants(self, t: Tensor) -> Tensor:
-        """The time embedding of a solver step at ``t`` ``[2]`` (both guidance branches)."""
+        """The time embedding."""
         self._check_streamable()
         return self._time(t, 2)
 
     def padded_terms(self, positions: Tensor) -> dict[str, Tensor]:
-        """No per-frame position inputs: a U-Net knows positions only through its causal convs' tails."""
+        """None: a U-Net knows positions only through its causal convs' tails."""
         return {}
 
     @staticmethod
     def padded_tails(cache: UNetCache) -> tuple[Tensor, ...]:
-        """A row's convolution tails at one solver step, in network order."""
         return tuple(cache.conv_tails)
 
     @staticmethod
     def padded_advance(cache: UNetCache, frames: int, chunk_size: int, tails: Sequence[Tensor]) -> UNetCache:
-        """A paged step cache moved on by ``frames`` with new tails (keys and values are in the pool)."""
         return replace(cache, offset=cache.offset + frames, chunk_size=chunk_size, conv_tails=tuple(tails),
                        keys=(), values=(), stores=())  # fmt: skip
 
@@ -953,12 +951,8 @@ class CausalConditionalDecoder(nn.Module):
         step: int,
         constants: Tensor,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """``forward_rows`` with every shape fixed by ``kv``'s padded sizes (so that it can be captured as a
-        CUDA graph): row ``r``'s new frames sit at ``[r * Q, r * Q + n_r)`` of x, mu, cond ``[B, C, R * Q]`` and
-        spk ``[B, C_spk, R * Q]``, the rest is padding. tails: ``padded_tails`` of every row, per conv stacked
-        ``[B * R, C, history]`` (branch-major); ends ``[B * R]``: ``n_r``; constants: ``padded_constants``.
-        Returns the velocity ``[B, out_channels, R * Q]`` and the new tails. A row's real frames see only its
-        tails, its earlier frames and its keys: padding changes nothing there."""
+        """``forward_rows`` with every shape fixed by ``kv``'s padded sizes; every causal conv runs with each
+        row as its own batch entry."""
         h = torch.cat([x, mu] + ([spk] if spk is not None else []) + [cond], dim=1)
         if h.size(1) != self.in_channels:
             raise ValueError(f"x, mu, spk and cond together have {h.size(1)} channels, the estimator expects "
