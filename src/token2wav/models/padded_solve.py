@@ -99,10 +99,10 @@ class _Bucket:
         self.cond = torch.zeros(1, mel, frames, device=device, dtype=dtype)
         self.spk = torch.zeros(1, spk, frames, device=device, dtype=dtype) if spk else None
         self.terms = {name: torch.zeros_like(value, device=device) for name, value in terms.items()}
-        # per solver step and causal conv: every row's tail, [2R, C, history] (branch-major), and the new ones
-        self.tails = [[tails[0].new_zeros(2 * rows, *t.shape[1:], device=device) for t in tails]
-                      for _ in range(solver.n_timesteps)]  # fmt: skip
-        self.new_tails = [[torch.zeros_like(t) for t in step] for step in self.tails]
+        # per causal conv: every step's and row's tail, [steps, 2R, C, history] (branch-major), and the new ones
+        # (one buffer per conv, filled with one copy per call)
+        self.tails = [t.new_zeros(solver.n_timesteps, 2 * rows, *t.shape[1:], device=device) for t in tails]
+        self.new_tails = [torch.zeros_like(t) for t in self.tails]
         self.ends = torch.zeros(2 * rows, device=device, dtype=torch.long)
         self.mel = torch.zeros(1, mel, frames, device=device, dtype=torch.float32)
         self.kv = PooledRows(
@@ -125,11 +125,11 @@ class _Bucket:
         x = self.x0
         for step, (_, dt) in enumerate(solver.steps):
             raw, new = est.forward_padded(
-                torch.cat([x, x], dim=0), mu_in, cond_in, spk_in, tails=self.tails[step], ends=self.ends,
-                kv=self.kv, step=step, constants=solver.constants[step], **self.terms,
+                torch.cat([x, x], dim=0), mu_in, cond_in, spk_in, tails=[t[step] for t in self.tails],
+                ends=self.ends, kv=self.kv, step=step, constants=solver.constants[step], **self.terms,
             )  # fmt: skip
-            for buffer, tail in zip(self.new_tails[step], new):
-                buffer.copy_(tail)
+            for buffer, tail in zip(self.new_tails, new):
+                buffer[step].copy_(tail)
             x = x + dt * cfm._guided(raw)
         self.mel.copy_(x.float())
 
@@ -251,19 +251,18 @@ class PaddedSolver:
                 bucket.terms[name].copy_(value)
             bucket.ends.copy_(ends.repeat(2))
             bucket.kv.copy_(layout)
-            for buffers, per_row in zip(bucket.tails, row_tails):
-                for j, buffer in enumerate(buffers):
-                    stacked = torch.stack([tails[j] for tails in per_row], dim=1)  # [2, real, C, history]
-                    buffer.view(2, rows, *buffer.shape[1:])[:, :real].copy_(stacked)
+            steps = self.n_timesteps
+            for j, buffer in enumerate(bucket.tails):
+                stacked = torch.stack([per_row[r][j] for per_row in row_tails for r in range(real)])
+                per_step = stacked.view(steps, real, *stacked.shape[1:]).transpose(1, 2)  # [steps, 2, real, C, h]
+                buffer.view(steps, 2, rows, *buffer.shape[2:])[:, :, :real].copy_(per_step)
             bucket.run()
             mel = bucket.mel.index_select(2, pad_index)
-            new = [[t.clone() for t in step] for step in bucket.new_tails]
+            new = [t.clone().view(steps, 2, rows, *t.shape[2:]) for t in bucket.new_tails]
         advanced = []
         for r, (row_caches, n, chunk) in enumerate(zip(caches, lengths, chunk_sizes)):
-            advanced.append([
-                est.padded_advance(cache, n, chunk, [t.view(2, rows, *t.shape[1:])[:, r] for t in step])
-                for cache, step in zip(row_caches, new)
-            ])  # fmt: skip
+            advanced.append([est.padded_advance(cache, n, chunk, [t[s, :, r] for t in new])
+                             for s, cache in enumerate(row_caches)])  # fmt: skip
         return mel, advanced
 
 
