@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared device check (issue [1/6]); fits in about 8 minutes on one H200.
+# One prepared device check (issue [1/6]); at most 8 minutes on one H200 (each step has a time limit).
 #
 #   benchmarks/gpu.sh OUT_DIR                 # CUDA: parity tests (fp32, TF32 off), half-precision streams,
 #                                             # bench in bfloat16 at 1, 4, 16, 64 sessions: unbatched,
@@ -39,16 +39,30 @@ else
     models=(--model cv3 --model cv2); seconds=30; sessions=1,4,16,64; utterance=10; bench_model=(--model cv3 --model cv2)
 fi
 
+# Each step has a time limit (seconds; T2W_STEP_SECONDS="parity half bench"), so that one slow step cannot use
+# up the device time of the others; the bench rewrites its JSON after every row, so a cut-short bench keeps
+# the rows it measured ("complete": false). Logs go to $out too: they come back even when the run is cut.
+read -r parity_s half_s bench_s <<< "${T2W_STEP_SECONDS:-120 90 270}"
+status=0
+step() {  # step SECONDS LOG COMMAND...: run with a time limit, log to $out/LOG, never stop the script
+    local limit="$1" log="$2"
+    shift 2
+    timeout "$limit" "$@" > "$out/$log" 2>&1 || { rc=$?; status=1;
+        if [ "$rc" = 124 ]; then echo "   cut at ${limit} s (see $log)"; else echo "   failed: exit $rc (see $log)"; fi; }
+    tail -3 "$out/$log"
+}
+
 echo "== 1/3 parity on $device (fp32, TF32 off): reference fixtures, batched == alone, graphs == alone"
-T2W_TEST_DEVICE="$device" "$py" -m pytest -o addopts= -q -p no:cacheprovider tests/test_device_parity.py 2>&1 \
-    | tee "$out/parity.txt" | tail -3
+step "$parity_s" parity.txt env T2W_TEST_DEVICE="$device" "$py" -m pytest -o addopts= -q -p no:cacheprovider \
+    tests/test_device_parity.py
 
 echo "== 2/3 half precision: ${seconds} s streams, finite audio"
-"$py" benchmarks/half_precision_check.py --device "$device" "${models[@]}" --seconds "$seconds" \
-    --json "$out/half_precision.json"
+step "$half_s" half_precision.log "$py" benchmarks/half_precision_check.py --device "$device" "${models[@]}" \
+    --seconds "$seconds" --json "$out/half_precision.json"
 
 echo "== 3/3 bench in bfloat16, unbatched / batched / batched with graphs, sessions $sessions"
-"$py" -m token2wav bench "${bench_model[@]}" --device "$device" --dtype bfloat16 --modes offline,cached \
-    --utterance "$utterance" --sessions "$sessions" --graphs --same-process --json "$out/bench.json" \
-    --plots "$out/plots"
-echo "gpu.sh: done; results in $out"
+step "$bench_s" bench.log "$py" -m token2wav bench "${bench_model[@]}" --device "$device" --dtype bfloat16 \
+    --modes offline,cached --utterance "$utterance" --sessions "$sessions" --graphs --same-process \
+    --json "$out/bench.json" --plots "$out/plots"
+echo "gpu.sh: done (status $status); results in $out"
+exit "$status"

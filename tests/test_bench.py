@@ -14,8 +14,12 @@ REQUIRED = {"model", "mode", "utterance_s", "first_chunk_ms", "first_chunk_cold_
 
 
 def test_bench_report_and_plots(tmp_path):
+    snapshots = []  # the report after every row: what a run cut short still has written
     report = bench.run_bench(["tiny"], quick=False, utterances=[2.0], modes=list(bench.MODES), sessions=[1, 2],
-                             device="cpu", dtype=torch.float32, log=lambda _: None, isolate=False)
+                             device="cpu", dtype=torch.float32, log=lambda _: None, isolate=False,
+                             checkpoint=lambda r: snapshots.append((len(r["runs"]), len(r["concurrency"]))))
+    rows = len(bench.MODES) + 4
+    assert snapshots == [(min(k, len(bench.MODES)), max(0, k - len(bench.MODES))) for k in range(1, rows + 1)]
     assert {"cpu", "threads", "torch", "device", "dtype", "commit"} <= set(report["machine"])
     runs = {r["mode"]: r for r in report["runs"]}
     assert set(runs) == set(bench.MODES)

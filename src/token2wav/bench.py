@@ -564,8 +564,14 @@ def run_bench(
     isolate: bool = True,
     graphs: bool = False,
     batch_workers: int | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every row; with ``isolate`` each row runs in its own process (it builds its own engine)."""
+    """Every row; with ``isolate`` each row runs in its own process (it builds its own engine).
+    checkpoint: called with the report so far after every row (a run cut short keeps what it measured)."""
+    def measured() -> None:
+        if checkpoint is not None:
+            checkpoint(report)
+
     if isinstance(sessions, int):  # N: 1, 2, 4, ... N (1: none)
         sessions = session_levels(str(sessions))
     report: dict[str, Any] = {"machine": machine_info(device, dtype), "quick": quick, "isolated": isolate,
@@ -596,6 +602,7 @@ def run_bench(
                     result["vs_offline"] = result["total_s"] / offline_total
                 result.update(model=label, mode=mode, utterance_s=seconds, rtf=result["total_s"] / seconds)
                 report["runs"].append(result)
+                measured()
                 log(f"{label:>5} {mode:>9} {seconds:5.0f}s  total {result['total_s']:7.2f}s  "
                     f"rtf {result['rtf']:.3f}  first {result['first_chunk_ms']:8.1f}ms  "
                     f"cold {result['first_chunk_cold_ms']:8.1f}ms  rss {result['peak_rss_mb']:.0f}MB")
@@ -611,6 +618,7 @@ def run_bench(
                     continue
                 c["model"] = label
                 report["concurrency"].append(c)
+                measured()
                 kind = "graphs" if with_graphs else "batched" if batched else "alone"
                 log(f"{label:>5} sessions {n:3d} {kind:>7}  throughput "
                     f"{c['throughput']:.2f} audio s/s  first chunk p50 {c['first_chunk_ms_p50']:.0f} "
@@ -643,7 +651,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write every number to this JSON file (rewritten after every row, with "
+                             "\"complete\": false until the run ends)")
     parser.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
     parser.add_argument("--same-process", action="store_true",
                         help="run every row in this process (faster start; peak RSS then includes earlier rows)")
@@ -666,14 +676,19 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--batch-workers must be in [1, 64], got {args.batch_workers}")
     utterances = args.utterance or ([10.0, 20.0] if args.quick else [10.0, 30.0, 60.0])
     models = args.model or (["cv3"] if args.quick else ["cv3", "cv2"])
+    def write(report: dict[str, Any], complete: bool) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({**report, "complete": complete}, indent=1))
+
     report = run_bench(models, args.quick, utterances, modes, sessions, args.device, getattr(torch, args.dtype),
-                       isolate=not args.same_process, graphs=args.graphs, batch_workers=args.batch_workers)
+                       isolate=not args.same_process, graphs=args.graphs, batch_workers=args.batch_workers,
+                       checkpoint=lambda partial: write(partial, complete=False))  # fmt: skip
     for t in report["targets"] + report.get("batching_targets", []):
         value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"target [{'met' if t['met'] else 'NOT met'}] {t['model']} {t['utterance_s']:g}s {t['target']}: {value}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        write(report, complete=True)
         print(f"wrote {args.json}")
     if args.plots:
         for path in plot(report, args.plots):
