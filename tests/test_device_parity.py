@@ -121,8 +121,12 @@ def test_fixed_shape_batches_equal_alone_on_device(case):
             t.join()
     stats = batcher.stats()
     assert max(stats["batch_sizes"]) >= 2 and stats["fixed_shapes"]
-    # a bucket met again is replayed, not captured again
-    assert stats["graph_captures"] == (len(stats["fixed_shapes"]) if DEVICE.startswith("cuda") else 0)
+    # a bucket met again is replayed, not captured again (unless the pool grew under it)
+    if DEVICE.startswith("cuda"):
+        assert stats["graph_captures"] >= len(stats["fixed_shapes"])
+        assert stats["kv_pool_grown"] > 0 or stats["graph_captures"] == len(stats["fixed_shapes"]), stats
+    else:
+        assert stats["graph_captures"] == 0
     for a, b in zip(want, got):
         assert len(a) == len(b)
         for x, y in zip(a, b):
