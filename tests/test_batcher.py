@@ -199,6 +199,28 @@ def cv3():
     return _fixture_engine("cv3")
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_quantized_sessions_run_their_own_calls_and_stay_exact(cv3, graphs):
+    """The constrained preset's int8 flow scales each call's whole input at once: sharing a call (or padding)
+    would change a row's numbers. Three constrained sessions at once, beside an ordinary one, each equal alone;
+    the int8 sessions keep no pages and never share a call."""
+    specs = [dict(preset="constrained", output="mel")] * 3 + [dict(output="mel")]
+    tokens = _tokens(cv3, len(specs), seed=21)
+    alone = [_run(cv3.stream(**spec), tk, [25]) for spec, tk in zip(specs, tokens)]
+    with cv3.batcher(max_wait_ms=100, workers=1, graphs=graphs) as batcher:
+        sessions = [batcher.stream(**spec) for spec in specs]
+        assert [s._kv_table is None for s in sessions] == [True, True, True, False]
+        start = threading.Barrier(len(specs))
+        results: list = [None] * len(specs)
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, _run(sessions[i], tokens[i], [25], start))) for i in range(len(specs))]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    _check_equal(alone, results, specs)
+
+
 def test_row_that_fails_mid_batch_leaves_the_others_exact(cv3):
     rng = np.random.default_rng(5)
     tokens = [rng.integers(0, cv3.config.vocab_size, 80).tolist() for _ in range(3)]

@@ -86,11 +86,14 @@ LIMITS = ServerLimits(
 )
 
 
-@pytest.fixture(scope="module", params=["batched", "unbatched"])
+@pytest.fixture(scope="module", params=["batched", "unbatched", "graphs"])
 def server(engine: Any, request: Any) -> Iterator[dict[str, Any]]:
-    """The server as `token2wav serve` runs it (streams through one batcher) and with --no-batching."""
+    """The server as `token2wav serve` runs it (streams through one batcher), with --no-batching, and with
+    --graphs (fixed-shape batches; run eagerly on a CPU)."""
     engine.prompt_cache.clear()  # each variant computes its prompts' states itself
-    batcher = engine.batcher(max_wait_ms=5) if request.param == "batched" else None
+    batcher = None
+    if request.param != "unbatched":
+        batcher = engine.batcher(max_wait_ms=5, graphs=request.param == "graphs")
     app = create_app(engine, name="test", limits=LIMITS, batcher=batcher)
     with running_server(app) as addr:
         yield {"http": f"http://{addr}", "ws": f"ws://{addr}/v1/stream", "app": app, "batcher": batcher}

@@ -391,8 +391,8 @@ class CausalConditionalCFM(nn.Module):
         layout: Any,
         chunk_sizes: list[int | None],
     ) -> tuple[list[Tensor], list[CFMCache]]:
-        if padded.pool is not tables[0].pool or padded.n_timesteps != caches[0].n_timesteps:
-            raise ValueError("the padded solver belongs to another pool or solver schedule")
+        if padded.cfm is not self or padded.pool is not tables[0].pool or padded.n_timesteps != caches[0].n_timesteps:
+            raise ValueError("the padded solver belongs to another flow, pool or solver schedule")
         mel, steps = padded.solve(
             x, mu, cond, spk, caches=[c.steps for c in caches], tables=tables, offsets=offsets,
             lengths=layout.lengths, chunk_sizes=self._chunks(chunk_sizes),

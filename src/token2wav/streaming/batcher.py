@@ -82,9 +82,17 @@ class _Job:
     @property
     def group(self) -> tuple[Any, ...]:
         s = self.session
-        if s.mode == "recompute" or not hasattr(s.flow, "stream_step_rows"):
+        if s.mode == "recompute" or not hasattr(s.flow, "stream_step_rows") or not s._shares_calls:
             return ("alone", id(self))
         return (id(s.flow), s.n_timesteps, s._kv_table is not None)
+
+
+def rows_are_independent(flow: torch.nn.Module) -> bool:
+    """Whether a row's result in a shared call is its result alone. Not with dynamically quantized layers (the
+    constrained preset's int8 flow): they scale each call's whole input to int8 at once, so one row's numbers
+    would depend on the other rows' and on padding. Such sessions run their own calls."""
+    dynamic = torch.ao.nn.quantized.dynamic
+    return not any(isinstance(m, (dynamic.Linear, dynamic.LSTM, dynamic.GRU)) for m in flow.modules())
 
 
 def cache_bytes_per_frame(flow: torch.nn.Module, n_timesteps: int) -> int:
@@ -131,6 +139,7 @@ class BatchedSession(StreamSession):
         self._closing = False
         self.reserved_bytes = 0
         self._kv_table: PageTable | None = None  # this session's pages (cached mode), set by the batcher
+        self._shares_calls = rows_are_independent(self.flow)
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -290,7 +299,8 @@ class Batcher:
         self._eager_buckets = buckets  # None: exact sizes
         self.graphs = bool(graphs)
         self._pools: dict[int, KVPool] = {}  # per n_timesteps
-        self._padded: dict[int, PaddedSolver] = {}  # per n_timesteps, with graphs
+        # with graphs: per (flow decoder, n_timesteps) -- the engine's flow, or its int8 copy (constrained preset)
+        self._padded: dict[tuple[int, int], PaddedSolver] = {}
         self._running: Counter[BatchedSession] = Counter()  # sessions with a chunk being computed
         self._release_after_step: set[BatchedSession] = set()
         # calls that can compute side by side: CPU cores (a call's Python runs on one), one GPU stream
@@ -329,7 +339,7 @@ class Batcher:
         if self._closed:
             raise BatcherClosedError("the batcher is closed")
         session = BatchedSession(batcher=self, **self.t2w.session_options(prompt, **options))
-        if self.paged_kv and session.mode == "cached":
+        if self.paged_kv and session.mode == "cached" and session._shares_calls:
             session._kv_table = PageTable(self._pool(session.n_timesteps))
         need = self._session_bytes(session, session.prompt.num_tokens + session.plan.pad + session.plan.hop)
         with self._cv:
@@ -357,11 +367,19 @@ class Batcher:
                               page_frames=self.page_frames, max_pages=cap, device=ref.device,
                               dtype=ref.dtype)  # fmt: skip
                 self._pools[n_timesteps] = pool
-                if self.graphs:
-                    self._padded[n_timesteps] = PaddedSolver(
-                        self.t2w.flow.decoder, pool, buckets=self.buckets, graphs=ref.device.type == "cuda"
-                    )
             return pool
+
+    def _padded_solver(self, flow: Any, n_timesteps: int) -> PaddedSolver:
+        """The fixed-shape solver of the flow a session runs (sessions of one pool may run different flows:
+        the engine's or its int8 copy), on the pool of its step count."""
+        pool = self._pool(n_timesteps)
+        with self._cv:
+            key = (id(flow.decoder), n_timesteps)  # the solver keeps the decoder alive: the id stays its own
+            solver = self._padded.get(key)
+            if solver is None:
+                solver = self._padded[key] = PaddedSolver(flow.decoder, pool, buckets=self.buckets,
+                                                          graphs=pool.device.type == "cuda")  # fmt: skip
+            return solver
 
     @property
     def sessions_open(self) -> int:
@@ -661,7 +679,7 @@ class Batcher:
         if paged:
             extra = {"tables": [s._kv_table for s in sessions], "buckets": self._eager_buckets}
             if self.graphs:
-                extra["padded"] = self._padded[sessions[0].n_timesteps]
+                extra["padded"] = self._padded_solver(sessions[0].flow, sessions[0].n_timesteps)
         try:
             rows = sessions[0].flow.stream_step_rows(
                 states,
