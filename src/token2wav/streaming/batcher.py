@@ -139,7 +139,7 @@ class BatchedSession(StreamSession):
         self._closing = False
         self.reserved_bytes = 0
         self._kv_table: PageTable | None = None  # this session's pages (cached mode), set by the batcher
-        self._shares_calls = rows_are_independent(self.flow)
+        self._shares_calls = True  # may share calls with other rows (set by the batcher)
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -301,6 +301,7 @@ class Batcher:
         self._pools: dict[int, KVPool] = {}  # per n_timesteps
         # with graphs: per (flow decoder, n_timesteps) -- the engine's flow, or its int8 copy (constrained preset)
         self._padded: dict[tuple[int, int], PaddedSolver] = {}
+        self._independent: dict[int, bool] = {}  # per flow (id): rows_are_independent
         self._running: Counter[BatchedSession] = Counter()  # sessions with a chunk being computed
         self._release_after_step: set[BatchedSession] = set()
         # calls that can compute side by side: CPU cores (a call's Python runs on one), one GPU stream
@@ -339,6 +340,13 @@ class Batcher:
         if self._closed:
             raise BatcherClosedError("the batcher is closed")
         session = BatchedSession(batcher=self, **self.t2w.session_options(prompt, **options))
+        with self._cv:
+            shares = self._independent.get(id(session.flow))
+        if shares is None:  # once per flow (the engine's, its int8 copy): the flows outlive the batcher
+            shares = rows_are_independent(session.flow)
+            with self._cv:
+                self._independent[id(session.flow)] = shares
+        session._shares_calls = shares
         if self.paged_kv and session.mode == "cached" and session._shares_calls:
             session._kv_table = PageTable(self._pool(session.n_timesteps))
         need = self._session_bytes(session, session.prompt.num_tokens + session.plan.pad + session.plan.hop)
