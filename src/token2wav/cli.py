@@ -510,9 +510,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
         arg("--max-cache-mb", type=float,
             help="memory budget of all streams' attention caches; a stream that would pass it gets 503 / 1013"),
         arg("--graphs", action="store_true",
-            help="batched CosyVoice 3 / DiT streams in fixed-shape batches, each shape captured once as a CUDA "
-                 "graph and replayed (on a CPU the same path runs eagerly); give --max-cache-mb with it so that "
-                 "the key/value pool is allocated once and never grows"),
+            help="batched streams in fixed-shape batches (CosyVoice 3, CosyVoice 2, the demo voice), each shape "
+                 "captured once as a CUDA graph and replayed (on a CPU the same path runs eagerly); give "
+                 "--max-cache-mb with it so that the key/value pool is allocated once and never grows"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
         *_MODEL_ARGS,
     ],

@@ -246,7 +246,7 @@ class Batcher:
     path, kept for comparison); page_frames: frames per page; buckets: the padded sizes of fixed-shape
     batches (default ``ShapeBuckets()``); without graphs, given buckets pad the eager calls' attention too
     (by default those keep their exact sizes: padding only costs time when nothing is captured).
-    graphs: run cached DiT sessions as fixed-shape batches (every row padded to ``buckets``:
+    graphs: run cached sessions (DiT or U-Net) as fixed-shape batches (every row padded to ``buckets``:
     ``models/padded_solve.py``), each shape captured once as a CUDA graph and replayed on a GPU, run eagerly
     on a CPU. With ``max_cache_bytes`` the page pool is allocated whole at the start, so it never grows
     (growing copies every cache once and makes every captured graph capture again).
