@@ -277,11 +277,11 @@ def test_client_keeps_within_the_queue_limit(engine: Any) -> None:
     assert m.get('token2wav_rejected_total{reason="queue_full"}', 0) == 0
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
-def test_twenty_vanished_clients_then_a_21st_is_served(engine: Any, batched: bool) -> None:
+@pytest.mark.parametrize("batched", [False, True, "graphs"], ids=["unbatched", "batched", "graphs"])
+def test_twenty_vanished_clients_then_a_21st_is_served(engine: Any, batched: bool | str) -> None:
     limits = ServerLimits(max_sessions=16, max_tokens_per_session=400, workers=4)
     vocab = int(engine.config.vocab_size)
-    batcher = engine.batcher(max_wait_ms=5) if batched else None
+    batcher = engine.batcher(max_wait_ms=5, graphs=batched == "graphs") if batched else None
     with running_server(create_app(engine, name="burst", limits=limits, batcher=batcher)) as addr:
         url, base = f"ws://{addr}/v1/stream", f"http://{addr}"
 
