@@ -27,8 +27,10 @@ def test_gpu_script_on_cpu_quick(tmp_path):
     assert "wrote" in (tmp_path / "bench.log").read_text() and (tmp_path / "half_precision.log").exists()
     assert bench["machine"]["dtype"] == "torch.bfloat16" or "bfloat16" in str(bench["machine"]["dtype"])
     assert [(c["sessions"], c["batched"], c["graphs"]) for c in bench["concurrency"]] == [
-        (n, batched, graphs) for n in (1, 2) for batched, graphs in ((False, False), (True, False), (True, True))]
+        (n, batched, graphs) for n in (1, 2) for batched, graphs in ((True, True), (True, False), (False, False))]
     assert all(c["fixed_shapes"] >= 1 and c["graph_captures"] == 0 for c in bench["concurrency"] if c["graphs"])
+    # batched rows get a key/value budget for their workload: the pool allocated once, never grown
+    assert all(c["max_cache_bytes"] > 0 and c["kv_pool_grown"] == 0 for c in bench["concurrency"] if c["batched"])
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"chunk_ms.png", "total_vs_length.png",
                                                                 "sessions.png"}
 

@@ -198,6 +198,22 @@ def run_stream(engine, prompt, tokens, mode: str, device: str, hop: int) -> dict
     return {"total_s": total, "chunk_ms": chunk_ms, "first_chunk_ms": chunk_ms[0], **mem}
 
 
+def kv_budget(engine, prompt_tokens: int, tokens: int, sessions: int) -> int | None:
+    """Key/value memory for ``sessions`` streams of this workload at their longest, with room for the
+    batcher's reservations (prompt pad and a hop ahead, page rounding). A bench batcher gets it as its
+    ``max_cache_bytes``, as ``serve --max-cache-mb`` would be given with ``--graphs``: the pool is then allocated
+    once, never grown (growing copies every cache, transiently 2.5x the memory, and makes every graph capture
+    again; at 64 full-size streams on a GPU that is the difference between 75 GB and out of memory)."""
+    from .streaming.batcher import DEFAULT_PAGE_FRAMES, cache_bytes_per_frame
+
+    per_frame = cache_bytes_per_frame(engine.flow, engine.n_timesteps)
+    if not per_frame:
+        return None
+    cfg = engine.config
+    frames = (prompt_tokens + tokens + 2 * cfg.chunk_tokens) * cfg.token_mel_ratio + DEFAULT_PAGE_FRAMES
+    return int(1.1 * sessions * frames * per_frame)
+
+
 def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int, batched: bool = False,
                    graphs: bool = False, workers: int | None = None) -> dict[str, Any]:
     """N streams at once from N threads, fed one hop at a time as fast as the engine takes them: aggregate
@@ -208,7 +224,9 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
     first: list[float] = [0.0] * sessions
     chunk_ms: list[list[float]] = [[] for _ in range(sessions)]
     errors: list[BaseException] = []
-    batcher = engine.batcher(max_batch=max(16, sessions), graphs=graphs, workers=workers) if batched else None
+    budget = kv_budget(engine, len(prompt.tokens), len(tokens), sessions) if batched else None
+    batcher = (engine.batcher(max_batch=max(16, sessions), graphs=graphs, workers=workers, max_cache_bytes=budget)
+               if batched else None)  # fmt: skip
     source = batcher if batcher is not None else engine
     start_line = threading.Barrier(sessions)
 
@@ -300,6 +318,9 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
         result["mean_queue_wait_ms"] = stats["mean_queue_wait_ms"]
         result["fixed_shapes"] = len(stats["fixed_shapes"])
         result["graph_captures"] = stats["graph_captures"]
+        result["max_cache_bytes"] = budget
+        result["kv_pool_bytes"] = stats["kv_pool_bytes"]
+        result["kv_pool_grown"] = stats["kv_pool_grown"]
     return result
 
 
@@ -606,7 +627,8 @@ def run_bench(
                 log(f"{label:>5} {mode:>9} {seconds:5.0f}s  total {result['total_s']:7.2f}s  "
                     f"rtf {result['rtf']:.3f}  first {result['first_chunk_ms']:8.1f}ms  "
                     f"cold {result['first_chunk_cold_ms']:8.1f}ms  rss {result['peak_rss_mb']:.0f}MB")
-        variants = [(False, False), (True, False)] + ([(True, True)] if graphs else [])
+        # the graphs rows first: a run cut short (gpu.sh's step limit) keeps the rows the GPU targets judge
+        variants = ([(True, True)] if graphs else []) + [(True, False), (False, False)]
         for n in sessions:
             for batched, with_graphs in variants:
                 try:
