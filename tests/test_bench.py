@@ -88,6 +88,24 @@ def test_a_mode_the_model_lacks_is_reported_as_skipped(monkeypatch):
                                   "reason": "no window cache here"}]
 
 
+def test_a_row_out_of_gpu_memory_is_reported_and_the_rest_run(monkeypatch):
+    """The one GPU run must not lose its other rows to one that does not fit."""
+    real = bench.measure_concurrency
+
+    def measure(model, quick, device, dtype, seconds, sessions, batched=False, graphs=False, workers=None,
+                engine=None):
+        if sessions == 2 and not batched:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real(model, quick, device, dtype, seconds, sessions, batched, graphs, workers, engine=engine)
+
+    monkeypatch.setattr(bench, "measure_concurrency", measure)
+    report = bench.run_bench(["tiny"], quick=False, utterances=[1.0], modes=[], sessions=[1, 2], device="cpu",
+                             dtype=torch.float32, log=lambda _: None, isolate=False)
+    assert [(c["sessions"], c["batched"]) for c in report["concurrency"]] == [(1, True), (1, False), (2, True)]
+    assert report["skipped"] == [{"model": "tiny", "sessions": 2, "batched": False, "graphs": False,
+                                  "reason": "out of memory: CUDA out of memory. Tried to allocate 80.00 GiB"}]
+
+
 def test_session_levels():
     assert bench.session_levels("1,2,4,8,16") == [1, 2, 4, 8, 16]
     assert bench.session_levels("8") == [1, 2, 4, 8]

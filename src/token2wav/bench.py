@@ -638,6 +638,13 @@ def run_bench(
                                                              "reason": str(exc)})
                     log(f"{label:>5} sessions {n:3d}  graphs skipped: {exc}")
                     continue
+                except torch.cuda.OutOfMemoryError as exc:  # too many streams for this GPU: say so, go on
+                    torch.cuda.empty_cache()
+                    report.setdefault("skipped", []).append({"model": label, "sessions": n, "batched": batched,
+                                                             "graphs": with_graphs, "reason": f"out of memory: {exc}"})
+                    log(f"{label:>5} sessions {n:3d}  out of GPU memory: {str(exc).splitlines()[0]}")
+                    measured()
+                    continue
                 c["model"] = label
                 report["concurrency"].append(c)
                 measured()
