@@ -7,8 +7,8 @@
 #   benchmarks/gpu.sh OUT_DIR --device cpu --quick   # the same steps, tiny sizes, on the CPU (tested in CI)
 #
 # The device's Python may lack some of our dependencies (it has torch; no FastAPI is needed here): wheels in
-# $T2W_WHEELS (a folder carried along with the command, made here with `pip download -d DIR safetensors
-# PyYAML soundfile tqdm pytest matplotlib`) are installed from that folder only, never from the network.
+# $T2W_WHEELS (a folder carried along with the command, made here with benchmarks/gpu_wheels.sh) are
+# installed from that folder only, never from the network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,9 +27,17 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"
 
 if [ -n "${T2W_WHEELS:-}" ] && [ -d "$T2W_WHEELS" ]; then
-    "$py" -m pip install -q --no-index --find-links "$T2W_WHEELS" safetensors PyYAML soundfile tqdm pytest \
-        matplotlib 2>&1 | tail -2 || true
+    # one at a time: a package missing from the folder (matplotlib, by default) must not block the others
+    for pair in safetensors:safetensors PyYAML:yaml soundfile:soundfile tqdm:tqdm pytest:pytest \
+        matplotlib:matplotlib; do
+        package="${pair%%:*}" module="${pair##*:}"
+        "$py" -c "import $module" 2>/dev/null && continue
+        "$py" -m pip install -q --no-index --find-links "$T2W_WHEELS" "$package" 2>&1 | tail -1 || true
+    done
 fi
+plots=()
+if "$py" -c "import matplotlib" 2>/dev/null; then plots=(--plots "$out/plots"); else
+    echo "gpu.sh: no matplotlib here: no plots (draw them from bench.json with token2wav.bench.plot)"; fi
 # the source tree, not an installed copy: nothing to build on the device
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -63,6 +71,6 @@ step "$half_s" half_precision.log "$py" benchmarks/half_precision_check.py --dev
 echo "== 3/3 bench in bfloat16, unbatched / batched / batched with graphs, sessions $sessions"
 step "$bench_s" bench.log "$py" -m token2wav bench "${bench_model[@]}" --device "$device" --dtype bfloat16 \
     --modes offline,cached --utterance "$utterance" --sessions "$sessions" --graphs --same-process \
-    --json "$out/bench.json" --plots "$out/plots"
+    --json "$out/bench.json" ${plots[@]+"${plots[@]}"}
 echo "gpu.sh: done (status $status); results in $out"
 exit "$status"
