@@ -576,6 +576,10 @@ def _serve(args: argparse.Namespace) -> int:
         budget = None if args.max_cache_mb is None else int(args.max_cache_mb * 2**20)
         batcher = t2w.batcher(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_cache_bytes=budget,
                               workers=args.batch_workers, graphs=args.graphs)
+        if args.graphs and budget is None and t2w.device.type == "cuda":
+            print("token2wav: warning: --graphs without --max-cache-mb: the key/value pool starts small and grows; "
+                  "each growth copies every stream's cache and makes every captured shape capture again",
+                  file=sys.stderr)
     app = create_app(t2w, name=_model_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir,
                      batcher=batcher)
     print(
