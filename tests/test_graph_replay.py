@@ -57,8 +57,8 @@ def _session(flow, prompt_tokens: int, seed: int):
 
 
 def test_replayed_fixed_shape_solves_equal_each_rows_own_stream(flow):
-    """Four rounds of three or four rows (new sessions, continuing ones, prompts, last chunks, different push
-    sizes) that fall in the same few shapes: each shape is recorded once, the rest are replays on other data,
+    """Four calls of three or four rows (new sessions, continuing ones, prompts, last chunks, different push
+    sizes) that fall in one shape: it is recorded on the first call, every call is a replay on its own data,
     and every row's mel equals its session alone within 1e-5."""
     layers, heads, width = flow.decoder.estimator.kv_layout()
     pool = KVPool(steps=10, layers=layers, heads=heads, dim_head=width, pages=64)
