@@ -60,34 +60,49 @@ def test_reference_mel_on_device(case):
         assert _maxdiff(mel, data[f"flow_mel{k}"][0]) <= MEL_TOL, (name, k)
 
 
-def test_batched_equals_alone_on_device(case):
-    name, engine, prompt, data, meta = case
-    rng = np.random.default_rng(4)
-    tokens = [rng.integers(0, engine.config.vocab_size, n).tolist() for n in (70, 55, 90)]
-    prompts = [prompt, None, prompt]
+def _alone_and_batched(engine, prompts, tokens, push: int | None, **batcher_options):
+    """Each stream's mel chunks alone, then through one batcher from threads that start together (pushes of
+    ``push`` tokens; None: all at once) so that their chunks share calls; and the batcher's stats."""
 
-    def alone(p, tk):
+    def drive(s, tk: list[int]) -> list[np.ndarray]:
+        step = push or len(tk)
+        return [m for k in range(0, len(tk), step) for m in s.push(tk[k : k + step])] + [s.finish()]
+
+    want = []
+    for p, tk in zip(prompts, tokens):
         with engine.stream(p, output="mel") as s:
-            return s.push(tk) + [s.finish()]
+            want.append(drive(s, tk))
+    got: list[list[np.ndarray]] = [[] for _ in prompts]
+    with engine.batcher(max_wait_ms=50, workers=1, **batcher_options) as batcher:
+        start = threading.Barrier(len(prompts))
 
-    want = [alone(p, tk) for p, tk in zip(prompts, tokens)]
-    with engine.batcher(max_wait_ms=50, workers=1) as batcher:
-        sessions = [batcher.stream(p, output="mel") for p in prompts]
-        got: list[list[np.ndarray]] = [[] for _ in sessions]
-        # drive the sessions' pushes in lockstep from threads so that their chunks share calls
         def run(i: int) -> None:
-            got[i] = sessions[i].push(tokens[i]) + [sessions[i].finish()]
+            with batcher.stream(prompts[i], output="mel") as s:
+                start.wait()
+                got[i] = drive(s, tokens[i])
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert max(batcher.stats()["batch_sizes"]) >= 2
+    return want, got, batcher.stats()
+
+
+def _assert_equal(want, got, name: str) -> None:
     for a, b in zip(want, got):
         assert len(a) == len(b)
         for x, y in zip(a, b):
             assert float(np.abs(x - y).max(initial=0.0)) <= BATCH_TOL, name
+
+
+def test_batched_equals_alone_on_device(case):
+    name, engine, prompt, data, meta = case
+    rng = np.random.default_rng(4)
+    tokens = [rng.integers(0, engine.config.vocab_size, n).tolist() for n in (70, 55, 90)]
+    want, got, stats = _alone_and_batched(engine, [prompt, None, prompt], tokens, push=None)
+    assert max(stats["batch_sizes"]) >= 2
+    _assert_equal(want, got, name)
 
 
 def test_fixed_shape_batches_equal_alone_on_device(case):
@@ -97,29 +112,7 @@ def test_fixed_shape_batches_equal_alone_on_device(case):
     name, engine, prompt, data, meta = case
     rng = np.random.default_rng(5)
     tokens = [rng.integers(0, engine.config.vocab_size, n).tolist() for n in (80, 45, 120)]
-    prompts = [prompt, None, prompt]
-
-    def alone(p, tk):
-        with engine.stream(p, output="mel") as s:
-            return [m for k in range(0, len(tk), 25) for m in s.push(tk[k : k + 25])] + [s.finish()]
-
-    want = [alone(p, tk) for p, tk in zip(prompts, tokens)]
-    with engine.batcher(max_wait_ms=50, workers=1, graphs=True) as batcher:
-        got: list[list[np.ndarray]] = [[] for _ in prompts]
-        start = threading.Barrier(len(prompts))
-
-        def run(i: int) -> None:
-            with batcher.stream(prompts[i], output="mel") as s:
-                start.wait()
-                tk = tokens[i]
-                got[i] = [m for k in range(0, len(tk), 25) for m in s.push(tk[k : k + 25])] + [s.finish()]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    stats = batcher.stats()
+    want, got, stats = _alone_and_batched(engine, [prompt, None, prompt], tokens, push=25, graphs=True)
     assert max(stats["batch_sizes"]) >= 2 and stats["fixed_shapes"]
     # a bucket met again is replayed, not captured again (unless the pool grew under it)
     if DEVICE.startswith("cuda"):
@@ -127,8 +120,5 @@ def test_fixed_shape_batches_equal_alone_on_device(case):
         assert stats["kv_pool_grown"] > 0 or stats["graph_captures"] == len(stats["fixed_shapes"]), stats
     else:
         assert stats["graph_captures"] == 0
-    for a, b in zip(want, got):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert float(np.abs(x - y).max(initial=0.0)) <= BATCH_TOL, name
+    _assert_equal(want, got, name)
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
