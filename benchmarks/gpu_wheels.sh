@@ -2,7 +2,7 @@
 # Wheels that benchmarks/gpu.sh installs on a device whose Python has torch and numpy but none of our other
 # dependencies, fetched here (the device reaches no network):
 #
-#   benchmarks/gpu_wheels.sh .gpu-wheels [PYTHON_VERSION ...]     # default: 3.10 3.11 3.12 3.13 (about 10 MB)
+#   benchmarks/gpu_wheels.sh .gpu-wheels [PYTHON_VERSION ...]     # default: 3.10 3.11 3.12 3.13 (7.8 MB)
 #   then, with the device tool:  run(command="T2W_WHEELS=.gpu-wheels benchmarks/gpu.sh $OUT", carry=[".gpu-wheels"])
 #
 # No numpy (torch brings it) and no matplotlib (tens of MB with its dependencies; gpu.sh then skips the plots,
