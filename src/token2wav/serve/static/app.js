@@ -406,8 +406,9 @@
     due = Math.min(due, st.tokensTotal);
     if (due > st.tokensSent) {
       const piece = run.tokens.slice(st.tokensSent, due);
-      ws.send(JSON.stringify({ type: "tokens", tokens: piece }));
+      // the first-chunk clock starts when the tokens are handed to the socket (a busy send is latency too)
       if (st.firstTokensAt == null) st.firstTokensAt = performance.now();
+      ws.send(JSON.stringify({ type: "tokens", tokens: piece }));
       st.tokensSent = due;
       st.sends.push({ t: t, n: piece.length, total: due });
     }
