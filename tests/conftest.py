@@ -23,3 +23,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Tests whose assertions compare floating-point results (reference parity, streamed == offline, batched == alone,
+# graph replay, the front end, server round trips that compare audio or ids). CI runs them twice more with the
+# CPU kernels limited (AVX2, then the default kernels): `make test-kernels`. See docs/exactness.md.
+PARITY_MODULES = frozenset({
+    "test_batcher", "test_conformer", "test_demo_voice", "test_engine_cached", "test_engine_errors",
+    "test_engine_recompute", "test_engine_threads", "test_flow_cached", "test_flow_cv2", "test_flow_cv3",
+    "test_frontend", "test_frontend_engine", "test_frontend_serve_cli", "test_graph_replay", "test_hifigan",
+    "test_hift_cached", "test_hift_cv2", "test_hift_cv3", "test_kv_pool", "test_mel", "test_server",
+    "test_server_duplex", "test_server_prompts", "test_tokenizer", "test_unet", "test_user_long_inputs",
+    "test_user_model_files", "test_exactness",
+})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "parity: compares float results; also run under limited CPU kernels")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in PARITY_MODULES:
+            item.add_marker(pytest.mark.parity)

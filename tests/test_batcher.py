@@ -19,6 +19,7 @@ import torch
 from conftest import DATA
 from graph_replay import record_graph
 from safetensors.torch import load_file
+from tolerances import SOLVE, sine_source_audio
 
 import token2wav
 from token2wav.config import read_config
@@ -31,8 +32,11 @@ from token2wav.streaming.batcher import CacheBudgetError, cache_bytes_per_frame
 from token2wav.streaming.engine import Prompt, Token2Wav
 from token2wav.streaming.session import SessionClosedError
 
-MEL_TOL = 1e-5  # the issue's bound for mel; measured 0 on CPU (same kernels per row)
-AUDIO_TOL = 1e-4  # streamed-vs-offline audio bound of the README
+# A batched row and the row alone: the same per-row reductions, except where the row count picks another GEMM
+# kernel (one row: a matrix-vector product), so up to a solve's re-association (tests/tolerances.py). Measured
+# <= 1e-5 on AVX-512, AVX2 and default kernels.
+MEL_TOL = SOLVE
+LOWEST_RATE = 22050  # the test models' lowest sample rate: the longest time a sample count can span
 
 
 def _fixture_engine(case: str) -> Token2Wav:
@@ -100,9 +104,12 @@ def _tokens(t2w: Token2Wav, count: int, seed: int) -> list[list[int]]:
 def _check_equal(alone: list[list[np.ndarray]], batched: list[list[np.ndarray]], specs: list[dict]) -> None:
     for a, b, spec in zip(alone, batched, specs):
         assert len(a) == len(b), spec
-        tol = MEL_TOL if spec.get("output") == "mel" else AUDIO_TOL
+        end = 0
         for x, y in zip(a, b):
             assert x.shape == y.shape, spec
+            end += x.shape[-1]
+            peak = float(np.max(np.abs(x), initial=0.0))
+            tol = MEL_TOL if spec.get("output") == "mel" else sine_source_audio(peak, end / LOWEST_RATE)
             assert float(np.max(np.abs(x - y), initial=0.0)) <= tol, spec
 
 

@@ -154,6 +154,8 @@ def test_page_streams_plays_uploads_and_shows_errors(server: dict[str, Any], tmp
             page.on("websocket", lambda ws: requests.append(ws.url))
             console_errors: list[str] = []
             page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+            not_found: list[str] = []  # a missing icon is a console error on every load
+            page.on("response", lambda resp: not_found.append(resp.url) if resp.status == 404 else None)
             page.add_init_script(WIRE_TAP)
             page.goto(base + "/")
             page.wait_for_function("() => window.t2w && window.t2w.ready === true", timeout=60_000)
@@ -278,6 +280,9 @@ def test_page_streams_plays_uploads_and_shows_errors(server: dict[str, Any], tmp
             host = f"127.0.0.1:{server['port']}"
             assert requests and all(re.match(rf"(https?|wss?)://{re.escape(host)}/", u) for u in requests), requests
             assert not console_errors, console_errors
+            assert not not_found, not_found
+            icon = page.eval_on_selector("link[rel=icon]", "l => l.href")
+            assert page.evaluate("async (u) => (await fetch(u)).status", icon) == 200
         finally:
             browser.close()
 
@@ -294,8 +299,10 @@ def test_page_endpoints_need_the_key_but_the_page_does_not(tmp_path: Path) -> No
     app = create_app(Token2Wav.from_pretrained("tiny"), name="tiny", access=AccessPolicy(api_key=key))
     with running_server(app) as hostport:
         base = f"http://{hostport}"
-        for path in ("/", "/static/app.js", "/static/style.css"):
+        for path in ("/", "/static/app.js", "/static/style.css", "/static/icon.svg", "/favicon.ico"):
             assert httpx.get(base + path).status_code == 200, path
+        icon = httpx.get(base + "/favicon.ico")
+        assert icon.headers["content-type"] == "image/svg+xml" and icon.content.startswith(b"<svg")
         assert httpx.get(base + "/static/nope.js").status_code == 404
         assert httpx.post(base + "/").status_code in (401, 405)
         for path in ("/v1/voices", "/v1/utterances"):

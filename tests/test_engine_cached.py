@@ -11,14 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import NETWORK, SOLVE, sine_source_audio
 
 from token2wav.config import read_config
 from token2wav.loading import build_flow, build_vocoder
 from token2wav.streaming.engine import Prompt, Token2Wav
 from token2wav.streaming.schedule import HopPlan, plan_stream, prompt_pad
 
-MEL_TOL = 1e-4  # the issue's bound; measured below ~1e-6
-AUDIO_TOL = 1e-4
+# Streamed cached chunks vs the chunk-causal offline decode: a flow solve re-associated (tests/tolerances.py);
+# measured below ~1e-6. Audio: the HiFT's phase integrates that over the stream (sine_source_audio).
+MEL_TOL = SOLVE
+SR = 24000
 
 TEMPLATE = """
 sample_rate: 24000
@@ -246,11 +249,11 @@ def test_cached_audio_equals_offline_chunk_causal_audio(tmp_dir, schedule):
         outs = run_stream(engine, prompt, tokens, push, schedule=schedule)
         audio = np.concatenate(outs)
         assert audio.shape == offline.shape
-        start = 0
+        start, peak = 0, float(np.abs(offline).max())
         for k, o in enumerate(outs):
             diff = float(np.abs(o - offline[start : start + o.size]).max()) if o.size else 0.0
-            assert diff <= AUDIO_TOL, (push, k, diff)
             start += o.size
+            assert diff <= sine_source_audio(peak, start / SR), (push, k, diff)
 
 
 def test_window_mode_is_exactly_windowed_attention(tmp_dir, monkeypatch):
@@ -341,7 +344,7 @@ def test_cv2_cached_mel_and_crossfaded_audio(capsys):
     with capsys.disabled():
         print(f"\nCV2 cached audio vs offline chunk-causal audio: max |diff| {dev:.3g} "
               f"(|audio| max {np.abs(offline).max():.3g}; random source per call + cross-fades)")
-    assert dev > AUDIO_TOL
+    assert dev > sine_source_audio(float(np.abs(offline).max()), len(offline) / SR)  # not float rounding
 
 
 def test_hifigan_vocoder_streams_like_offline(tmp_dir):
@@ -361,4 +364,5 @@ def test_hifigan_vocoder_streams_like_offline(tmp_dir):
     for push in (1, 7):
         audio = np.concatenate(run_stream(engine, prompt, tokens, push, schedule="exponential"))
         assert audio.shape == offline.shape
-        assert np.abs(audio - offline).max() <= AUDIO_TOL
+        # no harmonic source: one network pass on windows of other lengths on each side (tests/tolerances.py)
+        assert np.abs(audio - offline).max() <= NETWORK * max(1.0, float(np.abs(offline).max()))

@@ -17,6 +17,7 @@ from token2wav.models.lookahead import PreLookaheadLayer
 
 DATA = Path(__file__).resolve().parent / "data"
 TOL = 2e-5  # FIXTURES.md: 1e-4 suggested, 2e-5 achievable for CV3
+NOISE_TOL = 4e-6  # libm vs SLEEF float32 log/cos inside Box-Muller, on normals of |x| <= 5
 CFM_PARAMS = {
     "sigma_min": 1e-06,
     "solver": "euler",
@@ -83,8 +84,13 @@ def test_fixed_noise_matches_reference_and_spares_global_rng(fx, meta):
     noise = fixed_noise()
     assert torch.equal(torch.get_rng_state(), state)
     assert noise.shape == (1, 80, NOISE_FRAMES) and noise.dtype == torch.float32
-    assert torch.equal(noise[:, :, :4], fx["rand_noise_head"])
-    assert hashlib.sha256(noise.numpy().tobytes()).hexdigest() == meta["rand_noise"]["sha256_float32"]
+    # torch.randn turns the generator's integers (exact everywhere) into normals with Box-Muller's log and cos:
+    # SLEEF's vector functions on AVX2 / AVX-512 (where the reference drew it) give its bits; the scalar
+    # functions of ATEN_CPU_CAPABILITY=default move values of |x| <= 5 by up to 1.1e-6 (measured). Every path of
+    # one process shares this one tensor, so streamed == offline is unaffected (docs/exactness.md).
+    assert float((noise[:, :, :4] - fx["rand_noise_head"]).abs().max()) <= NOISE_TOL
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert hashlib.sha256(noise.numpy().tobytes()).hexdigest() == meta["rand_noise"]["sha256_float32"]
 
 
 def test_noise_not_in_state_dict_and_wraps(flow):

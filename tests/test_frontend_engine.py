@@ -15,11 +15,13 @@ import torch
 from frontend_model import FRONTEND, S3_VOCAB, make_model_dir
 from helpers import max_abs_diff
 from safetensors.torch import load_file
+from tolerances import sine_source_audio
 
 from token2wav import Prompt, Token2Wav
 
 MEL_TOL_FILE = 1.5e-2  # fixture README: speech_feat_cv3 from the WAV file
-EMB_TOL = 1e-5
+TOL_CV2_FILE = 1e-3  # fixture README: speech_feat_cv2 from the WAV file
+EMB_TOL = 1e-5  # fixture README, embedding from the WAV file (independent implementations: 2.5e-6)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,8 @@ def test_prompt_from_wav_is_the_reference_prompt(t2w, ref, wav) -> None:
     want = _fixture_prompt(ref, wav)
     assert torch.equal(got.tokens, want.tokens)  # trimmed as the reference does (dev2, dev3: one token less)
     assert got.mel.shape == want.mel.shape
-    assert max_abs_diff(got.mel, want.mel) <= MEL_TOL_FILE  # measured: 0
-    assert max_abs_diff(got.embedding, want.embedding) <= EMB_TOL  # measured: 0 (same onnxruntime)
+    assert max_abs_diff(got.mel, want.mel) <= MEL_TOL_FILE  # measured <= 1.9e-4 (default kernels), 0 (AVX2/512)
+    assert max_abs_diff(got.embedding, want.embedding) <= EMB_TOL  # measured <= 1.8e-7 across kernel settings
 
 
 def test_array_input_equals_file_input_and_sessions_are_made_once(t2w) -> None:
@@ -75,7 +77,12 @@ def test_streamed_decode_with_the_wav_prompt_equals_the_fixture_prompt(t2w, ref)
     from_wav = _stream(t2w, t2w.prompt_from_wav(FRONTEND / "dev1_16k_mono.wav"))
     from_fixture = _stream(t2w, _fixture_prompt(ref, "dev1_16k_mono"))
     assert from_wav.shape == from_fixture.shape and np.abs(from_wav).max() > 1e-3
-    assert np.abs(from_wav - from_fixture).max() <= 1e-5  # measured: 0
+    # The two prompts differ by what this CPU's front end computes differently from the reference's: the
+    # embedding by ~1e-7, the log-mel by up to 1.9e-4 in bins near the log floor (measured with the default
+    # kernels; 0 on AVX-512 and AVX2). Through the flow that is a last-bits change of the F0, integrated by the
+    # HiFT's phase (tests/tolerances.py). Measured 0 (AVX-512), 3.1e-5 (AVX2), 2.6e-5 (default).
+    peak = float(np.abs(from_fixture).max())
+    assert np.abs(from_wav - from_fixture).max() <= sine_source_audio(peak, len(from_fixture) / t2w.sample_rate)
 
 
 def test_speaker_replaces_the_embedding(t2w, model_dir, ref) -> None:
@@ -184,7 +191,7 @@ def test_cosyvoice2_directory_uses_v2_tokenizer_and_its_fmax(tmp_path, ref, wav,
     got = t2w.prompt_from_wav(FRONTEND / f"{wav}.wav")
     k = f"{wav}/prompt_cv2"
     assert torch.equal(got.tokens, ref[f"{k}/speech_token"][0].long())
-    assert max_abs_diff(got.mel, ref[f"{k}/speech_feat"][0]) <= 1e-3  # README's cv2 tolerance; measured: 0
+    assert max_abs_diff(got.mel, ref[f"{k}/speech_feat"][0]) <= TOL_CV2_FILE
     assert max_abs_diff(got.embedding, ref[f"{k}/embedding"][0]) <= EMB_TOL
     assert max_abs_diff(got.mel, _fixture_prompt(ref, wav).mel) > 0.1  # the cv3 mel differs: fmax matters
     (d / "speech_tokenizer_v2.onnx").rename(d / "speech_tokenizer_v3.onnx")  # the other family's file is no use

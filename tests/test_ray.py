@@ -192,8 +192,11 @@ def test_registry_keeps_prompts_in_memory_and_on_disk(tmp_path: Path) -> None:
     back = reg.load(ids[0])  # ... and is read back from the folder
     assert back is not None and all(np.array_equal(x, y) for x, y in zip(back, arrays[0]))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.npz" for i in ids)
-    with pytest.raises(ValueError, match="content does not match id"):
-        reg.save(ids[1], *arrays[2])
+    kept = reg.save(ids[1], *arrays[2])  # other arrays under a held id (a clone on another CPU): the first stay
+    assert all(np.array_equal(x, y) for x, y in zip(kept, arrays[1]))
+    assert all(np.array_equal(x, y) for x, y in zip(reg.load(ids[1]), arrays[1]))
+    with pytest.raises(ValueError, match="not a prompt id"):
+        reg.save("../escape", *arrays[0])
     no_disk = _Registry(vocab_size=100, prompt_dir=None, max_prompts=1, max_file_bytes=1 << 20)
     no_disk.save(ids[0], *arrays[0])
     no_disk.save(ids[1], *arrays[1])

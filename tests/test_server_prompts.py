@@ -137,3 +137,79 @@ def test_interrupted_write_leaves_no_entry(tmp_path: Path, monkeypatch) -> None:
     assert store.load(pid) is not None
     with pytest.raises(ValueError, match="not a directory"):
         PromptStore(tmp_path / f"{pid}.npz", vocab_size=10)
+
+
+def test_store_keeps_the_first_arrays_under_an_id_and_catches_renamed_files(tmp_path: Path, caplog) -> None:
+    """Ids of recordings are not hashes of the arrays: the file carries its id; the first arrays stored win."""
+    store = PromptStore(tmp_path, vocab_size=10)
+    first = (np.array([1, 2]), np.ones((4, 80), np.float32), np.ones(192, np.float32))
+    later = (first[0], np.nextafter(first[1], np.float32(2)), first[2])  # the same recording on another CPU
+    pid = "p_" + "ab" * 12  # an id that names audio, not these arrays
+    kept = store.save(pid, *first)
+    assert all(np.array_equal(a, b) for a, b in zip(kept, first))
+    kept = store.save(pid, *later)
+    assert all(np.array_equal(a, b) for a, b in zip(kept, first))  # the first registration is served
+    assert np.array_equal(store.load(pid)[1], first[1])
+    other = "p_" + "cd" * 12
+    (tmp_path / f"{pid}.npz").rename(tmp_path / f"{other}.npz")
+    with caplog.at_level(logging.WARNING, logger="token2wav.serve"):
+        assert store.load(other) is None
+    assert "renamed" in caplog.text
+    legacy = tmp_path / f"{prompt_id(*first)}.npz"  # a file of the earlier layout: three arrays, named by hash
+    np.savez(legacy, tokens=first[0], mel=first[1], embedding=first[2])
+    assert store.load(prompt_id(*first)) is not None
+
+
+def _damaged_archives(folder: Path, good: tuple[np.ndarray, ...]) -> list[str]:
+    """Files that once stopped the server from starting: a broken deflate stream, an array header declaring
+    80 TiB, a zip member that unpacks far beyond the file limit. Each is named like a valid prompt."""
+    import io
+    import zipfile
+
+    names = []
+    # 1. a deflated member whose stream is garbage
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for key, arr in zip(("tokens", "mel", "embedding"), good):
+            b = io.BytesIO()
+            np.save(b, arr)
+            z.writestr(f"{key}.npy", b.getvalue())
+    raw = bytearray(buf.getvalue())
+    start = raw.index(b"mel.npy") + len("mel.npy")
+    raw[start + 20 : start + 60] = bytes(range(40))
+    names.append("p_" + "1" * 24)
+    (folder / f"{names[-1]}.npz").write_bytes(bytes(raw))
+    # 2. a header declaring a [2**43] float32 array (32 TiB of data) in a small member
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (1 << 43,)})
+    with zipfile.ZipFile(folder / f"{'p_' + '2' * 24}.npz", "w") as z:
+        z.writestr("tokens.npy", header.getvalue() + b"\0" * 64)
+        z.writestr("mel.npy", header.getvalue())
+        z.writestr("embedding.npy", header.getvalue())
+    names.append("p_" + "2" * 24)
+    # 3. a member that inflates to 200 MB from a few hundred KB
+    with zipfile.ZipFile(folder / f"{'p_' + '3' * 24}.npz", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("mel.npy", header.getvalue() + b"\0" * (200 << 20))
+    names.append("p_" + "3" * 24)
+    return names
+
+
+def test_damaged_prompt_files_never_stop_the_server(engine: Any, tmp_path: Path, caplog) -> None:
+    import resource
+
+    vocab = int(engine.config.vocab_size)
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    good = (np.array([1, 2, 3]), np.ones((6, 80), np.float32), np.ones(192, np.float32))
+    PromptStore(folder, vocab).save(prompt_id(*good), *good)
+    bad = _damaged_archives(folder, good)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with caplog.at_level(logging.WARNING, logger="token2wav.serve"):
+        app = create_app(engine, name="damaged", limits=LIMITS, prompt_dir=str(folder))
+        with running_server(app) as addr:
+            ids = httpx.get(f"http://{addr}/v1/voices", timeout=TIMEOUT).json()["prompts"]
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) < (100 << 10)  # KiB: nothing unpacked
+    assert prompt_id(*good) in ids and not set(bad) & set(ids)
+    lines = [r.getMessage() for r in caplog.records if "prompt store: skipping" in r.getMessage()]
+    for pid in bad:
+        assert sum(pid in line for line in lines) == 1, (pid, lines)  # one warning line per skipped file

@@ -208,13 +208,29 @@ _MODEL_ARGS = [
 ]
 
 
+MODEL_HELP = ("model directory, bundled model name, or a released model's id: ORG/NAME[@REVISION] (Hugging Face "
+              "Hub) or modelscope:ORG/NAME[@REVISION]; an id downloads only what token2wav reads")
+
+
 def load_engine(model: str, device: str = "cpu", dtype: str = "float32") -> Any:
-    """Load MODEL (a model directory or a bundled model name)."""
+    """Load MODEL (a model directory, a bundled model name or a model id ORG/NAME[@REVISION])."""
     import torch
 
     from token2wav import Token2Wav
 
     return Token2Wav.from_pretrained(model, device=device, dtype=getattr(torch, dtype))
+
+
+def _local_model(model: str) -> str:
+    """MODEL as something on this disk: a model id is fetched (only what token2wav reads) or found in the hub's
+    cache, once, before any weights are loaded; a directory or bundled name is returned as it is."""
+    from token2wav.loading import is_hub_model
+
+    if not is_hub_model(model):
+        return model
+    from token2wav import hub
+
+    return str(hub.resolve(model))
 
 
 def _model_name(model: str) -> str:
@@ -267,14 +283,18 @@ def _print_table(info: dict[str, Any], indent: str = "") -> None:
     "info",
     help="show a model's rates, chunking, parameter count and presets",
     args=[
-        arg("model", metavar="MODEL", help="model directory or bundled model name"),
+        arg("model", metavar="MODEL", help=MODEL_HELP + " (for an id: what it would fetch, and its size)"),
+        arg("--revision", help="branch, tag or commit of a model id (the same as ORG/NAME@REVISION)"),
         arg("--json", action="store_true", help="print JSON"),
         *_MODEL_ARGS,
     ],
 )
 def _info(args: argparse.Namespace) -> int:
-    from token2wav.loading import model_files
+    from token2wav.loading import is_hub_model, model_files
     from token2wav.serve.protocol import describe_model
+
+    if args.revision is not None or is_hub_model(args.model):
+        return _info_hub(args)
 
     files = model_files(args.model)
     t2w = load_engine(args.model, args.device, args.dtype)
@@ -305,11 +325,103 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hub_json(m: Any) -> dict[str, Any]:
+    return {
+        "model": str(m.id),
+        "hub": m.id.hub,
+        "repo_id": m.id.repo_id,
+        "revision": m.id.revision,
+        "commit": m.commit,
+        "config": m.config,
+        "files": [{"path": f.path, "size": f.size, "role": f.role, "cached": f.cached} for f in m.files],
+        "fetch_bytes": m.fetch_bytes,
+        "ignored": [{"path": f.path, "size": f.size} for f in m.ignored],
+        "ignored_bytes": m.ignored_bytes,
+        "location": None if m.location is None else str(m.location),
+        "from_cache": m.from_cache,
+    }
+
+
+def _ignored_summary(files: Sequence[Any]) -> str:
+    """``llm.pt (2.0 GB), CosyVoice-BlankEN/ (7 files, 988.1 MB), ...``: folders counted as one entry."""
+    from token2wav.hub import format_size
+
+    groups: dict[str, list[Any]] = {}
+    for f in files:
+        head, sep, _ = f.path.partition("/")
+        groups.setdefault(head + sep, []).append(f)
+    parts = []
+    for name, members in sorted(groups.items(), key=lambda kv: -sum(f.size or 0 for f in kv[1])):
+        size = format_size(sum(f.size or 0 for f in members))
+        parts.append(f"{name} ({len(members)} files, {size})" if name.endswith("/") else f"{name} ({size})")
+    return ", ".join(parts)
+
+
+def _info_hub(args: argparse.Namespace) -> int:
+    """``token2wav info ORG/NAME``: what a download fetches and how large it is (only the config is fetched)."""
+    from token2wav import hub
+
+    m = hub.plan(args.model, args.revision)
+    if args.json:
+        print(json.dumps(_hub_json(m), indent=2))
+        return 0
+    where = "Hugging Face Hub" if m.id.hub == hub.HUGGINGFACE else "ModelScope"
+    rev = m.id.revision or "default branch"
+    cached = sum(f.cached for f in m.files)
+    print(f"model     {m.id} ({where}, {rev}{f', commit {m.commit}' if m.commit else ''})")
+    print(f"fetches   {len(m.files)} files, {hub.format_size(m.fetch_bytes)} ({cached} of {len(m.files)} already "
+          "on disk)" if not m.from_cache else f"reads     {len(m.files)} cached files (the hub was not reached)")
+    width = max(len(f.path) for f in m.files)
+    for f in m.files:
+        state = "cached" if f.cached else "to fetch"
+        print(f"  {f.path:<{width}}  {hub.format_size(f.size):>10}  {f.role}, {state}")
+    if m.ignored:
+        print(f"never     {len(m.ignored)} files, {hub.format_size(m.ignored_bytes)}: {_ignored_summary(m.ignored)}")
+    if m.location is not None:
+        print(f"location  {m.location}")
+    if m.complete:
+        print(f"all files are on disk: `token2wav info {m.location / m.config}` shows the model's rates, chunking "
+              "and parameters")
+    else:
+        print(f"fetch it: token2wav download {m.id} (or use the id as --model, which downloads on first use)")
+    return 0
+
+
+@subcommand(
+    "download",
+    help="fetch a released model by id (ORG/NAME[@REVISION], modelscope:ORG/NAME): only the files token2wav reads",
+    args=[
+        arg("model", metavar="ORG/NAME", help="model id: ORG/NAME[@REVISION] (Hugging Face Hub) or "
+            "modelscope:ORG/NAME[@REVISION]"),
+        arg("--revision", help="branch, tag or commit (the same as ORG/NAME@REVISION)"),
+        arg("--dir", metavar="DIR", help="put the files in this folder (then --model DIR) instead of the hub's "
+            "cache (then --model ORG/NAME)"),
+        arg("--json", action="store_true", help="print JSON"),
+    ],
+)
+def _download(args: argparse.Namespace) -> int:
+    from token2wav import hub
+
+    if not hub.is_hub_id(args.model):
+        raise ValueError(f"{args.model!r} is not a model id (ORG/NAME[@REVISION] or modelscope:ORG/NAME); a model "
+                         "directory or bundled model needs no download")
+    m = hub.download(args.model, args.revision, local_dir=args.dir)
+    if args.json:
+        print(json.dumps(_hub_json(m), indent=2))
+        return 0
+    how = "found in the cache (the hub was not reached)" if m.from_cache else "downloaded or already cached"
+    print(f"{m.id}: {len(m.files)} files, {hub.format_size(m.fetch_bytes)}, {how}: {m.location}")
+    if m.ignored:
+        print(f"not fetched: {len(m.ignored)} files, {hub.format_size(m.ignored_bytes)} token2wav does not read")
+    print(f"use it: --model {args.dir if args.dir is not None else m.id}")
+    return 0
+
+
 @subcommand(
     "synth",
     help="synthesize a token file to a WAV file (offline, or through a streaming session)",
     args=[
-        arg("--model", required=True, help="model directory or bundled model name"),
+        arg("--model", required=True, help=MODEL_HELP),
         arg(
             "--tokens",
             required=True,
@@ -354,8 +466,9 @@ def _synth(args: argparse.Namespace) -> int:
     if args.prompt_wav is not None and args.prompt is not None:
         raise ValueError("--prompt and --prompt-wav are alternatives: give one")
     prompt = None if args.speaker is not None else _load_prompt(args.prompt)
-    _precheck_synth(args, tokens, prompt)  # what the config alone decides, before seconds of loading
-    t2w = load_engine(args.model, args.device, args.dtype)
+    model = _local_model(args.model)  # a model id: fetched (or found in the cache) here, once
+    _precheck_synth(args, tokens, prompt, model)  # what the config alone decides, before seconds of loading
+    t2w = load_engine(model, args.device, args.dtype)
     if args.prompt_wav is not None:  # with --speaker: that voice's embedding (the demo model needs one)
         prompt = _prompt_from_wav(t2w, args.prompt_wav, args.speaker)
     elif args.speaker is not None:
@@ -436,14 +549,15 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _precheck_synth(args: argparse.Namespace, tokens: Any, prompt: Any = None) -> None:
-    """Refuse, before any weights are read, what the model's config alone rules out (flags named as typed)."""
+def _precheck_synth(args: argparse.Namespace, tokens: Any, prompt: Any = None, model: str | None = None) -> None:
+    """Refuse, before any weights are read, what the model's config alone rules out (flags named as typed).
+    ``model``: ``args.model`` already resolved to this disk (see :func:`_local_model`)."""
     from token2wav.config import read_config
     from token2wav.loading import resolve_model_dir
     from token2wav.memory import check_offline_memory
     from token2wav.preflight import CLI_NAMES, check_stream_options, check_token_ids
 
-    config = read_config(resolve_model_dir(args.model))
+    config = read_config(resolve_model_dir(args.model if model is None else model))
     check_token_ids(tokens, config, name=f"--tokens {args.tokens}")
     if args.stream:
         check_stream_options(
@@ -487,7 +601,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     "serve",
     help="run the HTTP/WebSocket streaming server and its web page (GET /)",
     args=[
-        arg("--model", default=None, help="model directory or bundled model name (default: the demo voice)"),
+        arg("--model", default=None, help=MODEL_HELP + " (default: the demo voice)"),
         arg("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)"),
         arg("--port", type=int, default=50000, help="port (default: 50000)"),
         arg("--max-sessions", type=int, default=16, help="open streams + synthesize requests at once"),
@@ -526,6 +640,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.ray:  # the same server on Ray Serve replicas (serve/ray/)
         from token2wav.serve.ray import serve_on_ray
 
+        if args.model is not None:
+            _local_model(args.model)  # a model id: downloaded once here; replicas find it in the (shared) cache
         return serve_on_ray(args)
     access = access_from_args(args)  # before loading anything: a refused address or a bad key fails fast
     if args.model is None:  # the bundled demo voice (the tiny random-weight model if it is not installed)

@@ -19,7 +19,7 @@ from .checkpoints import (
 from .config import ConfigError, ModelConfig, build_module, read_config
 
 __all__ = ["build_flow", "load_flow", "build_vocoder", "load_vocoder", "resolve_model_dir", "model_files",
-           "resolve_dtype", "BUNDLED_MODELS"]
+           "is_hub_model", "resolve_dtype", "BUNDLED_MODELS"]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 # Models that ship inside the package, by name.
@@ -29,22 +29,49 @@ BUNDLED_MODELS = {
 }
 
 
-def resolve_model_dir(model: str | Path) -> Path:
-    """A model directory (or a config file inside one) from a path or the name of a bundled model."""
+def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
+    """A model directory (or a config file inside one) from a path, the name of a bundled model, or a model id.
+
+    Local first: a bundled name, then an existing directory or ``.yaml`` file (also one spelled like
+    ``ORG/NAME``). Otherwise a string written as ``ORG/NAME[@REVISION]`` or ``modelscope:ORG/NAME[@REVISION]``
+    is fetched from its hub (only the files token2wav reads; see :mod:`token2wav.hub`) and its config file in the
+    cache is returned. ``revision`` (a branch, tag or commit) applies to model ids only."""
     if isinstance(model, str) and model in BUNDLED_MODELS:
+        _no_revision(model, revision)
         path = BUNDLED_MODELS[model]
         if not path.is_dir():
             raise FileNotFoundError(f"bundled model '{model}' is not installed (expected {path})")
         return path
     path = Path(model)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
+        _no_revision(model, revision)
         return path  # one config of a directory holding several: the weights are read beside it
-    if not path.is_dir():
-        names = ", ".join(sorted(BUNDLED_MODELS))
-        raise FileNotFoundError(
-            f"model '{model}' is neither a directory nor a bundled model ({names}); a model's .yaml file also works"
-        )
-    return path
+    if path.is_dir():
+        _no_revision(model, revision)
+        return path
+    from . import hub
+
+    if isinstance(model, str) and hub.is_hub_id(model):
+        return hub.resolve(model, revision)
+    names = ", ".join(sorted(BUNDLED_MODELS))
+    raise FileNotFoundError(
+        f"model '{model}' is neither a directory nor a bundled model ({names}); a model's .yaml file also works, "
+        "and so does a model id (ORG/NAME[@REVISION], modelscope:ORG/NAME)"
+    )
+
+
+def _no_revision(model: str | Path, revision: str | None) -> None:
+    if revision is not None:
+        raise ValueError(f"revision={revision!r} applies to model ids (ORG/NAME) only; '{model}' is local")
+
+
+def is_hub_model(model: str | Path) -> bool:
+    """Whether ``model`` names a model on a hub rather than a bundled model or something on this disk."""
+    from . import hub
+
+    if not isinstance(model, str) or model in BUNDLED_MODELS or Path(model).exists():
+        return False
+    return hub.is_hub_id(model)
 
 
 def model_files(model: str | Path) -> dict[str, object]:

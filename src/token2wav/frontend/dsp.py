@@ -1,7 +1,9 @@
 """Signal processing of the CosyVoice prompt front end, written from the published definitions.
 
-* :func:`resample`: band-limited (windowed-sinc, Hann window) polyphase resampling with the parameters and
-  output length of torchaudio's default ``transforms.Resample``;
+* :func:`resample`: band-limited (windowed-sinc, Hann window) resampling with the parameters and output length
+  of torchaudio's default ``transforms.Resample``: its polyphase kernel (bit for bit) where the reduced rates are
+  small, the same filter evaluated per output sample where they are not (a 16005 Hz header would otherwise ask
+  for a 3200 x 3215 kernel, 44101 Hz for 16000 x 44135: memory and time bounded by the audio, not the rates);
 * :func:`whisper_log_mel`: the 128-bin log10 mel of OpenAI Whisper (16 kHz, 25 ms / 10 ms, global 8-decade floor);
 * :func:`kaldi_fbank`: Kaldi's log mel filterbank with its defaults (25 ms / 10 ms frames, snip edges, DC removal,
   pre-emphasis 0.97, Povey window, 512-point power spectrum, 20 Hz .. Nyquist, natural log floored at float eps);
@@ -30,6 +32,10 @@ MIN_SAMPLE_RATE = 16000  # the speech tokenizer and CAM++ analyse 16 kHz audio; 
 
 _ZEROS = 6  # lowpass filter width: zero crossings of the sinc on each side
 _ROLLOFF = 0.99  # cutoff as a share of the lower Nyquist frequency
+# Largest polyphase kernel (elements) kept: the standard rates need at most 320 x 476 (22050 -> 16000); with
+# 16 cached that is at most 32 MB. Larger reduced rates take the per-sample form.
+MAX_KERNEL_ELEMENTS = 1 << 19
+_DIRECT_BLOCK = 4096  # output samples per block of the per-sample form (a block's weights: ~1 MB)
 
 
 def _check_rate(value: Any, name: str) -> int:
@@ -39,6 +45,19 @@ def _check_rate(value: Any, name: str) -> int:
 
 
 @functools.lru_cache(maxsize=16)
+def _kernel_elements(orig: int, new: int) -> int:
+    cutoff = min(orig, new) * _ROLLOFF
+    return new * (2 * math.ceil(_ZEROS * orig / cutoff) + orig)
+
+
+def _windowed_sinc(t: torch.Tensor) -> torch.Tensor:
+    """The filter at ``t`` zero crossings from its centre (float64): sinc times a Hann window of 2 * _ZEROS."""
+    t = t.clamp(-_ZEROS, _ZEROS)
+    window = torch.cos(t * (math.pi / (2 * _ZEROS))) ** 2
+    arg = t * math.pi
+    return torch.where(arg == 0, torch.ones_like(arg), torch.sin(arg) / torch.where(arg == 0, 1.0, arg)) * window
+
+
 def _sinc_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
     """Polyphase kernel [new, 1, taps] float32 for reduced rates orig -> new, and its half width in input samples."""
     cutoff = min(orig, new) * _ROLLOFF  # in units where the reduced input rate is ``orig``
@@ -49,12 +68,27 @@ def _sinc_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
     # by ~1e-6, ten times the float32 rounding of the output itself).
     phase = (torch.arange(0, -new, -1, dtype=torch.float32) / new).to(torch.float64)
     t = (phase[:, None] + taps[None, :]) * cutoff  # in zero crossings of the sinc
-    t = t.clamp(-_ZEROS, _ZEROS)
-    window = torch.cos(t * (math.pi / (2 * _ZEROS))) ** 2
-    arg = t * math.pi
-    sinc = torch.where(arg == 0, torch.ones_like(arg), torch.sin(arg) / torch.where(arg == 0, 1.0, arg))
-    kernel = sinc * window * (cutoff / orig)
+    kernel = _windowed_sinc(t) * (cutoff / orig)
     return kernel.to(torch.float32).unsqueeze(1).contiguous(), half
+
+
+def _resample_direct(flat: torch.Tensor, orig_sr: int, new_sr: int, length: int) -> torch.Tensor:
+    """The polyphase filter evaluated per output sample: output m sits at input time m * orig / new and sums
+    the input samples within _ZEROS zero crossings of it. Work and memory grow with the audio only."""
+    scale = min(orig_sr, new_sr) * _ROLLOFF / orig_sr  # zero crossings per input sample
+    reach = math.ceil(_ZEROS / scale)  # input samples on each side that the filter can touch
+    taps = torch.arange(-reach, reach + 2, dtype=torch.float64)
+    padded = F.pad(flat, (reach + 1, reach + 2))
+    out = torch.empty(flat.shape[0], length, dtype=flat.dtype, device=flat.device)
+    for start in range(0, length, _DIRECT_BLOCK):
+        m = torch.arange(start, min(length, start + _DIRECT_BLOCK), dtype=torch.float64)
+        when = m * orig_sr / new_sr  # exact products below 2**53, one rounding in the division
+        first = torch.floor(when)
+        weights = _windowed_sinc((first[:, None] + taps[None, :] - when[:, None]) * scale) * scale
+        index = (first.long()[:, None] + taps.long()[None, :]) + (reach + 1)
+        window = padded[:, index].to(torch.float64)  # [rows, block, taps]
+        out[:, start : start + m.shape[0]] = (window * weights).sum(-1).to(flat.dtype)
+    return out
 
 
 def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
@@ -74,10 +108,12 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         return wave
     g = math.gcd(orig_sr, new_sr)
     orig, new = orig_sr // g, new_sr // g
-    kernel, half = _sinc_kernel(orig, new)
     shape = wave.shape
     flat = wave.reshape(-1, shape[-1])
     n = flat.shape[-1]
+    if _kernel_elements(orig, new) > MAX_KERNEL_ELEMENTS:
+        return _resample_direct(flat, orig_sr, new_sr, math.ceil(new * n / orig)).reshape(*shape[:-1], -1)
+    kernel, half = _sinc_kernel(orig, new)
     padded = F.pad(flat, (half, half + orig))
     # One strided convolution per phase: output sample k * new + j reads input k * orig + taps (phase j).
     out = F.conv1d(padded[:, None], kernel.to(dtype=wave.dtype, device=wave.device), stride=orig)

@@ -8,6 +8,7 @@ For the bundled demo voice it is its own k-means tokenizer and 22.05 kHz mel, wi
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ __all__ = [
     "PromptFrontend",
     "PromptTiming",
     "align_prompt",
+    "files_digest",
+    "frontend_files",
     "prompt_audio",
 ]
 
@@ -184,6 +187,29 @@ class PromptFrontend:
         self.last_timing = PromptTiming(load=t1 - t0, mel=t2 - t1, tokens=t3 - t2, embedding=t4 - t3)
         tokens, mel = align_prompt(tokens, mel, self.ratio)
         return tokens, mel, emb
+
+
+def frontend_files(config: Any) -> list[Path]:
+    """The files whose bytes decide the prompt a recording gives on this model: the config (mel settings,
+    family), then CosyVoice's tokenizer and CAM++ ONNX files or a bundled tokenizer, those that exist."""
+    folder = Path(config.path).parent
+    files = [Path(config.path)]
+    if config.format == "cosyvoice":
+        names = [SPEECH_TOKENIZER_NAMES.get(config.family, ""), "campplus.onnx"]
+    else:
+        names = [(config.extra.get("files") or {}).get("tokenizer", "")]
+    return files + [folder / n for n in names if n and (folder / n).is_file()]
+
+
+def files_digest(paths: list[Path]) -> str:
+    """sha256 over each file's name, size and bytes, read in 1 MiB blocks (a 1 GB tokenizer: about a second)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{path.name}|{path.stat().st_size}|".encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
 
 
 def demo_prompt(t2w: Any, wav: Any, sample_rate: int | None, speaker: str) -> tuple[torch.Tensor, ...]:

@@ -244,7 +244,20 @@ def _vocab_size(t2w: Any) -> int:
 
 
 def _prompt_id(req: P.PromptRequest) -> str:
-    return prompt_id(req.tokens, req.mel, req.embedding)
+    """A recording's id names its audio (set by serve/upload.py); posted arrays are named by their hash."""
+    return req.prompt_id or prompt_id(req.tokens, req.mel, req.embedding)
+
+
+async def _build_prompt(state: ServerState, t2w: Any, arrays: tuple[np.ndarray, ...]) -> Any:
+    """A registered prompt, checked and warmed (this may run the encoder: in the thread pool, off the loop)."""
+    try:
+        prompt = await state.run(state.make_prompt, *arrays)
+        prepare = getattr(t2w, "prepare_prompt", None)
+        if callable(prepare):
+            await state.run(prepare, prompt)
+    except (ValueError, TypeError) as e:
+        raise P.ProtocolError(f"invalid prompt: {e}") from None
+    return prompt
 
 
 def _error_response(err: P.ProtocolError) -> JSONResponse:
@@ -353,19 +366,18 @@ def create_app(
             )
             pid = _prompt_id(req)
             if pid not in state.prompts:
-                try:
-                    # building (and warming) the prompt may run the encoder: keep it off the loop
-                    prompt = await state.run(make_prompt, req.tokens, req.mel, req.embedding)
-                    prepare = getattr(t2w, "prepare_prompt", None)
-                    if callable(prepare):
-                        await state.run(prepare, prompt)
-                except (ValueError, TypeError) as e:
-                    raise P.ProtocolError(f"invalid prompt: {e}") from None
+                arrays = (req.tokens, req.mel, req.embedding)
+                prompt = await _build_prompt(state, t2w, arrays)
                 if state.prompt_store is not None:
                     try:
-                        await state.run(state.prompt_store.save, pid, req.tokens, req.mel, req.embedding)
+                        kept = await state.run(state.prompt_store.save, pid, *arrays)
                     except OSError as e:  # the prompt still works until a restart
                         log.warning("prompt store: cannot write %s: %s", pid, e)
+                    else:
+                        # the first arrays stored under an id win: a recording cloned again on another CPU
+                        # (or replica) serves the prompt every other replica serves
+                        if not all(np.array_equal(a, b) for a, b in zip(kept, arrays)):
+                            prompt = await _build_prompt(state, t2w, kept)
                 state.add_prompt(pid, prompt)
             state.prompts.move_to_end(pid)
         except P.ProtocolError as e:
@@ -376,7 +388,8 @@ def create_app(
     @app.post("/v1/synthesize")
     async def synthesize(request: Request) -> Response:
         try:
-            req = P.parse_synthesize_request(await _read_body(request, limits.max_message_bytes), state.vocab_size)
+            body = await _read_body(request, limits.max_message_bytes)
+            req = await state.run(P.parse_synthesize_request, body, state.vocab_size)  # off the event loop
             if req.tokens.size > limits.max_tokens_per_session:
                 raise P.ProtocolError(
                     f"{req.tokens.size} tokens exceed max_tokens_per_session={limits.max_tokens_per_session}",

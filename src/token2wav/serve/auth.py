@@ -9,7 +9,16 @@
   server's own origin (the origin whose host matches the request's ``Host``) or from an origin listed with
   ``--allow-origin``: a web page elsewhere cannot drive a server on the user's machine. Clients that are not
   browsers send no ``Origin`` and are not affected.
-* Without a key the server only binds to a loopback address, unless ``--insecure`` says otherwise.
+* Without a key the server only binds to a loopback address, unless ``--insecure`` says otherwise, and it
+  answers only requests whose ``Host`` names it: a loopback name (``localhost``, ``127.x.x.x``, ``[::1]``), the
+  ``--host`` it listens on, or the host of an ``--allow-origin``. A foreign name that a DNS-rebinding attack
+  points at 127.0.0.1 is refused (HTTP 421, WebSocket close 1008) before it reaches the model.
+* Every state-changing HTTP request (POST and the like) is held to the same ``Origin`` rule as WebSockets,
+  and bodies of the types an HTML form can send across sites without a CORS preflight (``text/plain``,
+  ``application/x-www-form-urlencoded``) are refused (415): a page elsewhere cannot register prompts or run
+  synthesis through the user's browser.
+* The key never appears in a ``repr``, a log line or an error: keys are printable ASCII (what a header can
+  carry), and a ``token`` query parameter is masked in logs however its name is percent-encoded.
 """
 
 from __future__ import annotations
@@ -21,9 +30,9 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 __all__ = [
     "API_KEY_ENV",
@@ -70,20 +79,32 @@ def _netloc(scheme: str, netloc: str) -> str:
     return netloc
 
 
+def host_name(host: str | None) -> str:
+    """The name in a ``Host`` header, lower case, without port or brackets (``[::1]:80`` -> ``::1``)."""
+    host = (host or "").strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 @dataclass(frozen=True)
 class AccessPolicy:
-    """``api_key`` None: no key required. ``allow_origins``: extra web origins (``"*"``: any) for WebSockets."""
+    """``api_key`` None: no key required. ``allow_origins``: extra web origins (``"*"``: any) for WebSockets
+    and state-changing HTTP requests. ``allowed_hosts``: host names a keyless server answers besides loopback
+    ones (the ``--host`` it listens on; ``"*"``: any, for ``--insecure`` on all interfaces)."""
 
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     allow_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         key = self.api_key
         if key is not None:
             if not isinstance(key, str) or len(key) < MIN_KEY_CHARS:
                 raise ValueError(f"the access key must be at least {MIN_KEY_CHARS} characters long")
-            if any(c.isspace() or not c.isprintable() for c in key):
-                raise ValueError("the access key must not hold spaces or control characters")
+            if not all("!" <= c <= "~" for c in key):
+                raise ValueError("the access key must be printable ASCII without spaces (what an HTTP header "
+                                 "can carry)")
         origins = []
         for o in self.allow_origins:
             try:
@@ -91,6 +112,16 @@ class AccessPolicy:
             except ValueError as e:
                 raise ValueError(f"--allow-origin: {e}") from None
         object.__setattr__(self, "allow_origins", tuple(origins))
+        hosts = {h if h == "*" else host_name(h) for h in self.allowed_hosts}
+        hosts |= {host_name(urlsplit(o).netloc) for o in origins if o not in ("*", "null")}
+        object.__setattr__(self, "allowed_hosts", tuple(sorted(h for h in hosts if h)))
+
+    def host_allowed(self, host: str | None) -> bool:
+        """A keyless server answers loopback names and its own; with a key the key is the defence."""
+        if self.api_key is not None or "*" in self.allowed_hosts:
+            return True
+        name = host_name(host)
+        return bool(name) and (is_loopback(name) or name in self.allowed_hosts)
 
     def key_matches(self, presented: str | None) -> bool:
         if self.api_key is None:
@@ -136,10 +167,17 @@ def _presented_key(scope: Scope) -> str | None:
     return None
 
 
+FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded")  # sent cross-site with no CORS preflight
+
+
+def _media_type(scope: Scope) -> str:
+    return (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+
+
 def _is_public_page(scope: Scope) -> bool:
-    """GET/HEAD of the web page (``/``) and its static files (``/static/...``): served without a key."""
+    """GET/HEAD of the web page (``/``), its icon and static files (``/static/...``): served without a key."""
     path = scope.get("path", "")
-    return scope.get("method") in ("GET", "HEAD") and (path == "/" or path.startswith("/static/"))
+    return scope.get("method") in ("GET", "HEAD") and (path in ("/", "/favicon.ico") or path.startswith("/static/"))
 
 
 class AccessMiddleware:
@@ -159,14 +197,28 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         policy = self.policy
-        if kind == "websocket" and not policy.origin_allowed(
-            _header(scope, b"origin"), _header(scope, b"host"), scope.get("scheme", "ws")
-        ):
+        host = _header(scope, b"host")
+        if not policy.host_allowed(host):
+            await self._refuse(
+                scope, receive, send, 421, "forbidden_host",
+                f"Host {host_name(host)[:80]!r} is not a name of this server: a server without an access key "
+                "answers loopback names and its --host only",
+            )
+            return
+        changes_state = kind == "websocket" or scope.get("method") not in ("GET", "HEAD", "OPTIONS")
+        if changes_state and not policy.origin_allowed(_header(scope, b"origin"), host, scope.get("scheme", "ws")):
             origin = (_header(scope, b"origin") or "")[:80]
+            what = "WebSocket" if kind == "websocket" else f"{scope.get('method')} request"
             await self._refuse(
                 scope, receive, send, 403, "forbidden_origin",
-                f"WebSocket from origin {origin!r} refused: not this server's own origin; "
-                "allow it with --allow-origin",
+                f"{what} from origin {origin!r} refused: not this server's own origin; allow it with --allow-origin",
+            )
+            return
+        if kind == "http" and changes_state and _media_type(scope) in FORM_TYPES:
+            await self._refuse(
+                scope, receive, send, 415, "form_content_type",
+                f"Content-Type {_media_type(scope)} is refused (a cross-site form can send it): send JSON as "
+                "application/json, audio as audio/*, or a multipart upload",
             )
             return
         if kind == "http" and _is_public_page(scope):  # the page holds no data: it asks for the key itself
@@ -202,18 +254,25 @@ class AccessMiddleware:
 
 # ------------------------------------------------------------------------------------------ logs
 
-_TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"']*", re.IGNORECASE)
+_QUERY_PARAM = re.compile(r"([?&;])([^=&;\s\"'#]+)=([^&;\s\"'#]*)")
 
 
 def redact(text: str) -> str:
-    return _TOKEN_IN_URL.sub(r"\1***", text)
+    """Masks the value of every query parameter whose name decodes to ``token`` (``token``, ``%74oken``,
+    ``TOKEN``, ...): the server reads the key from such a parameter, so its log must not show it."""
+
+    def mask(m: re.Match[str]) -> str:
+        name = unquote_plus(m.group(2)).strip().lower()
+        return f"{m.group(1)}{m.group(2)}=***" if name == "token" else m.group(0)
+
+    return _QUERY_PARAM.sub(mask, text)
 
 
 class RedactTokens(logging.Filter):
     """Masks ``token=...`` query parameters in log records (uvicorn logs WebSocket paths with their query)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+        if isinstance(record.msg, str):
             record.msg = redact(record.msg)
         if isinstance(record.args, tuple):
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)

@@ -2,7 +2,7 @@
 
 * ``GET /``: one self-contained page (``static/index.html``, ``app.js``, ``style.css`` shipped in the package;
   no build step, nothing fetched from another origin: the Content-Security-Policy says so to the browser).
-* ``GET /static/{name}``: the page's script and style sheet.
+* ``GET /static/{name}``: the page's script, style sheet and icon; ``GET /favicon.ico``: the icon again.
 * ``GET /v1/voices``: the model's bundled voices (each registered as a prompt, so a stream's ``start`` can name
   it by ``prompt_id``), the prompts registered so far, and whether a recording can be cloned here.
 * ``GET /v1/utterances``: the bundled held-out utterances (text, voice, tokens) of models that ship them.
@@ -15,7 +15,6 @@ it with each request, ``?token=`` on the WebSocket). Every ``/v1/...`` endpoint 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -39,6 +38,7 @@ STATIC_FILES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "icon.svg": "image/svg+xml",
 }
 MAX_TOKENIZE_SECONDS = 60.0
 
@@ -90,16 +90,14 @@ def _has_own_tokenizer(t2w: Any) -> bool:
 
 
 def _decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    import soundfile as sf
+    from token2wav.frontend.audio_file import read_audio_bounded
 
     try:
-        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as exc:
-        raise P.ProtocolError(f"body is not a readable audio file ({str(exc).splitlines()[0][:120]})") from None
+        samples, sr = read_audio_bounded(data, MAX_TOKENIZE_SECONDS, limit_note="the longest recording tokenized")
+    except ValueError as e:
+        raise P.ProtocolError(str(e)) from None
     if samples.shape[0] == 0:
         raise P.ProtocolError("the recording is empty")
-    if samples.shape[0] / sr > MAX_TOKENIZE_SECONDS:
-        raise P.ProtocolError(f"recording of {samples.shape[0] / sr:.1f} s is over {MAX_TOKENIZE_SECONDS:g} s")
     if not np.isfinite(samples).all():
         raise P.ProtocolError("the recording has non-finite samples")
     return samples.mean(axis=1), int(sr)
@@ -121,6 +119,11 @@ def install_page(app: FastAPI, state: Any) -> None:
     @app.get("/", include_in_schema=False)
     async def index(request: Request) -> Response:
         return page_response("index.html", request)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon(request: Request) -> Response:
+        # browsers ask for it on every first load; a 404 there is a console error on every visit
+        return page_response("icon.svg", request)
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str, request: Request) -> Response:
@@ -184,7 +187,7 @@ def install_page(app: FastAPI, state: Any) -> None:
                     "this model has no speech tokenizer of its own (the bundled demo voice has one)", status=501
                 )
             body = await _read_body(request, state.limits.max_prompt_bytes, "max_prompt_bytes")
-            wave, sr = _decode_audio(body)
+            wave, sr = await state.run(_decode_audio, body)  # decoding is work: off the event loop
             try:
                 tokens = await state.run(t2w.tokenize, wave, sr)
             except (FileNotFoundError, KeyError, NotImplementedError) as e:

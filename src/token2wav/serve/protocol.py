@@ -300,6 +300,7 @@ class PromptRequest:
     tokens: np.ndarray
     mel: np.ndarray
     embedding: np.ndarray
+    prompt_id: str | None = None  # set for a recording (named by its audio); arrays are named by their hash
 
 
 def parse_prompt_request(raw: bytes, vocab_size: int) -> PromptRequest:

@@ -72,8 +72,11 @@ def access_from_args(args: argparse.Namespace) -> Any:
     from token2wav.serve.auth import AccessPolicy, check_bind_address, resolve_api_key
 
     key = resolve_api_key(args.api_key, args.api_key_file)
-    policy = AccessPolicy(api_key=key, allow_origins=tuple(args.allow_origin))
     check_bind_address(args.host, has_key=key is not None, insecure=args.insecure)
+    # a keyless server answers its own --host besides loopback names; on every interface (--insecure) any name
+    wildcard = args.host.strip("[]") in ("0.0.0.0", "::", "")
+    hosts = ("*",) if wildcard else (args.host,)
+    policy = AccessPolicy(api_key=key, allow_origins=tuple(args.allow_origin), allowed_hosts=hosts)
     if not (args.drain_timeout >= 0 and args.drain_timeout < float("inf")):
         raise ValueError(f"--drain-timeout must be a finite number >= 0, got {args.drain_timeout}")
     return policy

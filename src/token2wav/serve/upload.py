@@ -1,7 +1,8 @@
 """``POST /v1/prompts`` with a recording: a WAV body (``Content-Type: audio/wav``) or a multipart form upload.
 
-The recording is cloned into a prompt by the engine's ``prompt_from_wav`` (in the model thread pool), and the
-prompt is registered exactly as if its arrays had been posted as JSON, so it gets the same content-hashed id.
+The recording is cloned into a prompt by the engine's ``prompt_from_wav`` (in the model thread pool) and
+registered under an id named by the recording's decoded samples and the model's front end
+(``prompt_store.audio_prompt_id``), so the same file gets the same id on every machine.
 
 Multipart is parsed with the standard library's ``email`` parser rather than python-multipart: the body is
 already size-capped in memory (``--max-prompt-bytes``) before parsing, there is one file to find, and it saves
@@ -10,7 +11,6 @@ a dependency that only this endpoint would use.
 
 from __future__ import annotations
 
-import io
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from token2wav.serve import protocol as P
+from token2wav.serve.prompt_store import audio_prompt_id
 
 __all__ = ["AUDIO_TYPES", "audio_from_body", "prompt_request"]
 
@@ -50,20 +51,22 @@ def audio_from_body(body: bytes, content_type: str | None) -> bytes | None:
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, int]:
-    import soundfile as sf
+    from token2wav.frontend.audio_file import read_audio_bounded
+    from token2wav.frontend.prompt import MAX_PROMPT_SECONDS
 
-    try:
-        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile's errors for unknown / truncated formats
-        raise ValueError(f"body is not a readable audio file ({str(exc).splitlines()[0][:120]})") from None
-    return samples, int(sr)
+    # the header is checked before decoding, and decoding stops at the limit (frontend/audio_file.py); n frames
+    # at sr Hz are at most 30 s exactly when their 16 kHz resampling (ceil(n * 16000 / sr)) is
+    return read_audio_bounded(data, MAX_PROMPT_SECONDS, limit_note="the speech tokenizer's limit")
 
 
-def _clone(t2w: Any, data: bytes, speaker: str | None = None) -> Any:
+def _clone(t2w: Any, data: bytes, speaker: str | None = None) -> tuple[Any, str]:
+    """The prompt of a recording, and its id (from the samples and the model's front end, not the arrays)."""
     samples, sr = _decode(data)
     if speaker is not None:  # a voice's embedding instead of the speaker model's (the demo voice needs one)
-        return t2w.prompt_from_wav(samples, sample_rate=sr, speaker=speaker)
-    return t2w.prompt_from_wav(samples, sample_rate=sr)
+        prompt = t2w.prompt_from_wav(samples, sample_rate=sr, speaker=speaker)
+    else:
+        prompt = t2w.prompt_from_wav(samples, sample_rate=sr)
+    return prompt, audio_prompt_id(samples, sr, t2w.frontend_fingerprint(speaker))
 
 
 async def prompt_request(
@@ -71,14 +74,15 @@ async def prompt_request(
 ) -> P.PromptRequest:
     """The prompt arrays of a ``/v1/prompts`` body: parsed JSON, or the clone of a recording (``speaker``: a
     voice of the model whose embedding the clone uses, from ``?speaker=``)."""
-    data = audio_from_body(body, content_type)
+    # parsing a body of up to --max-prompt-bytes takes a while (0.1 s per MB): never on the event loop
+    data = await state.run(audio_from_body, body, content_type)
     if data is None:
-        return P.parse_prompt_request(body, state.vocab_size)
+        return await state.run(P.parse_prompt_request, body, state.vocab_size)
     if not callable(getattr(t2w, "prompt_from_wav", None)):
         raise P.ProtocolError("this server's engine cannot clone a voice from audio; post the prompt's arrays",
                               status=_NOT_SUPPORTED)
     try:
-        prompt = await state.run(_clone, t2w, data, speaker)
+        prompt, pid = await state.run(_clone, t2w, data, speaker)
     except (ImportError, FileNotFoundError) as exc:  # the model has no front end (onnxruntime / ONNX files)
         raise P.ProtocolError(f"voice cloning is not available on this server: {exc}",
                               status=_NOT_SUPPORTED) from None
@@ -88,4 +92,5 @@ async def prompt_request(
         tokens=np.asarray(prompt.tokens, dtype=np.int64),
         mel=np.asarray(prompt.mel, dtype=np.float32),
         embedding=np.asarray(prompt.embedding, dtype=np.float32),
+        prompt_id=pid,
     )

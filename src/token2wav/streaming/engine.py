@@ -156,6 +156,8 @@ class Token2Wav:
         self._tokenizer: Any = None
         self._saved_voices: dict[str, Any] | None = None  # spk2info.pt of the model directory, read on first use
         self._frontend: Any = None  # ONNX prompt front end (token2wav.frontend), made on first prompt_from_wav
+        self._frontend_digest: str | None = None  # hash of the front-end files, computed on first use
+        self._digest_lock = threading.Lock()  # hashing a release's tokenizer takes a second: not under _assets_lock
         ref = next(iter(flow.parameters()), None)
         self._device = ref.device if ref is not None else torch.device("cpu")
         self._dtype = ref.dtype if ref is not None else torch.float32
@@ -170,15 +172,19 @@ class Token2Wav:
         model_dir: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
         **kwargs: Any,
     ) -> Token2Wav:
         """Load a model directory (``cosyvoice{2,3}.yaml`` + ``flow``/``hift`` weights, ``.pt`` or
-        ``.safetensors``, or our ``token2wav.yaml``) or a bundled model by name."""
+        ``.safetensors``, or our ``token2wav.yaml``), a bundled model by name, or a released model by id:
+        ``"FunAudioLLM/Fun-CosyVoice3-0.5B-2512"`` (Hugging Face Hub; ``"ORG/NAME@REV"`` or ``revision=`` pins a
+        branch, tag or commit) or ``"modelscope:ORG/NAME"``. An id downloads only the files token2wav reads into
+        the hub's cache (offline: read from it); see :mod:`token2wav.hub`."""
         from ..checkpoints import find_weights_file
         from ..config import read_config
         from ..loading import load_flow, load_vocoder, resolve_model_dir
 
-        path = resolve_model_dir(model_dir)
+        path = resolve_model_dir(model_dir, revision=revision)  # a model id is fetched here, before any weights load
         config = read_config(path)
         flow = load_flow(config, find_weights_file(path, ("flow",)), device=device, dtype=dtype)
         voc_path = find_weights_file(path, ("hift", "vocoder"))
@@ -379,6 +385,22 @@ class Token2Wav:
                 self._frontend = PromptFrontend.for_config(self._config)
             frontend = self._frontend
         return Prompt(*frontend(wav, sample_rate, embedding=emb))
+
+    def frontend_fingerprint(self, speaker: str | None = None) -> str:
+        """A hex digest of what turns a recording into a prompt on this model: the config file and the front-end
+        model files (CosyVoice's ONNX tokenizer and CAM++, or a bundled tokenizer), and ``speaker``'s stored
+        embedding when one replaces the speaker model's. Equal files give equal fingerprints on any machine; the
+        server names cloned prompts by it (``token2wav.serve.prompt_store.audio_prompt_id``)."""
+        from ..frontend.prompt import files_digest, frontend_files
+
+        with self._digest_lock:
+            if self._frontend_digest is None:
+                self._frontend_digest = files_digest(frontend_files(self._config))
+            digest = self._frontend_digest
+        if speaker is None:
+            return digest
+        return tensor_digest(np.frombuffer(f"{digest}|{speaker}".encode(), np.uint8),
+                             self.speaker_prompt(speaker).embedding)
 
     def add_voice(self, name: str, prompt: Prompt, *, overwrite: bool = False) -> Path:
         """Save ``prompt`` as voice ``name`` in the model directory's ``spk2info.pt`` (the reference's format)."""

@@ -46,6 +46,9 @@ _STALE_REPORTS = 3.0  # a replica whose last report is older than this many inte
 _REGISTRY_TIMEOUT_S = 10.0
 
 
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def registry_name(app_name: str) -> str:
     return f"token2wav-prompts-{app_name}"
 
@@ -60,31 +63,38 @@ class _Registry:
     def __init__(self, vocab_size: int, prompt_dir: str | None, max_prompts: int, max_file_bytes: int) -> None:
         from token2wav.serve.prompt_store import PromptStore
 
-        self.prompts: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self.prompts: OrderedDict[str, Arrays] = OrderedDict()
         self.max_prompts = int(max_prompts)
         self.store = None if prompt_dir is None else PromptStore(prompt_dir, vocab_size, max_file_bytes=max_file_bytes)
         self.reports: dict[str, tuple[float, dict[str, Any], str]] = {}
         self.saves = 0
         self.loads = 0
 
-    def _keep(self, pid: str, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    def _keep(self, pid: str, arrays: Arrays) -> None:
         self.prompts[pid] = arrays
         self.prompts.move_to_end(pid)
         while len(self.prompts) > self.max_prompts:
             self.prompts.popitem(last=False)
 
-    def save(self, pid: str, tokens: np.ndarray, mel: np.ndarray, embedding: np.ndarray) -> bool:
-        from token2wav.serve.prompt_store import prompt_id
+    def save(self, pid: str, tokens: np.ndarray, mel: np.ndarray, embedding: np.ndarray) -> Arrays:
+        """Register ``pid`` and return the arrays kept under it. A replica names a prompt by its input
+        (prompt_store's docstring); the first arrays under an id are kept and handed back, so every replica
+        serves the same prompt for it, whatever CPU computed a later clone of the same recording."""
+        from token2wav.serve.prompt_store import is_prompt_id
 
-        if prompt_id(tokens, mel, embedding) != pid:
-            raise ValueError(f"prompt registry: content does not match id {pid[:40]!r}")
+        if not is_prompt_id(pid):
+            raise ValueError(f"prompt registry: not a prompt id: {str(pid)[:40]!r}")
         self.saves += 1
-        self._keep(pid, (np.asarray(tokens), np.asarray(mel), np.asarray(embedding)))
-        if self.store is not None:
-            self.store.save(pid, tokens, mel, embedding)
-        return True
+        kept = self.prompts.get(pid)
+        if kept is None and self.store is not None:
+            kept = self.store.load(pid)
+        if kept is None:
+            arrays = (np.asarray(tokens), np.asarray(mel), np.asarray(embedding))
+            kept = arrays if self.store is None else self.store.save(pid, *arrays)
+        self._keep(pid, kept)
+        return kept
 
-    def load(self, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def load(self, pid: str) -> Arrays | None:
         self.loads += 1
         arrays = self.prompts.get(pid)
         if arrays is None and self.store is not None:
@@ -136,13 +146,13 @@ class RegistryPromptStore:
         self.handle = handle
         self.timeout_s = timeout_s
 
-    def save(self, pid: str, tokens: np.ndarray, mel: np.ndarray, embedding: np.ndarray) -> None:
+    def save(self, pid: str, tokens: np.ndarray, mel: np.ndarray, embedding: np.ndarray) -> Arrays:
         try:
-            ray.get(self.handle.save.remote(pid, tokens, mel, embedding), timeout=self.timeout_s)
+            return ray.get(self.handle.save.remote(pid, tokens, mel, embedding), timeout=self.timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as e:  # the app warns and keeps the prompt locally
             raise OSError(f"shared prompt registry unavailable: {type(e).__name__}") from None
 
-    def load(self, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def load(self, pid: str) -> Arrays | None:
         try:
             return ray.get(self.handle.load.remote(pid), timeout=self.timeout_s)
         except (ray.exceptions.RayError, TimeoutError) as e:
