@@ -119,6 +119,9 @@ class ServerLimits:
     start_timeout_s: float = 5.0  # longest wait for 'start' on a new stream: an unused slot is freed sooner
     send_timeout_s: float = 30.0  # longest wait for a client to take one outgoing frame
     max_prompts: int = 256  # registered prompts kept; the least recently used is dropped
+    # tokens of one posted prompt: its first pass attends over all of them (O(N^2)); 60 s at 25 tokens/s, twice
+    # what a release's front end makes from its longest (30 s) recording
+    max_prompt_tokens: int = 1500
     workers: int = 4  # threads running model work
     max_queued_tokens: int = 25 * 120  # tokens received but not yet decoded, per stream (2 min of speech)
 
@@ -129,6 +132,7 @@ class ServerLimits:
             "max_message_bytes",
             "max_prompt_bytes",
             "max_prompts",
+            "max_prompt_tokens",
             "workers",
             "max_queued_tokens",
         )
@@ -239,7 +243,7 @@ def parse_client_message(raw: str | bytes, vocab_size: int) -> ClientMessage:
     if not isinstance(data, dict):
         raise ProtocolError(f"a message must be a JSON object, got {type(data).__name__}")
     kind = data.get("type")
-    if kind not in _ALLOWED_KEYS:
+    if not isinstance(kind, str) or kind not in _ALLOWED_KEYS:  # a list or dict here is not hashable
         raise ProtocolError(f"unknown message type {json.dumps(kind)[:40]}; expected start, tokens or end")
     extra = set(data) - _ALLOWED_KEYS[kind]
     if extra:
@@ -303,7 +307,8 @@ class PromptRequest:
     prompt_id: str | None = None  # set for a recording (named by its audio); arrays are named by their hash
 
 
-def parse_prompt_request(raw: bytes, vocab_size: int) -> PromptRequest:
+def parse_prompt_request(raw: bytes, vocab_size: int, max_tokens: int | None = None) -> PromptRequest:
+    """A JSON prompt; ``max_tokens`` bounds its length before any array is built (``max_prompt_tokens``)."""
     data = decode_json(raw, what="request body")
     if not isinstance(data, dict):
         raise ProtocolError("request body must be a JSON object")
@@ -313,6 +318,9 @@ def parse_prompt_request(raw: bytes, vocab_size: int) -> PromptRequest:
     extra = set(data) - {"tokens", "mel", "embedding"}
     if extra:
         raise ProtocolError(f"unexpected field(s): {', '.join(sorted(extra))[:60]}")
+    if max_tokens is not None and isinstance(data["tokens"], list) and len(data["tokens"]) > max_tokens:
+        raise ProtocolError(f"prompt of {len(data['tokens'])} tokens exceeds max_prompt_tokens={max_tokens}",
+                            ws_code=WS_TOO_BIG)
     tokens = validate_tokens(data["tokens"], vocab_size)
     if tokens.size == 0:
         raise ProtocolError("'tokens' must not be empty")

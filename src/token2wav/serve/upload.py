@@ -77,7 +77,7 @@ async def prompt_request(
     # parsing a body of up to --max-prompt-bytes takes a while (0.1 s per MB): never on the event loop
     data = await state.run(audio_from_body, body, content_type)
     if data is None:
-        return await state.run(P.parse_prompt_request, body, state.vocab_size)
+        return await state.run(P.parse_prompt_request, body, state.vocab_size, state.limits.max_prompt_tokens)
     if not callable(getattr(t2w, "prompt_from_wav", None)):
         raise P.ProtocolError("this server's engine cannot clone a voice from audio; post the prompt's arrays",
                               status=_NOT_SUPPORTED)
