@@ -10,6 +10,7 @@ with other push sizes, which is the oracle the streaming tests already tie to th
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from tolerances import SOLVE, sine_source_audio
 
 import token2wav
+from token2wav.budget import KV_SHARE
 from token2wav.config import read_config
 from token2wav.loading import load_flow, load_vocoder
 from token2wav.models.buckets import ShapeBuckets
@@ -310,8 +312,9 @@ def test_cache_budget_refuses_cleanly(cv3):
         held = sum(t.numel() * t.element_size() for step in cache.steps for t in (*step.keys, *step.values))
         assert held == per_frame * cache.offset
     # accounting: frames a session's next chunk needs, rounded up to 16-frame pages, x bytes per frame;
-    # a first chunk needs 50 frames (4 pages: 64), a second 106 (7 pages: 112); the budget holds 130
-    budget = per_frame * 130
+    # a first chunk needs 50 frames (4 pages: 64), a second 106 (7 pages: 112); the budget's key/value share
+    # (KV_SHARE of it: the rest is for prompt states, the registry and fixed-shape buffers) holds 130
+    budget = math.ceil(per_frame * 130 / KV_SHARE)
     rng = np.random.default_rng(7)
     tokens = rng.integers(0, cv3.config.vocab_size, 53).tolist()
     with cv3.batcher(max_cache_bytes=budget) as batcher:
@@ -331,7 +334,8 @@ def test_cache_budget_refuses_cleanly(cv3):
     stats = batcher.stats()  # after close: a finished session's pages go back once its last step has ended
     assert stats["kv_pages_free"] == stats["kv_pages_total"] > 0  # every page is back in the pool
     # the pool was allocated at the budget's size once (8 pages of 16 frames <= 130 frames) and never grew
-    assert stats["kv_pages_total"] == 8 and stats["kv_pool_grown"] == 0 and stats["kv_pool_bytes"] <= budget
+    assert stats["kv_pages_total"] == 8 and stats["kv_pool_grown"] == 0
+    assert stats["kv_pool_bytes"] <= KV_SHARE * budget and stats["memory_bytes"]["kv_pages"] == stats["kv_pool_bytes"]
 
 
 def test_batcher_arguments_are_checked(cv3):

@@ -223,7 +223,7 @@ def test_the_same_recording_gets_the_same_id_and_prompt_on_other_cpus(model_dir,
                            timeout=TIMEOUT)
             assert r.status_code == 200, r.text
             ids.append(r.json()["prompt_id"])
-            stored.append(app.state.server.prompts[ids[-1]].mel.numpy().copy())
+            stored.append(app.state.server.prompts.get(ids[-1]).mel.numpy().copy())
     assert ids[0] == ids[1] == _audio_id(data, _front_end_files(model_dir))
     assert np.array_equal(stored[0], stored[1])  # the second server serves the first one's arrays
     assert not np.array_equal(stored[0], _OtherCpu(t2w, 3).prompt_from_wav(FRONTEND / "dev2_22k_mono.wav").mel)

@@ -200,10 +200,12 @@ def run_stream(engine, prompt, tokens, mode: str, device: str, hop: int) -> dict
 
 def kv_budget(engine, prompt_tokens: int, tokens: int, sessions: int) -> int | None:
     """Key/value memory for ``sessions`` streams of this workload at their longest, with room for the
-    batcher's reservations (prompt pad and a hop ahead, page rounding). A bench batcher gets it as its
-    ``max_cache_bytes``, as ``serve --max-cache-mb`` would be given with ``--graphs``: the pool is then allocated
+    batcher's reservations (prompt pad and a hop ahead, page rounding), as a whole budget of which that is the
+    key/value share (token2wav.budget.KV_SHARE). A bench batcher gets it as its ``max_cache_bytes``, as
+    ``serve --max-cache-mb`` would be given with ``--graphs``: the pool is then allocated
     once, never grown (growing copies every cache, transiently 2.5x the memory, and makes every graph capture
     again; at 64 full-size streams on a GPU that is the difference between 75 GB and out of memory)."""
+    from .budget import KV_SHARE
     from .streaming.batcher import DEFAULT_PAGE_FRAMES, cache_bytes_per_frame
 
     per_frame = cache_bytes_per_frame(engine.flow, engine.n_timesteps)
@@ -211,7 +213,7 @@ def kv_budget(engine, prompt_tokens: int, tokens: int, sessions: int) -> int | N
         return None
     cfg = engine.config
     frames = (prompt_tokens + tokens + 2 * cfg.chunk_tokens) * cfg.token_mel_ratio + DEFAULT_PAGE_FRAMES
-    return int(1.1 * sessions * frames * per_frame)
+    return int(1.1 * sessions * frames * per_frame / KV_SHARE)
 
 
 def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int, batched: bool = False,

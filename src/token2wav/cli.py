@@ -342,6 +342,10 @@ def _hub_json(m: Any) -> dict[str, Any]:
     }
 
 
+def _files(n: int) -> str:
+    return f"{n} file" + ("" if n == 1 else "s")
+
+
 def _ignored_summary(files: Sequence[Any]) -> str:
     """``llm.pt (2.0 GB), CosyVoice-BlankEN/ (7 files, 988.1 MB), ...``: folders counted as one entry."""
     from token2wav.hub import format_size
@@ -353,7 +357,7 @@ def _ignored_summary(files: Sequence[Any]) -> str:
     parts = []
     for name, members in sorted(groups.items(), key=lambda kv: -sum(f.size or 0 for f in kv[1])):
         size = format_size(sum(f.size or 0 for f in members))
-        parts.append(f"{name} ({len(members)} files, {size})" if name.endswith("/") else f"{name} ({size})")
+        parts.append(f"{name} ({_files(len(members))}, {size})" if name.endswith("/") else f"{name} ({size})")
     return ", ".join(parts)
 
 
@@ -369,14 +373,14 @@ def _info_hub(args: argparse.Namespace) -> int:
     rev = m.id.revision or "default branch"
     cached = sum(f.cached for f in m.files)
     print(f"model     {m.id} ({where}, {rev}{f', commit {m.commit}' if m.commit else ''})")
-    print(f"fetches   {len(m.files)} files, {hub.format_size(m.fetch_bytes)} ({cached} of {len(m.files)} already "
+    print(f"fetches   {_files(len(m.files))}, {hub.format_size(m.fetch_bytes)} ({cached} of {len(m.files)} already "
           "on disk)" if not m.from_cache else f"reads     {len(m.files)} cached files (the hub was not reached)")
     width = max(len(f.path) for f in m.files)
     for f in m.files:
         state = "cached" if f.cached else "to fetch"
         print(f"  {f.path:<{width}}  {hub.format_size(f.size):>10}  {f.role}, {state}")
     if m.ignored:
-        print(f"never     {len(m.ignored)} files, {hub.format_size(m.ignored_bytes)}: {_ignored_summary(m.ignored)}")
+        print(f"never     {_files(len(m.ignored))}, {hub.format_size(m.ignored_bytes)}: {_ignored_summary(m.ignored)}")
     if m.location is not None:
         print(f"location  {m.location}")
     if m.complete:
@@ -410,9 +414,9 @@ def _download(args: argparse.Namespace) -> int:
         print(json.dumps(_hub_json(m), indent=2))
         return 0
     how = "found in the cache (the hub was not reached)" if m.from_cache else "downloaded or already cached"
-    print(f"{m.id}: {len(m.files)} files, {hub.format_size(m.fetch_bytes)}, {how}: {m.location}")
+    print(f"{m.id}: {_files(len(m.files))}, {hub.format_size(m.fetch_bytes)}, {how}: {m.location}")
     if m.ignored:
-        print(f"not fetched: {len(m.ignored)} files, {hub.format_size(m.ignored_bytes)} token2wav does not read")
+        print(f"not fetched: {_files(len(m.ignored))}, {hub.format_size(m.ignored_bytes)} that token2wav does not read")
     print(f"use it: --model {args.dir if args.dir is not None else m.id}")
     return 0
 

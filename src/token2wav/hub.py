@@ -267,7 +267,10 @@ def _read_config(path: Path, hid: HubId) -> ModelConfig:
 class _Resolver:
     def __init__(self, hid: HubId, local_dir: str | Path | None) -> None:
         self.hid = hid
-        self.hub: _Backend = _HuggingFace() if hid.hub == HUGGINGFACE else _ModelScope()
+        try:
+            self.hub: _Backend = _HuggingFace() if hid.hub == HUGGINGFACE else _ModelScope()
+        except ImportError as exc:  # the optional client library: one line on what to install
+            raise HubError(f"{hid}: {exc} (or, if you meant a local directory: it does not exist)") from None
         self.local_dir = None if local_dir is None else Path(local_dir).expanduser()
 
     def run(self, *, fetch: bool) -> HubModel:
@@ -298,6 +301,8 @@ class _Resolver:
         roles = _roles(files, config_name, config, hid)
         if fetch:
             where = hub.fetch(hid, commit, [n for n in roles if n != config_name], self.local_dir)
+            if self.local_dir is None:  # complete: from now on the revision finds this commit offline
+                hub.record(hid, commit, where / config_name)
         chosen = tuple(
             HubFile(n, files[n].size, role, cached=(where / n).is_file()) for n, role in roles.items()
         )
@@ -363,6 +368,9 @@ class _Backend:
     def cached_dir(self, hid: HubId, local_dir: Path | None) -> Path | None:
         raise NotImplementedError
 
+    def record(self, hid: HubId, commit: str | None, fetched: Path) -> None:
+        """Note in the cache which commit ``hid.revision`` was, once all its files are there (or nothing)."""
+
     def unreachable(self, exc: BaseException) -> str | None:
         """A short reason when ``exc`` means the hub could not be reached (then the cache is tried)."""
         if _is_connection_problem(exc):
@@ -414,9 +422,9 @@ class _HuggingFace(_Backend):
         try:
             import huggingface_hub
         except ImportError:
-            raise HubError(
+            raise ImportError(
                 "models by id (ORG/NAME) come from the Hugging Face Hub through huggingface_hub, which is not "
-                "installed: pip install 'token2wav[hub]' (or give a model directory)"
+                "installed: pip install 'token2wav[hub]'"
             ) from None
         self.hf = huggingface_hub
         from huggingface_hub import constants
@@ -454,11 +462,14 @@ class _HuggingFace(_Backend):
             except Exception as exc:  # noqa: BLE001
                 raise self.error(exc, hid, file=name) from None
             last = Path(path)
-        if last is None:
-            return self.location(hid, commit, local_dir)
-        if local_dir is None and commit is not None and (hid.revision or "main") != commit:
-            _write_ref(last, hid.revision or "main", commit)
-        return last.parent
+        return self.location(hid, commit, local_dir) if last is None else last.parent
+
+    def record(self, hid: HubId, commit: str | None, fetched: Path) -> None:
+        # Files are fetched by commit, so that they all come from one; the client then writes no ref for the
+        # branch or tag. Writing it only now, after the last file, keeps an older complete copy in use offline
+        # rather than a newer one whose download was cut or that `info` only looked at.
+        if commit is not None and (hid.revision or "main") != commit:
+            _write_ref(fetched, hid.revision or "main", commit)
 
     def location(self, hid: HubId, commit: str | None, local_dir: Path | None) -> Path:
         if local_dir is not None:
@@ -526,9 +537,9 @@ class _ModelScope(_Backend):
             from modelscope import snapshot_download
             from modelscope.hub.api import HubApi
         except ImportError:
-            raise HubError(
+            raise ImportError(
                 "modelscope: ids come from ModelScope through the modelscope package, which is not installed: "
-                "pip install 'token2wav[modelscope]' (or give a model directory)"
+                "pip install 'token2wav[modelscope]'"
             ) from None
         self.snapshot_download = snapshot_download
         self.api = HubApi

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from ..budget import BudgetedLRU, MemoryBudget
 from .buckets import ShapeBuckets
 from .kv_pool import KVPool, PageTable, PooledRows
 
@@ -114,6 +114,9 @@ class _Bucket:
         self.solver = solver
         self.lock = threading.Lock()
         self.graph: Any = None
+        own = [self.x0, self.mu, self.cond, self.spk, *self.terms.values(), *self.tails, *self.new_tails, self.ends,
+               self.mel, self.kv.write_index, self.kv.read_index, self.kv.mask]
+        self.nbytes = sum(t.numel() * t.element_size() for t in own if t is not None)  # the pool is not its own
         self.generation = -1  # pool.grown when the graph was captured
 
     def body(self) -> None:
@@ -155,7 +158,9 @@ class PaddedSolver:
     One per (flow, page pool); ``graphs``: capture and replay CUDA graphs (the pool must be on CUDA);
     max_shapes: how many shapes (buffers and graphs) to keep, the least recently used dropped beyond that;
     capture: with ``graphs``, what turns a shape's solve into something replayable (default: a CUDA graph;
-    tests give a CPU stand-in that replays the recorded operator calls the way a graph does).
+    tests give a CPU stand-in that replays the recorded operator calls the way a graph does). budget: the
+    buffers are charged to its ``fixed_shape_buffers`` account; the least recently used shapes are dropped
+    to make room, and a shape that cannot fit alone is used for its call and not kept.
     """
 
     def __init__(
@@ -167,6 +172,7 @@ class PaddedSolver:
         graphs: bool,
         max_shapes: int = 64,
         capture: Callable[[Callable[[], None]], Replayable] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
@@ -188,7 +194,7 @@ class PaddedSolver:
             capture = functools.partial(capture_cuda_graph, device=device, memory_pool=torch.cuda.graph_pool_handle())
         self.capture = capture
         self.max_shapes = max_shapes
-        self._buckets: OrderedDict[tuple[int, int, int], _Bucket] = OrderedDict()
+        self._buckets = BudgetedLRU(budget or MemoryBudget(), "fixed_shape_buffers", max_shapes)
         self._lock = threading.Lock()
         self.captures = 0
 
@@ -201,11 +207,9 @@ class PaddedSolver:
         with self._lock:
             key = (rows, queries, keys)
             bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = make()
-                while len(self._buckets) > self.max_shapes:  # a caller still using one keeps it alive
-                    self._buckets.popitem(last=False)
-            self._buckets.move_to_end(key)
+            if bucket is None:  # a dropped bucket still in use by a caller stays alive until that call ends
+                bucket = make()
+                self._buckets.put(key, bucket, bucket.nbytes)
             return bucket
 
     def solve(

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,12 +25,14 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
+from token2wav.budget import BudgetedLRU, MemoryBudget
 from token2wav.serve import protocol as P
 from token2wav.serve.auth import AccessMiddleware, AccessPolicy, install_log_redaction
 from token2wav.serve.metrics import CONTENT_TYPE, Registry
 from token2wav.serve.prompt_store import PromptStore, prompt_id
 from token2wav.serve.upload import prompt_request
 from token2wav.streaming.batcher import CacheBudgetError
+from token2wav.streaming.state import PromptCache
 
 __all__ = ["ServerState", "create_app", "uvicorn_config"]
 
@@ -92,6 +94,14 @@ class _Metrics:
         self.kv_pages_used = r.gauge("token2wav_kv_pages_used", "Pages of the batcher's key/value pool in use.")
         self.kv_pages_total = r.gauge("token2wav_kv_pages_total", "Pages the batcher's key/value pool holds.")
         self.kv_pool_bytes = r.gauge("token2wav_kv_pool_bytes", "Memory of the batcher's key/value pool.")
+        self.memory_bytes = r.gauge("token2wav_memory_bytes", "Bytes held in each account of the server's memory "
+                                    "budget (--max-cache-mb).", ["account"])
+        self.memory_budget = r.gauge("token2wav_memory_budget_bytes", "The memory budget (--max-cache-mb); 0: none.")
+
+    def collect_memory(self, memory: MemoryBudget) -> None:
+        for account, nbytes in memory.snapshot().items():
+            self.memory_bytes.set(float(nbytes), account=account)
+        self.memory_budget.set(float(memory.total_bytes or 0))
 
     def observe_batch(self, rows: int, waits: list[float]) -> None:
         """Batcher listener (called on its worker thread after every batched call)."""
@@ -126,7 +136,7 @@ class ServerState:
     vocab_size: int
     executor: ThreadPoolExecutor
     metrics: _Metrics
-    prompts: OrderedDict[str, Any]
+    prompts: BudgetedLRU  # prompt_id -> prompt, bounded by count (max_prompts) and by the memory budget
     open_sessions: int = 0  # touched only on the event loop thread
     make_prompt: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None
     prompt_store: PromptStore | None = None  # with --prompt-dir
@@ -206,17 +216,20 @@ class ServerState:
             arrays = await self.run(self.prompt_store.load, prompt_id)
             if arrays is not None and self.make_prompt is not None:
                 try:
-                    self.add_prompt(prompt_id, await self.run(self.make_prompt, *arrays))
+                    prompt = await self.run(self.make_prompt, *arrays)
                 except (ValueError, TypeError) as e:
                     log.warning("prompt store: cannot use %s: %s", prompt_id, e)
+                else:
+                    self.add_prompt(prompt_id, prompt)
+                    return prompt  # kept if the budget has room; used for this request either way
         return self.lookup_prompt(prompt_id, status=status)
 
-    def add_prompt(self, prompt_id: str, prompt: Any) -> None:
-        self.prompts[prompt_id] = prompt
-        self.prompts.move_to_end(prompt_id)
-        while len(self.prompts) > self.limits.max_prompts:
-            self.prompts.popitem(last=False)  # still on disk with --prompt-dir: reloaded when asked for
+    def add_prompt(self, prompt_id: str, prompt: Any) -> bool:
+        """Register ``prompt``; False if the memory budget cannot hold it (the oldest were dropped for room:
+        with --prompt-dir they are reloaded when asked for)."""
+        kept = self.prompts.put(prompt_id, prompt)
         self.metrics.prompts.set(len(self.prompts))
+        return kept
 
     async def drain(self, timeout_s: float, *, grace_s: float = 5.0) -> None:
         """Stop admitting, let open sessions finish for up to ``timeout_s``, then close the rest with 1001."""
@@ -303,6 +316,11 @@ def create_app(
             return Prompt(tokens=tokens, mel=mel, embedding=embedding)
 
     make_prompt = prompt_factory
+    # one memory budget for the key/value pages, prompt states, this registry and the fixed-shape buffers: the
+    # batcher's (--max-cache-mb), or an unbounded one that only counts, for /metrics
+    memory = batcher.memory if batcher is not None else MemoryBudget()
+    if isinstance(getattr(t2w, "prompt_cache", None), PromptCache):
+        t2w.prompt_cache.use_budget(memory)
     state = ServerState(
         t2w=t2w,
         name=name,
@@ -310,7 +328,7 @@ def create_app(
         vocab_size=_vocab_size(t2w),
         executor=ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="token2wav-model"),
         metrics=_Metrics(),
-        prompts=OrderedDict(),
+        prompts=BudgetedLRU(memory, "prompt_registry", limits.max_prompts),
         make_prompt=make_prompt,
         batcher=batcher,
     )
@@ -353,7 +371,8 @@ def create_app(
     async def metrics() -> Response:
         state.metrics.collect(t2w)
         if state.batcher is not None:
-            state.metrics.collect_batcher(state.batcher)
+            state.metrics.collect_batcher(state.batcher)  # also brings the pool into the budget's account
+        state.metrics.collect_memory(memory)
         return Response(state.metrics.registry.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/prompts")
@@ -378,7 +397,10 @@ def create_app(
                         # (or replica) serves the prompt every other replica serves
                         if not all(np.array_equal(a, b) for a, b in zip(kept, arrays)):
                             prompt = await _build_prompt(state, t2w, kept)
-                state.add_prompt(pid, prompt)
+                if not state.add_prompt(pid, prompt):
+                    raise P.ProtocolError(
+                        "the server's memory budget (--max-cache-mb) has no room for this prompt; try later or "
+                        "send a shorter one", ws_code=P.WS_TRY_AGAIN_LATER)
             state.prompts.move_to_end(pid)
         except P.ProtocolError as e:
             state.metrics.rejected_total.inc(reason=_reason(e))

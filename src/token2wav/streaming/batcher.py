@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..budget import KV_SHARE, MemoryBudget
 from ..models.buckets import ShapeBuckets
 from ..models.kv_pool import RESERVED_PAGES, KVPool, PageTable, PoolExhaustedError
 from ..models.padded_solve import PaddedSolver, has_fixed_shapes
@@ -309,8 +310,19 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_cache_bytes = max_cache_bytes
+        # one budget for the page pool, the engine's prompt states, a server's prompt registry and the fixed-shape
+        # buffers (token2wav.budget); streams are admitted against its key/value share
+        self.memory = MemoryBudget(max_cache_bytes)
         self._bytes_per_frame = cache_bytes_per_frame(t2w.flow, t2w.n_timesteps)
         self._ratio = int(t2w.config.token_mel_ratio)
+        if max_cache_bytes is not None:
+            frames = int(t2w.config.static_chunk_size)  # one chunk of one stream, in whole pages
+            chunk = -(-frames // page_frames) * page_frames * self._bytes_per_frame
+            least = int(-(-chunk // KV_SHARE))
+            if self.memory.kv_bytes < chunk:
+                raise ValueError(f"max_cache_bytes={max_cache_bytes} cannot hold one chunk of one stream: at least "
+                                 f"{least} bytes ({least / 2**20:.2f} MiB; {KV_SHARE:.0%} of the budget is for "
+                                 "key/value pages)")
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._pushers = 0
@@ -366,7 +378,8 @@ class Batcher:
                 ref = next(est.parameters())
                 per_page = cache_bytes_per_frame(self.t2w.flow, n_timesteps) * self.page_frames
                 # the budget bounds the pool too (plus the two reserved pages)
-                cap = None if self.max_cache_bytes is None else self.max_cache_bytes // per_page + RESERVED_PAGES
+                kv_bytes = self.memory.kv_bytes
+                cap = None if kv_bytes is None else kv_bytes // per_page + RESERVED_PAGES
                 # with a budget the first pool is allocated whole at once: it never grows (no copy of every cache,
                 # nothing to capture again; a CPU commits its memory only as pages are first written). Pools of
                 # other step counts (rarer presets) start small, so the budget is not allocated twice.
@@ -375,7 +388,12 @@ class Batcher:
                               page_frames=self.page_frames, max_pages=cap, device=ref.device,
                               dtype=ref.dtype)  # fmt: skip
                 self._pools[n_timesteps] = pool
+                self._count_pools()
             return pool
+
+    def _count_pools(self) -> None:
+        """The pool pages as allocated, in the budget's ``kv_pages`` account (pools grow only without one)."""
+        self.memory.set_used("kv_pages", sum(p.pages_total * p.bytes_per_page for p in self._pools.values()))
 
     def _padded_solver(self, flow: Any, n_timesteps: int) -> PaddedSolver:
         """The fixed-shape solver of the flow a session runs (sessions of one pool may run different flows:
@@ -386,7 +404,8 @@ class Batcher:
             solver = self._padded.get(key)
             if solver is None:
                 solver = self._padded[key] = PaddedSolver(flow.decoder, pool, buckets=self.buckets,
-                                                          graphs=pool.device.type == "cuda")  # fmt: skip
+                                                          graphs=pool.device.type == "cuda",
+                                                          budget=self.memory)  # fmt: skip
             return solver
 
     @property
@@ -401,6 +420,7 @@ class Batcher:
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
+            self._count_pools()
             done = self.jobs_done
             pools = list(self._pools.values())
             return {
@@ -417,6 +437,8 @@ class Batcher:
                 "graphs": self.graphs,
                 "fixed_shapes": sorted({shape for p in self._padded.values() for shape in p.shapes()}),
                 "graph_captures": sum(p.captures for p in self._padded.values()),
+                "memory_budget_bytes": self.memory.total_bytes,
+                "memory_bytes": self.memory.snapshot(),
             }
 
     def close(self) -> None:
@@ -448,11 +470,12 @@ class Batcher:
         return int(frames * self._bytes_per_frame * _STORE_GROWTH)
 
     def _admit(self, need: int, held: int) -> None:
-        budget = self.max_cache_bytes
+        budget = self.memory.kv_bytes
         if budget is not None and self._reserved - held + need > budget:
             raise CacheBudgetError(
-                f"cache budget exceeded: {(self._reserved - held + need) / 2**20:.1f} MiB needed of "
-                f"max_cache_bytes={budget / 2**20:.1f} MiB ({len(self._sessions)} sessions open); "
+                f"cache budget exceeded: {(self._reserved - held + need) / 2**20:.1f} MiB of key/value pages needed "
+                f"of the {budget / 2**20:.1f} MiB ({KV_SHARE:.0%}) that max_cache_bytes="
+                f"{self.max_cache_bytes / 2**20:.1f} MiB leaves them ({len(self._sessions)} sessions open); "
                 "retry later or raise the budget"
             )
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..budget import BudgetedLRU, MemoryBudget
 from ..models.kv_store import RowStore
 
 
@@ -85,14 +85,14 @@ class PromptCache:
 
     Concurrent requests for the same missing key compute it once: the first caller builds it under a
     per-key lock while later callers wait on that lock, then read the stored value. Values are shared
-    read-only.
+    read-only. Bounded by count (``maxsize``) and by bytes: states are charged to the ``prompt_states``
+    account of a :class:`token2wav.budget.MemoryBudget` (:meth:`use_budget`; a server's ``--max-cache-mb``).
     """
 
-    def __init__(self, maxsize: int = 16):
+    def __init__(self, maxsize: int = 16, budget: MemoryBudget | None = None):
         if maxsize < 0:
             raise ValueError(f"maxsize must be >= 0, got {maxsize}")
-        self.maxsize = maxsize
-        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._items = BudgetedLRU(budget or MemoryBudget(), "prompt_states", maxsize)
         self._lock = threading.Lock()
         self._building: dict[Hashable, threading.Lock] = {}
         self.hits = 0
@@ -106,6 +106,27 @@ class PromptCache:
         with self._lock:
             return key in self._items
 
+    @property
+    def maxsize(self) -> int:
+        return int(self._items.maxsize or 0)
+
+    @maxsize.setter
+    def maxsize(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"maxsize must be >= 0, got {value}")
+        with self._lock:
+            self._items.maxsize = value
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._items.nbytes
+
+    def use_budget(self, budget: MemoryBudget) -> None:
+        """Charge the cached states to ``budget`` from now on (the oldest dropped where they do not fit)."""
+        with self._lock:
+            self._items.rebudget(budget)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
@@ -113,16 +134,14 @@ class PromptCache:
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         with self._lock:
             if key in self._items:
-                self._items.move_to_end(key)
                 self.hits += 1
-                return self._items[key]
+                return self._items.get(key)
             key_lock = self._building.setdefault(key, threading.Lock())
         with key_lock:
             with self._lock:
                 if key in self._items:  # built by another thread while we waited
-                    self._items.move_to_end(key)
                     self.hits += 1
-                    return self._items[key]
+                    return self._items.get(key)
                 self.misses += 1
             try:
                 value = compute()
@@ -131,11 +150,7 @@ class PromptCache:
                     self._building.pop(key, None)
                 raise
             with self._lock:
-                if self.maxsize > 0:
-                    self._items[key] = value
-                    self._items.move_to_end(key)
-                    while len(self._items) > self.maxsize:
-                        self._items.popitem(last=False)
+                self._items.put(key, value)  # not kept if it does not fit the budget: still returned
                 self._building.pop(key, None)
             return value
 
