@@ -197,6 +197,11 @@ def test_registry_keeps_prompts_in_memory_and_on_disk(tmp_path: Path) -> None:
     assert all(np.array_equal(x, y) for x, y in zip(reg.load(ids[1]), arrays[1]))
     with pytest.raises(ValueError, match="not a prompt id"):
         reg.save("../escape", *arrays[0])
+    by_bytes = _Registry(vocab_size=100, prompt_dir=None, max_prompts=100, max_file_bytes=1 << 20,
+                         max_bytes=2 * sum(a.nbytes for a in arrays[0]))  # two prompts' arrays
+    for pid, a in zip(ids, arrays):
+        by_bytes.save(pid, *a)
+    assert list(by_bytes.prompts) == ids[1:] and by_bytes.stats()["bytes"] <= by_bytes.max_bytes
     no_disk = _Registry(vocab_size=100, prompt_dir=None, max_prompts=1, max_file_bytes=1 << 20)
     no_disk.save(ids[0], *arrays[0])
     no_disk.save(ids[1], *arrays[1])

@@ -36,6 +36,7 @@ import asyncio
 import os
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -126,6 +127,16 @@ def count_aten_ops(fn: Any) -> int:
     return _Count.calls
 
 
+@dataclass
+class _Reservation:
+    """What a session holds in its batcher: reserved cache bytes and its pages. Kept apart from the session so
+    that a session dropped without ``close()`` can be released by a finalizer that does not keep it alive."""
+
+    nbytes: int = 0
+    table: PageTable | None = None
+    released: bool = False
+
+
 class BatchedSession(StreamSession):
     """A ``StreamSession`` whose chunks are computed by a ``Batcher``, together with other sessions' chunks.
 
@@ -138,9 +149,25 @@ class BatchedSession(StreamSession):
         super().__init__(**kwargs)
         self._batcher = batcher
         self._closing = False
-        self.reserved_bytes = 0
-        self._kv_table: PageTable | None = None  # this session's pages (cached mode), set by the batcher
+        self._reservation = _Reservation()
         self._shares_calls = True  # may share calls with other rows (set by the batcher)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self._reservation.nbytes
+
+    @reserved_bytes.setter
+    def reserved_bytes(self, value: int) -> None:
+        self._reservation.nbytes = value
+
+    @property
+    def _kv_table(self) -> PageTable | None:
+        """This session's pages (cached mode), set by the batcher."""
+        return self._reservation.table
+
+    @_kv_table.setter
+    def _kv_table(self, table: PageTable | None) -> None:
+        self._reservation.table = table
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -160,16 +187,21 @@ class BatchedSession(StreamSession):
     def close(self) -> None:
         self._closing = True
         self._batcher._drop(self)
-        # A push in flight frees the state itself when it returns (it sees _closing).
+        self._release_if_idle()  # a push in flight releases when it ends (it looks again after unlocking)
+
+    # ---------------------------------------------------------------------------------------------- internals
+
+    def _release_if_idle(self) -> None:
         if self._lock.acquire(blocking=False):
             try:
                 self._release()
             finally:
                 self._lock.release()
 
-    # ---------------------------------------------------------------------------------------------- internals
-
     def _release(self) -> None:
+        if self._reservation.released:
+            return
+        self._reservation.released = True
         self.state = replace(self.state, flow_state=None, vocoder_state=None, closed=True)
         self._batcher._forget(self)
 
@@ -209,9 +241,10 @@ class BatchedSession(StreamSession):
             raise
         finally:
             self._batcher._pushing(-1)
-            if self._closing:
-                self._release()
             self._lock.release()
+            # after unlocking: a close() that found the lock held (and so released nothing) is seen here
+            if self._closing:
+                self._release_if_idle()
 
     def _drive(self, steps: Iterator[Any]) -> Any:
         with self._call():
@@ -328,7 +361,8 @@ class Batcher:
         self._pushers = 0
         self._inflight = 0  # jobs being computed by a worker
         self._idle_workers = 0
-        self._sessions: set[BatchedSession] = set()
+        # open sessions, held weakly: one dropped without close() or finish() is released by its finalizer
+        self._sessions: weakref.WeakSet[BatchedSession] = weakref.WeakSet()
         self._reserved = 0
         self._closed = False
         # statistics (read by the server's /metrics and by bench)
@@ -367,7 +401,20 @@ class Batcher:
             session.reserved_bytes = need
             self._reserved += need
             self._sessions.add(session)
+        weakref.finalize(session, self._abandoned, session._reservation)
         return session
+
+    def _abandoned(self, reservation: _Reservation) -> None:
+        """A session garbage-collected without close() or finish(): its reservation and pages come back (no
+        chunk of it can be running: a running chunk holds the session)."""
+        if reservation.released:
+            return
+        reservation.released = True
+        with self._cv:
+            self._reserved -= reservation.nbytes
+            reservation.nbytes = 0
+        if reservation.table is not None:
+            reservation.table.release()
 
     def _pool(self, n_timesteps: int) -> KVPool:
         with self._cv:
@@ -462,9 +509,16 @@ class Batcher:
     # ---------------------------------------------------------------------------------------------- accounting
 
     def _session_bytes(self, session: BatchedSession, tokens: int) -> int:
-        if session.mode == "recompute":
-            return 0
+        """The cache a session holds once it has ``tokens`` (prompt included): what it is charged."""
         frames = tokens * self._ratio
+        if session.mode == "recompute":
+            return frames * self._bytes_per_frame  # rebuilt for the whole prefix on every call
+        if session.mode == "window":
+            # the prompt's chunks, the last window_frames, and the chunk being added before the trim
+            chunk = int(self.t2w.config.static_chunk_size)
+            prompt = -(-session.prompt.num_tokens * self._ratio // chunk) * chunk
+            hop = (session.plan.max_hop or session.plan.hop) * self._ratio + chunk
+            frames = min(frames, prompt + int(session.window_frames) + hop)
         if session._kv_table is not None:
             return -(-frames // self.page_frames) * self.page_frames * self._bytes_per_frame
         return int(frames * self._bytes_per_frame * _STORE_GROWTH)
@@ -597,6 +651,10 @@ class Batcher:
                     listener(len(batch), waits)
                 except Exception:  # noqa: BLE001 - statistics must never stop the worker
                     pass
+            # while this worker waits for the next batch, it must not keep the last one's sessions alive: a
+            # session its caller dropped is released by its finalizer
+            del batch
+            job = None  # noqa: F841
 
     # ---------------------------------------------------------------------------------------------- model calls
 

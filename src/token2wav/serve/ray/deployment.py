@@ -57,24 +57,32 @@ def registry_name(app_name: str) -> str:
 
 
 class _Registry:
-    """Prompt arrays by id (least recently used dropped past ``max_prompts``; still on disk with a folder) and
-    the replicas' latest reports. Methods are idempotent, so Ray may retry them after a restart."""
+    """Prompt arrays by id (least recently used dropped past ``max_prompts`` or ``max_bytes`` of arrays; still on
+    disk with a folder) and the replicas' latest reports. Methods are idempotent, so Ray may retry them after a
+    restart."""
 
-    def __init__(self, vocab_size: int, prompt_dir: str | None, max_prompts: int, max_file_bytes: int) -> None:
+    def __init__(self, vocab_size: int, prompt_dir: str | None, max_prompts: int, max_file_bytes: int,
+                 max_bytes: int = 1 << 30) -> None:
         from token2wav.serve.prompt_store import PromptStore
 
         self.prompts: OrderedDict[str, Arrays] = OrderedDict()
         self.max_prompts = int(max_prompts)
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
         self.store = None if prompt_dir is None else PromptStore(prompt_dir, vocab_size, max_file_bytes=max_file_bytes)
         self.reports: dict[str, tuple[float, dict[str, Any], str]] = {}
         self.saves = 0
         self.loads = 0
 
     def _keep(self, pid: str, arrays: Arrays) -> None:
+        old = self.prompts.pop(pid, None)
+        if old is not None:
+            self.nbytes -= sum(a.nbytes for a in old)
         self.prompts[pid] = arrays
-        self.prompts.move_to_end(pid)
-        while len(self.prompts) > self.max_prompts:
-            self.prompts.popitem(last=False)
+        self.nbytes += sum(a.nbytes for a in arrays)
+        while self.prompts and (len(self.prompts) > self.max_prompts or self.nbytes > self.max_bytes):
+            _, dropped = self.prompts.popitem(last=False)  # an entry larger than max_bytes is not kept at all
+            self.nbytes -= sum(a.nbytes for a in dropped)
 
     def save(self, pid: str, tokens: np.ndarray, mel: np.ndarray, embedding: np.ndarray) -> Arrays:
         """Register ``pid`` and return the arrays kept under it. A replica names a prompt by its input
@@ -106,7 +114,8 @@ class _Registry:
         return arrays
 
     def stats(self) -> dict[str, Any]:
-        return {"prompts": len(self.prompts), "saves": self.saves, "loads": self.loads, "pid": os.getpid()}
+        return {"prompts": len(self.prompts), "bytes": self.nbytes, "saves": self.saves, "loads": self.loads,
+                "pid": os.getpid()}
 
     def report(self, replica: str, health: dict[str, Any], metrics: str) -> None:
         self.reports[replica] = (time.time(), health, metrics)
@@ -135,7 +144,8 @@ def _registry(settings: RaySettings, vocab_size: int) -> Any:
         max_restarts=-1,
         max_task_retries=-1,
         max_concurrency=1,
-    ).remote(vocab_size, settings.prompt_dir, settings.max_registry_prompts, settings.limits.max_prompt_bytes)
+    ).remote(vocab_size, settings.prompt_dir, settings.max_registry_prompts, settings.limits.max_prompt_bytes,
+             int(settings.max_registry_mb * 2**20))
 
 
 class RegistryPromptStore:

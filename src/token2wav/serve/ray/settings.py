@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "max_queued_tokens": 25 * 120,
     "prompt_dir": None,
     "max_registry_prompts": 4096,
+    "max_registry_mb": 1024.0,
     "api_key": None,
     "api_key_file": None,
     "allow_origin": [],
@@ -80,6 +81,7 @@ class RaySettings:
     graphs: bool
     prompt_dir: str | None
     max_registry_prompts: int
+    max_registry_mb: float  # the shared registry's arrays in memory (least recently used dropped; on disk stays)
     api_key: str | None = field(repr=False)  # never printed
     allow_origins: tuple[str, ...]
     drain_timeout: float
@@ -229,6 +231,7 @@ def settings_from_options(
         graphs=opts["graphs"],
         prompt_dir=None if prompt_dir is None else os.path.abspath(prompt_dir),
         max_registry_prompts=_int(opts, "max_registry_prompts", 1, 10**7),
+        max_registry_mb=_float(opts, "max_registry_mb", 0, 1 << 30, open_lo=True),
         api_key=access.api_key,
         allow_origins=access.allow_origins,
         drain_timeout=_float(opts, "drain_timeout", 0, 86400),
