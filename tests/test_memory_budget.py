@@ -37,8 +37,8 @@ def test_lru_drops_the_oldest_to_fit_and_keeps_nothing_too_large() -> None:
     lru.get(1)  # used: now the newest
     assert lru.put("big", object(), 290)
     assert list(lru) == [4, 1, "big"] and budget.used("prompt_registry") == 590  # 2 and 3 dropped
-    assert not lru.put("huge", object(), 601)  # more than the whole share
-    assert "huge" not in lru and len(lru) == 0 and budget.used("prompt_registry") == 0
+    assert not lru.put("huge", object(), 601)  # more than the whole share: not kept, and nothing dropped for it
+    assert "huge" not in lru and list(lru) == [4, 1, "big"] and budget.used("prompt_registry") == 590
     other = BudgetedLRU(MemoryBudget(), "prompt_states", maxsize=2)
     for k in range(3):
         other.put(k, torch.zeros(10))
@@ -101,3 +101,21 @@ def test_server_caches_stay_inside_one_budget(engine: Any) -> None:
         assert nbytes <= SHARES[account] * budget, account
     assert accounts["prompt_registry"] == app.state.server.prompts.nbytes
     assert accounts["prompt_states"] == engine.prompt_cache.nbytes
+
+
+def test_without_a_batcher_the_budget_still_bounds_the_caches(engine: Any) -> None:
+    """`serve --no-batching --max-cache-mb`: no page pool, but prompt states and the registry keep to their
+    shares; a prompt larger than the registry's whole share is refused with 503."""
+    vocab = int(engine.config.vocab_size)
+    memory = MemoryBudget(4 << 20)  # the registry's share: 335 KB
+    app = create_app(engine, name="nobatch", limits=ServerLimits(workers=1), memory=memory)
+    with pytest.raises(ValueError, match="give one, not both"):
+        create_app(engine, batcher=engine.batcher(), memory=memory)
+    with running_server(app) as addr:
+        base = f"http://{addr}"
+        for seed in range(4):  # 128 KB of mel each: two fit
+            assert httpx.post(base + "/v1/prompts", json=_prompt_body(seed, vocab, 200), timeout=TIMEOUT).is_success
+        r = httpx.post(base + "/v1/prompts", json=_prompt_body(9, vocab, 700), timeout=TIMEOUT)  # 448 KB of mel
+        assert r.status_code == 503 and "memory budget" in r.json()["error"], r.text
+    assert len(app.state.server.prompts) == 2
+    assert memory.used("prompt_registry") <= SHARES["prompt_registry"] * (4 << 20)

@@ -6,8 +6,7 @@ from typing import Any
 
 from .config import ModelConfig, read_config
 from .loading import build_flow, build_vocoder, load_flow, load_vocoder
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "read_config",

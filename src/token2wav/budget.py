@@ -160,6 +160,8 @@ class BudgetedLRU:
         """Keep ``value`` under ``key`` (replacing it); False if it does not fit in the budget even alone."""
         self.pop(key)
         nbytes = tensor_bytes(value) if nbytes is None else int(nbytes)
+        if nbytes > self.budget.share(self.account):
+            return False  # could never fit: the entries held stay
         while self.maxsize is not None and self._items and len(self._items) >= self.maxsize:
             self.pop(next(iter(self._items)))
         while not self.budget.try_charge(self.account, nbytes):

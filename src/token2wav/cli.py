@@ -233,11 +233,6 @@ def _local_model(model: str) -> str:
     return str(hub.resolve(model))
 
 
-def _model_name(model: str) -> str:
-    p = Path(model)
-    return p.name if p.exists() else model
-
-
 def _write_wav(path: str, audio: Any, sample_rate: int) -> None:
     from token2wav.serve.protocol import wav_bytes
 
@@ -298,7 +293,9 @@ def _info(args: argparse.Namespace) -> int:
 
     files = model_files(args.model)
     t2w = load_engine(args.model, args.device, args.dtype)
-    info = describe_model(t2w, _model_name(args.model))
+    from token2wav.loading import display_name
+
+    info = describe_model(t2w, display_name(args.model))
     info["files"] = files
     if args.json:
         print(json.dumps(info, indent=2))
@@ -478,7 +475,7 @@ def _synth(args: argparse.Namespace) -> int:
     elif args.speaker is not None:
         prompt = t2w.speaker_prompt(args.speaker)
     if args.warmup:
-        _warm_up(t2w)
+        t2w.warm_up()
     sr = int(t2w.sample_rate)
     show = tokens.size >= 20 * float(t2w.token_rate)  # a bar only for inputs of 20 s of speech or more
     bar = tqdm(total=int(tokens.size), unit="tok", disable=None if show else True, file=sys.stderr)
@@ -585,17 +582,6 @@ def _precheck_synth(args: argparse.Namespace, tokens: Any, prompt: Any = None, m
             raise ValueError(f"--speaker {args.speaker}: {have}")
 
 
-def _warm_up(t2w: Any) -> None:
-    """Run one short offline decode and one streamed chunk so the first client does not pay one-time costs."""
-    n = int(getattr(t2w, "chunk_tokens", 25)) + int(t2w.config.pre_lookahead_len)
-    t2w.synthesize([0] * n, attention="chunk")
-    session = t2w.stream()
-    try:
-        session.push([0] * n)
-    finally:
-        session.close()
-
-
 def _serve_options(p: argparse.ArgumentParser) -> None:
     importlib.import_module("token2wav.serve.runner").add_server_options(p)
     importlib.import_module("token2wav.serve.ray").add_ray_options(p)  # imports no Ray
@@ -612,6 +598,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
         arg("--max-tokens", type=int, default=25 * 600, help="tokens one session may send"),
         arg("--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / request body"),
         arg("--max-prompt-bytes", type=int, default=16 << 20, help="largest /v1/prompts request body"),
+        arg("--max-prompt-tokens", type=int, default=1500,
+            help="most tokens of a prompt posted as JSON (its first pass is quadratic in them; default 1500)"),
         arg("--idle-timeout", type=float, default=30.0, help="seconds a stream may stay silent"),
         arg("--start-timeout", type=float, default=5.0,
             help="seconds a new stream may wait before its 'start' message"),
@@ -637,6 +625,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     configure=_serve_options,
 )
 def _serve(args: argparse.Namespace) -> int:
+    from token2wav.budget import MemoryBudget
     from token2wav.serve.app import create_app
     from token2wav.serve.protocol import ServerLimits
     from token2wav.serve.runner import access_from_args, run_server
@@ -649,9 +638,9 @@ def _serve(args: argparse.Namespace) -> int:
         return serve_on_ray(args)
     access = access_from_args(args)  # before loading anything: a refused address or a bad key fails fast
     if args.model is None:  # the bundled demo voice (the tiny random-weight model if it is not installed)
-        from token2wav.demo import _default_model
+        from token2wav.loading import default_model
 
-        args.model = _default_model()
+        args.model = default_model()
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 0 <= args.max_wait_ms <= 1000:
@@ -668,6 +657,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_tokens_per_session=args.max_tokens,
         max_message_bytes=args.max_message_bytes,
         max_prompt_bytes=args.max_prompt_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
         idle_timeout_s=args.idle_timeout,
         start_timeout_s=args.start_timeout,
         workers=args.workers,
@@ -686,7 +676,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         t2w = load_engine(args.model, args.device, args.dtype)
     t0 = time.perf_counter()
-    _warm_up(t2w)
+    t2w.warm_up()
     print(
         f"token2wav: model {args.model} loaded and warmed up ({time.perf_counter() - t0:.1f} s)",
         file=sys.stderr,
@@ -700,8 +690,12 @@ def _serve(args: argparse.Namespace) -> int:
             print("token2wav: warning: --graphs without --max-cache-mb: the key/value pool starts small and grows; "
                   "each growth copies every stream's cache and makes every captured shape capture again",
                   file=sys.stderr)
-    app = create_app(t2w, name=_model_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir,
-                     batcher=batcher)
+    # without a batcher, --max-cache-mb still bounds the prompt states and the registry (token2wav.budget)
+    memory = None if batcher is not None or args.max_cache_mb is None else MemoryBudget(int(args.max_cache_mb * 2**20))
+    from token2wav.loading import display_name
+
+    app = create_app(t2w, name=display_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir,
+                     batcher=batcher, memory=memory)
     print(
         f"token2wav: serving {args.model} on http://{args.host}:{args.port} "
         f"(stream: ws://{args.host}:{args.port}/v1/stream)"

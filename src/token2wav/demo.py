@@ -19,13 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .loading import BUNDLED_MODELS
+from .loading import default_model
 
 LOW_LATENCY_STEPS = None  # flow solver steps of the demo's default setting: None keeps the model's (10)
-
-
-def _default_model() -> str:
-    return "demo" if (BUNDLED_MODELS["demo"] / "token2wav.yaml").is_file() else "tiny"
 
 
 def _utterance(t2w, speaker: str | None) -> tuple[list[int], str | None, str | None]:
@@ -102,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
     from .audio import write_wav
     from .streaming.engine import Token2Wav
 
-    model = args.model or _default_model()
+    model = args.model or default_model()
     if model == "tiny":
         print("note: the bundled demo voice is not installed; running the tiny model with RANDOM weights "
               "(the whole pipeline runs, the audio is noise-like)")

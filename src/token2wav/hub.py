@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CONFIG_NAMES, ConfigError, ModelConfig, read_config
+from .version import __version__
 
 __all__ = [
     "HubError",
@@ -441,16 +442,12 @@ class _HuggingFace(_Backend):
         return str(getattr(self.constants, "ENDPOINT", "https://huggingface.co"))
 
     def list_files(self, hid: HubId) -> tuple[str | None, list[HubFile]]:
-        from . import __version__
-
         api = self.hf.HfApi(library_name="token2wav", library_version=__version__)
         info = api.model_info(hid.repo_id, revision=hid.revision, files_metadata=True)
         files = [HubFile(s.rfilename, s.size) for s in (info.siblings or [])]
         return info.sha, files
 
     def fetch(self, hid: HubId, commit: str | None, names: list[str], local_dir: Path | None) -> Path:
-        from . import __version__
-
         revision = commit or hid.revision
         last = None
         for name in names:

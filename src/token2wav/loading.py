@@ -29,6 +29,17 @@ BUNDLED_MODELS = {
 }
 
 
+def default_model() -> str:
+    """The model commands use when none is named: the demo voice where it is installed, else the tiny model."""
+    return "demo" if (BUNDLED_MODELS["demo"] / "token2wav.yaml").is_file() else "tiny"
+
+
+def display_name(model: str) -> str:
+    """How a server names MODEL: a directory by its folder name, a bundled name or a model id as given."""
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
 def resolve_model_dir(model: str | Path, revision: str | None = None) -> Path:
     """A model directory (or a config file inside one) from a path, the name of a bundled model, or a model id.
 

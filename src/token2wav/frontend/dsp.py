@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..audio import mel_filterbank
 
-__all__ = ["MIN_SAMPLE_RATE", "resample", "whisper_log_mel", "kaldi_fbank", "load_wav"]
+__all__ = ["MIN_SAMPLE_RATE", "as_float_array", "check_rate", "kaldi_fbank", "load_wav", "resample", "to_mono",
+           "whisper_log_mel"]
 
 MIN_SAMPLE_RATE = 16000  # the speech tokenizer and CAM++ analyse 16 kHz audio; we never upsample to them
 
@@ -38,7 +39,7 @@ MAX_KERNEL_ELEMENTS = 1 << 19
 _DIRECT_BLOCK = 4096  # output samples per block of the per-sample form (a block's weights: ~1 MB)
 
 
-def _check_rate(value: Any, name: str) -> int:
+def check_rate(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive int (Hz), got {value!r}")
     return int(value)
@@ -98,8 +99,8 @@ def resample(wave: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     length ``ceil(samples * new / orig)``; equal rates return the input unchanged (torchaudio's default
     ``transforms.Resample`` semantics).
     """
-    orig_sr = _check_rate(orig_sr, "orig_sr")
-    new_sr = _check_rate(new_sr, "new_sr")
+    orig_sr = check_rate(orig_sr, "orig_sr")
+    new_sr = check_rate(new_sr, "new_sr")
     if not isinstance(wave, torch.Tensor):
         raise TypeError(f"wave must be a torch.Tensor, got {type(wave).__name__}")
     if not wave.is_floating_point():
@@ -231,7 +232,7 @@ def _mono_1d(wave: Any, name: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _as_float_array(data: Any) -> np.ndarray:
+def as_float_array(data: Any) -> np.ndarray:
     arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
     if arr.dtype == np.int16:  # PCM as stored in a WAV: the loader's [-1, 1) scaling
         return arr.astype(np.float32) / 32768.0
@@ -242,7 +243,7 @@ def _as_float_array(data: Any) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def _to_mono(arr: np.ndarray) -> np.ndarray:
+def to_mono(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 1:
         return arr
     if arr.ndim != 2:
@@ -273,17 +274,17 @@ def load_wav(path_or_array: Any, target_sr: int, sample_rate: int | None = None)
     an array / tensor of samples with ``sample_rate`` given. Rates below 16 kHz are refused: the prompt front
     end would have to invent the missing band.
     """
-    target_sr = _check_rate(target_sr, "target_sr")
+    target_sr = check_rate(target_sr, "target_sr")
     if isinstance(path_or_array, (str, Path)):
         data, sr = read_audio(path_or_array)
-        if sample_rate is not None and _check_rate(sample_rate, "sample_rate") != sr:
+        if sample_rate is not None and check_rate(sample_rate, "sample_rate") != sr:
             raise ValueError(f"sample_rate={sample_rate} disagrees with the file's own rate {sr}")
         mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     else:
         if sample_rate is None:
             raise ValueError("sample_rate is required when wav is an array (Hz, >= 16000)")
-        sr = _check_rate(sample_rate, "sample_rate")
-        mono = _to_mono(_as_float_array(path_or_array))
+        sr = check_rate(sample_rate, "sample_rate")
+        mono = to_mono(as_float_array(path_or_array))
     if sr < MIN_SAMPLE_RATE:
         raise ValueError(f"sample_rate must be >= {MIN_SAMPLE_RATE} Hz, got {sr}")
     wave = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))

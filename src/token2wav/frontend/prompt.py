@@ -21,12 +21,12 @@ import torch
 from ..audio import mel_spectrogram
 from .dsp import (
     MIN_SAMPLE_RATE,
-    _as_float_array,
-    _check_rate,
-    _to_mono,
+    as_float_array,
+    check_rate,
     kaldi_fbank,
     read_audio,
     resample,
+    to_mono,
     whisper_log_mel,
 )
 from .onnx import SPEECH_TOKENIZER_NAMES, SpeakerEncoder, SpeechTokenizer
@@ -78,14 +78,14 @@ def prompt_audio(wav: Any, sample_rate: int | None = None) -> tuple[torch.Tensor
     if isinstance(wav, (str, Path)):
         _check_header(Path(wav))
         data, sr = read_audio(wav)
-        if sample_rate is not None and _check_rate(sample_rate, "sample_rate") != sr:
+        if sample_rate is not None and check_rate(sample_rate, "sample_rate") != sr:
             raise ValueError(f"sample_rate={sample_rate} disagrees with the file's own rate {sr}")
         mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     else:
         if sample_rate is None:
             raise ValueError(f"sample_rate is required when wav is an array (Hz, >= {MIN_SAMPLE_RATE})")
-        sr = _check_rate(sample_rate, "sample_rate")
-        mono = _to_mono(_as_float_array(wav))
+        sr = check_rate(sample_rate, "sample_rate")
+        mono = to_mono(as_float_array(wav))
     if sr < MIN_SAMPLE_RATE:
         raise ValueError(f"sample_rate must be >= {MIN_SAMPLE_RATE} Hz, got {sr}")
     if not np.isfinite(mono).all():

@@ -28,6 +28,7 @@ from starlette.websockets import WebSocketDisconnect
 from token2wav.budget import BudgetedLRU, MemoryBudget
 from token2wav.serve import protocol as P
 from token2wav.serve.auth import AccessMiddleware, AccessPolicy, install_log_redaction
+from token2wav.serve.bodies import read_body
 from token2wav.serve.metrics import CONTENT_TYPE, Registry
 from token2wav.serve.prompt_store import PromptStore, prompt_id
 from token2wav.serve.upload import prompt_request
@@ -277,20 +278,6 @@ def _error_response(err: P.ProtocolError) -> JSONResponse:
     return JSONResponse({"error": err.message, "status": err.status}, status_code=err.status)
 
 
-async def _read_body(request: Request, limit: int, limit_name: str = "max_message_bytes") -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise P.ProtocolError(f"request body of {declared} bytes exceeds {limit_name}={limit}", ws_code=P.WS_TOO_BIG)
-    chunks: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:  # chunked uploads carry no length: count as we go
-            raise P.ProtocolError(f"request body exceeds {limit_name}={limit}", ws_code=P.WS_TOO_BIG)
-        chunks.append(part)
-    return b"".join(chunks)
-
-
 def create_app(
     t2w: Any,
     *,
@@ -300,13 +287,15 @@ def create_app(
     access: AccessPolicy | None = None,
     prompt_dir: str | None = None,
     batcher: Any = None,
+    memory: MemoryBudget | None = None,
 ) -> FastAPI:
     """Build the server around an already loaded engine (``token2wav.Token2Wav`` or anything alike).
 
     ``access``: key and web origins required of clients (default: no key, WebSockets from the server's own
     origin only). ``prompt_dir``: a folder where registered prompts are kept across restarts. ``batcher``: a
     ``token2wav.Batcher`` of ``t2w`` that runs the streams (the app closes it at shutdown); None runs each
-    stream's calls on their own in the thread pool.
+    stream's calls on their own in the thread pool. ``memory``: the budget of the caches without a batcher
+    (a batcher brings its own, ``max_cache_bytes``); default: unbounded, counted for /metrics.
     """
     limits = limits or P.ServerLimits()
     if prompt_factory is None:
@@ -318,7 +307,9 @@ def create_app(
     make_prompt = prompt_factory
     # one memory budget for the key/value pages, prompt states, this registry and the fixed-shape buffers: the
     # batcher's (--max-cache-mb), or an unbounded one that only counts, for /metrics
-    memory = batcher.memory if batcher is not None else MemoryBudget()
+    if batcher is not None and memory is not None and memory is not batcher.memory:
+        raise ValueError("memory: a batcher brings its own budget (Batcher(max_cache_bytes=...)); give one, not both")
+    memory = batcher.memory if batcher is not None else memory or MemoryBudget()
     if isinstance(getattr(t2w, "prompt_cache", None), PromptCache):
         t2w.prompt_cache.use_budget(memory)
     state = ServerState(
@@ -378,7 +369,7 @@ def create_app(
     @app.post("/v1/prompts")
     async def register_prompt(request: Request) -> Response:
         try:
-            body = await _read_body(request, limits.max_prompt_bytes, "max_prompt_bytes")
+            body = await read_body(request, limits.max_prompt_bytes, "max_prompt_bytes")
             # JSON arrays, or a recording (audio/wav or multipart) that the engine clones: see serve/upload.py
             req = await prompt_request(
                 state, t2w, request.headers.get("content-type"), body, request.query_params.get("speaker")
@@ -403,14 +394,14 @@ def create_app(
                         "send a shorter one", ws_code=P.WS_TRY_AGAIN_LATER)
             state.prompts.move_to_end(pid)
         except P.ProtocolError as e:
-            state.metrics.rejected_total.inc(reason=_reason(e))
+            state.metrics.rejected_total.inc(reason=e.reason)
             return _error_response(e)
         return JSONResponse({"prompt_id": pid, "tokens": int(req.tokens.size), "mel_frames": int(req.mel.shape[0])})
 
     @app.post("/v1/synthesize")
     async def synthesize(request: Request) -> Response:
         try:
-            body = await _read_body(request, limits.max_message_bytes)
+            body = await read_body(request, limits.max_message_bytes)
             req = await state.run(P.parse_synthesize_request, body, state.vocab_size)  # off the event loop
             if req.tokens.size > limits.max_tokens_per_session:
                 raise P.ProtocolError(
@@ -421,7 +412,7 @@ def create_app(
             if not await state.admit("synthesize"):
                 raise state.busy_error()
         except P.ProtocolError as e:
-            state.metrics.rejected_total.inc(reason=_reason(e))
+            state.metrics.rejected_total.inc(reason=e.reason)
             return _error_response(e)
         try:
             kwargs: dict[str, Any] = {"prompt": prompt}
@@ -432,7 +423,7 @@ def create_app(
                 audio = await state.run(t2w.synthesize, req.tokens, **kwargs)
             except ValueError as e:
                 err = P.ProtocolError(f"synthesis refused the input: {e}")
-                state.metrics.rejected_total.inc(reason=_reason(err))
+                state.metrics.rejected_total.inc(reason=err.reason)
                 return _error_response(err)
             except Exception as e:  # an engine bug must not take the server down
                 state.metrics.errors_total.inc()
@@ -472,19 +463,6 @@ def create_app(
 
     install_page(app, state)
     return app
-
-
-def _reason(err: P.ProtocolError) -> str:
-    if err.ws_code == P.WS_GOING_AWAY:
-        return "shutting_down"
-    return {
-        400: "bad_request",
-        404: "unknown_prompt",
-        408: "idle_timeout",
-        413: "too_big",
-        429: "queue_full",
-        503: "busy",
-    }.get(err.status, str(err.status))
 
 
 def _load_stored_prompts(state: ServerState, t2w: Any) -> None:
@@ -645,7 +623,7 @@ class _StreamHandler:
 
     async def fail(self, err: P.ProtocolError) -> None:
         """Refuse a connection that holds no session (busy, draining): error message, then close."""
-        self.state.metrics.rejected_total.inc(reason=_reason(err))
+        self.state.metrics.rejected_total.inc(reason=err.reason)
         with contextlib.suppress(Exception):
             await self._send(err.to_json())
         with contextlib.suppress(Exception):
@@ -891,7 +869,7 @@ class _StreamHandler:
             outcome = P.ProtocolError(f"server busy: {outcome}", ws_code=P.WS_TRY_AGAIN_LATER, status=503)
         if isinstance(outcome, P.ProtocolError):
             err = outcome
-            m.rejected_total.inc(reason=_reason(err))
+            m.rejected_total.inc(reason=err.reason)
         else:
             m.errors_total.inc()
             err = P.ProtocolError(

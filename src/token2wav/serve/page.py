@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 
 from token2wav.demo import low_latency_options
 from token2wav.serve import protocol as P
+from token2wav.serve.bodies import read_body
 from token2wav.serve.prompt_store import prompt_id
 
 __all__ = ["install_page", "STATIC_FILES", "MAX_TOKENIZE_SECONDS"]
@@ -179,14 +180,12 @@ def install_page(app: FastAPI, state: Any) -> None:
 
     @app.post("/v1/tokenize")
     async def tokenize(request: Request) -> Response:
-        from token2wav.serve.app import _read_body, _reason
-
         try:
             if not _has_own_tokenizer(t2w):
                 raise P.ProtocolError(
                     "this model has no speech tokenizer of its own (the bundled demo voice has one)", status=501
                 )
-            body = await _read_body(request, state.limits.max_prompt_bytes, "max_prompt_bytes")
+            body = await read_body(request, state.limits.max_prompt_bytes, "max_prompt_bytes")
             wave, sr = await state.run(_decode_audio, body)  # decoding is work: off the event loop
             try:
                 tokens = await state.run(t2w.tokenize, wave, sr)
@@ -195,7 +194,7 @@ def install_page(app: FastAPI, state: Any) -> None:
             except ValueError as e:
                 raise P.ProtocolError(f"cannot tokenize this recording: {e}") from None
         except P.ProtocolError as e:
-            state.metrics.rejected_total.inc(reason=_reason(e))
+            state.metrics.rejected_total.inc(reason=e.reason)
             return JSONResponse({"error": e.message, "status": e.status}, status_code=e.status)
         tokens = [int(t) for t in tokens]
         return JSONResponse({"tokens": tokens, "seconds": round(len(wave) / sr, 3), "sample_rate": sr})

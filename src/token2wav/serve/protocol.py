@@ -99,6 +99,20 @@ class ProtocolError(Exception):
         return {"type": "error", "code": self.ws_code, "status": self.status, "message": self.message}
 
     @property
+    def reason(self) -> str:
+        """The ``reason`` label of ``token2wav_rejected_total`` for this refusal."""
+        if self.ws_code == WS_GOING_AWAY:
+            return "shutting_down"
+        return {
+            400: "bad_request",
+            404: "unknown_prompt",
+            408: "idle_timeout",
+            413: "too_big",
+            429: "queue_full",
+            503: "busy",
+        }.get(self.status, str(self.status))
+
+    @property
     def close_reason(self) -> str:
         # a close frame's reason must fit in 123 bytes of UTF-8
         raw = self.message.encode("utf-8")

@@ -386,6 +386,14 @@ class Token2Wav:
             frontend = self._frontend
         return Prompt(*frontend(wav, sample_rate, embedding=emb))
 
+    def warm_up(self) -> None:
+        """Run one short offline decode and one streamed chunk, so that the first caller does not pay the
+        one-time costs (allocator pools, kernel selection, lazily built tables)."""
+        n = int(self._chunk) + int(self._config.pre_lookahead_len)
+        self.synthesize([0] * n, attention="chunk")
+        with self.stream() as session:
+            session.push([0] * n)
+
     def frontend_fingerprint(self, speaker: str | None = None) -> str:
         """A hex digest of what turns a recording into a prompt on this model: the config file and the front-end
         model files (CosyVoice's ONNX tokenizer and CAM++, or a bundled tokenizer), and ``speaker``'s stored

@@ -117,9 +117,9 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     elif not (args.ray_address == "auto" or ":" in args.ray_address):
         raise ValueError(f"--ray-address must be auto, HOST:PORT or ray://HOST:PORT, got {args.ray_address!r}")
     if args.model is None:  # as without --ray: the bundled demo voice (the tiny model if it is not installed)
-        from token2wav.demo import _default_model
+        from token2wav.loading import default_model
 
-        args.model = _default_model()
+        args.model = default_model()
     options = options_from_args(args)
     settings = settings_from_options(options)  # every value checked before Ray starts
     need = settings.replica_cpus * (settings.replicas or settings.autoscale[0])  # type: ignore[index]

@@ -196,7 +196,8 @@ class Token2WavReplica:
         global _CURRENT
         import torch
 
-        from token2wav.cli import _model_name, _warm_up, load_engine
+        from token2wav import Token2Wav
+        from token2wav.loading import display_name
         from token2wav.serve.app import create_app
         from token2wav.serve.auth import AccessPolicy
 
@@ -210,8 +211,9 @@ class Token2WavReplica:
 
             t2w = bench_engine(settings.model, settings.device, settings.dtype)
         else:
-            t2w = load_engine(settings.model, settings.device, settings.dtype)
-        _warm_up(t2w)
+            dtype = getattr(torch, settings.dtype)
+            t2w = Token2Wav.from_pretrained(settings.model, device=settings.device, dtype=dtype)
+        t2w.warm_up()
         batcher = None
         if settings.batching:
             budget = None if settings.max_cache_mb is None else int(settings.max_cache_mb * 2**20)
@@ -227,7 +229,7 @@ class Token2WavReplica:
         self.registry = _registry(settings, int(t2w.config.vocab_size))
         access = AccessPolicy(api_key=settings.api_key, allow_origins=settings.allow_origins)
         app = create_app(
-            t2w, name=_model_name(settings.model), limits=settings.limits, access=access, batcher=batcher
+            t2w, name=display_name(settings.model), limits=settings.limits, access=access, batcher=batcher
         )
         self.fastapi_app = app
         self.state = app.state.server
