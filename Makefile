@@ -30,8 +30,8 @@ test: install-dev browser
 # extensions) with oneDNN and MKL limited alike. A tolerance tuned to one CPU fails here, not on a user's
 # machine (docs/exactness.md). CI runs it after `make test`.
 test-kernels: install-dev
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PYTEST) -m parity
-	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PYTEST) -m parity
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PYTEST) -m parity --kernel-pass
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PYTEST) -m parity --kernel-pass
 
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks recipes tools

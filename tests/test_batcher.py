@@ -20,7 +20,7 @@ import torch
 from conftest import DATA
 from graph_replay import record_graph
 from safetensors.torch import load_file
-from tolerances import SOLVE, sine_source_audio
+from tolerances import ONE_OP, SOLVE, sine_source_audio
 
 import token2wav
 from token2wav.budget import KV_SHARE
@@ -39,6 +39,10 @@ from token2wav.streaming.session import SessionClosedError
 # <= 1e-5 on AVX-512, AVX2 and default kernels.
 MEL_TOL = SOLVE
 LOWEST_RATE = 22050  # the test models' lowest sample rate: the longest time a sample count can span
+# The causal HiFT's rows stacked into one call against each row alone: F0 and the source phase are float64 (no
+# phase drift), so only the float32 decoder pass differs (batch 3 vs 1 may pick other conv blocking): NETWORK
+# relative to |speech| <= ~0.1 = 1e-6 (fixture evidence: a float64 decode is 9.2e-8 away at |speech| 0.07).
+VOCODER_ROWS_TOL = 1e-6
 
 
 def _fixture_engine(case: str) -> Token2Wav:
@@ -367,8 +371,8 @@ def test_packed_causal_conv_equals_each_row_alone(lengths):
     out, new_tails = packed_causal_conv(conv, x, tails, layout, tail_index=tail_index)
     for row, tail, got, new in zip(layout.split(x, 2), tails, layout.split(out, 2), new_tails):
         full = torch.cat([tail, row], dim=2)
-        assert torch.allclose(got, conv(full), atol=1e-6)
-        assert torch.equal(new, full[:, :, -4:])
+        assert torch.allclose(got, conv(full), atol=ONE_OP)  # one conv of 4 x 3 terms, packed vs alone
+        assert torch.equal(new, full[:, :, -4:])  # the new tail is a copy of the input's last frames
 
 
 def test_info_describes_batching(cv3):
@@ -403,7 +407,7 @@ def test_causal_vocoder_rows_at_different_positions_share_a_step(cv3):
         got = voc.stream_step_rows(pieces, rows_caches, [False] * 3)
         for (wa, wc), (ga, gc) in zip(want, got):
             assert wa.shape == ga.shape
-            assert float((wa - ga).abs().max()) <= 1e-6
+            assert float((wa - ga).abs().max()) <= VOCODER_ROWS_TOL
             assert (gc.source_samples, gc.istft_count, gc.speech_samples) == (
                 wc.source_samples, wc.istft_count, wc.speech_samples)
         alone_caches, rows_caches = [w[1] for w in want], [r[1] for r in got]
@@ -412,7 +416,7 @@ def test_causal_vocoder_rows_at_different_positions_share_a_step(cv3):
     want_tail = [voc.stream_step(mel[:, :, s + 150 :], c, finalize=True)[0] for mel, s, c in
                  zip(mels, starts, alone_caches)]  # fmt: skip
     for a, b in zip(tail, want_tail):
-        assert float((a - b).abs().max()) <= 1e-6  # the stacked caches continue like the row's own
+        assert float((a - b).abs().max()) <= VOCODER_ROWS_TOL  # the stacked caches continue like the row's own
 
 
 def test_pages_of_a_session_closed_mid_step_come_back_after_the_step(cv3):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tolerances import SOLVE
 
 import token2wav
 from token2wav.demo import _utterance
@@ -57,7 +58,7 @@ def test_default_stream_equals_chunk_synthesis(demo):
         pieces.append(s.finish())
     streamed = np.concatenate([p for p in pieces if p.size], axis=1)
     assert streamed.shape == offline.shape == (80, 2 * len(tokens))
-    assert np.abs(streamed - offline).max() < 1e-4
+    assert np.abs(streamed - offline).max() < SOLVE  # a flow solve, streamed vs offline mel
     lookahead5 = demo.flow.inference(
         torch.tensor([tokens]), *_prompt_tensors(demo, prompt), streaming=True, finalize=True
     )[0].numpy()

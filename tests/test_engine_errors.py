@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from tolerances import SOLVE
 
 from token2wav.presets import PRESETS, describe_presets, resolve_preset
 from token2wav.streaming.engine import Prompt, Token2Wav
@@ -135,7 +136,7 @@ def test_dynamic_chunk_models_accept_other_hops(engine):
         p = dyn.prepare_prompt(None)
         want = dyn.flow.inference(torch.as_tensor(ids)[None], p.tokens, p.feat, p.embedding, streaming=True,
                                   finalize=True, n_timesteps=2, chunk_size=20)[0].numpy()
-    assert np.abs(np.concatenate(outs, axis=1) - want).max() <= 1e-4
+    assert np.abs(np.concatenate(outs, axis=1) - want).max() <= SOLVE  # a flow solve, streamed vs offline mel
     assert dyn.preset("assistant").hop == 5
 
 
@@ -192,7 +193,7 @@ def test_failed_push_leaves_the_session_usable(engine, prompt, monkeypatch):
     got.append(s.finish())
     assert len(got) == len(clean)
     for a, b in zip(got, clean):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, b)  # the same chunk calls as the clean run: same kernels and shapes
 
 
 def test_prompt_validation(engine):

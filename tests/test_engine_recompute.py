@@ -121,6 +121,8 @@ def test_push_sizes_do_not_change_recompute_output(case, streamed):
         pytest.skip("one push-size check is enough; the CV2 flow is the slow one")
     outs = _stream(engine, prompt, data["token"][0], "audio")
     for a, b in zip(outs, streamed[1]):
+        # recompute mode makes the same calls (the whole prefix at each hop) whatever the push sizes: the same
+        # kernels on the same shapes in one process
         np.testing.assert_array_equal(a, b)
 
 
@@ -141,5 +143,7 @@ def test_offline_full_attention_matches_reference(case, streamed):
     start = 0
     for k, out in enumerate(mel_stream[:-1]):
         diff = float(np.abs(out - chunk_mel[:, start : start + out.shape[1]]).max())
-        assert diff <= meta["calls"][k]["mel_maxdiff_vs_offline_stream"] + 1e-5, (k, diff)
+        # the reference's own difference here (float rounding, <= 2.3e-6) plus ours: a flow solve on another
+        # sequence length (SOLVE)
+        assert diff <= meta["calls"][k]["mel_maxdiff_vs_offline_stream"] + SOLVE, (k, diff)
         start += out.shape[1]

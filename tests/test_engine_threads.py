@@ -157,6 +157,8 @@ def test_threads_equal_single_runs(tmp_path, causal):
     for i in range(n):
         assert len(results[i]) == len(alone[i])
         for a, b in zip(results[i], alone[i]):
+            # the same calls on the same shapes in one process (each call keeps torch's intra-op thread count):
+            # bit for bit, so that any state shared between threads would show
             np.testing.assert_array_equal(a, b)
 
 
@@ -175,4 +177,4 @@ def test_interleaved_sessions_in_one_thread(tmp_path):
         got[i].append(sessions[i].finish())
         sessions[i].close()
         for a, b in zip(got[i], alone[i]):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, b)  # the same calls on the same shapes, one process

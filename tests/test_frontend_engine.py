@@ -89,7 +89,7 @@ def test_speaker_replaces_the_embedding(t2w, model_dir, ref) -> None:
     voice = _fixture_prompt(ref, "dev4_48k_mono")
     t2w.add_voice("dev4", voice, overwrite=True)
     p = t2w.prompt_from_wav(FRONTEND / "dev1_16k_mono.wav", speaker="dev4")
-    assert torch.equal(p.embedding, voice.embedding)
+    assert torch.equal(p.embedding, voice.embedding)  # the stored voice's embedding, copied
     assert torch.equal(p.tokens, _fixture_prompt(ref, "dev1_16k_mono").tokens)
     (model_dir / "spk2info.pt").unlink()
     t2w._saved_voices = None
@@ -129,7 +129,7 @@ def test_spk2info_voices_load_and_stream(voices_dir, ref, one_thread) -> None:
     alice = t2w.speaker_prompt("alice")
     want = _fixture_prompt(ref, "dev2_22k_mono")
     assert alice.digest == want.digest
-    assert np.array_equal(_stream(t2w, alice), _stream(t2w, want))
+    assert np.array_equal(_stream(t2w, alice), _stream(t2w, want))  # equal prompts: the same calls, one process
     sft = t2w.speaker_prompt("sft_voice")
     assert sft.num_tokens == 0 and sft.num_frames == 0
     assert torch.equal(sft.embedding, ref["dev4_48k_mono/embedding"][0])
@@ -147,7 +147,7 @@ def test_add_voice_writes_the_reference_layout(tmp_path, ref, one_thread) -> Non
     t2w.add_voice("carol", prompt)
     assert t2w.speakers == ["carol"]
     data = torch.load(str(d / "spk2info.pt"), weights_only=True)
-    entry = data["carol"]
+    entry = data["carol"]  # the prompt's arrays written and read back: copies compare bit for bit
     assert torch.equal(entry["flow_prompt_speech_token"], ref["dev1_16k_mono/prompt_cv3/speech_token"])
     assert entry["flow_prompt_speech_token"].dtype == torch.int32
     assert torch.equal(entry["prompt_speech_feat_len"], ref["dev1_16k_mono/prompt_cv3/speech_feat_len"])

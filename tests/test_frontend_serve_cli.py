@@ -72,6 +72,7 @@ def test_prompt_command_writes_the_reference_prompt(model_dir, ref, tmp_path, ca
     assert line.startswith("77 tokens, 3.08 s of speech, ") and line.endswith(f"ms -> {out}")
     with np.load(out) as z:
         assert np.array_equal(z["tokens"], ref["dev2_22k_mono/prompt_cv3/speech_token"][0].numpy())
+        # fixture README, from the WAV file: speech_feat_cv3 1.5e-2 (a log of tiny values), embedding 1e-5
         assert np.abs(z["mel"] - ref["dev2_22k_mono/prompt_cv3/speech_feat"][0].numpy()).max() <= 1.5e-2
         assert np.abs(z["embedding"] - ref["dev2_22k_mono/prompt_cv3/embedding"][0].numpy()).max() <= 1e-5
 
@@ -93,6 +94,8 @@ def test_prompt_command_saves_a_voice_and_synth_uses_it(model_dir, tmp_path, cap
         assert cli.main(argv) == 0, capsys.readouterr().err
     audio = {k: sf.read(str(v), dtype="int16")[0] for k, v in outs.items()}
     assert audio["npz"].size > 0 and np.abs(audio["npz"]).max() > 30
+    # one prompt cloned twice in this process (the npz and the voice hold its float32 arrays exactly), then the
+    # same calls on the same shapes: bit for bit
     assert np.array_equal(audio["npz"], audio["wav"]) and np.array_equal(audio["npz"], audio["voice"])
     (model_dir / "spk2info.pt").unlink()
 
@@ -279,6 +282,8 @@ def test_client_command_uploads_the_wav(server, model_dir, ref, tmp_path, capsys
     with t2w.stream(prompt) as s:
         local = np.concatenate([*s.push(list(range(200, 260))), s.finish()])
     assert streamed.shape == local.shape
+    # the same calls in one process give the same floats; the wire rounds v * 32767 to an int16 (half a step) and
+    # the file reads back as / 32768 (|v| / 32768 <= one step more)
     assert np.abs(streamed - local).max() <= 2 / 32768
 
 

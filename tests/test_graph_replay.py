@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import DATA
 from graph_replay import CaptureError, record_graph
+from tolerances import SOLVE
 
 from token2wav.loading import load_flow
 from token2wav.models.buckets import ShapeBuckets
@@ -30,7 +31,7 @@ def test_the_stand_in_replays_like_a_graph():
         scale[0] = 10.0  # frozen: the graph still multiplies by 2
         holder["t"] = torch.zeros(3)  # rebound: the graph still adds the old tensor
         graph.replay()
-        assert out.tolist() == [17.0, 17.0, 17.0]
+        assert out.tolist() == [17.0, 17.0, 17.0]  # small integers: exact in float32
         for bad, name in ((lambda: out.fill_(source.sum().item()), "aten::item"),
                           (lambda: out.copy_(torch.tensor([1.0, 2.0, 3.0])), "aten::lift_fresh"),
                           (lambda: out.add_(1.0 if bool(source.sum()) else 0.0), "aten::is_nonzero"),
@@ -59,7 +60,7 @@ def _session(flow, prompt_tokens: int, seed: int):
 def test_replayed_fixed_shape_solves_equal_each_rows_own_stream(flow):
     """Four calls of three or four rows (new sessions, continuing ones, prompts, last chunks, different push
     sizes) that fall in one shape: it is recorded on the first call, every call is a replay on its own data,
-    and every row's mel equals its session alone within 1e-5."""
+    and every row's mel equals its session alone within SOLVE."""
     layers, heads, width = flow.decoder.estimator.kv_layout()
     pool = KVPool(steps=10, layers=layers, heads=heads, dim_head=width, pages=64)
     recorded = []
@@ -94,7 +95,8 @@ def test_replayed_fixed_shape_solves_equal_each_rows_own_stream(flow):
             for name, tk, last, (mel, state) in zip(names, tokens, finalize, rows):
                 expected, alone[name] = flow.stream_step(alone[name], tk, finalize=last)
                 assert mel.shape == expected.shape and mel.shape[-1] > 0
-                assert float((mel - expected).abs().max()) <= 1e-5, name
+                # a flow solve on padded rows vs the row alone: other GEMM shapes re-associate its sums (SOLVE)
+                assert float((mel - expected).abs().max()) <= SOLVE, name
                 paged[name] = state
     assert solver.shapes() == [(4, 64, 128)] and solver.captures == len(recorded) == 1
     assert recorded[0].replays == len(rounds)  # recorded on the first call's rows, replayed on every call's
@@ -124,7 +126,7 @@ def test_a_grown_pool_is_recaptured_and_stays_exact(flow):
             [(mel, paged)] = flow.stream_step_rows([paged], [toks[:, :n]], finalize=[last], lookahead=[None],
                                                    tables=[table], padded=solver)  # fmt: skip
             expected, alone = flow.stream_step(alone, toks[:, :n], finalize=last)
-            assert mel.shape == expected.shape and float((mel - expected).abs().max()) <= 1e-5
+            assert mel.shape == expected.shape and float((mel - expected).abs().max()) <= SOLVE  # as above
     assert grown[2] > grown[1] > grown[0]  # the pool grew before each later call
     # the second call's shape was recorded on the first call: recorded again on the grown pool
     assert solver.shapes() == [(1, 32, 128), (1, 64, 128)] and solver.captures == len(recorded) == 3

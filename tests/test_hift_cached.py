@@ -12,12 +12,16 @@ import torch
 import torch.nn.functional as F
 from helpers import max_abs_diff
 from safetensors.torch import load_file
+from tolerances import NETWORK, ONE_OP
 
 from token2wav import build_vocoder
 from token2wav.models.hift import CausalHiFTCache, CausalHiFTGenerator, fold_weight_norm
 
 DATA = Path(__file__).parent / "data"
-TOL = 1e-5
+# Streamed vs offline (or the reference's) speech of the causal HiFT on the same mel: F0 and the source phase are
+# float64, so only the float32 decoder pass re-associates: NETWORK (FIXTURES.md suggests 1e-5; the float64 decode is
+# 9.2e-8 away at |speech| 0.07)
+TOL = NETWORK
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,9 +106,9 @@ def test_cache_is_never_mutated(hift, fx):
     a, _ = hift.stream_step(mel[:, :, 33:60], c1)
     b, _ = hift.stream_step(mel[:, :, 33:41], c1)  # a different branch from the same cache
     c, _ = hift.stream_step(mel[:, :, 33:60], c1)
-    assert torch.equal(a, c)
+    assert torch.equal(a, c)  # the same call again: same kernels, same shapes
     assert a.shape[-1] > b.shape[-1]
-    assert all(torch.equal(x, y) for x, y in zip(_tensors(c1), snapshot))
+    assert all(torch.equal(x, y) for x, y in zip(_tensors(c1), snapshot))  # untouched: equal to its copy
 
 
 def test_cache_size_is_bounded(hift):
@@ -128,7 +132,7 @@ def test_batch_streams(hift):
 def test_deepcopy(hift, fx):
     twin = copy.deepcopy(hift)
     mel = fx["stream_mel"][:, :, :20]
-    assert torch.equal(twin.inference(mel)[0], hift.inference(mel)[0])
+    assert torch.equal(twin.inference(mel)[0], hift.inference(mel)[0])  # equal weights, the same call
 
 
 def test_errors(hift, fx):
@@ -172,8 +176,11 @@ def test_long_run_has_no_phase_drift(hift):
             noise = hift.source_noise(i * 480, (i + seg.shape[1]) * 480)
             s, acc = hift.m_source.causal_frames(seg, acc, noise)
             parts.append(s)
-    assert max_abs_diff(whole, ref) < 1e-6
-    assert torch.equal(torch.cat(parts, dim=-1), whole)
+    # Both make the same float32 phases (a float64 running sum rounded per output, as torch's float32 cumsum), so
+    # only the 9-term l_linear re-associates: ONE_OP. The chunks continue the float64 sum bit for bit, but run the
+    # linear on other row counts: ONE_OP too. A drift of one float32 step of the phase moves the source by 6e-3.
+    assert max_abs_diff(whole, ref) < ONE_OP
+    assert max_abs_diff(torch.cat(parts, dim=-1), whole) <= ONE_OP
 
     mel = torch.randn(1, 80, frames, generator=gen) * 2 - 5
     offline = hift.inference(mel)[0]
@@ -229,6 +236,8 @@ def _test_cuda_stream_equals_cuda_offline_and_reference(hift, fx):
     offline = model.inference(long_mel)[0]
     streamed, _ = _stream(model, long_mel, 50)
     assert max_abs_diff(streamed, offline) < TOL
+    # cuDNN's float32 conv algorithms against the CPU's over 30 s: the decoder pass (NETWORK) with 10x room; F0
+    # and phase are float64 on both
     assert max_abs_diff(offline.cpu(), hift.inference(long_mel.cpu())[0]) < 1e-4
 
 

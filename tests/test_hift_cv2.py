@@ -10,11 +10,25 @@ import pytest
 import torch
 from helpers import max_abs_diff
 from safetensors.torch import load_file
+from tolerances import NETWORK, sine_source_audio
 
 from token2wav import build_vocoder
 from token2wav.models.hift import HiFTGenerator, fold_weight_norm
 
 DATA = Path(__file__).parent / "data"
+# F0 (float32, Hz) from the predictor's conv-RNN: FIXTURES.md suggests 1e-3 Hz (float64 vs float32 evidence 2e-4 Hz
+# at F0 up to ~270 Hz, so two float32 kernels sit within ~4e-4 Hz)
+F0_TOL = 1e-3
+# speech given the stored source: the decoder's float32 pass (NETWORK; FIXTURES.md suggests 1e-5, float64 evidence
+# 7.8e-8 at |speech| 0.12)
+DECODE_TOL = NETWORK
+SR = 24000
+
+
+def _source_tol(want: torch.Tensor) -> float:
+    """A source (or speech) recomputed from the same draws: the float32 F0 moves the float32-accumulated phase
+    over the clip (sine_source_audio; FIXTURES.md suggested 1e-4, which this exceeds: 3.9e-4 to 8.9e-4 here)."""
+    return sine_source_audio(float(want.abs().max()), want.shape[-1] / SR)
 
 
 def _load(name: str) -> torch.nn.Module:
@@ -42,14 +56,14 @@ def fx() -> dict[str, torch.Tensor]:
 
 def test_f0(hift, fx):
     with torch.inference_mode():
-        assert max_abs_diff(hift.f0_predictor(fx["mel_a"]), fx["f0_a"]) < 1e-3
-        assert max_abs_diff(hift.f0_predictor(fx["mel_b"]), fx["f0_b"]) < 1e-3
+        assert max_abs_diff(hift.f0_predictor(fx["mel_a"]), fx["f0_a"]) < F0_TOL
+        assert max_abs_diff(hift.f0_predictor(fx["mel_b"]), fx["f0_b"]) < F0_TOL
 
 
 def test_decode_given_stored_source(hift, fx):
     with torch.inference_mode():
-        assert max_abs_diff(hift.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < 1e-5
-        assert max_abs_diff(hift.decode(fx["mel_b"], fx["source_b"]), fx["speech_b"]) < 1e-5
+        assert max_abs_diff(hift.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < DECODE_TOL
+        assert max_abs_diff(hift.decode(fx["mel_b"], fx["source_b"]), fx["speech_b"]) < DECODE_TOL
 
 
 def test_full_call_with_global_seed(hift, fx):
@@ -58,12 +72,12 @@ def test_full_call_with_global_seed(hift, fx):
         speech, source = hift.inference(fx["mel_a"])
         torch.manual_seed(104)
         speech_b, source_b = hift.inference(fx["mel_b"], cache_source=fx["cache_source_b"])
-    assert max_abs_diff(source, fx["source_a"]) < 1e-4
-    assert max_abs_diff(speech, fx["speech_a"]) < 1e-4
-    assert max_abs_diff(source_b, fx["source_b"]) < 1e-4
-    assert max_abs_diff(speech_b, fx["speech_b"]) < 1e-4
+    assert max_abs_diff(source, fx["source_a"]) < _source_tol(fx["source_a"])
+    assert max_abs_diff(speech, fx["speech_a"]) < _source_tol(fx["speech_a"])
+    assert max_abs_diff(source_b, fx["source_b"]) < _source_tol(fx["source_b"])
+    assert max_abs_diff(speech_b, fx["speech_b"]) < _source_tol(fx["speech_b"])
     n = fx["cache_source_b"].shape[-1]
-    assert torch.equal(source_b[..., :n], fx["cache_source_b"])
+    assert torch.equal(source_b[..., :n], fx["cache_source_b"])  # the cached source is copied in
 
 
 def test_initial_phases_follow_reference_draw_order(hift, fx):
@@ -71,15 +85,15 @@ def test_initial_phases_follow_reference_draw_order(hift, fx):
         torch.manual_seed(103)
         f0 = hift.f0_predictor(fx["mel_a"])
         _, rand_ini = hift.m_source.random_source(f0)
-    assert torch.equal(rand_ini, fx["sine_rand_ini_a"])
+    assert torch.equal(rand_ini, fx["sine_rand_ini_a"])  # a seeded uniform draw: the generator's integers, scaled
 
 
 def test_explicit_generator_leaves_global_rng_alone(hift, fx):
     before = torch.random.get_rng_state()
     speech, source = hift.inference(fx["mel_a"], generator=torch.Generator().manual_seed(103))
     assert torch.equal(torch.random.get_rng_state(), before)
-    assert max_abs_diff(source, fx["source_a"]) < 1e-4
-    assert max_abs_diff(speech, fx["speech_a"]) < 1e-4
+    assert max_abs_diff(source, fx["source_a"]) < _source_tol(fx["source_a"])
+    assert max_abs_diff(speech, fx["speech_a"]) < _source_tol(fx["speech_a"])
 
 
 def test_folded_weight_norm_gives_same_speech(fx):
@@ -87,7 +101,7 @@ def test_folded_weight_norm_gives_same_speech(fx):
     assert fold_weight_norm(model) > 0
     assert not any("parametrizations" in k for k in model.state_dict())
     with torch.inference_mode():
-        assert max_abs_diff(model.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < 1e-5
+        assert max_abs_diff(model.decode(fx["mel_a"], fx["source_a"]), fx["speech_a"]) < DECODE_TOL
 
 
 def test_bad_inputs(hift, fx):
@@ -129,11 +143,11 @@ def _test_cuda_decode_and_cpu_generator(fx):
     model = model.to("cuda")
     with torch.inference_mode():
         speech = model.decode(fx["mel_a"].cuda(), fx["source_a"].cuda()).cpu()
-    assert max_abs_diff(speech, fx["speech_a"]) < 1e-5
+    assert max_abs_diff(speech, fx["speech_a"]) < DECODE_TOL
     # a CPU generator draws the same numbers as the reference's CPU run, then they move to the GPU
     speech, source = model.inference(fx["mel_a"].cuda(), generator=torch.Generator().manual_seed(103))
-    assert max_abs_diff(source.cpu(), fx["source_a"]) < 1e-4
-    assert max_abs_diff(speech.cpu(), fx["speech_a"]) < 1e-4
+    assert max_abs_diff(source.cpu(), fx["source_a"]) < _source_tol(fx["source_a"])
+    assert max_abs_diff(speech.cpu(), fx["speech_a"]) < _source_tol(fx["speech_a"])
 
 
 @contextlib.contextmanager

@@ -22,7 +22,8 @@ from token2wav.serve import protocol as P
 from token2wav.serve.prompt_store import PromptStore, prompt_id
 
 VOCAB = 100
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same examples on every run, so CI is reproducible (a failure found locally is kept as a case)
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -70,6 +71,11 @@ def test_prompt_json_is_parsed_or_refused(tokens: object, mel: object, emb: obje
 FORMATS = [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", "PCM_16"), ("OGG", "VORBIS")]
 
 
+# libvorbis's encoder (writing the test's own file, not our reading) crashes the process on some odd rates
+# and channel counts: Ogg files are made at the rates and layouts recorders use; WAV and FLAC take any.
+OGG_RATES = [8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 96000]
+
+
 @SETTINGS
 @given(
     st.sampled_from(FORMATS),
@@ -77,10 +83,13 @@ FORMATS = [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", "PCM_16"), ("OGG", "VOR
     st.integers(1, 10),
     st.integers(0, 3000),
     st.floats(0.01, 60.0),
+    st.sampled_from(OGG_RATES),
 )
 def test_uploads_are_decoded_within_limits_or_refused(fmt, rate: int, channels: int, frames: int,
-                                                      max_seconds: float) -> None:
+                                                      max_seconds: float, ogg_rate: int) -> None:
     kind, subtype = fmt
+    if kind == "OGG":
+        rate, channels = ogg_rate, min(channels, 2)
     buf = io.BytesIO()
     data = (0.1 * np.sin(np.arange(frames * channels) * 0.01)).astype(np.float32).reshape(frames, channels)
     try:
@@ -127,7 +136,8 @@ def _npz(arrays: dict[str, np.ndarray], deflate: bool) -> bytes:
     return buf.getvalue()
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.booleans(), st.integers(0, 2000), st.binary(min_size=1, max_size=16), st.sampled_from(
     ["tokens", "mel", "embedding", "prompt_id", "extra"]))
 def test_prompt_files_are_read_or_skipped(store: PromptStore, deflate: bool, at: int, junk: bytes, drop: str) -> None:

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import ONE_OP, SOLVE
 
 from token2wav.masks import make_chunk_mask
 from token2wav.models.buckets import ShapeBuckets
@@ -64,7 +65,8 @@ def test_gathered_attention_equals_each_rows_own():
         values = torch.cat([past_v, v[:, :, span]], dim=2)
         mask = make_chunk_mask(n, chunk, -1, offset=o) if chunk > 0 else None
         want = F.scaled_dot_product_attention(q[:, :, span], keys, values, attn_mask=mask)
-        torch.testing.assert_close(out[:, :, span], want, atol=1e-6, rtol=0)
+        # gathered vs direct attention: one softmax-weighted sum over <= 80 keys, re-associated (ONE_OP)
+        torch.testing.assert_close(out[:, :, span], want, atol=ONE_OP, rtol=0)
         start += n
     assert pool.grown >= 1
 
@@ -78,7 +80,8 @@ def test_a_row_does_not_depend_on_its_neighbours_within_one_padded_size():
     _, _, _, with_b = _rows_attention(pool, [a, b], [30, 12], [10, 16], [10, 10], seed=5, padded=padded)
     _, _, _, with_c = _rows_attention(pool, [a, c], [30, 41], [10, 3], [10, 10], seed=5, padded=padded)
     assert not torch.equal(with_b[:, :, 10:13], with_c[:, :, 10:13])
-    assert torch.equal(with_b[:, :, :10], with_c[:, :, :10])  # row a: same inputs, bit for bit
+    # row a: same inputs in the same padded shapes, so the same kernels: bit for bit
+    assert torch.equal(with_b[:, :, :10], with_c[:, :, :10])
 
 
 def test_a_prompts_full_pages_are_shared_and_every_page_comes_back():
@@ -91,7 +94,7 @@ def test_a_prompts_full_pages_are_shared_and_every_page_comes_back():
     second.adopt(prompt, 23, step_layers)
     assert first.pages[:4] == second.pages[:4] and first.pages[4] != second.pages[4]
     assert pool.pages_free == free - 6  # 4 shared + one own page each
-    with pool.reading():  # every frame landed where the table says
+    with pool.reading():  # every frame landed where the table says (copies: atol=0)
         slots = second.slots(0, 23)
         keys, values = pool.planes(1, 2)
         torch.testing.assert_close(keys.index_select(1, slots), kv[(1, 2)][0].transpose(1, 2), atol=0, rtol=0)
@@ -176,7 +179,8 @@ def test_fixed_shape_solver_keeps_a_bounded_number_of_shapes():
             padded = flow.stream_step_rows([start] * n_rows, toks, finalize=[False] * n_rows,
                                            lookahead=[None] * n_rows, tables=tables, padded=solver)  # fmt: skip
         for a, (b, _) in zip(alone, padded):
-            assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5
+            # a flow solve on padded rows vs the row alone: other GEMM shapes re-associate its sums (SOLVE)
+            assert a.shape == b.shape and float((a - b).abs().max()) <= SOLVE
         assert len(solver.shapes()) <= 2
         for table in tables:
             table.release()

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from tolerances import PCM_STEP, pcm_steps
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -190,6 +191,7 @@ def test_registry_keeps_prompts_in_memory_and_on_disk(tmp_path: Path) -> None:
         assert reg.save(pid, *a)
     assert list(reg.prompts) == ids[1:]  # the least recently used left memory ...
     back = reg.load(ids[0])  # ... and is read back from the folder
+    # stored and read back: copies, bit for bit
     assert back is not None and all(np.array_equal(x, y) for x, y in zip(back, arrays[0]))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.npz" for i in ids)
     kept = reg.save(ids[1], *arrays[2])  # other arrays under a held id (a clone on another CPU): the first stay
@@ -362,6 +364,12 @@ def _run_streams(d: Deployment, jobs: list[dict[str, Any]]) -> list[dict[str, An
     return asyncio.run(main())
 
 
+def _pcm_tol(audio: np.ndarray, sample_rate: int = 24000) -> int:
+    """int16 steps a stream may move by in a replica's batched calls against its single run: float32 rounding of
+    batched rows, integrated by the tiny model's HiFT phase over the stream (tests/tolerances.py, as test_server)."""
+    return pcm_steps(float(np.abs(audio).max(initial=0)) * PCM_STEP, len(audio) / sample_rate)
+
+
 def test_eight_concurrent_streams_equal_their_single_runs_on_both_replicas(deployment: Deployment) -> None:
     d = deployment
     health = d.health()
@@ -381,7 +389,8 @@ def test_eight_concurrent_streams_equal_their_single_runs_on_both_replicas(deplo
                 assert r["last"]["type"] == "done" and r["close"] == 1000, r["last"]
             assert many["audio"].size == one["audio"].size > 0
             diff = np.abs(many["audio"].astype(np.int32) - one["audio"].astype(np.int32)).max()
-            assert diff <= 2, f"stream {i}: concurrent audio differs from its single run by {diff} int16 steps"
+            steps = _pcm_tol(one["audio"])
+            assert diff <= steps, f"stream {i}: concurrent audio differs from its single run by {diff} int16 steps"
     replicas = {r["replica"] for together in rounds for r in together}
     assert replicas == {h["replica"] for h in health["replicas"]}, f"streams all on {replicas}"
     # /metrics: every replica's own counters and their total
@@ -415,10 +424,11 @@ def test_a_prompt_registered_once_is_used_on_both_replicas(deployment: Deploymen
             break
     assert len(on) == 2 and registered_on in on, f"prompt streams ran on {on} only"
     ref = results[0]["audio"]
+    steps = _pcm_tol(ref)
     for x in results[1:]:
-        assert np.abs(x["audio"].astype(np.int32) - ref.astype(np.int32)).max() <= 2
+        assert np.abs(x["audio"].astype(np.int32) - ref.astype(np.int32)).max() <= steps
     plain = _run_streams(d, [{"tokens": tokens}])[0]["audio"]
-    assert plain.size == ref.size and np.abs(plain.astype(np.int32) - ref.astype(np.int32)).max() > 2
+    assert plain.size == ref.size and np.abs(plain.astype(np.int32) - ref.astype(np.int32)).max() > steps
 
 
 def test_a_killed_replica_ends_its_stream_with_an_error_others_serve_and_it_comes_back(

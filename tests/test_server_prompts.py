@@ -93,6 +93,7 @@ def test_prompts_survive_a_restart_and_bad_files_are_skipped(engine: Any, tmp_pa
         after = _stream(addr, tokens, pid)
         r = httpx.post(f"http://{addr}/v1/synthesize", json={"tokens": tokens, "prompt_id": pid}, timeout=TIMEOUT)
         assert r.status_code == 200
+    # the prompt's arrays read back exactly, the same engine and calls on the same shapes (no batcher): bit for bit
     assert np.array_equal(before, after)
 
 
@@ -129,7 +130,7 @@ def test_interrupted_write_leaves_no_entry(tmp_path: Path, monkeypatch) -> None:
     store.save(pid, *arrays)
     assert [p.name for p in tmp_path.iterdir()] == [f"{pid}.npz"]
     got = store.load(pid)
-    assert got is not None and all(np.array_equal(a, b) for a, b in zip(got, arrays))
+    assert got is not None and all(np.array_equal(a, b) for a, b in zip(got, arrays))  # copies, bit for bit
     assert store.load("../../etc/passwd") is None and store.load("p_" + "1" * 24) is None
     (tmp_path / f"{pid}.npz").write_bytes(b"damaged")  # registering the prompt again repairs its file
     assert store.load(pid) is None
@@ -146,7 +147,7 @@ def test_store_keeps_the_first_arrays_under_an_id_and_catches_renamed_files(tmp_
     later = (first[0], np.nextafter(first[1], np.float32(2)), first[2])  # the same recording on another CPU
     pid = "p_" + "ab" * 12  # an id that names audio, not these arrays
     kept = store.save(pid, *first)
-    assert all(np.array_equal(a, b) for a, b in zip(kept, first))
+    assert all(np.array_equal(a, b) for a, b in zip(kept, first))  # stored arrays are copies: bit for bit
     kept = store.save(pid, *later)
     assert all(np.array_equal(a, b) for a, b in zip(kept, first))  # the first registration is served
     assert np.array_equal(store.load(pid)[1], first[1])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import SOLVE, sine_source_audio
 
 import token2wav
 from token2wav import cli, memory
@@ -82,10 +83,12 @@ def test_long_chunk_attention_decode_grows_linearly_and_gives_the_same_output(ti
     # queries are at most one call's frames (4 chunks = 200), keys the whole prefix: linear in length
     assert c_long / c_short == pytest.approx(k_long / k_short, rel=0.01) and c_long / c_short < 2.0
     assert c_long <= 206 * k_long
-    # the same output as the one-shot decode, to float rounding (mel) and its integration by the vocoder
-    assert chunked.shape == one_shot.shape and float(np.abs(chunked - one_shot).max()) < 1e-5
+    # the same output as the one-shot decode, to float rounding: a flow solve on other shapes (mel, SOLVE), and its
+    # integration by the vocoder's sine phase over the 8 s (sine_source_audio)
+    assert chunked.shape == one_shot.shape and float(np.abs(chunked - one_shot).max()) < SOLVE
     audio = tiny.synthesize(tokens[:200], prompt, attention="chunk")
-    assert audio.shape == audio_chunked.shape and float(np.abs(audio - audio_chunked).max()) < 2e-4
+    audio_tol = sine_source_audio(float(np.abs(audio).max()), len(audio) / tiny.sample_rate)
+    assert audio.shape == audio_chunked.shape and float(np.abs(audio - audio_chunked).max()) < audio_tol
 
 
 def test_default_threshold_is_twenty_seconds(tiny):

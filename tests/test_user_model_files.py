@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from release_like import DATA, fixture_state, legacy_weight_norm, write_release_dir
+from tolerances import sine_source_audio
 
 import token2wav
 from token2wav import cli
@@ -135,7 +136,9 @@ def test_vocoder_saved_with_weight_norm_folded_is_the_same_generator(tmp_path, f
     mel = a.synthesize(TOKENS, output="mel", attention="chunk")
     wa, wb = a.vocode(torch.from_numpy(mel)), b.vocode(torch.from_numpy(mel))
     assert wa.shape == wb.shape and np.abs(wa).max() > 1e-3
-    assert float(np.abs(wa - wb).max()) < 1e-4
+    # weights folded in float64 vs evaluated at load: last bits of the weights, F0 included, through the sine
+    # phase over the clip (sine_source_audio: 1.1e-4 and 1.7e-4 here; measured 1.7e-6 and 2.6e-6)
+    assert float(np.abs(wa - wb).max()) < sine_source_audio(float(np.abs(wa).max()), len(wa) / a.sample_rate)
 
 
 def test_legacy_weight_g_v_layout_still_loads(tmp_path):
