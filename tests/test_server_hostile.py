@@ -19,6 +19,7 @@ from test_server_access import LIMITS, CountingEngine, _ws_outcome
 
 from token2wav.serve.app import create_app
 from token2wav.serve.auth import AccessPolicy, RedactTokens, redact
+from token2wav.serve.protocol import ServerLimits
 
 KEY = "k3y-for-hostile-tests-42"
 
@@ -128,3 +129,39 @@ def test_the_key_never_shows(engine: Any, caplog) -> None:
         wrong = asyncio.run(_ws_outcome(f"ws://{addr}/v1/stream?%74oken=wrong-{KEY}"))
         assert wrong["code"] == 1008 and KEY not in json.dumps(wrong)
     assert KEY not in caplog.text
+
+
+def test_a_large_upload_is_parsed_off_the_event_loop(engine: Any) -> None:
+    """A 15 MB multipart upload of short lines takes the standard library's parser seconds (measured 2.8 s on 2
+    busy cores); parsed on the event loop it stalled every open stream for that long. In the worker pool, the
+    server keeps answering meanwhile."""
+    import threading
+    import time
+
+    app = create_app(engine, name="big", limits=ServerLimits(workers=2, max_prompt_bytes=16 << 20))
+    boundary = "b0undary"
+    junk = b"\r\n".join(b"xx" for _ in range((15 << 20) // 4))  # 4 M lines: 1.5-3 s of parsing on 2 cores
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n".encode() + junk
+            + f"\r\n--{boundary}--\r\n".encode())
+    with running_server(app) as addr:
+        base = f"http://{addr}"
+        done = threading.Event()
+
+        def upload() -> None:
+            try:
+                httpx.post(base + "/v1/prompts", content=body, timeout=120,
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            finally:
+                done.set()
+
+        t = threading.Thread(target=upload)
+        t.start()
+        worst = 0.0
+        while not done.is_set():
+            t0 = time.perf_counter()
+            assert httpx.get(base + "/health", timeout=30).status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+        t.join()
+    # parsing took over a second; /health waited at most a fraction of it (one GIL switch interval per request,
+    # plus the time the body takes to arrive)
+    assert worst < 0.75, worst
