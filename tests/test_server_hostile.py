@@ -6,6 +6,7 @@ Each attack runs against a real uvicorn server on 127.0.0.1 and must be refused 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from test_server import TIMEOUT, running_server
 from test_server_access import LIMITS, CountingEngine, _ws_outcome
+from websockets.asyncio.client import connect as websockets_connect
 
 from token2wav.serve.app import create_app
 from token2wav.serve.auth import AccessPolicy, RedactTokens, redact
@@ -165,3 +167,30 @@ def test_a_large_upload_is_parsed_off_the_event_loop(engine: Any) -> None:
     # parsing took over a second; /health waited at most a fraction of it (one GIL switch interval per request,
     # plus the time the body takes to arrive)
     assert worst < 0.75, worst
+
+
+def test_uploads_are_admitted_like_streams(engine: Any) -> None:
+    """An upload holds its body and runs work, so it takes a session slot: with every slot held by streams, a
+    flood of uploads gets 503 instead of piling bodies up in memory."""
+    app = create_app(engine, name="slots", limits=ServerLimits(max_sessions=1, workers=1))
+    vocab = int(engine.config.vocab_size)
+
+    async def while_a_stream_is_open(addr: str) -> tuple[int, int]:
+        async with websockets_connect(f"ws://{addr}/v1/stream") as ws:
+            await ws.send(json.dumps({"type": "start"}))
+            await ws.recv()  # started: the only slot is taken
+            async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+                busy = await client.post(f"http://{addr}/v1/prompts", content=_prompt_json(vocab),
+                                         headers={"Content-Type": "application/json"})
+            await ws.send(json.dumps({"type": "end"}))
+            with contextlib.suppress(Exception):
+                while True:
+                    await asyncio.wait_for(ws.recv(), TIMEOUT)
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            free = await client.post(f"http://{addr}/v1/prompts", content=_prompt_json(vocab),
+                                     headers={"Content-Type": "application/json"})
+        assert "server busy" in busy.json()["error"]
+        return busy.status_code, free.status_code
+
+    with running_server(app) as addr:
+        assert asyncio.run(while_a_stream_is_open(addr)) == (503, 200)

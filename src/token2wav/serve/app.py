@@ -368,6 +368,18 @@ def create_app(
 
     @app.post("/v1/prompts")
     async def register_prompt(request: Request) -> Response:
+        # an upload holds its body (up to --max-prompt-bytes) and runs work: it takes a session slot like a stream,
+        # so concurrent uploads are bounded by --max-sessions (503 beyond)
+        if not await state.admit("prompt"):
+            err = state.busy_error()
+            state.metrics.rejected_total.inc(reason=err.reason)
+            return _error_response(err)
+        try:
+            return await _register_prompt(request)
+        finally:
+            state.release()
+
+    async def _register_prompt(request: Request) -> Response:
         try:
             body = await read_body(request, limits.max_prompt_bytes, "max_prompt_bytes")
             # JSON arrays, or a recording (audio/wav or multipart) that the engine clones: see serve/upload.py

@@ -180,6 +180,16 @@ def install_page(app: FastAPI, state: Any) -> None:
 
     @app.post("/v1/tokenize")
     async def tokenize(request: Request) -> Response:
+        if not await state.admit("tokenize"):  # a recording to read and decode: a session slot, as a stream
+            err = state.busy_error()
+            state.metrics.rejected_total.inc(reason=err.reason)
+            return JSONResponse({"error": err.message, "status": err.status}, status_code=err.status)
+        try:
+            return await _tokenize(request)
+        finally:
+            state.release()
+
+    async def _tokenize(request: Request) -> Response:
         try:
             if not _has_own_tokenizer(t2w):
                 raise P.ProtocolError(
