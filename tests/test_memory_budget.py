@@ -119,3 +119,12 @@ def test_without_a_batcher_the_budget_still_bounds_the_caches(engine: Any) -> No
         assert r.status_code == 503 and "memory budget" in r.json()["error"], r.text
     assert len(app.state.server.prompts) == 2
     assert memory.used("prompt_registry") <= SHARES["prompt_registry"] * (4 << 20)
+
+
+def test_tensor_bytes_does_not_count_a_model_a_state_refers_to() -> None:
+    class State:
+        def __init__(self) -> None:
+            self.keys = torch.zeros(50)
+            self.layer = torch.nn.Linear(100, 100)  # its 40 KB of weights are the model's
+
+    assert tensor_bytes(State()) == 200

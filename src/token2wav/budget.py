@@ -34,8 +34,11 @@ KV_SHARE = SHARES["kv_pages"]
 
 def tensor_bytes(value: object, _seen: set[int] | None = None) -> int:
     """Bytes of the distinct tensor storages reachable from ``value`` (tensors, dataclasses, lists, dicts,
-    objects' attributes), each storage counted once."""
+    objects' attributes), each storage counted once. Modules are not followed: weights a cached state refers
+    to belong to the model, not to the cache."""
     seen = set() if _seen is None else _seen
+    if isinstance(value, torch.nn.Module):
+        return 0
     if isinstance(value, torch.Tensor):
         storage = value.untyped_storage()
         key = storage.data_ptr() if storage.data_ptr() else id(storage)
@@ -88,11 +91,6 @@ class MemoryBudget:
     def share(self, account: str) -> int:
         """The most ``account`` may hold (unbounded without a total)."""
         return (1 << 62) if self.total_bytes is None else int(self.total_bytes * SHARES[account])
-
-    def charge(self, account: str, nbytes: int) -> None:
-        """Add ``nbytes`` whatever the total (memory that exists already, such as a pool that was allocated)."""
-        with self._lock:
-            self._used[account] += nbytes
 
     def set_used(self, account: str, nbytes: int) -> None:
         """Set what ``account`` holds (memory measured elsewhere, such as the pool's allocated pages)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +22,25 @@ MAX_CHANNELS = 8  # 7.1; a voice recording has one or two
 MAX_DECODED_SAMPLES = 16 << 20  # samples over all channels: 64 MB of float32
 
 
-def _not_audio(exc: Exception) -> ValueError:
+def _not_audio(source: bytes | str | Path, exc: Exception) -> ValueError:
     first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
-    return ValueError(f"body is not a readable audio file ({first})")
+    what = "body" if isinstance(source, bytes) else f"wav: {source}"
+    return ValueError(f"{what} is not a readable audio file ({first})")
 
 
 def read_audio_bounded(
-    source: bytes | str | Path, max_seconds: float, *, limit_note: str = ""
+    source: bytes | str | Path,
+    max_seconds: float,
+    *,
+    limit_note: str = "",
+    too_long: Callable[[float], str] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Float32 samples ``[frames, channels]`` in [-1, 1] and their rate, from a sound file's bytes or path.
 
     Refused with ValueError, before decoding where the header tells: not audio; a rate outside [1, MAX_RATE];
-    more than MAX_CHANNELS channels; longer than ``max_seconds`` (``limit_note`` says whose limit); more than
-    MAX_DECODED_SAMPLES samples. Where the header does not know the length, decoding stops at the limit.
+    more than MAX_CHANNELS channels; longer than ``max_seconds`` (``limit_note`` says whose limit, or
+    ``too_long(seconds)`` words the whole message); more than MAX_DECODED_SAMPLES samples. Where the header does
+    not know the length, decoding stops at the limit.
     """
     import soundfile as sf
 
@@ -43,7 +50,7 @@ def read_audio_bounded(
     try:
         f = open_file()
     except Exception as exc:  # libsndfile's "format not recognised", a truncated header, ...
-        raise _not_audio(exc) from None
+        raise _not_audio(source, exc) from None
     with f:
         rate, channels, frames = int(f.samplerate), int(f.channels), int(f.frames)
         if not 1 <= rate <= MAX_RATE:
@@ -53,19 +60,21 @@ def read_audio_bounded(
         cap = min(math.floor(max_seconds * rate), MAX_DECODED_SAMPLES // channels)
         note = f" ({limit_note})" if limit_note else ""
 
-        def too_long(n: int, at_least: bool = False) -> ValueError:
+        def refusal(n: int, at_least: bool = False) -> ValueError:
             if n > MAX_DECODED_SAMPLES // channels and n / rate <= max_seconds:
                 return ValueError(f"audio of {n} frames x {channels} channels is over the {MAX_DECODED_SAMPLES} "
                                   "samples the server decodes")
             more = "more than " if at_least else ""
+            if too_long is not None:
+                return ValueError(too_long(n / rate))
             return ValueError(f"audio is {more}{n / rate:.2f} s long; at most {max_seconds:g} s is accepted{note}")
 
         if 0 < frames < (1 << 62) and frames > cap:  # the header tells: refuse before decoding anything
-            raise too_long(frames)
+            raise refusal(frames)
         try:
             data = f.read(frames=cap + 1, dtype="float32", always_2d=True)
         except Exception as exc:
-            raise _not_audio(exc) from None
+            raise _not_audio(source, exc) from None
     if data.shape[0] > cap:
-        raise too_long(data.shape[0], at_least=True)
+        raise refusal(data.shape[0], at_least=True)
     return data, rate

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from ..audio import mel_spectrogram
+from .audio_file import read_audio_bounded
 from .dsp import (
     MIN_SAMPLE_RATE,
     as_float_array,
     check_rate,
     kaldi_fbank,
-    read_audio,
     resample,
     to_mono,
     whisper_log_mel,
@@ -53,19 +53,9 @@ def _n_out(n: int, orig: int, new: int) -> int:
     return -(-n * (new // g) // (orig // g))
 
 
-def _check_header(path: Path) -> None:
-    """Refuse a file that is too long or too low-rate from its header, before reading its samples into memory."""
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-    except Exception:  # not audio, or absent: read_audio says which, in its own words
-        return
-    if 0 < info.samplerate < MIN_SAMPLE_RATE:
-        raise ValueError(f"sample_rate must be >= {MIN_SAMPLE_RATE} Hz, got {info.samplerate}")
-    if info.samplerate > 0 and _n_out(int(info.frames), int(info.samplerate), 16000) > MAX_PROMPT_SECONDS * 16000:
-        raise ValueError(f"wav is {info.frames / info.samplerate:.2f} s long; a prompt must be at most "
-                         f"{MAX_PROMPT_SECONDS:g} s (the speech tokenizer's limit)")
+def _too_long(seconds: float) -> str:
+    return (f"wav is {seconds:.2f} s long; a prompt must be at most {MAX_PROMPT_SECONDS:g} s (the speech "
+            "tokenizer's limit)")
 
 
 def prompt_audio(wav: Any, sample_rate: int | None = None) -> tuple[torch.Tensor, int]:
@@ -76,8 +66,11 @@ def prompt_audio(wav: Any, sample_rate: int | None = None) -> tuple[torch.Tensor
     silence, and durations outside [0.5, 30] s (measured at 16 kHz, as the reference does).
     """
     if isinstance(wav, (str, Path)):
-        _check_header(Path(wav))
-        data, sr = read_audio(wav)
+        if not Path(wav).is_file():
+            raise FileNotFoundError(f"wav: no such file: {wav}")
+        # refused from its header where that tells (n frames at sr Hz are at most 30 s exactly when their 16 kHz
+        # resampling is), and never decoded past the limit
+        data, sr = read_audio_bounded(wav, MAX_PROMPT_SECONDS, too_long=_too_long)
         if sample_rate is not None and check_rate(sample_rate, "sample_rate") != sr:
             raise ValueError(f"sample_rate={sample_rate} disagrees with the file's own rate {sr}")
         mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
@@ -93,8 +86,7 @@ def prompt_audio(wav: Any, sample_rate: int | None = None) -> tuple[torch.Tensor
     n16 = _n_out(mono.shape[0], sr, 16000)
     seconds = n16 / 16000
     if n16 > MAX_PROMPT_SECONDS * 16000:
-        raise ValueError(f"wav is {seconds:.2f} s long; a prompt must be at most {MAX_PROMPT_SECONDS:g} s "
-                         "(the speech tokenizer's limit)")
+        raise ValueError(_too_long(seconds))
     if seconds < MIN_PROMPT_SECONDS:
         raise ValueError(f"wav is {seconds:.3f} s long; a prompt must be at least {MIN_PROMPT_SECONDS:g} s")
     peak = float(np.abs(mono).max())
