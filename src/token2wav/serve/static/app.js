@@ -425,7 +425,8 @@
       const h = run.header;
       run.header = null;
       if (!h) { showError("protocol error: audio without a chunk header"); return; }
-      playChunk(h, new Int16Array(ev.data));
+      // the event's own time stamp: what every listener of this message sees, however busy the page is
+      playChunk(h, new Int16Array(ev.data), ev.timeStamp);
       return;
     }
     const msg = JSON.parse(ev.data);
@@ -451,14 +452,14 @@
     }
   }
 
-  function playChunk(h, pcm) {
+  function playChunk(h, pcm, arrived) {
     const now = performance.now();
     const ctx = run.ctx;
     const sr = st.sampleRate;
     const f = new Float32Array(pcm.length);
     for (let i = 0; i < pcm.length; i++) f[i] = pcm[i] / 32768;
     run.pcm.push(f);
-    if (st.firstChunkMs == null) st.firstChunkMs = now - st.firstTokensAt;
+    if (st.firstChunkMs == null) st.firstChunkMs = arrived - st.firstTokensAt;
     const buffer = ctx.createBuffer(1, f.length, sr);
     buffer.copyToChannel(f, 0);
     const t = ctx.currentTime;
