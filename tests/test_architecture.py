@@ -99,3 +99,74 @@ def test_the_checks_find_a_cycle_and_a_private_import(tmp_path: Path) -> None:
     edges, private = _graph(pkg)
     assert _cycles(edges) == [["fakepkg.a", "fakepkg.sub.b"]]
     assert private == [("fakepkg.sub.b", "fakepkg.a", "_hidden")]
+
+
+# the networks' compute methods: only models/ (a flow calls its decoder) and streaming/compute.py call them
+MODEL_CALLS = {"inference", "stream_start", "stream_step", "stream_step_rows", "solve_rows", "vocode_stream",
+               "vocode_stream_rows"}
+
+
+def _private_definitions(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes, and attributes it assigns (``self._x = ...``)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            out.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out.add(node.target.id)
+    return {n for n in out if n.startswith("_") and not n.startswith("__")}
+
+
+def _cross_module_private_uses(root: Path) -> list[tuple[str, str]]:
+    """(module, name) for each ``obj._name`` used in a module that does not define ``_name``, where another module
+    of the package does: reaching into another module's internals. ``self`` / ``cls`` uses are the module's own."""
+    trees = {name: ast.parse(f.read_text(encoding="utf-8")) for name, f in _modules(root).items()}
+    defined = {name: _private_definitions(tree) for name, tree in trees.items()}
+    everywhere = set().union(*defined.values())
+    found = []
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            if node.attr in everywhere and node.attr not in defined[name]:
+                found.append((name, node.attr))
+    return sorted(set(found))
+
+
+def _model_calls(root: Path) -> list[tuple[str, str]]:
+    found = []
+    for name, f in _modules(root).items():
+        if ".models" in name or name.endswith("streaming.compute"):
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                called = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+                if called in MODEL_CALLS:
+                    found.append((name, called))
+    return sorted(set(found))
+
+
+def test_one_module_calls_the_networks_and_no_module_reaches_into_another() -> None:
+    root = SRC / "token2wav"
+    assert _model_calls(root) == []
+    assert _cross_module_private_uses(root) == []
+    text = "\n".join(f.read_text(encoding="utf-8") for f in root.rglob("*.py"))
+    assert "ThreadedSession" not in text and "BatchedSession" not in text  # one session type, one compute path
+
+
+def test_the_call_and_private_use_checks_find_offenders(tmp_path: Path) -> None:
+    pkg = tmp_path / "fakepkg"
+    (pkg / "models").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models" / "__init__.py").write_text("")
+    (pkg / "models" / "flow.py").write_text("class F:\n    def _step(self):\n        return self.inference()\n")
+    (pkg / "engine.py").write_text("def run(flow):\n    flow._step()\n    return flow.stream_step(None)\n")
+    assert _model_calls(pkg) == [("fakepkg.engine", "stream_step")]
+    assert _cross_module_private_uses(pkg) == [("fakepkg.engine", "_step")]

@@ -30,6 +30,7 @@ from token2wav.models.buckets import ShapeBuckets
 from token2wav.models.padded_solve import PaddedSolver
 from token2wav.models.rows import RowLayout, packed_causal_conv
 from token2wav.streaming import batcher as batcher_module
+from token2wav.streaming import compute as compute_module
 from token2wav.streaming.batcher import CacheBudgetError, cache_bytes_per_frame
 from token2wav.streaming.engine import Prompt, Token2Wav
 from token2wav.streaming.session import SessionClosedError
@@ -222,7 +223,7 @@ def test_quantized_sessions_run_their_own_calls_and_stay_exact(cv3, graphs):
     alone = [_run(cv3.stream(**spec), tk, [25]) for spec, tk in zip(specs, tokens)]
     with cv3.batcher(max_wait_ms=100, workers=1, graphs=graphs) as batcher:
         sessions = [batcher.stream(**spec) for spec in specs]
-        assert [s._kv_table is None for s in sessions] == [True, True, True, False]
+        assert [batcher.holds_pages(s) for s in sessions] == [False, False, False, True]
         start = threading.Barrier(len(specs))
         results: list = [None] * len(specs)
         threads = [threading.Thread(target=lambda i=i: results.__setitem__(
@@ -234,22 +235,23 @@ def test_quantized_sessions_run_their_own_calls_and_stay_exact(cv3, graphs):
     _check_equal(alone, results, specs)
 
 
-def test_row_that_fails_mid_batch_leaves_the_others_exact(cv3):
+def test_row_that_fails_mid_batch_leaves_the_others_exact(cv3, monkeypatch):
     rng = np.random.default_rng(5)
     tokens = [rng.integers(0, cv3.config.vocab_size, 80).tolist() for _ in range(3)]
     alone = [_run(cv3.stream(), tk, [10]) for tk in tokens]
     with cv3.batcher(max_wait_ms=200) as batcher:
         sessions = [batcher.stream() for _ in range(3)]
         calls = {"n": 0}
-        original = sessions[1]._record
+        original = compute_module._record
 
-        def failing_record(work, em, mel):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise RuntimeError("vocoder exploded")
-            return original(work, em, mel)
+        def failing_record(row, mel):
+            if row.spec is sessions[1].spec:
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise RuntimeError("vocoder exploded")
+            return original(row, mel)
 
-        sessions[1]._record = failing_record
+        monkeypatch.setattr(compute_module, "_record", failing_record)
         results: list = [None] * 3
         failures: list = []
         start = threading.Barrier(3)
@@ -281,7 +283,7 @@ def test_session_closed_while_its_chunk_is_queued(cv3):
     alone = _run(cv3.stream(), tokens, [60])
     with cv3.batcher(max_wait_ms=1000) as batcher:
         doomed, survivor = batcher.stream(), batcher.stream()
-        batcher._pushing(+1)  # a phantom pusher: the worker waits up to 1 s for it before running the queue
+        batcher.call_started()  # a phantom pusher: the worker waits up to 1 s for it before running the queue
         error: list = []
 
         def push_doomed() -> None:
@@ -298,7 +300,7 @@ def test_session_closed_while_its_chunk_is_queued(cv3):
         assert batcher._queue, "the doomed session's chunk never got queued"
         doomed.close()
         t.join(timeout=5)
-        batcher._pushing(-1)
+        batcher.call_ended()
         assert error and "closed" in str(error[0])
         assert batcher.sessions_open == 1  # its slot is free at once
         got = _run(survivor, tokens, [60])
@@ -310,7 +312,8 @@ def test_session_closed_while_its_chunk_is_queued(cv3):
 def test_cache_budget_refuses_cleanly(cv3):
     per_frame = cache_bytes_per_frame(cv3.flow, cv3.n_timesteps)
     assert per_frame == 10 * 2 * 2 * 2 * (4 * 16) * 4  # steps x layers x (k, v) x branches x heads*dim_head x fp32
-    with cv3.stream() as probe:  # the estimate is what a cache really holds per frame
+    # the estimate is what a per-session cache (no page pool) really holds per frame
+    with cv3.batcher(workers=0, paged_kv=False) as unpaged, unpaged.stream() as probe:
         probe.push(list(range(53)))
         cache = probe.state.flow_state.cache
         held = sum(t.numel() * t.element_size() for step in cache.steps for t in (*step.keys, *step.values))
@@ -349,8 +352,8 @@ def test_batcher_arguments_are_checked(cv3):
         token2wav.Batcher(cv3, max_wait_ms=-1)
     with pytest.raises(ValueError, match="max_cache_bytes must be a positive int"):
         token2wav.Batcher(cv3, max_cache_bytes=0)
-    with pytest.raises(ValueError, match=r"workers must be an int in \[1, 64\]"):
-        token2wav.Batcher(cv3, workers=0)
+    with pytest.raises(ValueError, match=r"workers must be an int in \[0, 64\] or None \(0: inline\)"):
+        token2wav.Batcher(cv3, workers=-1)
     with pytest.raises(ValueError, match="page_frames must be an int in"):
         token2wav.Batcher(cv3, page_frames=0)
     with pytest.raises(ValueError, match="graphs=True runs fixed-shape batches of a cached flow .* with paged_kv"):
@@ -419,7 +422,7 @@ def test_causal_vocoder_rows_at_different_positions_share_a_step(cv3):
         assert float((a - b).abs().max()) <= VOCODER_ROWS_TOL  # the stacked caches continue like the row's own
 
 
-def test_pages_of_a_session_closed_mid_step_come_back_after_the_step(cv3):
+def test_pages_of_a_session_closed_mid_step_come_back_after_the_step(cv3, monkeypatch):
     rng = np.random.default_rng(8)
     tokens = rng.integers(0, cv3.config.vocab_size, 60).tolist()
     cfg = cv3.config
@@ -430,7 +433,8 @@ def test_pages_of_a_session_closed_mid_step_come_back_after_the_step(cv3):
     with cv3.batcher(max_wait_ms=500, workers=1) as batcher:
         doomed, survivor = batcher.stream(prompt), batcher.stream(prompt)
         released_while_running: list[int] = []
-        table = doomed._kv_table
+        table = batcher._sessions[doomed].table
+        survivor_table = batcher._sessions[survivor].table
         original_release = table.release
 
         def watched_release() -> None:
@@ -439,19 +443,19 @@ def test_pages_of_a_session_closed_mid_step_come_back_after_the_step(cv3):
             original_release()
 
         table.release = watched_release
-        original_flow = batcher._flow_rows
+        original_flow = compute_module._flow_rows
         shared: list[int] = []
 
-        def closing_flow(jobs):
-            if any(job.session is doomed for job in jobs):
+        def closing_flow(rows, *args):
+            if any(row.spec is doomed.spec for row in rows):
                 doomed.close()  # the caller goes away while its chunk is being computed
-                mels = original_flow(jobs)
-                if any(job.session is survivor for job in jobs):
-                    shared.append(len(set(doomed._kv_table.pages) & set(survivor._kv_table.pages)))
+                mels = original_flow(rows, *args)
+                if any(row.spec is survivor.spec for row in rows):
+                    shared.append(len(set(table.pages) & set(survivor_table.pages)))
                 return mels
-            return original_flow(jobs)
+            return original_flow(rows, *args)
 
-        batcher._flow_rows = closing_flow
+        monkeypatch.setattr(compute_module, "_flow_rows", closing_flow)
         start = threading.Barrier(2)
         outs: list = []
         refused: list = []

@@ -45,7 +45,7 @@ def test_a_window_session_is_charged_by_its_window(tiny: Any) -> None:
         charged = []
         for i in range(0, len(tokens), 25):
             s.push(tokens[i : i + 25])
-            charged.append(s.reserved_bytes)
+            charged.append(batcher.reserved_bytes_of(s))
         s.finish()
         assert max(charged) == charged[len(charged) // 2]  # flat after the window filled
         _all_back(batcher)
@@ -60,9 +60,9 @@ def test_a_window_session_is_charged_by_its_window(tiny: Any) -> None:
 def test_a_recompute_session_is_charged_by_its_prefix(tiny: Any) -> None:
     with tiny.batcher() as batcher:
         s = batcher.stream(mode="recompute", hop=25)
-        before = s.reserved_bytes
+        before = batcher.reserved_bytes_of(s)
         s.push(_tokens(tiny, 100))
-        assert 0 < before < s.reserved_bytes
+        assert 0 < before < batcher.reserved_bytes_of(s)
         s.finish()
         assert batcher.reserved_bytes == 0
 
@@ -115,3 +115,36 @@ def test_closes_racing_pushes_leak_no_page(tiny: Any) -> None:
             t.join(30)
             assert done.is_set()
         _all_back(batcher)
+
+
+def test_a_stream_alone_is_a_batch_of_one_on_the_callers_thread(tiny: Any, monkeypatch: Any) -> None:
+    """Token2Wav.stream() runs the batcher's path inline: every chunk one row, on pages, computed on the caller's
+    thread (no worker thread started); apush gives the same chunks as push."""
+    from token2wav.streaming import batcher as batcher_module
+
+    calls: list[tuple[Any, int, list[bool]]] = []
+    real = batcher_module.run_rows
+
+    def spy(rows: Any, **kwargs: Any) -> Any:
+        calls.append((threading.current_thread(), len(rows), [r.table is not None for r in rows]))
+        return real(rows, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "run_rows", spy)
+    tokens = _tokens(tiny, 90, seed=3)
+    threads = threading.active_count()
+    with tiny.stream(output="mel") as s:
+        pushed = s.push(tokens[:60]) + [s.finish()]
+    assert threading.active_count() == threads
+    assert len(calls) == len(pushed) >= 2
+    assert all(t is threading.current_thread() and n == 1 and paged == [True] for t, n, paged in calls)
+
+    import asyncio
+
+    async def run() -> list[np.ndarray]:
+        with tiny.stream(output="mel") as a:
+            return await a.apush(tokens[:60]) + [await a.afinish()]
+
+    awaited = asyncio.run(run())
+    assert len(awaited) == len(pushed)
+    for x, y in zip(awaited, pushed):
+        np.testing.assert_array_equal(x, y)  # the same computation, row for row: identical floats

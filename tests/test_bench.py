@@ -36,6 +36,10 @@ def test_bench_report_and_plots(tmp_path):
         assert c["throughput"] == c["sessions"] * 2.0 / c["wall_s"]
         assert c["first_chunk_ms_p50"] <= c["first_chunk_ms_p99"] and c["chunk_ms_p50"] <= c["chunk_ms_p99"]
         assert c["ops_per_session_chunk"] > 100 and c["peak_rss_mb"] > 0
+        # every stream played against a real-time clock, as token2wav loadtest plays it
+        assert c["prebuffer_s"] == 0.5 and c["stall_s"] >= 0 and c["stalls"] >= 0
+        assert 0 <= c["worst_stall_s"]["max"] <= c["stall_s"] + 1e-4
+        assert 0 <= c["share_worst_stall_le_50ms"] <= c["share_worst_stall_le_100ms"] <= 1
     two = next(c for c in report["concurrency"] if c["sessions"] == 2 and c["batched"])
     assert sum(n * k for n, k in two["batch_sizes"].items()) >= 2 * 2  # both streams' chunks went through it
     assert {t["target"] for t in report["batching_targets"]} == {

@@ -181,6 +181,27 @@ def test_cached_mel_equals_chunk_causal_offline(tmp_dir, ratio, chunk, look, n_p
             assert start == offline.shape[1]
 
 
+def test_adaptive_hops_keep_the_mel_equal_to_offline(tmp_dir):
+    """Whatever hops the listener's clock chooses (small with no slack, up to max_hop with a long start buffer),
+    the cached chunks are the chunk-causal offline decode."""
+    engine = tiny_engine(tmp_dir, vocoder=False)
+    prompt = random_prompt(engine, 7)
+    tokens = random_tokens(engine, 61)
+    offline = engine.synthesize(tokens, prompt, attention="chunk", output="mel")
+    hop_sets = []
+    for buffer_ms in (0, 60_000):
+        for push in (1, 6, 61):
+            with engine.stream(prompt, schedule="adaptive", start_buffer_ms=buffer_ms, output="mel") as s:
+                outs = [o for i in range(0, 61, push) for o in s.push(tokens[i : i + push])] + [s.finish()]
+                frames = list(s.state.chunk_frames)
+            mel = np.concatenate(outs, axis=1)
+            assert mel.shape == offline.shape and np.abs(mel - offline).max() <= MEL_TOL, (buffer_ms, push)
+            hop_sets.append(frames)
+    chunk_frames = engine.chunk_tokens * engine.config.token_mel_ratio
+    assert all(f % chunk_frames == 0 for frames in hop_sets for f in frames[1:-1])  # whole chunks
+    assert max(max(f[1:-1], default=0) for f in hop_sets[3:]) > chunk_frames  # slack: hops grew
+
+
 def test_no_prompt_and_larger_hops(tmp_dir):
     engine = tiny_engine(tmp_dir, vocoder=False)
     tokens = random_tokens(engine, 41)
@@ -240,7 +261,7 @@ def test_window_mode_deviation(tmp_dir, capsys):
     assert report[-1][1] <= report[0][1]
 
 
-@pytest.mark.parametrize("schedule", ["fixed", "exponential"])
+@pytest.mark.parametrize("schedule", ["fixed", "exponential", "adaptive"])
 def test_cached_audio_equals_offline_chunk_causal_audio(tmp_dir, schedule):
     pytest.importorskip("token2wav.models.hift")
     engine = tiny_engine(tmp_dir)

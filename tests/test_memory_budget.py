@@ -104,13 +104,12 @@ def test_server_caches_stay_inside_one_budget(engine: Any) -> None:
 
 
 def test_without_a_batcher_the_budget_still_bounds_the_caches(engine: Any) -> None:
-    """`serve --no-batching --max-cache-mb`: no page pool, but prompt states and the registry keep to their
+    """`serve --no-batching --max-cache-mb`: a batch of one; prompt states and the registry keep to their
     shares; a prompt larger than the registry's whole share is refused with 503."""
     vocab = int(engine.config.vocab_size)
-    memory = MemoryBudget(4 << 20)  # the registry's share: 335 KB
-    app = create_app(engine, name="nobatch", limits=ServerLimits(workers=1), memory=memory)
-    with pytest.raises(ValueError, match="give one, not both"):
-        create_app(engine, batcher=engine.batcher(), memory=memory)
+    batch_of_one = engine.batcher(max_batch=1, max_cache_bytes=4 << 20)  # --no-batching: a batch of one
+    memory = batch_of_one.memory  # the registry's share: 335 KB
+    app = create_app(engine, name="nobatch", limits=ServerLimits(workers=1), batcher=batch_of_one)
     with running_server(app) as addr:
         base = f"http://{addr}"
         for seed in range(4):  # 128 KB of mel each: two fit

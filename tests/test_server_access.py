@@ -15,6 +15,7 @@ from test_server import TIMEOUT, running_server
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+import token2wav
 from token2wav.serve.app import create_app, uvicorn_config
 from token2wav.serve.auth import (
     API_KEY_ENV,
@@ -50,9 +51,12 @@ class CountingEngine:
         with self.lock:
             self.calls += 1
 
-    def stream(self, **kwargs: Any) -> Any:
+    def batcher(self, **kwargs: Any) -> Any:
+        return token2wav.Batcher(self, **kwargs)  # its sessions are set up through this engine: counted
+
+    def session_setup(self, *args: Any, **kwargs: Any) -> Any:
         self._count()
-        return self._t2w.stream(**kwargs)
+        return self._t2w.session_setup(*args, **kwargs)
 
     def synthesize(self, *args: Any, **kwargs: Any) -> Any:
         self._count()

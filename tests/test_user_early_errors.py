@@ -55,7 +55,7 @@ def _synth(cv3_dir: Path, tmp_path: Path, tokens: str, *extra: str) -> int:
          ["--mode window needs --window-frames", "multiple of the chunk (50"]),
         (["--stream", "--mode", "window", "--window-frames", "60"], "1 2 3",
          ["--window-frames 60 must be a multiple of the chunk (50 frames)", "50 or 100"]),
-        (["--stream", "--window-frames", "100"], "1 2 3", ["--window-frames applies only with --mode window"]),
+        (["--stream", "--window-frames", "100"], "1 2 3", ["--window-frames only applies to --mode window"]),
         ([], "1 2 6561 7", ["token id 6561 at position 2 is outside the model's vocabulary", "[0, 6561)"]),
         (["--stream"], "[5, -1]", ["token ids must be >= 0"]),
         (["--speaker", "slt"], "1 2 3", ["--speaker slt", "ships no voices", "--prompt"]),

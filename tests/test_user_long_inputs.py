@@ -177,6 +177,7 @@ def test_out_of_memory_while_streaming_is_one_line(tiny, tmp_path, capsys, monke
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 999 bytes")
 
     monkeypatch.setattr(tiny.flow, "stream_step", fail)
+    monkeypatch.setattr(tiny.flow, "stream_step_rows", fail)  # a stream alone steps on pages
     monkeypatch.setattr(cli, "load_engine", lambda *a: tiny)
     tokens = tmp_path / "t.txt"
     tokens.write_text(" ".join(["1"] * 60))

@@ -220,11 +220,20 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
                    graphs: bool = False, workers: int | None = None) -> dict[str, Any]:
     """N streams at once from N threads, fed one hop at a time as fast as the engine takes them: aggregate
     throughput, first-chunk and per-chunk latency spread, peak memory; with ``batched`` through one Batcher
-    (with ``graphs``: fixed-shape batches, CUDA graphs on a GPU)."""
+    (with ``graphs``: fixed-shape batches, CUDA graphs on a GPU). Each stream's chunks are also played
+    against a real-time clock as ``token2wav loadtest`` plays them (from its first chunk plus the loadtest's
+    default start buffer): its stalls, summarized as the load test does (``worst_stall_s``, ``stall_s``,
+    ``share_worst_stall_le_50ms`` / ``_100ms``)."""
+    from .serve.loadtest import DEFAULT_PREBUFFER_S, Player, stall_summary
     from .streaming.batcher import count_aten_ops
 
     first: list[float] = [0.0] * sessions
     chunk_ms: list[list[float]] = [[] for _ in range(sessions)]
+    players = [Player(DEFAULT_PREBUFFER_S) for _ in range(sessions)]
+    sample_rate = float(engine.config.sample_rate)
+
+    def seconds(chunks: Any) -> float:
+        return sum(np.asarray(c).shape[-1] for c in chunks if np.ndim(c)) / sample_rate
     errors: list[BaseException] = []
     budget = kv_budget(engine, len(prompt.tokens), len(tokens), sessions) if batched else None
     batcher = (engine.batcher(max_batch=max(16, sessions), graphs=graphs, workers=workers, max_cache_bytes=budget)
@@ -239,16 +248,18 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
             with source.stream(prompt, hop=hop, schedule="fixed", mode="cached") as session:
                 for j in range(0, len(tokens), hop):
                     t0 = time.perf_counter()
-                    if session.push(tokens[j : j + hop]):
+                    if out := session.push(tokens[j : j + hop]):
                         _sync(device)
                         now = time.perf_counter()
                         chunk_ms[i].append((now - t0) * 1e3)
+                        players[i].arrive(now, seconds(out))
                         if len(chunk_ms[i]) == 1:
                             first[i] = (now - start) * 1e3
                 t0 = time.perf_counter()
-                session.finish()
+                last = session.finish()
                 _sync(device)
                 chunk_ms[i].append((time.perf_counter() - t0) * 1e3)
+                players[i].arrive(time.perf_counter(), seconds([last]))
                 if len(chunk_ms[i]) == 1:
                     first[i] = (time.perf_counter() - start) * 1e3
         except BaseException as exc:  # reported after join
@@ -313,6 +324,9 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
         "chunk_ms_p99": float(np.percentile(every_chunk, 99)),
         "ops_per_session_chunk": ops,
         "hop_audio_ms": 1000.0 * hop / engine.config.token_rate,
+        "prebuffer_s": DEFAULT_PREBUFFER_S,
+        **stall_summary([p.worst_stall_s for p in players], [p.stall_s for p in players]),
+        "stalls": sum(p.underruns for p in players),
         **mem,
     }
     if stats is not None:
@@ -654,6 +668,9 @@ def run_bench(
                 log(f"{label:>5} sessions {n:3d} {kind:>7}  throughput "
                     f"{c['throughput']:.2f} audio s/s  first chunk p50 {c['first_chunk_ms_p50']:.0f} "
                     f"p99 {c['first_chunk_ms_p99']:.0f} ms  chunk p99 {c['chunk_ms_p99']:.0f} ms  "
+                    f"worst stall max {1e3 * c['worst_stall_s']['max']:.0f} ms, <= 50/100 ms "
+                    f"{c['share_worst_stall_le_50ms']:.0%}/{c['share_worst_stall_le_100ms']:.0%} of streams, "
+                    f"stalls {c['stalls']} ({c['stall_s']:.2f} s)  "
                     f"ops/chunk {c['ops_per_session_chunk']:.0f}  rss {c['peak_rss_mb']:.0f} MB")
         report["batching_targets"] = batching_targets(report["concurrency"])
         if device.startswith("cuda"):
@@ -725,3 +742,12 @@ def main(args: argparse.Namespace) -> int:
         for path in plot(report, args.plots):
             print(f"wrote {path}")
     return 0
+
+
+def bench_engine(name: str, device: str = "cpu", dtype: str = "float32") -> Any:
+    """``bench:cv2``, ``bench:cv3``, ``bench:cv2-mid``, ``bench:cv3-mid``: the random-weight CosyVoice
+    architectures of ``token2wav bench`` (full size, or its ``--quick`` mid size), to load-test a server."""
+    kind = name.removeprefix("bench:")
+    if kind not in ("cv2", "cv3", "cv2-mid", "cv3-mid"):
+        raise ValueError(f"--model {name}: expected bench:cv2, bench:cv3, bench:cv2-mid or bench:cv3-mid")
+    return build_engine(kind[:3], kind.endswith("-mid"), device, getattr(torch, dtype))

@@ -154,7 +154,7 @@ def _command_configurer(cmd: _Command) -> Callable[[argparse.ArgumentParser], No
             p.add_argument(*flags, **kwargs)
         if cmd.configure is not None:
             cmd.configure(p)
-        p.set_defaults(_run=cmd.run)
+        p.set_defaults(command_fn=cmd.run)
 
     return configure
 
@@ -165,7 +165,7 @@ def _module_configurer(name: str, module: str, selected: bool) -> Callable[[argp
             return
         mod = importlib.import_module(module)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.main)
+        p.set_defaults(command_fn=mod.main)
 
     return configure
 
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _note_printer(args.command)  # notes (e.g. ignored training entries): one line
-            code = args._run(args)
+            code = args.command_fn(args)
     except (ValueError, TypeError, FileNotFoundError, MemoryError) as e:
         # bad input (or an input this machine cannot hold): one clear line, no traceback
         print(f"token2wav {args.command}: error: {e}", file=sys.stderr)
@@ -595,6 +595,13 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
         arg("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)"),
         arg("--port", type=int, default=50000, help="port (default: 50000)"),
         arg("--max-sessions", type=int, default=16, help="open streams + synthesize requests at once"),
+        arg("--max-waiting-streams", type=int, default=8,
+            help="new streams that wait (a 'queued' message) while the open ones need all the capacity the server "
+                 "measures; beyond, close 1013 (default 8)"),
+        arg("--admission-wait", type=float, default=10.0,
+            help="seconds a new stream may wait for capacity before it is refused (default 10)"),
+        arg("--no-admission-control", action="store_true",
+            help="admit streams up to --max-sessions whatever the load (default: by measured capacity)"),
         arg("--max-tokens", type=int, default=25 * 600, help="tokens one session may send"),
         arg("--max-message-bytes", type=int, default=1 << 20, help="largest WebSocket message / request body"),
         arg("--max-prompt-bytes", type=int, default=16 << 20, help="largest /v1/prompts request body"),
@@ -606,8 +613,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
         arg("--workers", type=int, default=4, help="threads running model work"),
         arg("--threads", type=int, help="torch intra-op threads (default: torch's choice)"),
         arg("--no-batching", action="store_true",
-            help="run every stream's model calls on their own (default: one batcher runs all streams' chunks "
-                 "together)"),
+            help="compute every chunk in a call of its own, a batch of one (default: the batcher runs streams' "
+                 "ready chunks together)"),
         arg("--max-batch", type=int, default=16, help="most chunks in one batched call (default 16)"),
         arg("--max-wait-ms", type=float, default=10.0,
             help="longest a ready chunk waits for others to join its batch (default 10)"),
@@ -625,8 +632,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     configure=_serve_options,
 )
 def _serve(args: argparse.Namespace) -> int:
-    from token2wav.budget import MemoryBudget
-    from token2wav.serve.app import create_app
+    from token2wav.serve.assembly import ServerSpec, build_server
     from token2wav.serve.protocol import ServerLimits
     from token2wav.serve.runner import access_from_args, run_server
 
@@ -651,6 +657,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-cache-mb must be > 0, got {args.max_cache_mb}")
     if args.graphs and args.no_batching:
         raise ValueError("--graphs runs the batcher's fixed-shape batches; it cannot be used with --no-batching")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
     limits = ServerLimits(
         max_sessions=args.max_sessions,
@@ -662,40 +670,24 @@ def _serve(args: argparse.Namespace) -> int:
         start_timeout_s=args.start_timeout,
         workers=args.workers,
         max_queued_tokens=args.max_queued_tokens,
+        max_waiting_streams=args.max_waiting_streams,
+        admission_wait_s=args.admission_wait,
+        admit_by_capacity=not args.no_admission_control,
     )
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.model.startswith("bench:"):  # the random-weight architectures of `token2wav bench`, for load tests
-        from token2wav.serve.loadtest import bench_engine
-
-        t2w = bench_engine(args.model, args.device, args.dtype)
-    else:
-        t2w = load_engine(args.model, args.device, args.dtype)
-    t0 = time.perf_counter()
-    t2w.warm_up()
-    print(
-        f"token2wav: model {args.model} loaded and warmed up ({time.perf_counter() - t0:.1f} s)",
-        file=sys.stderr,
+    spec = ServerSpec(
+        model=args.model, device=args.device, dtype=args.dtype, threads=args.threads,
+        batching=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_cache_mb=args.max_cache_mb, batch_workers=args.batch_workers, graphs=args.graphs, limits=limits,
+        api_key=access.api_key, allow_origins=access.allow_origins, allowed_hosts=access.allowed_hosts,
+        prompt_dir=args.prompt_dir,
     )
-    batcher = None
-    if not args.no_batching:
-        budget = None if args.max_cache_mb is None else int(args.max_cache_mb * 2**20)
-        batcher = t2w.batcher(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_cache_bytes=budget,
-                              workers=args.batch_workers, graphs=args.graphs)
-        if args.graphs and budget is None and t2w.device.type == "cuda":
-            print("token2wav: warning: --graphs without --max-cache-mb: the key/value pool starts small and grows; "
-                  "each growth copies every stream's cache and makes every captured shape capture again",
-                  file=sys.stderr)
-    # without a batcher, --max-cache-mb still bounds the prompt states and the registry (token2wav.budget)
-    memory = None if batcher is not None or args.max_cache_mb is None else MemoryBudget(int(args.max_cache_mb * 2**20))
-    from token2wav.loading import display_name
-
-    app = create_app(t2w, name=display_name(args.model), limits=limits, access=access, prompt_dir=args.prompt_dir,
-                     batcher=batcher, memory=memory)
+    server = build_server(spec)
+    print(f"token2wav: model {args.model} loaded and warmed up ({server.load_s:.1f} s)", file=sys.stderr)
+    if args.graphs and args.max_cache_mb is None and server.t2w.device.type == "cuda":
+        print("token2wav: warning: --graphs without --max-cache-mb: the key/value pool starts small and grows; "
+              "each growth copies every stream's cache and makes every captured shape capture again",
+              file=sys.stderr)
+    app = server.app
     print(
         f"token2wav: serving {args.model} on http://{args.host}:{args.port} "
         f"(stream: ws://{args.host}:{args.port}/v1/stream)"

@@ -53,34 +53,6 @@ def low_latency_options(t2w: Any, prompt: Any) -> dict[str, Any]:
     return {"hop": hop, "schedule": "exponential", "max_hop": 4 * hop}
 
 
-class _Timed:
-    """A module stand-in that adds the wall time of its calls (``__call__`` or ``stream_step``) to a counter."""
-
-    def __init__(self, module: Any, clock: dict[str, float], key: str) -> None:
-        self._module, self._clock, self._key = module, clock, key
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._module, name)
-        if name != "stream_step":
-            return attr
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return attr(*args, **kwargs)
-            finally:
-                self._clock[self._key] += time.perf_counter() - t0
-
-        return timed
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self._module(*args, **kwargs)
-        finally:
-            self._clock[self._key] += time.perf_counter() - t0
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory or bundled name (default: demo)")
     parser.add_argument("--speaker", default=None, help="voice of the demo model (default: its first)")
@@ -132,16 +104,13 @@ def main(args: argparse.Namespace) -> int:
         warm.push(tokens[: 2 * int(warm.plan.hop) + int(warm.plan.lookahead)])
     setup_s = time.perf_counter() - t_setup
 
-    clock = {"flow": 0.0, "vocoder": 0.0}
     pieces: list[np.ndarray] = []
     first: dict[str, float] | None = None
     feed = max(1, t2w.config.chunk_tokens // 5)  # an LLM delivers a few tokens at a time
     start, cpu_start = time.perf_counter(), time.process_time()
     with t2w.stream(prompt, **options) as session:
         plan = session.plan
-        session.flow = _Timed(session.flow, clock, "flow")
-        if session.vocoder is not None:
-            session.vocoder = _Timed(session.vocoder, clock, "vocoder")
+        clock = session.compute_s  # the flow's and vocoder's wall time, chunk by chunk
         for i in range(0, len(tokens), feed):
             out = session.push(tokens[i : i + feed])
             if first is None and any(o.size for o in out):

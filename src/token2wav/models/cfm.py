@@ -132,12 +132,13 @@ class CausalConditionalCFM(nn.Module):
         return span
 
     # ------------------------------------------------------------------ inference
-    def _guided(self, raw: Tensor) -> Tensor:
+    def guided(self, raw: Tensor) -> Tensor:
+        """The guided velocity from the [conditional; unconditional] estimator output."""
         cond_v, uncond_v = raw.chunk(2, dim=0)
         return (1.0 + self.inference_cfg_rate) * cond_v - self.inference_cfg_rate * uncond_v
 
     @staticmethod
-    def _pair(value: Tensor) -> Tensor:
+    def guidance_pair(value: Tensor) -> Tensor:
         # conditional branch gets the value, the unconditional branch zeros
         return torch.cat([value, torch.zeros_like(value)], dim=0)
 
@@ -190,14 +191,14 @@ class CausalConditionalCFM(nn.Module):
         if cond is None:
             cond = torch.zeros_like(x)
         mask_in = torch.cat([mask, mask], dim=0)
-        mu_in = self._pair(mu)
-        spks_in = self._pair(spks) if spks is not None else None
-        cond_in = self._pair(cond)
+        mu_in = self.guidance_pair(mu)
+        spks_in = self.guidance_pair(spks) if spks is not None else None
+        cond_in = self.guidance_pair(cond)
         for t, dt in self.euler_steps(t_span):
             x_in = torch.cat([x, x], dim=0)
             t_in = t.reshape(1).expand(2).contiguous()
             raw = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming=streaming, **extra)
-            x = x + dt * self._guided(raw)
+            x = x + dt * self.guided(raw)
         return x.float()
 
     def empty_cache(self, n_timesteps: int, device: torch.device, dtype: torch.dtype) -> CFMCache:
@@ -225,9 +226,9 @@ class CausalConditionalCFM(nn.Module):
         start, length = cache.offset, mu.shape[2]
         x = self.noise(start, start + length, mu.shape[1], device=mu.device, dtype=mu.dtype) * temperature
         span = self.time_span(cache.n_timesteps, mu.device, mu.dtype)
-        mu_in = self._pair(mu)
-        spks_in = self._pair(spks) if spks is not None else None
-        cond_in = self._pair(cond)
+        mu_in = self.guidance_pair(mu)
+        spks_in = self.guidance_pair(spks) if spks is not None else None
+        cond_in = self.guidance_pair(cond)
         new_steps = []
         modulate = hasattr(self.estimator, "modulation")
         mods = list(cache.modulations)
@@ -246,7 +247,7 @@ class CausalConditionalCFM(nn.Module):
                 x_in, mu_in, t_in, spks_in, cond_in, cache=cache.steps[step - 1], chunk_size=chunk_size, **extra
             )
             new_steps.append(step_cache)
-            x = x + dt * self._guided(raw)
+            x = x + dt * self.guided(raw)
         return x.float(), CFMCache(tuple(new_steps), tuple(mods) if modulate else ())
 
     @torch.inference_mode()
@@ -313,8 +314,8 @@ class CausalConditionalCFM(nn.Module):
                 raise ValueError("padded solves keep their caches in a page pool: tables=... is required")
             return self._solve_padded(padded, x, mu_cat, cond_cat, spk_cat, caches, tables, offsets, layout,
                                       chunk_sizes)  # fmt: skip
-        mu_in, cond_in = self._pair(mu_cat), self._pair(cond_cat)
-        spk_in = self._pair(spk_cat) if spk_cat is not None else None
+        mu_in, cond_in = self.guidance_pair(mu_cat), self.guidance_pair(cond_cat)
+        spk_in = self.guidance_pair(spk_cat) if spk_cat is not None else None
         context = est.prepare_rows([c.steps[0].offset for c in caches], layout, chunk_sizes)
         kv = None
         if tables is not None:
@@ -340,7 +341,7 @@ class CausalConditionalCFM(nn.Module):
                 )  # fmt: skip
                 for row, step_cache in zip(new_steps, step_caches):
                     row.append(step_cache)
-                x = x + dt * self._guided(raw)
+                x = x + dt * self.guided(raw)
         mels = list(layout.split(x.float(), dim=2))
         kept = tuple(mods) if modulate else ()
         return mels, [CFMCache(tuple(row), kept, paged=kv is not None) for row in new_steps]

@@ -123,8 +123,8 @@ class _Bucket:
         """The whole solve on the buffers (what a graph captures)."""
         solver = self.solver
         cfm, est = solver.cfm, solver.cfm.estimator
-        mu_in, cond_in = cfm._pair(self.mu), cfm._pair(self.cond)
-        spk_in = cfm._pair(self.spk) if self.spk is not None else None
+        mu_in, cond_in = cfm.guidance_pair(self.mu), cfm.guidance_pair(self.cond)
+        spk_in = cfm.guidance_pair(self.spk) if self.spk is not None else None
         x = self.x0
         for step, (_, dt) in enumerate(solver.steps):
             raw, new = est.forward_padded(
@@ -133,7 +133,7 @@ class _Bucket:
             )  # fmt: skip
             for buffer, tail in zip(self.new_tails, new):
                 buffer[step].copy_(tail)
-            x = x + dt * cfm._guided(raw)
+            x = x + dt * cfm.guided(raw)
         self.mel.copy_(x.float())
 
     def run(self) -> None:

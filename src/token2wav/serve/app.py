@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -38,12 +38,18 @@ from token2wav.streaming.state import PromptCache
 __all__ = ["ServerState", "create_app", "uvicorn_config"]
 
 T = TypeVar("T")
+# Admission keeps this share of the measured capacity for new streams at most: the measurement is noisy and
+# streams' compute comes in bursts.
+CAPACITY_HEADROOM = 0.9
 
 log = logging.getLogger("token2wav.serve")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 _COMPUTE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+_STALL_BUCKETS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class _Metrics:
@@ -98,6 +104,16 @@ class _Metrics:
         self.memory_bytes = r.gauge("token2wav_memory_bytes", "Bytes held in each account of the server's memory "
                                     "budget (--max-cache-mb).", ["account"])
         self.memory_budget = r.gauge("token2wav_memory_budget_bytes", "The memory budget (--max-cache-mb); 0: none.")
+        self.audio_need = r.gauge("token2wav_audio_need", "Audio seconds per second the open streams need (one each).")
+        self.audio_capacity = r.gauge("token2wav_audio_capacity", "Audio seconds per second the server measures it "
+                                      "can compute at its current batch sizes (0: not measured yet).")
+        self.streams_waiting = r.gauge("token2wav_streams_waiting", "New streams waiting for capacity.")
+        self.worst_stall = r.histogram(
+            "token2wav_stream_worst_stall_seconds",
+            "Per ended stream: its longest silence, as the server's model of the listener (chunk delivery times, "
+            "the start buffer) hears it.",
+            _STALL_BUCKETS,
+        )
 
     def collect_memory(self, memory: MemoryBudget) -> None:
         for account, nbytes in memory.snapshot().items():
@@ -118,6 +134,7 @@ class _Metrics:
             self.cache_entries.set(len(cache))
 
     def collect_batcher(self, batcher: Any) -> None:
+        self.audio_capacity.set(batcher.capacity() or 0.0)
         stats = batcher.stats()
         self.kv_pages_used.set(stats["kv_pages_total"] - stats["kv_pages_free"])
         self.kv_pages_total.set(stats["kv_pages_total"])
@@ -144,26 +161,24 @@ class ServerState:
     draining: bool = False  # set when shutdown begins: nothing new is admitted
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # set when the drain time is over
     slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
-    batcher: Any = None  # a token2wav.Batcher: streams' chunks run in batched model calls
+    batcher: Any = None  # a token2wav.Batcher: computes every stream's chunks (a batch of one with --no-batching)
+    streams: set[Any] = field(default_factory=set)  # streams holding a slot and a session (event loop thread only)
+    waiting: list[Any] = field(default_factory=list)  # streams waiting for capacity, in order
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
 
     async def open_session(self, **kwargs: Any) -> Any:
-        """The one place a stream gets its engine session: ``t2w.stream(**kwargs)``, wrapped so that
-        ``await s.apush(tokens)`` / ``await s.afinish()`` run in the thread pool. ``s.close()`` releases it.
-        With a batcher, the session is the batcher's own (its chunks are computed with other streams')."""
-        opener = self.batcher.stream if self.batcher is not None else self.t2w.stream
-        fut = self.executor.submit(lambda: opener(**kwargs))
+        """The one place a stream gets its session: the batcher's ``stream(**kwargs)``; ``await s.apush(tokens)``
+        / ``await s.afinish()`` wait for its chunks, ``s.close()`` releases it."""
+        fut = self.executor.submit(lambda: self.batcher.stream(**kwargs))
         try:
             session = await asyncio.wrap_future(fut)
         except asyncio.CancelledError:  # the client left while the session was being made
             fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else _quiet_close(f.result()))
             raise
-        if self.batcher is not None:
-            return session
-        return ThreadedSession(session, self.executor)
+        return session
 
     def try_admit(self, kind: str) -> bool:
         if self.draining or self.open_sessions >= self.limits.max_sessions:
@@ -191,6 +206,61 @@ class ServerState:
         self.open_sessions -= 1
         self.metrics.sessions_open.set(self.open_sessions)
         self.slot_freed.set()
+
+    def audio_need(self) -> float:
+        """Audio seconds per second the open streams need: one each (a listener hears its stream in real time)."""
+        return float(len(self.streams))
+
+    def load_allows(self, extra: float = 1.0) -> bool:
+        """Whether ``extra`` more real-time streams fit in what the batcher measures it can compute (with
+        CAPACITY_HEADROOM kept free for the measurement's noise); yes while nothing is measured yet."""
+        if not self.limits.admit_by_capacity:
+            return True
+        capacity = self.batcher.capacity()
+        return capacity is None or self.audio_need() + extra <= capacity * CAPACITY_HEADROOM
+
+    async def wait_for_capacity(self, notify: Callable[[int], Any]) -> bool:
+        """Hold a new stream until the load allows it: in a bounded queue, for at most admission_wait_s,
+        calling ``notify(position)`` when its place changes. False: refused (queue full or waited too long)."""
+        if not self.waiting and self.load_allows():
+            return True
+        if len(self.waiting) >= self.limits.max_waiting_streams:
+            return False
+        ticket = object()
+        self.waiting.append(ticket)
+        self.metrics.streams_waiting.set(len(self.waiting))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.admission_wait_s
+        shown = -1
+        try:
+            while not self.draining:
+                position = self.waiting.index(ticket) + 1
+                if position == 1 and self.load_allows():
+                    return True
+                if position != shown:
+                    shown = position
+                    await notify(position)
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                self.slot_freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):  # capacity is re-measured as calls finish
+                    await asyncio.wait_for(self.slot_freed.wait(), min(left, 0.25))
+            return False
+        finally:
+            self.waiting.remove(ticket)
+            self.metrics.streams_waiting.set(len(self.waiting))
+            self.slot_freed.set()  # the next in line looks again
+
+    def over_capacity_error(self) -> P.ProtocolError:
+        capacity = self.batcher.capacity() or 0.0
+        err = P.ProtocolError(
+            f"server at capacity: {len(self.streams)} real-time streams open need {self.audio_need():.1f} s of "
+            f"audio per second, it computes about {capacity:.1f}; try again later",
+            ws_code=P.WS_TRY_AGAIN_LATER,
+        )
+        err.retry_after_s = 2.0
+        return err
 
     def busy_error(self) -> P.ProtocolError:
         if self.draining:
@@ -287,15 +357,13 @@ def create_app(
     access: AccessPolicy | None = None,
     prompt_dir: str | None = None,
     batcher: Any = None,
-    memory: MemoryBudget | None = None,
 ) -> FastAPI:
     """Build the server around an already loaded engine (``token2wav.Token2Wav`` or anything alike).
 
     ``access``: key and web origins required of clients (default: no key, WebSockets from the server's own
     origin only). ``prompt_dir``: a folder where registered prompts are kept across restarts. ``batcher``: a
-    ``token2wav.Batcher`` of ``t2w`` that runs the streams (the app closes it at shutdown); None runs each
-    stream's calls on their own in the thread pool. ``memory``: the budget of the caches without a batcher
-    (a batcher brings its own, ``max_cache_bytes``); default: unbounded, counted for /metrics.
+    ``token2wav.Batcher`` of ``t2w`` that computes the streams' chunks and owns the memory budget (the app
+    closes it at shutdown); default: ``t2w.batcher(max_batch=1)``, a batch of one per call, no budget.
     """
     limits = limits or P.ServerLimits()
     if prompt_factory is None:
@@ -305,11 +373,11 @@ def create_app(
             return Prompt(tokens=tokens, mel=mel, embedding=embedding)
 
     make_prompt = prompt_factory
+    if batcher is None:
+        batcher = t2w.batcher(max_batch=1)
     # one memory budget for the key/value pages, prompt states, this registry and the fixed-shape buffers: the
-    # batcher's (--max-cache-mb), or an unbounded one that only counts, for /metrics
-    if batcher is not None and memory is not None and memory is not batcher.memory:
-        raise ValueError("memory: a batcher brings its own budget (Batcher(max_cache_bytes=...)); give one, not both")
-    memory = batcher.memory if batcher is not None else memory or MemoryBudget()
+    # batcher's (--max-cache-mb; without one it only counts, for /metrics)
+    memory = batcher.memory
     if isinstance(getattr(t2w, "prompt_cache", None), PromptCache):
         t2w.prompt_cache.use_budget(memory)
     state = ServerState(
@@ -323,8 +391,7 @@ def create_app(
         make_prompt=make_prompt,
         batcher=batcher,
     )
-    if batcher is not None:
-        batcher.listeners.append(state.metrics.observe_batch)
+    batcher.listeners.append(state.metrics.observe_batch)
     if prompt_dir is not None:
         state.prompt_store = PromptStore(prompt_dir, state.vocab_size, max_file_bytes=limits.max_prompt_bytes)
         _load_stored_prompts(state, t2w)
@@ -334,8 +401,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         state.executor.shutdown(wait=False, cancel_futures=True)
-        if state.batcher is not None:
-            state.batcher.close()
+        state.batcher.close()
 
     app = FastAPI(title="token2wav", version="1", lifespan=lifespan)
     app.state.server = state
@@ -361,8 +427,8 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         state.metrics.collect(t2w)
-        if state.batcher is not None:
-            state.metrics.collect_batcher(state.batcher)  # also brings the pool into the budget's account
+        state.metrics.collect_batcher(state.batcher)  # also brings the pool into the budget's account
+        state.metrics.audio_need.set(state.audio_need())
         state.metrics.collect_memory(memory)
         return Response(state.metrics.registry.render(), media_type=CONTENT_TYPE)
 
@@ -466,6 +532,10 @@ def create_app(
             await handler.fail(state.busy_error())
             return
         try:
+            # admission by load: the audio the open streams need against what the server computes
+            if not await state.wait_for_capacity(handler.send_queued):
+                await handler.fail(state.busy_error() if state.draining else state.over_capacity_error())
+                return
             await handler.run()
         finally:
             handler.release()
@@ -499,38 +569,6 @@ def _load_stored_prompts(state: ServerState, t2w: Any) -> None:
 
 class _Disconnected(Exception):
     pass
-
-
-class ThreadedSession:
-    """An engine session whose ``push``/``finish`` run in the server's thread pool, awaited one at a time.
-
-    It offers what a batched session offers (``await apush(tokens)``, ``await afinish()``, ``close()``), so the
-    stream handler does not care which one :meth:`ServerState.open_session` hands out. A call cancelled while
-    its thread runs finishes in that thread; ``close`` then waits for it before closing the engine session.
-    """
-
-    def __init__(self, session: Any, executor: ThreadPoolExecutor) -> None:
-        self._session = session
-        self._executor = executor
-        self._inflight: Future[Any] | None = None
-
-    async def apush(self, tokens: np.ndarray) -> list[np.ndarray]:
-        return list(await self._call(self._session.push, tokens))
-
-    async def afinish(self) -> np.ndarray:
-        return np.asarray(await self._call(self._session.finish))
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        fut = self._executor.submit(fn, *args)
-        self._inflight = fut
-        return await asyncio.wrap_future(fut)  # cancelling this cancels the job if it has not started
-
-    def close(self) -> None:
-        session, fut = self._session, self._inflight
-        if fut is not None and not fut.done():
-            fut.add_done_callback(lambda _f: _quiet_close(session))
-        else:
-            _quiet_close(session)
 
 
 @dataclass
@@ -616,12 +654,21 @@ class _StreamHandler:
     def release(self) -> None:
         if not self.released:
             self.released = True
+            self.state.streams.discard(self)
             self.state.release()
 
     def close_session(self) -> None:
         session, self.session = self.session, None
         if session is not None:
+            if session.playback.started:  # what the server's model of this listener heard
+                self.state.metrics.worst_stall.observe(session.playback.worst_stall_s)
             session.close()
+            self.state.slot_freed.set()  # capacity freed: a waiting stream looks again
+
+    async def send_queued(self, position: int) -> None:
+        st = self.state
+        await self._send({"type": "queued", "position": position, "need": round(st.audio_need(), 2),
+                          "capacity": round(st.batcher.capacity() or 0.0, 2)})
 
     # -- transport
     async def _send(self, frame: Any) -> None:
@@ -744,14 +791,21 @@ class _StreamHandler:
         msg = self.start_msg
         assert msg is not None
         prompt = await st.get_prompt(msg.prompt_id, status=400)
+        # the server's streams are paced by their listeners' clocks (where that keeps them exact: cached mode, float
+        # flow) unless the client names a schedule
         kwargs: dict[str, Any] = {"prompt": prompt}
-        for key in ("preset", "hop", "mode", "window_frames", "pre_lookahead_len"):
+        exact_any_hop = msg.mode in (None, "cached") and msg.preset != "constrained"
+        if msg.schedule is not None or exact_any_hop:
+            kwargs["schedule"] = msg.schedule or "adaptive"
+        for key in ("preset", "hop", "mode", "window_frames", "pre_lookahead_len", "start_buffer_ms"):
             if getattr(msg, key) is not None:
                 kwargs[key] = getattr(msg, key)
         try:
             self.session = await st.open_session(**kwargs)
         except (ValueError, TypeError, NotImplementedError) as e:
             raise P.ProtocolError(f"cannot start session: {e}") from None
+        if not self.released:  # (release() takes it out: when the client leaves, before its session closes)
+            st.streams.add(self)
         chunk = int(getattr(st.t2w, "chunk_tokens", 25))
         self.piece = max(1, min(chunk, msg.hop or chunk))
         self.outbox.put(
@@ -763,6 +817,8 @@ class _StreamHandler:
                         "sample_rate": int(st.t2w.sample_rate),
                         "token_rate": float(st.t2w.token_rate),
                         "max_queued_tokens": limits.max_queued_tokens,
+                        "schedule": self.session.plan.schedule,
+                        "start_buffer_ms": round(self.session.start_buffer_s * 1000),
                     }
                 ]
             )
@@ -803,6 +859,7 @@ class _StreamHandler:
                 "index": self.chunks,
                 "samples": int(c.size),
                 "compute_ms": round(share_ms, 3),
+                "start_buffer_ms": round(self.session.start_buffer_s * 1000),
                 **self._progress(),
             }
             self.chunks += 1

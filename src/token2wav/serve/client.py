@@ -30,6 +30,7 @@ __all__ = [
     "http_base_url",
     "register_prompt",
     "register_prompt_wav",
+    "start_buffer_ms",
     "stream_tokens",
     "stream_tokens_sync",
 ]
@@ -56,6 +57,10 @@ class StreamResult:
     wall_s: float = 0.0  # first token sent -> done received
     started: dict[str, Any] = field(default_factory=dict)
     slow_downs: int = 0  # 'slow_down' messages received (the server's decoder fell behind the tokens)
+    # the server's recommended start buffer (ms) a player would use: start_buffer_ms of 'started', replaced by a
+    # newer one in a chunk header while a player would still be buffering (playback starts that many ms after
+    # the first audio); None: the server sent none
+    start_buffer_ms: int | None = None
 
     @property
     def audio(self) -> np.ndarray:
@@ -95,7 +100,18 @@ class StreamResult:
             "wall_s": round(self.wall_s, 4),
             "rtf": round(self.rtf, 4) if self.audio_s else None,
             "wall_rtf": round(self.wall_rtf, 4) if self.audio_s else None,
+            "recommended_start_buffer_ms": self.start_buffer_ms,
         }
+
+
+def start_buffer_ms(message: dict[str, Any]) -> int | None:
+    """The server's recommended start buffer in a ``started`` or ``chunk`` message (``start_buffer_ms``: how
+    long a player waits after the first audio before it starts playing), or None when the message has none (an
+    older server) or it is not a number >= 0."""
+    v = message.get("start_buffer_ms")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        return None
+    return int(round(v))
 
 
 def http_base_url(url: str) -> str:
@@ -165,6 +181,8 @@ async def stream_tokens(
     hop: int | None = None,
     mode: str | None = None,
     window_frames: int | None = None,
+    schedule: str | None = None,
+    prebuffer_ms: float | None = None,
     open_timeout: float = 10.0,
     receive_timeout: float = 120.0,
     api_key: str | None = None,
@@ -187,6 +205,8 @@ async def stream_tokens(
         "hop": hop,
         "mode": mode,
         "window_frames": window_frames,
+        "schedule": schedule,
+        "start_buffer_ms": prebuffer_ms,  # the listener's own start buffer: the server plans with it
     }
     for key, value in options.items():
         if value is not None:
@@ -202,6 +222,8 @@ async def stream_tokens(
             pass  # refused at once (busy, no key, ...): the reason is in its error message or close frame
         try:
             first = await asyncio.wait_for(ws.recv(), receive_timeout)
+            while isinstance(first, str) and json.loads(first).get("type") == "queued":  # waiting for capacity
+                first = await asyncio.wait_for(ws.recv(), receive_timeout)
         except ConnectionClosed as e:
             rcvd = e.rcvd
             raise StreamError(
@@ -209,7 +231,8 @@ async def stream_tokens(
                 rcvd.code if rcvd else None,
             ) from None
         started = _expect(json.loads(first), "started")
-        result = StreamResult(pcm=b"", sample_rate=int(started["sample_rate"]), started=started)
+        result = StreamResult(pcm=b"", sample_rate=int(started["sample_rate"]), started=started,
+                              start_buffer_ms=start_buffer_ms(started))
         t_first: list[float] = []
         limit = started.get("max_queued_tokens")
         window = limit if isinstance(limit, int) and limit > 0 else None  # None: an older server
@@ -244,6 +267,7 @@ async def stream_tokens(
 
         sender = asyncio.create_task(send_all())
         pcm = bytearray()
+        first_audio_at: float | None = None
         try:
             expecting_audio: dict[str, Any] | None = None
             while True:
@@ -261,7 +285,8 @@ async def stream_tokens(
                     if len(msg) != 2 * int(expecting_audio["samples"]):
                         raise StreamError("protocol error: audio frame length differs from its header")
                     if result.first_chunk_latency_s is None:
-                        result.first_chunk_latency_s = time.perf_counter() - t_first[0]
+                        first_audio_at = time.perf_counter()
+                        result.first_chunk_latency_s = first_audio_at - t_first[0]
                     pcm.extend(msg)
                     result.chunks.append(expecting_audio)
                     expecting_audio = None
@@ -276,6 +301,12 @@ async def stream_tokens(
                     result.slow_downs += 1
                 if kind == "chunk":
                     expecting_audio = data
+                    newer = start_buffer_ms(data)
+                    if newer is not None and (
+                        first_audio_at is None  # a player would still be buffering
+                        or time.perf_counter() < first_audio_at + (result.start_buffer_ms or 0) / 1e3
+                    ):
+                        result.start_buffer_ms = newer
                 elif kind == "done":
                     result.wall_s = time.perf_counter() - t_first[0]
                     break

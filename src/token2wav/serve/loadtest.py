@@ -1,19 +1,30 @@
 """`token2wav loadtest`: how many real-time callers a running server holds.
 
 Opens N streams to ``/v1/stream`` that send speech tokens at R tokens per second, the way an LLM produces
-them, and plays each stream's audio against a real-time clock: playback starts when the first chunk arrives
-(plus ``--prebuffer``), and a chunk that arrives after the audio before it has finished playing is an
-*underrun* (the caller hears a gap of that length). Reported per stream and in aggregate:
+them, and plays each stream's audio against a real-time clock: playback starts a *start buffer* after the
+first chunk arrives, and a chunk that arrives after the audio before it has finished playing is a *stall*
+(an underrun: the caller hears a gap of that length). The start buffer is ``--prebuffer`` when given;
+otherwise the server's recommendation, ``start_buffer_ms`` of its ``started`` message, replaced by a newer
+one in a ``chunk`` header while playback has not started yet; 0.5 s when the server sends none. Reported per
+stream (``prebuffer_s`` and ``prebuffer_from``: ``option``, ``server`` or ``default``, say which was used):
 
 * ``first_chunk_latency_s``: from sending the token that completed the first chunk's input to receiving
   that chunk's audio: what the server adds (the same span as the server's own first-chunk metric, plus the
   network);
 * ``first_audio_s``: from the first token sent to the first audio received (includes waiting for tokens);
-* ``underruns`` and ``underrun_s`` (their total length), audio seconds, errors.
+  ``first_play_s``: to the start of playback (``first_audio_s`` plus the start buffer);
+* ``worst_stall_s`` (the longest single stall), ``stall_s`` (their total), ``underruns`` (their number;
+  ``underrun_s`` is the older name of ``stall_s``), audio seconds, errors;
+* ``viable``: no error, worst stall <= 100 ms and first audio within ``--latency-bound``.
 
-``--find-max`` searches the largest N with no underrun, no error and first-chunk p99 within
-``--latency-bound`` (default 1 s): N doubles until a run fails, then a bisection between the last good and
-the first failed N. Output: a summary on stderr, ``--json FILE`` (``-``: stdout) and ``--plot FILE.png``.
+In aggregate: first-chunk and first-audio percentiles, ``share_worst_stall_le_50ms`` and
+``share_worst_stall_le_100ms`` (the fraction of streams whose worst stall is at most 50 / 100 ms), stall
+totals, and ``realtime``: at least 99 % of the streams with a worst stall <= 100 ms, no error, and first-audio
+p95 <= ``--latency-bound`` (default 2.5 s).
+
+``--find-max`` searches the largest N that is ``realtime``: N doubles until a run fails, then a bisection
+between the last good and the first failed N. Output: a summary on stderr, ``--json FILE`` (``-``: stdout)
+and ``--plot FILE.png``.
 """
 
 from __future__ import annotations
@@ -34,46 +45,107 @@ from typing import Any
 
 import numpy as np
 
+from token2wav.serve.client import start_buffer_ms
+
 __all__ = [
+    "DEFAULT_PREBUFFER_S",
+    "LATENCY_BOUND_S",
     "LoadConfig",
     "Player",
     "StreamStats",
     "add_arguments",
-    "bench_engine",
+    "choose_prebuffer",
     "find_max",
     "main",
     "plot",
     "run_load",
+    "stall_summary",
+    "stream_viable",
     "summarize",
 ]
 
 _MAX_SEARCH = 1024
+DEFAULT_PREBUFFER_S = 0.5  # the start buffer when neither --prebuffer nor the server gives one
+LATENCY_BOUND_S = 2.5  # first-audio p95 bound of a real-time run (the issue's first-audio bound)
+STALL_OK_S = 0.1  # a stream whose worst stall is at most this is heard as uninterrupted
+REALTIME_SHARE = 0.99  # the share of streams that must be within STALL_OK_S
+_EPS = 1e-9  # stalls are rounded to 0.1 ms: compare with the bounds inclusively
 
 
 # ----------------------------------------------------------------------------------------- playback
 
 
 class Player:
-    """A real-time audio player: what a caller would hear from chunks arriving at given times."""
+    """A real-time audio player: what a caller would hear from chunks arriving at given times.
+
+    Playback starts ``prebuffer_s`` after the first chunk arrives; a chunk arriving after the audio before it
+    has finished playing is a stall of that length (``underruns`` counts them, ``stall_s`` is their total,
+    ``worst_stall_s`` the longest)."""
 
     def __init__(self, prebuffer_s: float = 0.0) -> None:
         self.prebuffer_s = float(prebuffer_s)
+        self.first_at: float | None = None  # when the first audio arrived
+        self.start: float | None = None  # when playback starts
         self.play_end: float | None = None  # when the audio received so far finishes playing
         self.underruns = 0
         self.underrun_s = 0.0
+        self.worst_stall_s = 0.0
         self.audio_s = 0.0
 
+    @property
+    def stall_s(self) -> float:
+        """The total length of the stalls (the same as ``underrun_s``)."""
+        return self.underrun_s
+
+    def buffering(self, t: float) -> bool:
+        """Whether playback has not started yet at time ``t``."""
+        return self.start is None or t < self.start
+
+    def recommend(self, t: float, prebuffer_s: float) -> None:
+        """A newer start buffer, known at time ``t``: used if playback has not started by then (it then
+        starts ``prebuffer_s`` after the first audio, or at once if that time has passed: ``prebuffer_s``
+        becomes the start buffer used)."""
+        if not self.buffering(t):
+            return
+        self.prebuffer_s = float(prebuffer_s)
+        if self.first_at is not None:
+            self.start = max(t, self.first_at + self.prebuffer_s)
+            self.prebuffer_s = self.start - self.first_at  # the start buffer used
+            self.play_end = self.start + self.audio_s  # nothing stalls before playback starts
+
     def arrive(self, t: float, seconds: float) -> None:
-        """A chunk of ``seconds`` of audio arrived at time ``t``."""
+        """A chunk of ``seconds`` of audio arrived at time ``t`` (an empty one plays nothing: ignored)."""
+        if seconds <= 0:
+            return
         self.audio_s += seconds
         if self.play_end is None:
-            self.play_end = t + self.prebuffer_s + seconds
+            self.first_at = t
+            self.start = t + self.prebuffer_s
+            self.play_end = self.start + seconds
         elif t > self.play_end:  # the caller has been hearing silence since play_end
+            gap = t - self.play_end
             self.underruns += 1
-            self.underrun_s += t - self.play_end
+            self.underrun_s += gap
+            self.worst_stall_s = max(self.worst_stall_s, gap)
             self.play_end = t + seconds
         else:
             self.play_end += seconds
+
+
+def choose_prebuffer(explicit_s: float | None, recommended_s: float | None) -> tuple[float, str]:
+    """The start buffer a stream uses and where it comes from: the explicit one (``--prebuffer``) if given
+    (``"option"``), else the server's recommendation (``"server"``), else :data:`DEFAULT_PREBUFFER_S`
+    (``"default"``)."""
+    if explicit_s is not None:
+        return float(explicit_s), "option"
+    if recommended_s is not None:
+        return float(recommended_s), "server"
+    return DEFAULT_PREBUFFER_S, "default"
+
+
+def _recommended_s(message: dict[str, Any]) -> float | None:
+    ms = start_buffer_ms(message)
+    return None if ms is None else ms / 1e3
 
 
 # ----------------------------------------------------------------------------------------- one stream
@@ -88,8 +160,14 @@ class StreamStats:
     audio_s: float = 0.0
     first_chunk_latency_s: float | None = None
     first_audio_s: float | None = None
+    first_play_s: float | None = None
+    prebuffer_s: float | None = None  # the start buffer used
+    prebuffer_from: str | None = None  # option | server | default
     underruns: int = 0
     underrun_s: float = 0.0
+    stall_s: float = 0.0
+    worst_stall_s: float = 0.0
+    viable: bool | None = None
     slow_downs: int = 0
     wall_s: float = 0.0
     error: str | None = None
@@ -104,7 +182,7 @@ class LoadConfig:
     duration_s: float
     ramp_s: float = 0.5
     send_interval_s: float = 0.04
-    prebuffer_s: float = 0.0
+    prebuffer_s: float | None = None  # None: the server's start_buffer_ms, else DEFAULT_PREBUFFER_S
     preset: str | None = None
     hop: int | None = None
     prompt_id: str | None = None
@@ -122,7 +200,8 @@ async def _one_stream(cfg: LoadConfig, index: int, offset: float, ids: list[int]
 
     st = StreamStats(index=index, start_offset_s=round(offset, 4), tokens=len(ids))
     await asyncio.sleep(offset)
-    player = Player(cfg.prebuffer_s)
+    prebuffer, source = choose_prebuffer(cfg.prebuffer_s, None)  # until the server recommends one
+    player = Player(prebuffer)
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
     start: dict[str, Any] = {"type": "start"}
     for key in ("preset", "hop", "prompt_id"):
@@ -134,9 +213,14 @@ async def _one_stream(cfg: LoadConfig, index: int, offset: float, ids: list[int]
         async with connect(cfg.url, additional_headers=headers, open_timeout=cfg.timeout_s, max_size=None) as ws:
             await ws.send(json.dumps(start))
             started = json.loads(await asyncio.wait_for(ws.recv(), cfg.timeout_s))
+            while started.get("type") == "queued":  # the server waits for capacity: the stream's clock runs on
+                started = json.loads(await asyncio.wait_for(ws.recv(), cfg.timeout_s))
             if started.get("type") != "started":
                 raise RuntimeError(str(started.get("message", started))[:200])
             sr = float(started["sample_rate"])
+            if cfg.prebuffer_s is None and (rec := _recommended_s(started)) is not None:
+                player.recommend(time.perf_counter(), rec)
+                source = "server"
             window = started.get("max_queued_tokens")
             decoded = [0]
             progress = asyncio.Event()
@@ -179,6 +263,11 @@ async def _one_stream(cfg: LoadConfig, index: int, offset: float, ids: list[int]
                         continue
                     data = json.loads(msg)
                     kind = data.get("type")
+                    if kind == "chunk" and cfg.prebuffer_s is None and player.buffering(now):
+                        rec = _recommended_s(data)  # the newest recommendation, while still buffering
+                        if rec is not None:
+                            player.recommend(now, rec)
+                            source = "server"
                     reported = data.get("decoded_tokens")
                     if isinstance(reported, int) and reported > decoded[0]:
                         decoded[0] = reported
@@ -205,8 +294,12 @@ async def _one_stream(cfg: LoadConfig, index: int, offset: float, ids: list[int]
     st.wall_s = round(time.perf_counter() - t_begin, 4)
     st.audio_s = round(player.audio_s, 4)
     st.underruns = player.underruns
-    st.underrun_s = round(player.underrun_s, 4)
-    for key in ("first_chunk_latency_s", "first_audio_s"):
+    st.underrun_s = st.stall_s = round(player.stall_s, 4)
+    st.worst_stall_s = round(player.worst_stall_s, 4)
+    st.prebuffer_s, st.prebuffer_from = round(player.prebuffer_s, 4), source
+    if player.start is not None and sent_at:
+        st.first_play_s = player.start - sent_at[0]
+    for key in ("first_chunk_latency_s", "first_audio_s", "first_play_s"):
         v = getattr(st, key)
         if v is not None:
             setattr(st, key, round(v, 4))
@@ -230,9 +323,36 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(np.asarray(values), q)), 4)
 
 
-def summarize(streams: list[StreamStats], latency_bound_s: float) -> dict[str, Any]:
+def stall_summary(worst_stall_s: list[float], stall_s: list[float]) -> dict[str, Any]:
+    """Stall statistics of a set of streams, from each stream's worst stall and total stall (seconds):
+    the worst stall's p50 / p99 / max, the total, and the shares of streams whose worst stall is at most
+    50 ms and 100 ms (None without streams)."""
+    n = len(worst_stall_s)
+
+    def share(limit: float) -> float | None:
+        return round(sum(1 for w in worst_stall_s if w <= limit + _EPS) / n, 4) if n else None
+
+    return {
+        "worst_stall_s": {"p50": _pct(worst_stall_s, 50), "p99": _pct(worst_stall_s, 99),
+                          "max": round(max(worst_stall_s), 4) if n else None},
+        "stall_s": round(sum(stall_s), 4),
+        "streams_with_stalls": sum(1 for w in worst_stall_s if w > 0),
+        "share_worst_stall_le_50ms": share(0.05),
+        "share_worst_stall_le_100ms": share(STALL_OK_S),
+    }
+
+
+def stream_viable(s: StreamStats, latency_bound_s: float = LATENCY_BOUND_S) -> bool:
+    """A stream a caller would accept: no error, audio received within ``latency_bound_s`` of the first
+    token, and no stall over 100 ms."""
+    return bool(s.error is None and s.first_audio_s is not None and s.first_audio_s <= latency_bound_s + _EPS
+                and s.worst_stall_s <= STALL_OK_S + _EPS)
+
+
+def summarize(streams: list[StreamStats], latency_bound_s: float = LATENCY_BOUND_S) -> dict[str, Any]:
     lat = [s.first_chunk_latency_s for s in streams if s.first_chunk_latency_s is not None]
     first = [s.first_audio_s for s in streams if s.first_audio_s is not None]
+    play = [s.first_play_s for s in streams if s.first_play_s is not None]
     errors = [s for s in streams if s.error is not None]
     agg = {
         "sessions": len(streams),
@@ -241,27 +361,35 @@ def summarize(streams: list[StreamStats], latency_bound_s: float) -> dict[str, A
         "error_examples": sorted({s.error for s in errors if s.error})[:3],
         "first_chunk_latency_s": {"p50": _pct(lat, 50), "p90": _pct(lat, 90), "p99": _pct(lat, 99),
                                   "max": round(max(lat), 4) if lat else None},
-        "first_audio_s": {"p50": _pct(first, 50), "p99": _pct(first, 99)},
+        "first_audio_s": {"p50": _pct(first, 50), "p95": _pct(first, 95), "p99": _pct(first, 99)},
+        "first_play_s": {"p50": _pct(play, 50), "p95": _pct(play, 95)},
+        **stall_summary([s.worst_stall_s for s in streams], [s.stall_s for s in streams]),
         "streams_with_underruns": sum(1 for s in streams if s.underruns),
         "underruns": sum(s.underruns for s in streams),
         "underrun_s": round(sum(s.underrun_s for s in streams), 4),
+        "viable_streams": sum(1 for s in streams if stream_viable(s, latency_bound_s)),
+        "prebuffer_from": sorted({s.prebuffer_from for s in streams if s.prebuffer_from}),
         "audio_s": round(sum(s.audio_s for s in streams), 4),
         "slow_downs": sum(s.slow_downs for s in streams),
     }
-    p99 = agg["first_chunk_latency_s"]["p99"]
+    p95 = agg["first_audio_s"]["p95"]
+    share = agg["share_worst_stall_le_100ms"]
     agg["realtime"] = bool(
-        streams and not errors and agg["underruns"] == 0 and p99 is not None and p99 <= latency_bound_s
+        streams and not errors and share is not None and share >= REALTIME_SHARE
+        and p95 is not None and p95 <= latency_bound_s + _EPS
     )
     return agg
 
 
-async def run_load(cfg: LoadConfig, latency_bound_s: float = 1.0) -> dict[str, Any]:
+async def run_load(cfg: LoadConfig, latency_bound_s: float = LATENCY_BOUND_S) -> dict[str, Any]:
     """One run of ``cfg.sessions`` streams. Returns ``{"config", "aggregate", "streams"}``."""
     rng = random.Random(cfg.seed)
     offsets = sorted(rng.uniform(0.0, cfg.ramp_s) for _ in range(cfg.sessions))
     streams = await asyncio.gather(
         *(_one_stream(cfg, i, offsets[i], _token_ids(cfg, i)) for i in range(cfg.sessions))
     )
+    for s in streams:
+        s.viable = stream_viable(s, latency_bound_s)
     conf = {k: v for k, v in asdict(cfg).items() if k not in ("api_key", "tokens")}
     conf["token_source"] = "file" if cfg.tokens else "random"
     return {"config": conf, "aggregate": summarize(list(streams), latency_bound_s),
@@ -329,6 +457,7 @@ async def find_max(cfg: LoadConfig, latency_bound_s: float, max_sessions: int, l
         "first_failing_sessions": bad,
         "searched_up_to": max_sessions,
         "latency_bound_s": latency_bound_s,
+        "criterion": _criterion(latency_bound_s),
         "at_1": trials[1]["aggregate"] if 1 in trials else None,
         "at_max": trials[good]["aggregate"] if good in trials else None,
         "trials": ordered,
@@ -341,18 +470,30 @@ def _with_sessions(cfg: LoadConfig, n: int) -> LoadConfig:
     return LoadConfig(**{**asdict(cfg), "sessions": n})
 
 
+def _criterion(latency_bound_s: float) -> str:
+    return (f">= {REALTIME_SHARE:.0%} of streams with worst stall <= {STALL_OK_S * 1e3:.0f} ms, no error, "
+            f"first-audio p95 <= {latency_bound_s:g} s")
+
+
 def _line(n: int, agg: dict[str, Any]) -> str:
-    lat = agg["first_chunk_latency_s"]
+    lat, first = agg["first_chunk_latency_s"], agg["first_audio_s"]
     return (
         f"{n:4d} streams: {'real time' if agg['realtime'] else 'NOT real time'}; first chunk p50 "
-        f"{_ms(lat['p50'])} p99 {_ms(lat['p99'])}; underruns {agg['underruns']} ({agg['underrun_s']:.2f} s) in "
-        f"{agg['streams_with_underruns']} stream(s); errors {agg['errors']}"
+        f"{_ms(lat['p50'])} p99 {_ms(lat['p99'])}; first audio p50 {_ms(first['p50'])} p95 {_ms(first['p95'])}; "
+        f"worst stall <= 50 ms {_share(agg['share_worst_stall_le_50ms'])}, <= 100 ms "
+        f"{_share(agg['share_worst_stall_le_100ms'])} of streams (max {_ms(agg['worst_stall_s']['max'])}); "
+        f"stalls {agg['underruns']} ({agg['stall_s']:.2f} s) in {agg['streams_with_stalls']} stream(s); "
+        f"errors {agg['errors']}"
         + (f" ({agg['error_examples'][0]})" if agg["error_examples"] else "")
     )
 
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.0f} ms"
+
+
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 # ----------------------------------------------------------------------------------------- plot
@@ -367,17 +508,20 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if "trials" in report:
         ns = [t["sessions"] for t in report["trials"]]
-        p50 = [t["first_chunk_latency_s"]["p50"] or math.nan for t in report["trials"]]
-        p99 = [t["first_chunk_latency_s"]["p99"] or math.nan for t in report["trials"]]
+        p50 = [t["first_audio_s"]["p50"] or math.nan for t in report["trials"]]
+        p95 = [t["first_audio_s"]["p95"] or math.nan for t in report["trials"]]
         axes[0].plot(ns, p50, "o-", label="p50")
-        axes[0].plot(ns, p99, "s-", label="p99")
+        axes[0].plot(ns, p95, "s-", label="p95")
         axes[0].axhline(report["latency_bound_s"], color="grey", ls="--", label="bound")
         axes[0].set_xlabel("concurrent streams")
-        axes[0].set_ylabel("first-chunk latency (s)")
+        axes[0].set_ylabel("first audio (s)")
         axes[0].legend()
-        axes[1].bar([str(n) for n in ns], [t["underrun_s"] for t in report["trials"]], color="tab:red")
+        share = [t["share_worst_stall_le_100ms"] or 0.0 for t in report["trials"]]
+        axes[1].bar([str(n) for n in ns], share, color="tab:green")
+        axes[1].axhline(REALTIME_SHARE, color="grey", ls="--")
+        axes[1].set_ylim(0, 1.05)
         axes[1].set_xlabel("concurrent streams")
-        axes[1].set_ylabel("total underrun (s)")
+        axes[1].set_ylabel("share of streams, worst stall <= 100 ms")
         fig.suptitle(f"max real-time streams: {report['max_realtime_sessions']}")
     else:
         streams = report["streams"]
@@ -385,9 +529,10 @@ def plot(report: dict[str, Any], path: str) -> None:
         axes[0].bar(idx, [s["first_chunk_latency_s"] or 0.0 for s in streams])
         axes[0].set_xlabel("stream")
         axes[0].set_ylabel("first-chunk latency (s)")
-        axes[1].bar(idx, [s["underrun_s"] for s in streams], color="tab:red")
+        axes[1].bar(idx, [s["worst_stall_s"] for s in streams], color="tab:red")
+        axes[1].axhline(STALL_OK_S, color="grey", ls="--")
         axes[1].set_xlabel("stream")
-        axes[1].set_ylabel("underrun (s)")
+        axes[1].set_ylabel("worst stall (s)")
         fig.suptitle(f"{len(streams)} streams at {report['config']['rate']:g} tokens/s")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -405,19 +550,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ramp", type=float, default=0.5, help="streams start at random times within this many s")
     p.add_argument("--send-interval", type=float, default=0.04,
                    help="shortest time between two messages of a stream (tokens due meanwhile go together)")
-    p.add_argument("--prebuffer", type=float, default=0.0, help="seconds of audio buffered before playing")
+    p.add_argument("--prebuffer", type=float,
+                   help="seconds from a stream's first audio to the start of its playback (default: the server's "
+                        f"recommended start_buffer_ms, {DEFAULT_PREBUFFER_S:g} s if it sends none)")
     p.add_argument("--preset", help="streaming preset of every stream")
     p.add_argument("--hop", type=int, help="hop in tokens of every stream")
     p.add_argument("--prompt-id", help="registered prompt every stream uses")
     p.add_argument("--tokens", metavar="FILE", help="token file to send (repeated as needed); default random ids")
     p.add_argument("--find-max", action="store_true", help="search the largest real-time number of streams")
-    p.add_argument("--latency-bound", type=float, default=1.0, help="first-chunk p99 bound of --find-max (s)")
+    p.add_argument("--latency-bound", type=float, default=LATENCY_BOUND_S,
+                   help=f"first-audio p95 bound of a real-time run and of --find-max (s, default {LATENCY_BOUND_S:g})")
     p.add_argument("--max-search", type=int, help="largest N --find-max tries (default: the server's max_sessions)")
     p.add_argument("--api-key", help="access key (default: $TOKEN2WAV_API_KEY)")
     p.add_argument("--api-key-file", metavar="FILE", help="read the access key from FILE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="write the report as JSON (- : stdout)")
-    p.add_argument("--plot", metavar="FILE.png", help="plot latencies and underruns")
+    p.add_argument("--plot", metavar="FILE.png", help="plot latencies and stalls")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -429,7 +577,7 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number > {lo:g}, got {v}")
     for name in ("ramp", "prebuffer"):
         v = getattr(args, name)
-        if not (v >= 0 and math.isfinite(v)):
+        if v is not None and not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"--{name} must be a finite number >= 0, got {v}")
     if args.max_search is not None and not 1 <= args.max_search <= _MAX_SEARCH:
         raise ValueError(f"--max-search must be in [1, {_MAX_SEARCH}], got {args.max_search}")
@@ -507,14 +655,16 @@ def main(args: argparse.Namespace) -> int:
         report = asyncio.run(find_max(cfg, args.latency_bound, limit, log))
         report = {**meta, **report}
         log(f"largest real-time number of streams: {report['max_realtime_sessions']} "
-            f"(searched up to {limit}; bound: no underrun, first-chunk p99 <= {args.latency_bound:g} s)")
+            f"(searched up to {limit}; criterion: {_criterion(args.latency_bound)})")
     else:
         report = {**meta, **asyncio.run(run_load(cfg, args.latency_bound))}
         log(_line(cfg.sessions, report["aggregate"]))
         for s in report["streams"]:
             log(f"  stream {s['index']:3d}: first chunk {_ms(s['first_chunk_latency_s'])}, first audio "
-                f"{_ms(s['first_audio_s'])}, {s['audio_s']:.2f} s audio, {s['underruns']} underrun(s) "
-                f"{s['underrun_s']:.2f} s" + (f", error: {s['error']}" if s["error"] else ""))
+                f"{_ms(s['first_audio_s'])}, start buffer {_ms(s['prebuffer_s'])} ({s['prebuffer_from']}), "
+                f"{s['audio_s']:.2f} s audio, {s['underruns']} stall(s) {_ms(s['stall_s'])} (worst "
+                f"{_ms(s['worst_stall_s'])}), {'viable' if s['viable'] else 'NOT viable'}"
+                + (f", error: {s['error']}" if s["error"] else ""))
     if args.json == "-":
         print(json.dumps(report, indent=2))
     elif args.json:
@@ -522,17 +672,3 @@ def main(args: argparse.Namespace) -> int:
     if args.plot:
         plot(report, args.plot)
     return 0
-
-
-def bench_engine(name: str, device: str = "cpu", dtype: str = "float32") -> Any:
-    """``bench:cv2``, ``bench:cv3``, ``bench:cv2-mid``, ``bench:cv3-mid``: the random-weight CosyVoice
-    architectures of ``token2wav bench`` (full size, or its ``--quick`` mid size), to load-test a server."""
-    import torch
-
-    from token2wav.bench import build_engine
-
-    kind = name.removeprefix("bench:")
-    if kind not in ("cv2", "cv3", "cv2-mid", "cv3-mid"):
-        raise ValueError(f"--model {name}: expected bench:cv2, bench:cv3, bench:cv2-mid or bench:cv3-mid")
-    return build_engine(kind[:3], kind.endswith("-mid"), device, getattr(torch, dtype))
-

@@ -5,14 +5,18 @@ without importing FastAPI.
 
 WebSocket ``/v1/stream`` (client -> server, JSON text frames)::
 
-    {"type": "start", "prompt_id"?: str, "preset"?: str, "hop"?: int, "mode"?: str, "window_frames"?: int}
+    {"type": "start", "prompt_id"?: str, "preset"?: str, "hop"?: int, "schedule"?: str, "mode"?: str,
+     "window_frames"?: int, "pre_lookahead_len"?: int, "start_buffer_ms"?: number}
     {"type": "tokens", "tokens": [int, ...]}            # any number of times
     {"type": "end"}
 
 server -> client::
 
-    {"type": "started", "session": str, "sample_rate": int, "token_rate": float, "max_queued_tokens": int}
-    {"type": "chunk", "index": i, "samples": n, "compute_ms": x, "queued_tokens": q, "decoded_tokens": d}
+    {"type": "queued", "position": k, "need": x, "capacity": y}   waiting for capacity (before "started")
+    {"type": "started", "session": str, "sample_rate": int, "token_rate": float, "max_queued_tokens": int,
+     "schedule": str, "start_buffer_ms": int}
+    {"type": "chunk", "index": i, "samples": n, "compute_ms": x, "queued_tokens": q, "decoded_tokens": d,
+     "start_buffer_ms": int, "stall_ms": x}
     followed by one binary frame: <n int16 little-endian PCM samples>
     {"type": "slow_down", "queued_tokens": q, "decoded_tokens": d}   the decoder is behind
     {"type": "resume", "queued_tokens": q, "decoded_tokens": d}      it caught up
@@ -23,6 +27,14 @@ The server reads while it computes: tokens that arrive during a push wait in a q
 ``max_queued_tokens`` tokens, in order; ``slow_down`` is sent when the queue passes half of that and
 ``resume`` when it falls to a quarter; a message that would overfill it ends the stream with close 1008
 (status 429). A client that keeps ``sent - decoded_tokens <= max_queued_tokens`` never overfills it.
+
+``schedule`` defaults to ``adaptive``: each hop is chosen from the listener's clock (``streaming/pacing.py``).
+``start_buffer_ms`` in ``started`` is the audio the server recommends buffering before playback starts, so that
+this stream does not stall at the current load; each chunk header carries the current value (a client still
+buffering uses the newest). A client's own ``start_buffer_ms`` in ``start`` wins and is what the server plans
+with. ``stall_ms`` is the silence the server's model of the listener expects before that chunk (0 normally).
+When the streams open already need more audio per second than the server measures it can compute, a new stream
+waits in a bounded queue (``queued`` messages) or is refused with close 1013 and ``retry_after_s`` in its error.
 """
 
 from __future__ import annotations
@@ -35,6 +47,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from token2wav.streaming.options import MODES
+from token2wav.streaming.schedule import SCHEDULES
+
+MAX_START_BUFFER_MS = 60_000
 
 __all__ = [
     "WS_GOING_AWAY",
@@ -81,7 +98,6 @@ MAX_HOP = 10_000
 MAX_WINDOW_FRAMES = 1_000_000
 AUDIO_FORMATS = ("wav", "pcm")
 ATTENTIONS = ("full", "chunk")
-MODES = ("cached", "recompute", "window")
 
 
 class ProtocolError(Exception):
@@ -95,8 +111,13 @@ class ProtocolError(Exception):
         self.ws_code = ws_code
         self.status = status if status is not None else _HTTP_FOR_WS.get(ws_code, 400)
 
+    retry_after_s: float | None = None  # set on refusals that a later retry may pass
+
     def to_json(self) -> dict[str, Any]:
-        return {"type": "error", "code": self.ws_code, "status": self.status, "message": self.message}
+        out = {"type": "error", "code": self.ws_code, "status": self.status, "message": self.message}
+        if self.retry_after_s is not None:
+            out["retry_after_s"] = self.retry_after_s
+        return out
 
     @property
     def reason(self) -> str:
@@ -138,6 +159,11 @@ class ServerLimits:
     max_prompt_tokens: int = 1500
     workers: int = 4  # threads running model work
     max_queued_tokens: int = 25 * 120  # tokens received but not yet decoded, per stream (2 min of speech)
+    # admission: a stream that would take the audio the open streams need past the measured capacity waits for
+    # capacity (at most max_waiting_streams of them, each at most admission_wait_s), else close 1013
+    max_waiting_streams: int = 8
+    admission_wait_s: float = 10.0
+    admit_by_capacity: bool = True  # False: admit up to max_sessions whatever the load
 
     def __post_init__(self) -> None:
         ints = (
@@ -149,12 +175,13 @@ class ServerLimits:
             "max_prompt_tokens",
             "workers",
             "max_queued_tokens",
+            "max_waiting_streams",
         )
         for name in ints:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("idle_timeout_s", "start_timeout_s", "send_timeout_s"):
+        for name in ("idle_timeout_s", "start_timeout_s", "send_timeout_s", "admission_wait_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
@@ -230,6 +257,8 @@ class StartMessage:
     mode: str | None = None
     window_frames: int | None = None
     pre_lookahead_len: int | None = None
+    schedule: str | None = None
+    start_buffer_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -245,7 +274,8 @@ class EndMessage:
 ClientMessage = StartMessage | TokensMessage | EndMessage
 
 _ALLOWED_KEYS = {
-    "start": {"type", "prompt_id", "preset", "hop", "mode", "window_frames", "pre_lookahead_len"},
+    "start": {"type", "prompt_id", "preset", "hop", "mode", "window_frames", "pre_lookahead_len", "schedule",
+              "start_buffer_ms"},
     "tokens": {"type", "tokens"},
     "end": {"type"},
 }
@@ -275,7 +305,14 @@ def parse_client_message(raw: str | bytes, vocab_size: int) -> ClientMessage:
     look = data.get("pre_lookahead_len")
     if look is not None and (not _is_int(look) or not 0 <= look <= MAX_HOP):
         raise ProtocolError(f"'pre_lookahead_len' must be an integer >= 0, got {json.dumps(look)[:40]}")
+    buffer_ms = data.get("start_buffer_ms")
+    if buffer_ms is not None and (isinstance(buffer_ms, bool) or not isinstance(buffer_ms, (int, float))
+                                  or not 0 <= buffer_ms <= MAX_START_BUFFER_MS):
+        raise ProtocolError(f"'start_buffer_ms' must be a number in [0, {MAX_START_BUFFER_MS}], "
+                            f"got {json.dumps(buffer_ms)[:40]}")
     return StartMessage(
+        schedule=_opt_str(data, "schedule", SCHEDULES),
+        start_buffer_ms=buffer_ms,
         prompt_id=_opt_str(data, "prompt_id"),
         preset=_opt_str(data, "preset"),
         hop=data.get("hop"),
@@ -430,7 +467,7 @@ def describe_batching(t2w: Any) -> dict[str, Any]:
     from token2wav.models.buckets import ShapeBuckets
     from token2wav.models.padded_solve import has_fixed_shapes
     from token2wav.streaming.batcher import DEFAULT_PAGE_FRAMES, cache_bytes_per_frame
-    from token2wav.streaming.session import vocoder_kind
+    from token2wav.streaming.compute import vocoder_kind
 
     flow = t2w.flow
     per_frame = cache_bytes_per_frame(flow, int(getattr(t2w, "n_timesteps", 10)))

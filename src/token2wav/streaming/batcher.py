@@ -1,16 +1,15 @@
-"""Continuous batching: the ready chunks of many sessions run as one model call.
+"""The scheduler: queues sessions' planned chunks, groups them into shared calls, admits and pages.
 
-One ``Batcher`` owns an engine's model calls. Its sessions (``BatchedSession``: the ``StreamSession`` API plus
-``apush`` / ``afinish`` for asyncio) validate and plan their chunks on the caller's thread, then hand each
-chunk to the batcher as a job and wait for it. Worker threads (one on a GPU, two per core on a CPU) gather the
-queued jobs, group those that can share a solver pass, and run each group as one ``flow.stream_step_rows`` call
-(all solver steps, both guidance branches, every row against its own cache) followed by a batched vocoder step
-where the vocoder has one (HiFi-GAN windows of equal length, causal HiFT rows in the same state).
+A ``Batcher`` owns an engine's model calls; it computes nothing itself (``compute.run_rows`` does). Sessions
+(``StreamSession``) plan their chunks on the caller's thread and submit each one as a job. Worker threads (one
+on a GPU, two per core on a CPU) gather the queued jobs, group those that can share a solver pass, and hand each
+group to ``run_rows``: one ``flow.stream_step_rows`` call (all solver steps, both guidance branches, every row
+against its own cache) and a batched vocoder step where the vocoder has one. With ``workers=0`` the batcher is
+*inline*: a submitted chunk is computed at once on the submitting thread, a batch of one. ``Token2Wav.stream()``
+uses such a batcher, so a single stream runs the same code as a batched one (page pool included).
 
-Exactness: a row's chunk is what the session computes alone (``stream_step_rows`` is tested against
-``stream_step``), whatever else shares the call. Rows commit only after their whole chunk succeeded, so a
-row that fails (or whose session was closed meanwhile) leaves its session unchanged and the other rows'
-results untouched: when a packed call raises, its rows are re-run one by one to find the culprit.
+Exactness: a row's chunk is what the session computes alone, whatever else shares the call (``compute.py``).
+A row whose session was closed meanwhile is dropped before it runs and leaves the others untouched.
 
 Scheduling: a job waits at most ``max_wait_ms`` for others to join, and only while some session is in the
 middle of a push and has not queued its next chunk yet (waiting for nobody would only add latency). First
@@ -32,39 +31,40 @@ never grows past the budget either.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..budget import KV_SHARE, MemoryBudget
 from ..models.buckets import ShapeBuckets
-from ..models.kv_pool import RESERVED_PAGES, KVPool, PageTable, PoolExhaustedError
+from ..models.interfaces import KVLayoutEstimator, RowsFlow, RowsSolver
+from ..models.kv_pool import RESERVED_PAGES, KVPool, PageTable
 from ..models.padded_solve import PaddedSolver, has_fixed_shapes
+from .compute import CacheExhaustedError, Chunk, Row, run_rows
+from .pacing import SAFETY_MARGIN_S, ComputeMeter
 from .schedule import Emission
 from .session import SessionClosedError, StreamSession
 from .state import SessionState
 
-__all__ = ["Batcher", "BatchedSession", "CacheBudgetError", "BatcherClosedError", "count_aten_ops"]
+__all__ = ["Batcher", "CacheBudgetError", "BatcherClosedError", "count_aten_ops"]
 
 # Stores grow by half when full (kv_store.append_rows): what a session holds can exceed what it uses by that.
 _STORE_GROWTH = 1.5
+# A stream's first chunk is due this long after it was queued (its deadline before any audio exists).
+FIRST_AUDIO_BUDGET_S = 0.5
 # Frames per page of the key/value pool: small pages waste little of a stream's last page; attention reads
 # keys by slot anyway, so the page size does not shape any kernel.
 DEFAULT_PAGE_FRAMES = 16
 
 
-class CacheBudgetError(RuntimeError):
+class CacheBudgetError(CacheExhaustedError):
     """A session or chunk would take the batcher's caches past ``max_cache_bytes``."""
 
 
@@ -72,21 +72,14 @@ class BatcherClosedError(RuntimeError):
     """The batcher was closed; it takes no more work."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
-    session: BatchedSession
-    work: SessionState
-    emission: Emission
+    session: StreamSession
+    row: Row
     queued_at: float
+    group: tuple[Any, ...]
+    deadline: float  # when the session's listener runs dry (inf: no audio yet)
     future: Future = field(default_factory=Future)
-    flow_done: bool = False  # its pages are no longer read or written by this batch
-
-    @property
-    def group(self) -> tuple[Any, ...]:
-        s = self.session
-        if s.mode == "recompute" or not hasattr(s.flow, "stream_step_rows") or not s._shares_calls:
-            return ("alone", id(self))
-        return (id(s.flow), s.n_timesteps, s._kv_table is not None)
 
 
 def rows_are_independent(flow: torch.nn.Module) -> bool:
@@ -101,7 +94,7 @@ def cache_bytes_per_frame(flow: torch.nn.Module, n_timesteps: int) -> int:
     """Bytes one mel frame adds to a cached session: keys and values of every attention layer, for every
     solver step and both guidance branches."""
     est = getattr(getattr(flow, "decoder", None), "estimator", None)
-    if est is None or not hasattr(est, "kv_layout"):
+    if not isinstance(est, KVLayoutEstimator):
         return 0
     ref = next(iter(est.parameters()), None)
     itemsize = ref.element_size() if ref is not None and ref.is_floating_point() else 4
@@ -127,155 +120,24 @@ def count_aten_ops(fn: Any) -> int:
     return _Count.calls
 
 
-@dataclass
+@dataclass(eq=False)
 class _Reservation:
     """What a session holds in its batcher: reserved cache bytes and its pages. Kept apart from the session so
     that a session dropped without ``close()`` can be released by a finalizer that does not keep it alive."""
 
     nbytes: int = 0
     table: PageTable | None = None
+    shares_calls: bool = True  # its rows may share calls with other sessions' rows
     released: bool = False
-
-
-class BatchedSession(StreamSession):
-    """A ``StreamSession`` whose chunks are computed by a ``Batcher``, together with other sessions' chunks.
-
-    ``push`` / ``finish`` block until their chunks are computed; ``apush`` / ``afinish`` await them. One call
-    at a time per session (a second concurrent call on the same session raises). ``close`` returns at once,
-    even while a chunk is in flight: a queued chunk is dropped, one being computed is discarded.
-    """
-
-    def __init__(self, *, batcher: Batcher, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._batcher = batcher
-        self._closing = False
-        self._reservation = _Reservation()
-        self._shares_calls = True  # may share calls with other rows (set by the batcher)
-
-    @property
-    def reserved_bytes(self) -> int:
-        return self._reservation.nbytes
-
-    @reserved_bytes.setter
-    def reserved_bytes(self, value: int) -> None:
-        self._reservation.nbytes = value
-
-    @property
-    def _kv_table(self) -> PageTable | None:
-        """This session's pages (cached mode), set by the batcher."""
-        return self._reservation.table
-
-    @_kv_table.setter
-    def _kv_table(self, table: PageTable | None) -> None:
-        self._reservation.table = table
-
-    # ---------------------------------------------------------------------------------------------- public
-
-    def push(self, tokens: Any) -> list[np.ndarray]:
-        return self._drive(self._push_steps(tokens))
-
-    def finish(self) -> np.ndarray:
-        return self._drive(self._finish_steps())
-
-    async def apush(self, tokens: Any) -> list[np.ndarray]:
-        """``push`` for asyncio callers: the event loop is free while the chunks are computed."""
-        return await self._adrive(self._push_steps(tokens))
-
-    async def afinish(self) -> np.ndarray:
-        return await self._adrive(self._finish_steps())
-
-    def close(self) -> None:
-        self._closing = True
-        self._batcher._drop(self)
-        self._release_if_idle()  # a push in flight releases when it ends (it looks again after unlocking)
-
-    # ---------------------------------------------------------------------------------------------- internals
-
-    def _release_if_idle(self) -> None:
-        if self._lock.acquire(blocking=False):
-            try:
-                self._release()
-            finally:
-                self._lock.release()
-
-    def _release(self) -> None:
-        if self._reservation.released:
-            return
-        self._reservation.released = True
-        self.state = replace(self.state, flow_state=None, vocoder_state=None, closed=True)
-        self._batcher._forget(self)
-
-    def _check_open(self, what: str) -> None:
-        if self._closing and not self.state.closed:
-            raise SessionClosedError(f"{what}() on a closed session; start a new one with Batcher.stream()")
-        super()._check_open(what)
-
-    def _push_steps(self, tokens: Any) -> Iterator[Any]:
-        """The push as a generator: yields (work, emission) per chunk, is sent the chunk, returns them all."""
-        work, emissions = self._plan_push(tokens)
-        outs = []
-        for em in emissions:
-            outs.append((yield work, em))
-        self.state = work
-        return outs
-
-    def _finish_steps(self) -> Iterator[Any]:
-        work, em = self._plan_finish()
-        out = yield work, em
-        self.state = self._finished(work)
-        self._batcher._forget(self)
-        return out
-
-    @contextmanager
-    def _call(self) -> Iterator[None]:
-        """One push/finish: exclusive per session; the vocoder's random generator rewound if it fails."""
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("another push/finish of this session is running: call them one at a time")
-        gen_state = self._shared_gen.get_state() if self._shared_gen is not None else None
-        self._batcher._pushing(+1)
-        try:
-            yield
-        except BaseException:
-            if gen_state is not None:
-                self._shared_gen.set_state(gen_state)
-            raise
-        finally:
-            self._batcher._pushing(-1)
-            self._lock.release()
-            # after unlocking: a close() that found the lock held (and so released nothing) is seen here
-            if self._closing:
-                self._release_if_idle()
-
-    def _drive(self, steps: Iterator[Any]) -> Any:
-        with self._call():
-            try:
-                request = next(steps)
-                while True:
-                    request = steps.send(self._batcher._submit(self, *request).result())
-            except StopIteration as done:
-                return done.value
-
-    async def _adrive(self, steps: Iterator[Any]) -> Any:
-        with self._call():
-            try:
-                request = next(steps)
-                while True:
-                    future = self._batcher._submit(self, *request)
-                    try:
-                        result = await asyncio.wrap_future(future)
-                    except asyncio.CancelledError:
-                        self.close()  # the caller went away: its queued chunk is dropped, nothing is committed
-                        raise
-                    request = steps.send(result)
-            except StopIteration as done:
-                return done.value
 
 
 class Batcher:
     """Runs the chunks of all its sessions in batched model calls (see the module docstring).
 
     ``Batcher(t2w, max_batch=16, max_wait_ms=10.0, max_cache_bytes=None)``; ``b.stream(...)`` takes the
-    arguments of ``Token2Wav.stream``. Use as a context manager or call ``close()`` to stop its thread.
+    arguments of ``Token2Wav.stream``. Use as a context manager or call ``close()`` to stop its threads.
+    workers: threads computing calls (default: two per CPU core, one on a GPU); 0: inline, each chunk computed
+    on the thread that submits it (a batch of one; what ``Token2Wav.stream()`` uses).
     paged_kv: keep cached sessions' keys/values in a page pool (False: per-session tensors, the earlier
     path, kept for comparison); page_frames: frames per page; buckets: the padded sizes of fixed-shape
     batches (default ``ShapeBuckets()``); without graphs, given buckets pad the eager calls' attention too
@@ -314,8 +176,8 @@ class Batcher:
             # call per core fills the gaps (load test, mid-size CosyVoice 3 on 2 cores: 4 real-time streams
             # with 2 workers, 7 with 4). GPU: one stream of calls.
             workers = 1 if t2w.device.type != "cpu" else max(1, min(2 * (os.cpu_count() or 1), 16))
-        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
-            raise ValueError(f"workers must be an int in [1, 64] or None, got {workers!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
+            raise ValueError(f"workers must be an int in [0, 64] or None (0: inline), got {workers!r}")
         if graphs and not (paged_kv and has_fixed_shapes(getattr(getattr(t2w.flow, "decoder", None), "estimator",
                                                                   None))):  # fmt: skip
             raise ValueError(
@@ -325,9 +187,9 @@ class Batcher:
         if isinstance(page_frames, bool) or not isinstance(page_frames, int) or not 1 <= page_frames <= 1024:
             raise ValueError(f"page_frames must be an int in [1, 1024], got {page_frames!r}")
         self.t2w = t2w
-        self.paged_kv = bool(paged_kv) and hasattr(getattr(t2w.flow, "decoder", None), "solve_rows") and hasattr(
-            getattr(t2w.flow.decoder, "estimator", None), "kv_layout"
-        )
+        decoder = getattr(t2w.flow, "decoder", None)
+        self.paged_kv = (bool(paged_kv) and isinstance(decoder, RowsSolver)
+                         and isinstance(getattr(decoder, "estimator", None), KVLayoutEstimator))
         self.page_frames = page_frames
         self.buckets = ShapeBuckets() if buckets is None else buckets
         self._eager_buckets = buckets  # None: exact sizes
@@ -336,8 +198,10 @@ class Batcher:
         # with graphs: per (flow decoder, n_timesteps) -- the engine's flow, or its int8 copy (constrained preset)
         self._padded: dict[tuple[int, int], PaddedSolver] = {}
         self._independent: dict[int, bool] = {}  # per flow (id): rows_are_independent
-        self._running: Counter[BatchedSession] = Counter()  # sessions with a chunk being computed
-        self._release_after_step: set[BatchedSession] = set()
+        self._running: Counter[StreamSession] = Counter()  # sessions with a chunk being computed
+        self._release_after_step: set[StreamSession] = set()
+        self._pending_tables: dict[StreamSession, PageTable | None] = {}  # their pages, freed after the step
+        self._row_sessions: dict[Row, StreamSession] = {}  # rows being computed -> their sessions
         # calls that can compute side by side: CPU cores (a call's Python runs on one), one GPU stream
         self._cores = 1 if t2w.device.type != "cpu" else max(1, os.cpu_count() or 1)
         self.max_batch = max_batch
@@ -362,7 +226,7 @@ class Batcher:
         self._inflight = 0  # jobs being computed by a worker
         self._idle_workers = 0
         # open sessions, held weakly: one dropped without close() or finish() is released by its finalizer
-        self._sessions: weakref.WeakSet[BatchedSession] = weakref.WeakSet()
+        self._sessions: weakref.WeakKeyDictionary[StreamSession, _Reservation] = weakref.WeakKeyDictionary()
         self._reserved = 0
         self._closed = False
         # statistics (read by the server's /metrics and by bench)
@@ -374,6 +238,12 @@ class Batcher:
         self.ops_counted = 0
         self.ops_rows = 0  # chunks computed while counting
         self.workers = workers
+        self.inline = workers == 0
+        # submission-to-delivery time of chunks at the current load: sessions plan adaptive hops and their
+        # recommended start buffer with it (streaming/pacing.py)
+        self.compute = ComputeMeter()
+        self.first_audio_budget_s = FIRST_AUDIO_BUDGET_S
+        self._calls: deque[tuple[float, float]] = deque(maxlen=64)  # (wall seconds, audio seconds) per call
         self._threads = [threading.Thread(target=self._loop, name=f"token2wav-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for thread in self._threads:
@@ -381,36 +251,39 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------------------- public
 
-    def stream(self, prompt: Any = None, **options: Any) -> BatchedSession:
-        """A batched streaming session; arguments as ``Token2Wav.stream``."""
+    def stream(self, prompt: Any = None, **options: Any) -> StreamSession:
+        """A streaming session whose chunks this batcher computes; arguments as ``Token2Wav.stream``."""
         if self._closed:
             raise BatcherClosedError("the batcher is closed")
-        session = BatchedSession(batcher=self, **self.t2w.session_options(prompt, **options))
+        setup = self.t2w.session_setup(prompt, **options)
+        session = StreamSession(scheduler=self, **setup)
+        spec = session.spec
         with self._cv:
-            shares = self._independent.get(id(session.flow))
+            shares = self._independent.get(id(spec.flow))
         if shares is None:  # once per flow (the engine's, its int8 copy): the flows outlive the batcher
-            shares = rows_are_independent(session.flow)
+            shares = rows_are_independent(spec.flow)
             with self._cv:
-                self._independent[id(session.flow)] = shares
-        session._shares_calls = shares
-        if self.paged_kv and session.mode == "cached" and session._shares_calls:
-            session._kv_table = PageTable(self._pool(session.n_timesteps))
-        need = self._session_bytes(session, session.prompt.num_tokens + session.plan.pad + session.plan.hop)
+                self._independent[id(spec.flow)] = shares
+        reservation = _Reservation(shares_calls=shares)
+        if self.paged_kv and spec.mode == "cached" and shares:
+            reservation.table = PageTable(self._pool(spec.n_timesteps))
+        first = session.prompt.num_tokens + session.plan.pad + session.plan.hop
+        need = self._session_bytes(session, reservation, first)
         with self._cv:
             self._admit(need, 0)
-            session.reserved_bytes = need
+            reservation.nbytes = need
             self._reserved += need
-            self._sessions.add(session)
-        weakref.finalize(session, self._abandoned, session._reservation)
+            self._sessions[session] = reservation
+        weakref.finalize(session, self._abandoned, reservation)
         return session
 
     def _abandoned(self, reservation: _Reservation) -> None:
         """A session garbage-collected without close() or finish(): its reservation and pages come back (no
         chunk of it can be running: a running chunk holds the session)."""
-        if reservation.released:
-            return
-        reservation.released = True
         with self._cv:
+            if reservation.released:
+                return
+            reservation.released = True
             self._reserved -= reservation.nbytes
             reservation.nbytes = 0
         if reservation.table is not None:
@@ -454,6 +327,37 @@ class Batcher:
                                                           graphs=pool.device.type == "cuda",
                                                           budget=self.memory)  # fmt: skip
             return solver
+
+    def holds_pages(self, session: StreamSession) -> bool:
+        """Whether the session's keys and values live in this batcher's page pool."""
+        with self._cv:
+            reservation = self._sessions.get(session)
+            return reservation is not None and reservation.table is not None
+
+    def pages_of(self, session: StreamSession) -> list[int]:
+        """The pool pages the session holds now (for inspection and tests)."""
+        with self._cv:
+            reservation = self._sessions.get(session)
+            table = None if reservation is None else reservation.table
+        return [] if table is None else list(table.pages)
+
+    def reserved_bytes_of(self, session: StreamSession) -> int:
+        with self._cv:
+            reservation = self._sessions.get(session)
+            return 0 if reservation is None else reservation.nbytes
+
+    def capacity(self) -> float | None:
+        """Audio seconds this batcher computes per wall second when its calls run back to back, measured over
+        its recent calls (each call's audio over its wall time, times the calls that run side by side: one per
+        core on a CPU, one on a GPU). None until 8 calls were seen. Measured at the current batch sizes: busier
+        GPUs batch more and do better than this."""
+        with self._cv:
+            calls = list(self._calls)
+        if len(calls) < 8:
+            return None
+        wall = sum(w for w, _ in calls)
+        side_by_side = max(1, min(self.workers, self._cores)) if not self.inline else 1
+        return sum(a for _, a in calls) / max(wall, 1e-9) * side_by_side
 
     @property
     def sessions_open(self) -> int:
@@ -508,7 +412,7 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------------------- accounting
 
-    def _session_bytes(self, session: BatchedSession, tokens: int) -> int:
+    def _session_bytes(self, session: StreamSession, reservation: _Reservation, tokens: int) -> int:
         """The cache a session holds once it has ``tokens`` (prompt included): what it is charged."""
         frames = tokens * self._ratio
         if session.mode == "recompute":
@@ -519,7 +423,7 @@ class Batcher:
             prompt = -(-session.prompt.num_tokens * self._ratio // chunk) * chunk
             hop = (session.plan.max_hop or session.plan.hop) * self._ratio + chunk
             frames = min(frames, prompt + int(session.window_frames) + hop)
-        if session._kv_table is not None:
+        if reservation.table is not None:
             return -(-frames // self.page_frames) * self.page_frames * self._bytes_per_frame
         return int(frames * self._bytes_per_frame * _STORE_GROWTH)
 
@@ -533,52 +437,91 @@ class Batcher:
                 "retry later or raise the budget"
             )
 
-    def _forget(self, session: BatchedSession) -> None:
+    # ---------------------------------------------------------------------------------------------- sessions' calls
+
+    def release(self, session: StreamSession) -> None:
+        """The session finished or closed: its reservation and pages come back (pages after the step it is in,
+        if any). Idempotent."""
         with self._cv:
-            if session in self._sessions:
-                self._sessions.discard(session)
-                self._reserved -= session.reserved_bytes
-                session.reserved_bytes = 0
+            reservation = self._sessions.pop(session, None)
+            if reservation is None or reservation.released:
+                return
+            reservation.released = True
+            self._reserved -= reservation.nbytes
+            reservation.nbytes = 0
             if self._running[session]:  # its pages are still being read or written: free them after the step
                 self._release_after_step.add(session)
+                self._pending_tables[session] = reservation.table
                 return
-        self._free_pages(session)
+            self._running.pop(session, None)
+        if reservation.table is not None:
+            reservation.table.release()
 
-    @staticmethod
-    def _free_pages(session: BatchedSession) -> None:
-        if session._kv_table is not None:
-            session._kv_table.release()
-
-    # ---------------------------------------------------------------------------------------------- queue
-
-    def _pushing(self, delta: int) -> None:
+    def call_started(self) -> None:
+        """A session began a push or finish (its next chunk may be queued soon: worth waiting for)."""
         with self._cv:
-            self._pushers += delta
+            self._pushers += 1
             self._cv.notify_all()
 
-    def _submit(self, session: BatchedSession, work: SessionState, em: Emission) -> Future:
-        need = self._session_bytes(session, session.prompt.num_tokens + em.prefix)
+    def call_ended(self) -> None:
+        with self._cv:
+            self._pushers -= 1
+            self._cv.notify_all()
+
+    def submit(self, session: StreamSession, work: SessionState, em: Emission) -> Future[Chunk]:
+        """Queue one planned chunk (inline: compute it now); the future gets its ``Chunk``."""
         with self._cv:
             if self._closed:
                 raise BatcherClosedError("the batcher is closed")
-            if session._closing:
+            reservation = self._sessions.get(session)
+            if session.closing or reservation is None:
                 raise SessionClosedError("the session was closed")
-            if need > session.reserved_bytes:
-                self._admit(need, session.reserved_bytes)
-                self._reserved += need - session.reserved_bytes
-                session.reserved_bytes = need
-            job = _Job(session, work, em, time.perf_counter())
-            self._queue.append(job)
-            self._cv.notify_all()
+            need = self._session_bytes(session, reservation, session.prompt.num_tokens + em.prefix)
+            if need > reservation.nbytes:
+                self._admit(need, reservation.nbytes)
+                self._reserved += need - reservation.nbytes
+                reservation.nbytes = need
+            row = Row(spec=session.spec, work=work, emission=em, table=reservation.table)
+            job = _Job(session, row, time.perf_counter(), self._group(session, reservation), session.deadline)
+            if self.inline:
+                self._running[session] += 1
+                self._row_sessions[row] = session
+                self._inflight += 1
+            else:
+                self._queue.append(job)
+                self._cv.notify_all()
+        if self.inline:
+            self._execute([job])
         return job.future
 
-    def _drop(self, session: BatchedSession) -> None:
+    def cancel(self, session: StreamSession) -> None:
+        """Drop the session's queued chunks (close()); one being computed is discarded when it ends."""
         with self._cv:
             dropped = [j for j in self._queue if j.session is session]
             for job in dropped:
                 self._queue.remove(job)
         for job in dropped:
             job.future.set_exception(SessionClosedError("the session was closed"))
+
+    def _latest_start(self) -> float:
+        """When the queue's most urgent row must start to be delivered before its deadline (under the lock); no
+        bound until a few chunks were measured (max_wait_ms alone then)."""
+        if len(self.compute.samples) < 4:
+            return float("inf")
+        slow = self.compute.p95_ratio()
+        return min(self._deadline(j) - slow * self.compute.seconds(j.row.emission.end - j.row.emission.start)
+                   - SAFETY_MARGIN_S for j in self._queue)
+
+    def _deadline(self, job: _Job) -> float:
+        dry = job.deadline
+        return dry if dry < float("inf") else job.queued_at + self.first_audio_budget_s
+
+    @staticmethod
+    def _group(session: StreamSession, reservation: _Reservation) -> tuple[Any, ...]:
+        """Jobs with equal keys may share a call."""
+        if session.mode == "recompute" or not isinstance(session.flow, RowsFlow) or not reservation.shares_calls:
+            return ("alone", id(session))
+        return (id(session.flow), session.n_timesteps, reservation.table is not None)
 
     def _take(self) -> list[_Job] | None:
         """Block until a group of jobs is ready; None when closed."""
@@ -590,7 +533,9 @@ class Batcher:
                         self._cv.wait()
                     if self._closed:
                         return None
-                    deadline = self._queue[0].queued_at + self.max_wait_s
+                    # wait for more rows only while the most urgent one can afford it (its chunk still computed
+                    # before its listener runs dry), and at most max_wait_ms
+                    deadline = min(self._queue[0].queued_at + self.max_wait_s, self._latest_start())
                     # wait for sessions that are mid-push and have not queued their next chunk yet (those being
                     # computed by another worker cannot queue before it ends)
                     while (self._queue and len(self._queue) < min(self._pushers - self._inflight, self.max_batch)
@@ -603,8 +548,9 @@ class Batcher:
                         return None
                     if self._queue:  # else a closed session's jobs were dropped meanwhile, or another worker took them
                         break
-                # first chunks first, then arrival order
-                order = sorted(self._queue, key=lambda j: (j.emission.index > 0, j.queued_at))
+                # earliest deadline first: when the row's listener runs dry, or for a first chunk its arrival
+                # plus the first-audio budget (a fixed deadline per row: none waits forever)
+                order = sorted(self._queue, key=self._deadline)
                 key = order[0].group
                 group = [j for j in order if j.group == key]
                 # split the ready rows over the cores that no call occupies yet (two half batches on two free
@@ -615,6 +561,7 @@ class Batcher:
                 for job in batch:
                     self._queue.remove(job)
                     self._running[job.session] += 1
+                    self._row_sessions[job.row] = job.session
                 self._inflight += len(batch)
                 return batch
             finally:
@@ -625,162 +572,88 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
-            started = time.perf_counter()
-            ops = None
-            try:
-                ops = count_aten_ops(lambda batch=batch: self._run(batch)) if self.count_ops else None
-                if ops is None:
-                    self._run(batch)
-            except BaseException as exc:  # noqa: BLE001 - a worker never dies with callers waiting on it
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-            waits = [started - j.queued_at for j in batch]
-            self._flow_done(batch)  # (those a failure left marked running)
-            with self._cv:
-                self._inflight -= len(batch)
-                self._cv.notify_all()
-                if ops is not None:
-                    self.ops_counted += ops
-                    self.ops_rows += len(batch)
-                self.batch_sizes[len(batch)] += 1
-                self.jobs_done += len(batch)
-                self.queue_wait_s += sum(waits)
-            for listener in list(self.listeners):
-                try:
-                    listener(len(batch), waits)
-                except Exception:  # noqa: BLE001 - statistics must never stop the worker
-                    pass
+            self._execute(batch)
             # while this worker waits for the next batch, it must not keep the last one's sessions alive: a
             # session its caller dropped is released by its finalizer
             del batch
-            job = None  # noqa: F841
+
+    def _execute(self, batch: list[_Job]) -> None:
+        """Compute a taken batch (its sessions counted as running), deliver its chunks, keep statistics."""
+        started = time.perf_counter()
+        ops = None
+        try:
+            ops = count_aten_ops(lambda: self._run(batch)) if self.count_ops else None
+            if ops is None:
+                self._run(batch)
+        except BaseException as exc:  # noqa: BLE001 - a worker never dies with callers waiting on it
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        waits = [started - j.queued_at for j in batch]
+        delivered = time.perf_counter()
+        audio_s = sum((j.row.emission.end - j.row.emission.start) * j.row.spec.audio_s_per_token for j in batch)
+        self._flow_done([j.row for j in batch if not j.row.flow_finished])  # those a failure left running
+        with self._cv:
+            self._inflight -= len(batch)
+            self._cv.notify_all()
+            if ops is not None:
+                self.ops_counted += ops
+                self.ops_rows += len(batch)
+            self.batch_sizes[len(batch)] += 1
+            self._calls.append((delivered - started, audio_s))
+            for job in batch:
+                em = job.row.emission
+                if job.future.done() and job.future.exception() is None:
+                    self.compute.observe(em.end - em.start, delivered - job.queued_at)
+            self.jobs_done += len(batch)
+            self.queue_wait_s += sum(waits)
+        for listener in list(self.listeners):
+            try:
+                listener(len(batch), waits)
+            except Exception:  # noqa: BLE001 - statistics must never stop the worker
+                pass
 
     # ---------------------------------------------------------------------------------------------- model calls
 
-    def _flow_done(self, jobs: list[_Job]) -> None:
-        """These jobs' flow work is over (before any of their futures is set): a session closed or finished
+    def _flow_done(self, rows: list[Row]) -> None:
+        """These rows' flow work is over (before any of their futures is set): a session closed or finished
         meanwhile gets its pages back now."""
         release = []
         with self._cv:
-            for job in jobs:
-                if job.flow_done:
+            for row in rows:
+                row.flow_finished = True
+                session = self._row_sessions.pop(row, None)
+                if session is None:
                     continue
-                job.flow_done = True
-                self._running[job.session] -= 1
-                if not self._running[job.session]:
-                    del self._running[job.session]
-                    if job.session in self._release_after_step:
-                        self._release_after_step.discard(job.session)
-                        release.append(job.session)
-        for session in release:
-            self._free_pages(session)
+                self._running[session] -= 1
+                if self._running[session] <= 0:
+                    del self._running[session]
+                    if session in self._release_after_step:
+                        self._release_after_step.discard(session)
+                        release.append(self._pending_tables.pop(session, None))
+        for table in release:
+            if table is not None:
+                table.release()
 
     def _run(self, batch: list[_Job]) -> None:
         live = []
         for job in batch:
-            if job.session._closing:
-                self._flow_done([job])
+            if job.session.closing:
+                self._flow_done([job.row])
                 job.future.set_exception(SessionClosedError("the session was closed"))
             elif job.future.set_running_or_notify_cancel():
                 live.append(job)
             else:
-                self._flow_done([job])
+                self._flow_done([job.row])
         if not live:
             return
-        try:
-            with torch.inference_mode():
-                flows = self._flow_rows(live)
-            self._flow_done(live)
-        except Exception:  # noqa: BLE001 - isolate the failing row; the others still get their chunks
-            flows = None
-        recorded: list[tuple[_Job, torch.Tensor]] = []
-        for i, job in enumerate(live):
-            try:
-                with torch.inference_mode():
-                    try:
-                        mel = flows[i] if flows is not None else self._flow_rows([job])[0]
-                    finally:
-                        self._flow_done([job])
-                    mel_out = job.session._record(job.work, job.emission, mel)
-            except BaseException as exc:  # noqa: BLE001 - delivered to the row's caller
-                job.future.set_exception(exc)
-                continue
-            if job.session.output == "mel":
-                job.future.set_result(mel_out)
+        padded = self._padded_solver if self.graphs else None
+        results = run_rows([job.row for job in live], buckets=self._eager_buckets, padded=padded,
+                           flow_done=self._flow_done)  # fmt: skip
+        for job, result in zip(live, results):
+            if isinstance(result, CacheExhaustedError) and not isinstance(result, CacheBudgetError):
+                result = CacheBudgetError(str(result))
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
             else:
-                recorded.append((job, mel))
-        self._vocode_rows(recorded)
-
-    def _vocode_rows(self, rows: list[tuple[_Job, torch.Tensor]]) -> None:
-        """Each row's audio: HiFi-GAN and causal HiFT rows through their batched steps (which stack the rows
-        that can share a call), other vocoders row by row."""
-        from ..models.hifigan import vocode_stream_rows
-
-        def hifigan(voc: Any, mels: list, states: list, finals: list) -> list:
-            return vocode_stream_rows(voc, mels, states, finals)
-
-        def causal(voc: Any, mels: list, states: list, finals: list) -> list:
-            return voc.stream_step_rows(mels, states, finals)
-
-        steppers = {"hifigan": hifigan, "causal": causal}
-        by_kind: dict[str, list[tuple[_Job, torch.Tensor]]] = {}
-        alone: list[tuple[_Job, torch.Tensor]] = []
-        for job, mel in rows:
-            kind = job.session.vocoder_kind
-            if kind in steppers and job.session.mode != "recompute":
-                by_kind.setdefault(kind, []).append((job, mel))
-            else:
-                alone.append((job, mel))
-        for kind, group in by_kind.items():
-            if len(group) == 1:
-                alone += group
-                continue
-            try:
-                with torch.inference_mode():
-                    outs = steppers[kind](
-                        group[0][0].session.vocoder, [mel for _, mel in group],
-                        [job.work.vocoder_state for job, _ in group], [job.emission.finalize for job, _ in group],
-                    )  # fmt: skip
-            except Exception:  # noqa: BLE001 - fall back to one row at a time below
-                alone += group
-                continue
-            for (job, _), (audio, state) in zip(group, outs):
-                job.work.vocoder_state = state
-                job.future.set_result(audio[0].float().cpu().numpy())
-        for job, mel in alone:
-            try:
-                with torch.inference_mode():
-                    speech = job.session._vocode(job.work, mel, job.emission.finalize)
-            except BaseException as exc:  # noqa: BLE001 - delivered to the row's caller
-                job.future.set_exception(exc)
-            else:
-                job.future.set_result(speech[0].float().cpu().numpy())
-
-    def _flow_rows(self, jobs: list[_Job]) -> list[torch.Tensor]:
-        """Each job's mel; cached sessions in one ``stream_step_rows`` call, committing their flow states."""
-        paged = jobs[0].session._kv_table is not None
-        if jobs[0].group[0] == "alone" or (len(jobs) == 1 and not paged):
-            return [job.session._flow_chunk(job.work, job.emission) for job in jobs]
-        sessions = [job.session for job in jobs]
-        states = [s._flow_state(job.work) for s, job in zip(sessions, jobs)]
-        extra: dict[str, Any] = {}
-        if paged:
-            extra = {"tables": [s._kv_table for s in sessions], "buckets": self._eager_buckets}
-            if self.graphs:
-                extra["padded"] = self._padded_solver(sessions[0].flow, sessions[0].n_timesteps)
-        try:
-            rows = sessions[0].flow.stream_step_rows(
-                states,
-                [job.work.tokens[:, : job.emission.prefix] for job in jobs],
-                finalize=[job.emission.finalize for job in jobs],
-                lookahead=[s.lookahead for s in sessions],
-                **extra,
-            )
-        except PoolExhaustedError as exc:
-            raise CacheBudgetError(f"cache budget exceeded: {exc}") from exc
-        mels = []
-        for s, job, (mel, new_state) in zip(sessions, jobs, rows):
-            s._commit_flow(job.work, job.emission, new_state)
-            mels.append(mel)
-        return mels
+                job.future.set_result(result)

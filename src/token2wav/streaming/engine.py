@@ -1,7 +1,9 @@
-"""Token2Wav: one loaded model, offline synthesis and any number of independent streaming sessions.
+"""Token2Wav: one loaded model; it resolves what a stream or an offline decode is, and hands out sessions.
 
 The engine holds the flow and vocoder (stateless modules, shared read-only), the model config, and a prompt
-cache: a voice prompt's flow state is computed once and reused by every session with the same prompt.
+cache: a voice prompt's flow state is computed once and reused by every session with the same prompt. It turns
+options and prompts into a session's fixed settings (``compute.StreamSpec``) and hop plan; the model calls
+themselves are ``compute.py``'s, and ``stream()`` sessions run on an inline ``Batcher`` (a batch of one).
 """
 
 from __future__ import annotations
@@ -24,19 +26,13 @@ from ..memory import (
     is_out_of_memory,
     out_of_memory_message,
 )
-from ..presets import PRESETS, PresetSettings, resolve_preset
-from .schedule import DEFAULT_MAX_HOP_CHUNKS, SCHEDULES, HopPlan, chunk_tokens, prompt_pad, validate_hop
-from .session import (
-    MODES,
-    OUTPUTS,
-    PreparedPrompt,
-    RngSpec,
-    StreamSession,
-    as_tokens,
-    make_rng,
-    vocoder_kind,
-)
-from .state import PromptCache, tensor_digest, trim_flow_state
+from ..models.interfaces import CachedFlow, WindowedEstimator
+from ..presets import PresetSettings, resolve_preset
+from .compute import StreamSpec, offline_mel, prompt_flow_state, vocode_whole, vocoder_kind
+from .options import OUTPUTS, StreamOptions
+from .schedule import HopPlan, chunk_tokens, prompt_pad
+from .session import RngSpec, StreamSession, as_tokens, make_rng
+from .state import PreparedPrompt, PromptCache, tensor_digest, trim_flow_state
 
 __all__ = ["Token2Wav", "Prompt"]
 
@@ -163,6 +159,8 @@ class Token2Wav:
         self._dtype = ref.dtype if ref is not None else torch.float32
         # offline chunk attention above this many mel frames runs chunk by chunk (token2wav.memory)
         self.one_shot_frames = ONE_SHOT_FRAMES
+        self._inline_batcher: Any = None  # runs stream() sessions on their callers' threads; made on first use
+        self._inline_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -228,7 +226,7 @@ class Token2Wav:
 
     @property
     def vocoder_kind(self) -> str | None:
-        """'causal', 'hifigan', 'crossfade' or None; see ``session.vocoder_kind``."""
+        """'causal', 'hifigan', 'crossfade' or None; see ``compute.vocoder_kind``."""
         return vocoder_kind(self._vocoder)
 
     # ------------------------------------------------------------------------------------------ prompts
@@ -287,18 +285,8 @@ class Token2Wav:
 
     def _prompt_state(self, flow: nn.Module, prompt: PreparedPrompt, **options: Any) -> Any:
         """The flow's cache after the prompt, computed once per (prompt, flow, options) and shared."""
-        if not hasattr(flow, "stream_start"):
-            raise NotImplementedError(
-                f"{type(flow).__name__} has no cached streaming API (stream_start / stream_step); "
-                "use mode='recompute'"
-            )
         key = (prompt.digest, id(flow), tuple(sorted(options.items())))
-
-        def compute() -> Any:
-            with torch.inference_mode():
-                return flow.stream_start(prompt.tokens, prompt.feat, prompt.embedding, **options)
-
-        return self.prompt_cache.get_or_compute(key, compute)
+        return self.prompt_cache.get_or_compute(key, lambda: prompt_flow_state(flow, prompt, **options))
 
     def _default_lookahead_override(self) -> int | None:
         """The config's run-time lookahead where it differs from the flow's trained (maximum) one.
@@ -484,19 +472,16 @@ class Token2Wav:
         if attention == "chunk" and look is not None:
             extra["lookahead"] = look  # the same lookahead a default stream decodes with
         try:
-            with torch.inference_mode():
-                if attention == "chunk" and frames > self.one_shot_frames:
-                    # long input: chunk by chunk through the cached path (the same mel to float rounding),
-                    # so memory grows linearly with length instead of with its square
-                    mel = self._chunked_mel(ids, prompt)
-                else:
-                    mel = self._flow.inference(
-                        ids, p.tokens, p.feat, p.embedding, streaming=attention == "chunk", finalize=True,
-                        n_timesteps=self.n_timesteps, **extra,
-                    )
-                if output == "mel":
-                    return mel[0].float().cpu().numpy()
-                return self.vocode(mel, rng=rng)
+            if attention == "chunk" and frames > self.one_shot_frames:
+                # long input: chunk by chunk through the cached path (the same mel to float rounding),
+                # so memory grows linearly with length instead of with its square
+                mel = self._chunked_mel(ids, prompt)
+            else:
+                mel = offline_mel(self._flow, ids, p, streaming=attention == "chunk", n_timesteps=self.n_timesteps,
+                                  **extra)  # fmt: skip
+            if output == "mel":
+                return mel[0].float().cpu().numpy()
+            return self.vocode(mel, rng=rng)
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise InsufficientMemoryError(out_of_memory_message(exc, "offline synthesis")) from None
@@ -518,46 +503,28 @@ class Token2Wav:
         if mel.dim() == 2:
             mel = mel.unsqueeze(0)
         mel = mel.to(device=self._device, dtype=self._dtype)
-        with torch.inference_mode():
-            kind = vocoder_kind(self._vocoder)
-            if kind == "causal" and mel.shape[-1] > self.one_shot_frames:
-                # a long mel through the causal vocoder's streaming API, piece by piece (the same samples
-                # to float rounding), so its activations stay bounded
-                step, cache, parts = self.one_shot_frames, None, []
-                for start in range(0, mel.shape[-1], step):
-                    last = start + step >= mel.shape[-1]
-                    part, cache = self._vocoder.stream_step(mel[..., start : start + step], cache, finalize=last)
-                    parts.append(part)
-                speech = torch.cat(parts, dim=-1)
-            elif kind == "causal":
-                speech = self._vocoder.inference(mel, finalize=True)[0]
-            elif kind == "hifigan":
-                speech = self._vocoder(mel)[:, 0]
-            else:
-                gen = make_rng(rng)[0](0)
-                speech = self._vocoder.inference(mel, generator=gen)[0]
+        speech = vocode_whole(self._vocoder, mel, rng=make_rng(rng)[0], piece_frames=self.one_shot_frames)
         return speech[0].float().cpu().numpy()
 
     # ------------------------------------------------------------------------------------------ streaming
-
-    def _session_chunk(self, hop: int | None) -> tuple[int, int | None]:
-        """(chunk tokens the session decodes with, chunk_size override for the flow in frames or None)."""
-        trained = self._chunk
-        supported = getattr(self._config, "supported_chunk_tokens", None)
-        if hop is None or hop % trained == 0 or not supported:
-            return trained, None
-        lo, hi = supported
-        if lo <= hop <= hi:
-            return hop, hop * int(self._config.token_mel_ratio)
-        return trained, None
 
     def stream(self, prompt: Prompt | None = None, **options: Any) -> StreamSession:
         """Start a streaming session. See StreamSession for push / finish / close.
 
         Options (keyword-only): hop, schedule, max_hop, mode, window_frames, preset, output, rng,
-        pre_lookahead_len; see ``session_options``.
+        pre_lookahead_len; see ``session_setup``.
         """
-        return StreamSession(**self.session_options(prompt, **options))
+        return self._inline().stream(prompt, **options)
+
+    def _inline(self) -> Any:
+        """The engine's inline batcher: every ``stream()`` session's chunks are computed on its caller's thread,
+        by the same code as a batched session's, with its keys/values in a page pool (no growth copies)."""
+        with self._inline_lock:
+            if self._inline_batcher is None:
+                from .batcher import Batcher
+
+                self._inline_batcher = Batcher(self, workers=0, max_batch=1)
+            return self._inline_batcher
 
     def batcher(self, **kwargs: Any) -> Any:
         """A ``token2wav.Batcher`` for this engine: sessions whose chunks run batched (see ``streaming/batcher``)."""
@@ -565,21 +532,9 @@ class Token2Wav:
 
         return Batcher(self, **kwargs)
 
-    def session_options(
-        self,
-        prompt: Prompt | None = None,
-        *,
-        hop: int | None = None,
-        schedule: str | None = None,
-        max_hop: int | None = None,
-        mode: str = "cached",
-        window_frames: int | None = None,
-        preset: str | None = None,
-        output: str = "audio",
-        rng: RngSpec = None,
-        pre_lookahead_len: int | None = None,
-    ) -> dict[str, Any]:
-        """Validate a stream's options and resolve them into a StreamSession's constructor arguments.
+    def session_setup(self, prompt: Prompt | None = None, *, rng: RngSpec = None, **options: Any) -> dict[str, Any]:
+        """Resolve a stream's options (``StreamOptions``: hop, schedule, max_hop, mode, window_frames, preset,
+        output, pre_lookahead_len) and prompt into a StreamSession's settings: its spec, hop plan and rng.
 
         hop: tokens per emission (default one chunk); the first emission adds the prompt pad.
         schedule: 'fixed' (default) or 'exponential' (the reference's doubling up to ``max_hop``, default
@@ -588,89 +543,27 @@ class Token2Wav:
         preset: fills hop / schedule / max_hop left unset (see ``token2wav.presets``); 'constrained' also
         decodes with an int8 flow. pre_lookahead_len: only where the model supports another lookahead.
         """
+        unknown = set(options) - set(StreamOptions.names())
+        if unknown:
+            raise TypeError(f"unknown stream option(s) {', '.join(sorted(unknown))}; options are "
+                            f"{', '.join(StreamOptions.names())}, rng")
         cfg = self._config
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if schedule is not None and schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        settings: PresetSettings | None = None
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-            settings = resolve_preset(preset, cfg)
-            hop = settings.hop if hop is None else hop
-            schedule = settings.schedule if schedule is None else schedule
-            if schedule == "exponential" and max_hop is None:
-                max_hop = settings.max_hop
-        schedule = schedule or "fixed"
-        chunk, chunk_frames = self._session_chunk(hop)
-        dynamic = chunk_frames is not None
-        if hop is None:
-            hop = chunk
-        else:
-            try:
-                validate_hop(hop, chunk, name="hop")
-            except ValueError as exc:
-                supported = getattr(cfg, "supported_chunk_tokens", None)
-                if supported:
-                    raise ValueError(f"{exc}; or any hop in {supported[0]}..{supported[1]} tokens, which "
-                                     "this model supports as a dynamic chunk") from None
-                raise
-        if max_hop is not None:
-            if schedule != "exponential":
-                raise ValueError("max_hop only applies to schedule='exponential'")
-            validate_hop(max_hop, chunk, name="max_hop")
-            if max_hop < hop:
-                raise ValueError(f"max_hop={max_hop} must be >= hop={hop}")
-        elif schedule == "exponential":
-            max_hop = max(hop, DEFAULT_MAX_HOP_CHUNKS * chunk)
-        lookahead = int(cfg.pre_lookahead_len)
-        look_override = None
-        if pre_lookahead_len is not None and pre_lookahead_len != lookahead:
-            supported = getattr(cfg, "supported_pre_lookahead", None)
-            if not supported or not (supported[0] <= pre_lookahead_len <= supported[1]):
-                allowed = f"{supported[0]}..{supported[1]}" if supported else f"{lookahead} (trained value)"
-                raise ValueError(
-                    f"pre_lookahead_len={pre_lookahead_len} is not supported by this model: allowed {allowed}"
-                )
-            lookahead = look_override = int(pre_lookahead_len)
-        elif look_override is None:
-            look_override = self._default_lookahead_override()
-        if mode == "recompute" and (dynamic or look_override is not None):
-            raise ValueError("mode='recompute' is the reference algorithm: trained chunk and lookahead only")
-        if mode == "window":
-            if window_frames is None:
-                raise ValueError("mode='window' needs window_frames (target frames kept in attention cache)")
-            if isinstance(window_frames, bool) or not isinstance(window_frames, int) or window_frames < 1:
-                raise ValueError(f"window_frames must be a positive int, got {window_frames!r}")
-            frames_per_chunk = chunk * int(cfg.token_mel_ratio)
-            if window_frames % frames_per_chunk:
-                raise ValueError(
-                    f"window_frames={window_frames} must be a multiple of the chunk "
-                    f"({frames_per_chunk} frames)"
-                )
-        elif window_frames is not None:
-            raise ValueError("window_frames only applies to mode='window'")
-
+        trained = int(getattr(self._flow, "pre_lookahead_len", cfg.pre_lookahead_len))
+        opts = StreamOptions(**options).resolve(cfg, trained_lookahead=trained)
+        mode, output, window_frames = opts.mode, opts.output, opts.window_frames
+        chunk, chunk_frames, look_override = opts.chunk, opts.chunk_frames, opts.lookahead_override
         flow = self._flow
-        if settings is not None and settings.quantize:
+        if opts.quantize:
             flow = self.quantized_flow()
         prepared = self.prepare_prompt(prompt)
-        plan = HopPlan(
-            hop=hop,
-            pad=prompt_pad(prepared.num_tokens, chunk),
-            lookahead=lookahead,
-            schedule=schedule,
-            max_hop=max_hop,
-        )
+        plan = HopPlan(hop=opts.hop, pad=prompt_pad(prepared.num_tokens, chunk), lookahead=opts.lookahead,
+                       schedule=opts.schedule, max_hop=opts.max_hop, chunk=chunk)
         options: dict[str, Any] = {"n_timesteps": self.n_timesteps}
         if chunk_frames is not None:
             options["chunk_size"] = chunk_frames
         prompt_state = None
         if mode != "recompute":
-            if not hasattr(flow, "stream_step"):
+            if not isinstance(flow, CachedFlow):
                 raise NotImplementedError(
                     f"{type(flow).__name__} has no cached streaming API yet; use mode='recompute'"
                 )
@@ -681,7 +574,7 @@ class Token2Wav:
         window_fn = None
         if mode == "window":
             estimator = flow.decoder.estimator
-            if not hasattr(estimator, "rotary_embed"):
+            if not isinstance(estimator, WindowedEstimator):
                 raise NotImplementedError(
                     f"mode='window' trims the DiT's attention cache; {type(flow).__name__} has none "
                     "(use mode='cached')"
@@ -691,21 +584,23 @@ class Token2Wav:
 
             def window_fn(state: Any, frames: int) -> Any:
                 return trim_flow_state(state, head_frames=head, window_frames=frames, estimator=estimator)
-        return dict(
+        rng_fn, shared_rng = make_rng(rng)
+        spec = StreamSpec(
             flow=flow,
             vocoder=self._vocoder if output == "audio" else None,
             prompt=prepared,
             prompt_state=prompt_state,
-            plan=plan,
-            token_mel_ratio=int(cfg.token_mel_ratio),
-            vocab_size=int(cfg.vocab_size),
-            samples_per_frame=int(cfg.samples_per_frame),
             mode=mode,
             output=output,
-            window_frames=window_frames,
-            rng=rng,
-            chunk_size=chunk_frames,
-            lookahead=look_override,
+            ratio=int(cfg.token_mel_ratio),
+            samples_per_frame=int(cfg.samples_per_frame),
+            sample_rate=int(cfg.sample_rate),
             n_timesteps=self.n_timesteps,
+            rng=rng_fn,
+            lookahead=look_override,
+            chunk_size=chunk_frames,
+            window_frames=window_frames,
             window_fn=window_fn,
         )
+        return {"spec": spec, "plan": plan, "vocab_size": int(cfg.vocab_size), "shared_rng": shared_rng,
+                "start_buffer_s": opts.start_buffer_s}

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("fixed", "exponential")
+# adaptive: each hop chosen from the listener's clock (streaming/pacing.py), between `hop` and `max_hop`
+SCHEDULES = ("fixed", "exponential", "adaptive")
 # The reference doubles the hop after every emission (its stream_scale_factor).
 GROWTH_FACTOR = 2
 # The reference's cap: four chunks.
@@ -76,7 +77,9 @@ class HopPlan:
     """How many tokens each emission consumes.
 
     ``hop`` is the base hop; emission 0 consumes ``hop + pad``; with the exponential schedule emission k >= 1
-    consumes ``min(max_hop, hop * 2**k)``, the reference's growth, restarted for every session.
+    consumes ``min(max_hop, hop * 2**k)``, the reference's growth, restarted for every session. With the
+    adaptive schedule the session chooses each later hop (a multiple of ``chunk`` in ``[hop, max_hop]``) from
+    its listener's clock; ``hop_at`` then gives the smallest.
     """
 
     hop: int
@@ -84,6 +87,7 @@ class HopPlan:
     lookahead: int
     schedule: str = "fixed"
     max_hop: int | None = None
+    chunk: int | None = None  # the session's chunk: adaptive hops are multiples of it (default: hop)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -101,7 +105,7 @@ class HopPlan:
             raise ValueError(f"index must be >= 0, got {index}")
         if index == 0:
             return self.hop + self.pad
-        if self.schedule == "fixed":
+        if self.schedule in ("fixed", "adaptive"):
             return self.hop
         cap = self.max_hop if self.max_hop is not None else self.hop
         # Stop doubling once past the cap so huge indices stay cheap.

@@ -1,7 +1,9 @@
-"""StreamSession: tokens in, audio (or mel) chunks out.
+"""StreamSession: one stream's plan and state. Tokens in, audio (or mel) chunks out.
 
-A session owns only its state (see ``state.py``); the flow and vocoder it calls are shared, read-only modules.
-Three modes produce the chunks:
+A session decides *what* to compute (which emissions its tokens make ready, from its hop plan) and owns its
+state (``state.py``); it never calls a model. Each planned chunk goes to its scheduler (a ``Batcher``), which
+computes it with ``compute.run_rows``: together with other sessions' chunks in a shared batcher, or at once on
+the caller's thread for ``Token2Wav.stream()`` (a batch of one). Three modes produce the chunks:
 
 * ``recompute``: the reference algorithm. Every emission re-runs the flow on the whole prefix and keeps
   the new frames; the last call uses full attention (the reference's ``stream=False`` on its final call).
@@ -28,21 +30,25 @@ The vocoder's randomness comes from the session's ``rng`` (seed 0 by default), n
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
+from .compute import Chunk, StreamSpec
+from .options import MODES, OUTPUTS
+from .pacing import ComputeMeter, PlaybackClock, RateMeter, choose_hop, recommend_start_buffer
 from .schedule import Emission, HopPlan, final_emission, ready_emissions
-from .state import CrossFadeVocoderState, RevocodeState, SessionState
+from .state import PreparedPrompt, SessionState
 
-MODES = ("cached", "recompute", "window")
-OUTPUTS = ("audio", "mel")
-# The reference's CosyVoice 2 vocoder hand-over: 8 mel frames of context, their samples cross-faded.
-MEL_CACHE_FRAMES = 8
 DEFAULT_TIMESTEPS = 10
 
 RngSpec = int | torch.Generator | Callable[[int], torch.Generator | None] | None
@@ -50,23 +56,6 @@ RngSpec = int | torch.Generator | Callable[[int], torch.Generator | None] | None
 
 class SessionClosedError(RuntimeError):
     """The session was finished or closed and takes no more calls."""
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A validated prompt on the model's device.
-
-    tokens [1, P] int64, feat [1, P * ratio, mel_dim], embedding [1, spk_embed_dim].
-    """
-
-    tokens: torch.Tensor
-    feat: torch.Tensor
-    embedding: torch.Tensor
-    digest: str
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.shape[1])
 
 
 def as_tokens(tokens: Any, vocab_size: int, *, name: str = "tokens", device: Any = "cpu") -> torch.Tensor:
@@ -124,75 +113,83 @@ def make_rng(rng: RngSpec) -> tuple[Callable[[int], torch.Generator | None], tor
     raise TypeError(f"rng must be an int seed, a torch.Generator or a callable, got {type(rng).__name__}")
 
 
-def vocoder_kind(vocoder: torch.nn.Module | None) -> str | None:
-    """How a vocoder streams: 'causal' (own stream_step, e.g. CausalHiFT), 'hifigan' (our HiFi-GAN with
-    its windowed ``vocode_stream``) or 'crossfade' (CosyVoice 2's HiFT, driven the reference's way)."""
-    if vocoder is None:
-        return None
-    if hasattr(vocoder, "stream_step"):
-        return "causal"
-    from ..models.hifigan import HiFiGANGenerator
+class ChunkScheduler(Protocol):
+    """What a session needs from the scheduler that computes its chunks (``Batcher``)."""
 
-    if isinstance(vocoder, HiFiGANGenerator):
-        return "hifigan"
-    return "crossfade"
+    inline: bool  # chunks are computed on the submitting thread
+    compute: ComputeMeter  # submission-to-delivery time of this model's chunks at the current load
 
+    def submit(self, session: StreamSession, work: SessionState, emission: Emission) -> Future[Chunk]: ...
 
-def _hamming(n: int) -> torch.Tensor:
-    # Symmetric Hamming window in float64, as numpy.hamming; the blend is computed in float64 then rounded.
-    return torch.from_numpy(np.hamming(n))
+    def cancel(self, session: StreamSession) -> None: ...
+
+    def release(self, session: StreamSession) -> None: ...
+
+    def call_started(self) -> None: ...
+
+    def call_ended(self) -> None: ...
 
 
 class StreamSession:
-    """One stream: ``push`` tokens as they come, ``finish`` once, ``close`` (or use ``with``)."""
+    """One stream: ``push`` tokens as they come, ``finish`` once, ``close`` (or use ``with``).
 
-    def __init__(
-        self,
-        *,
-        flow: torch.nn.Module,
-        vocoder: torch.nn.Module | None,
-        prompt: PreparedPrompt,
-        prompt_state: Callable[[], Any] | None,
-        plan: HopPlan,
-        token_mel_ratio: int,
-        vocab_size: int,
-        samples_per_frame: int,
-        mode: str = "cached",
-        output: str = "audio",
-        window_frames: int | None = None,
-        rng: RngSpec = None,
-        chunk_size: int | None = None,
-        lookahead: int | None = None,
-        n_timesteps: int = DEFAULT_TIMESTEPS,
-        window_fn: Callable[[Any, int], Any] | None = None,
-    ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if output == "audio" and vocoder is None:
-            raise ValueError("output='audio' needs a vocoder")
-        self.flow = flow
-        self.vocoder = vocoder
-        self.prompt = prompt
-        self._prompt_state = prompt_state
+    ``push`` / ``finish`` return once their chunks are computed; ``apush`` / ``afinish`` await them (the event
+    loop stays free). One call at a time per session: a second concurrent call raises. ``close`` returns at
+    once, even while a chunk is in flight: a queued chunk is dropped, one being computed is discarded.
+    A push that fails leaves the session as it was (the caller may retry with the same tokens).
+    """
+
+    def __init__(self, *, scheduler: ChunkScheduler, spec: StreamSpec, plan: HopPlan, vocab_size: int,
+                 shared_rng: torch.Generator | None = None, start_buffer_s: float | None = None) -> None:
+        self._scheduler = scheduler
+        self.spec = spec
         self.plan = plan
-        self.mode = mode
-        self.output = output
-        self.window_frames = window_frames
-        self.ratio = token_mel_ratio
         self.vocab_size = vocab_size
-        self.samples_per_frame = samples_per_frame
-        self.chunk_size = chunk_size
-        self.lookahead = lookahead
-        self.n_timesteps = n_timesteps
-        self._window_fn = window_fn
-        self._rng, self._shared_gen = make_rng(rng)
-        self._device = prompt.tokens.device
+        self._shared_gen = shared_rng  # rewound when a push fails
+        self._device = spec.prompt.tokens.device
         self._lock = threading.Lock()  # one call at a time per session; sessions never share one
+        self._closing = False
         self.state = SessionState(tokens=torch.zeros(1, 0, dtype=torch.int64, device=self._device))
-        self.vocoder_kind = vocoder_kind(vocoder)
-        self.last_mel: np.ndarray | None = None
+        self.last_mel: np.ndarray | None = None  # the mel behind the newest chunk, for inspection and tests
+        self.compute_s = {"flow": 0.0, "vocoder": 0.0}  # wall time of the model calls behind its chunks
+        # the listener's clock: its start buffer is the caller's, or the recommendation when audio first leaves
+        self._explicit_buffer_s = start_buffer_s
+        self.playback = PlaybackClock(start_buffer_s=start_buffer_s or 0.0)
+        self.arrivals = RateMeter(prior=1.0 / spec.audio_s_per_token)  # the model's own rate until measured
+
+    # ---------------------------------------------------------------------------------------------- settings
+
+    @property
+    def flow(self) -> nn.Module:
+        return self.spec.flow
+
+    @property
+    def vocoder(self) -> nn.Module | None:
+        return self.spec.vocoder
+
+    @property
+    def prompt(self) -> PreparedPrompt:
+        return self.spec.prompt
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode
+
+    @property
+    def output(self) -> str:
+        return self.spec.output
+
+    @property
+    def n_timesteps(self) -> int:
+        return self.spec.n_timesteps
+
+    @property
+    def window_frames(self) -> int | None:
+        return self.spec.window_frames
+
+    @property
+    def vocoder_kind(self) -> str | None:
+        return self.spec.vocoder_kind
 
     # ---------------------------------------------------------------------------------------------- public
 
@@ -205,6 +202,11 @@ class StreamSession:
         return self.state.closed
 
     @property
+    def closing(self) -> bool:
+        """close() was called (its chunks in flight are being dropped)."""
+        return self._closing
+
+    @property
     def tokens_received(self) -> int:
         return self.state.available
 
@@ -212,32 +214,96 @@ class StreamSession:
     def tokens_emitted(self) -> int:
         return self.state.offset
 
+    @property
+    def start_buffer_s(self) -> float:
+        """The listener's start buffer this session plans with: the caller's (``start_buffer_ms``), else the
+        recommendation, adopted when the first chunk leaves (until then: the current recommendation)."""
+        if self._explicit_buffer_s is not None:
+            return self._explicit_buffer_s
+        if self.playback.started:
+            return self.playback.start_buffer_s
+        return self.recommended_start_buffer_s()
+
+    def recommended_start_buffer_s(self) -> float:
+        """Audio to buffer before playing so that this stream does not stall at the current load, from the
+        measured compute time of this model's chunks, the measured token rate and the smallest hop
+        (``pacing.recommend_start_buffer``)."""
+        return recommend_start_buffer(first_hop=self.plan.hop, audio_s_per_token=self.spec.audio_s_per_token,
+                                      token_rate=self.arrivals.rate, compute=self._scheduler.compute)  # fmt: skip
+
+    @property
+    def deadline(self) -> float:
+        """When the listener runs dry (``time.perf_counter`` clock); inf before the first chunk."""
+        return self.playback.dry_at
+
     def push(self, tokens: Any) -> list[np.ndarray]:
         """Add tokens; return every chunk that became ready (possibly none)."""
-        with self._lock:
-            work, emissions = self._plan_push(tokens)
-            outs = self._run(work, emissions)
-            self.state = work
-            return outs
+        return self._drive(self._push_steps(tokens))
 
     def finish(self) -> np.ndarray:
         """Decode every remaining token with finalize and return the last chunk; the session then ends."""
-        with self._lock:
-            work, em = self._plan_finish()
-            out = self._run(work, [em])[0]
-            self.state = self._finished(work)
-            return out
+        return self._drive(self._finish_steps())
 
-    def _plan_push(self, tokens: Any) -> tuple[SessionState, list[Emission]]:
-        """Validate a push; return the working copy of the state and the emissions it makes ready."""
+    async def apush(self, tokens: Any) -> list[np.ndarray]:
+        """``push`` for asyncio callers: the event loop is free while the chunks are computed."""
+        return await self._adrive(self._push_steps(tokens))
+
+    async def afinish(self) -> np.ndarray:
+        return await self._adrive(self._finish_steps())
+
+    def close(self) -> None:
+        """End the session without flushing; frees its caches. Safe to call more than once."""
+        self._closing = True
+        self._scheduler.cancel(self)
+        self._release_if_idle()  # a push in flight releases when it ends (it looks again after unlocking)
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------------- planning
+
+    def _check_open(self, what: str) -> None:
+        if self.state.closed or self._closing:
+            raise SessionClosedError(f"{what}() on a closed session; start a new one with Token2Wav.stream()")
+        if self.state.finished:
+            raise SessionClosedError(f"{what}() after finish(); start a new session with Token2Wav.stream()")
+
+    def _plan_push(self, tokens: Any) -> SessionState:
+        """Validate a push; return the working copy of the state with the new tokens."""
         self._check_open("push")
         new = as_tokens(tokens, self.vocab_size, device=self._device)
+        self.arrivals.arrived(time.perf_counter(), int(new.shape[1]))
         state = self.state
-        all_tokens = torch.cat([state.tokens, new], dim=1)
-        emissions = ready_emissions(self.plan, all_tokens.shape[1], state.offset, state.index)
-        # Work on a copy; the session's state changes only once every emission succeeded, so a failed
-        # push leaves it exactly as before (the caller may retry with the same tokens).
-        return replace(state, tokens=all_tokens, chunk_frames=list(state.chunk_frames)), emissions
+        # Work on a copy; the session's state changes only once every emission succeeded.
+        return replace(state, tokens=torch.cat([state.tokens, new], dim=1), chunk_frames=list(state.chunk_frames))
+
+    def _next_emission(self, work: SessionState) -> Emission | None:
+        """The next chunk the tokens in ``work`` allow, or None. Fixed and exponential schedules follow the hop
+        plan; the adaptive one chooses the hop from the listener's clock (``pacing.choose_hop``)."""
+        plan = self.plan
+        if plan.schedule != "adaptive" or work.index == 0:
+            ready = ready_emissions(plan, work.available, work.offset, work.index)
+            return ready[0] if ready else None
+        hop = choose_hop(chunk=plan.chunk or plan.hop, first_hop=plan.hop, max_hop=plan.max_hop or plan.hop,
+                         offset=work.offset, available=work.available, lookahead=plan.lookahead,
+                         now=time.perf_counter(), dry_at=self.playback.dry_at, token_rate=self.arrivals.rate,
+                         compute=self._scheduler.compute)  # fmt: skip
+        if work.available - work.offset < hop + plan.lookahead:
+            return None
+        end = work.offset + hop
+        return Emission(index=work.index, start=work.offset, end=end, prefix=end + plan.lookahead, finalize=False)
+
+    def _delivered(self, value: np.ndarray) -> None:
+        """A chunk leaves for the listener now: the playback clock advances."""
+        if not self.playback.started and self._explicit_buffer_s is None:
+            self.playback.start_buffer_s = self.recommended_start_buffer_s()
+        frames = value.shape[-1]
+        seconds = frames / self.spec.sample_rate if self.output == "audio" else \
+            frames * self.spec.samples_per_frame / self.spec.sample_rate
+        self.playback.deliver(time.perf_counter(), seconds)
 
     def _plan_finish(self) -> tuple[SessionState, Emission]:
         self._check_open("finish")
@@ -247,149 +313,94 @@ class StreamSession:
         em = final_emission(state.available, state.offset, state.index)
         return replace(state, chunk_frames=list(state.chunk_frames)), em
 
-    @staticmethod
-    def _finished(work: SessionState) -> SessionState:
+    def _push_steps(self, tokens: Any) -> Iterator[Any]:
+        """The push as a generator: yields (work, emission) per chunk, is sent the chunk, returns them all."""
+        work = self._plan_push(tokens)
+        outs = []
+        while (em := self._next_emission(work)) is not None:
+            value = yield work, em
+            self._delivered(value)
+            outs.append(value)
+        self.state = work
+        return outs
+
+    def _finish_steps(self) -> Iterator[Any]:
+        work, em = self._plan_finish()
+        out = yield work, em
+        self._delivered(out)
         work.finished = True
         work.flow_state = work.vocoder_state = None  # free the caches
-        return work
+        self.state = work
+        self._scheduler.release(self)
+        return out
 
-    def close(self) -> None:
-        """End the session without flushing; frees its caches. Safe to call more than once."""
-        with self._lock:
-            self.state = replace(self.state, flow_state=None, vocoder_state=None, closed=True)
+    # ---------------------------------------------------------------------------------------------- driving
 
-    def __enter__(self) -> StreamSession:
-        return self
+    def _release_if_idle(self) -> None:
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self.state.closed:
+                    self.state = replace(self.state, flow_state=None, vocoder_state=None, closed=True)
+                    self._scheduler.release(self)
+            finally:
+                self._lock.release()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---------------------------------------------------------------------------------------------- internals
-
-    def _check_open(self, what: str) -> None:
-        if self.state.closed:
-            raise SessionClosedError(f"{what}() on a closed session; start a new one with Token2Wav.stream()")
-        if self.state.finished:
-            raise SessionClosedError(f"{what}() after finish(); start a new session with Token2Wav.stream()")
-
-    def _run(self, work: SessionState, emissions: list[Emission]) -> list[np.ndarray]:
-        gen = self._shared_gen
-        gen_state = gen.get_state() if gen is not None else None
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        """One push/finish: exclusive per session; the vocoder's random generator rewound if it fails."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("another push/finish of this session is running: call them one at a time")
+        gen_state = self._shared_gen.get_state() if self._shared_gen is not None else None
+        playback = replace(self.playback)  # chunks of a failed call never reach the listener
+        self._scheduler.call_started()
         try:
-            with torch.inference_mode():
-                return [self._emit(work, em) for em in emissions]
+            yield
         except BaseException:
-            if gen is not None:
-                gen.set_state(gen_state)
+            if gen_state is not None:
+                self._shared_gen.set_state(gen_state)
+            self.playback = playback
             raise
+        finally:
+            self._scheduler.call_ended()
+            self._lock.release()
+            # after unlocking: a close() that found the lock held (and so released nothing) is seen here
+            if self._closing:
+                self._release_if_idle()
 
-    def _emit(self, work: SessionState, em: Emission) -> np.ndarray:
-        return self._output(work, em, self._flow_chunk(work, em))
+    def _take(self, chunk: Chunk) -> np.ndarray:
+        self.last_mel = chunk.mel
+        self.compute_s["flow"] += chunk.flow_s
+        self.compute_s["vocoder"] += chunk.vocoder_s
+        return chunk.value
 
-    def _output(self, work: SessionState, em: Emission, mel: torch.Tensor) -> np.ndarray:
-        """Record emission ``em``'s mel in ``work`` and turn it into the chunk the caller gets."""
-        mel_out = self._record(work, em, mel)
-        if self.output == "mel":
-            return mel_out
-        speech = self._vocode(work, mel, em.finalize)
-        return speech[0].float().cpu().numpy()
+    def _drive(self, steps: Iterator[Any]) -> Any:
+        with self._call():
+            try:
+                request = next(steps)
+                while True:
+                    request = steps.send(self._take(self._scheduler.submit(self, *request).result()))
+            except StopIteration as done:
+                return done.value
 
-    def _record(self, work: SessionState, em: Emission, mel: torch.Tensor) -> np.ndarray:
-        """Check emission ``em``'s mel and advance ``work`` past it; returns the mel as numpy."""
-        want = (em.end - em.start) * self.ratio
-        if mel.shape[-1] != want:
-            raise RuntimeError(
-                f"flow returned {mel.shape[-1]} mel frames for tokens [{em.start}, {em.end}), expected {want}"
-            )
-        work.offset, work.index = em.end, em.index + 1
-        work.chunk_frames.append(want)
-        mel_out = mel[0].float().cpu().numpy()
-        self.last_mel = mel_out  # the mel behind the newest chunk, for inspection and tests
-        return mel_out
-
-    def _flow_chunk(self, work: SessionState, em: Emission) -> torch.Tensor:
-        tokens = work.tokens[:, : em.prefix]
-        p = self.prompt
-        if self.mode == "recompute":
-            # The reference's final call leaves `stream` at False: full attention over everything.
-            mel = self.flow.inference(
-                tokens, p.tokens, p.feat, p.embedding, streaming=not em.finalize, finalize=em.finalize,
-                n_timesteps=self.n_timesteps,
-            )
-            return mel[:, :, em.start * self.ratio :]
-        state = self._flow_state(work)
-        # chunk size and solver steps were fixed when the prompt state was made (stream_start)
-        kwargs: dict[str, Any] = {"finalize": em.finalize}
-        if self.lookahead is not None:
-            kwargs["lookahead"] = self.lookahead
-        mel, new_state = self.flow.stream_step(state, tokens, **kwargs)
-        self._commit_flow(work, em, new_state)
-        return mel
-
-    def _flow_state(self, work: SessionState) -> Any:
-        """The flow state the next cached step continues (the shared prompt state before the first)."""
-        if work.flow_state is None:
-            work.flow_state = self._prompt_state() if self._prompt_state is not None else None
-        return work.flow_state
-
-    def _commit_flow(self, work: SessionState, em: Emission, new_state: Any) -> None:
-        if self.mode == "window" and not em.finalize:
-            new_state = self._window_fn(new_state, self.window_frames)
-        work.flow_state = new_state
-
-    def _vocode(self, work: SessionState, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
-        voc = self.vocoder
-        if self.vocoder_kind == "hifigan":
-            from ..models.hifigan import vocode_stream
-
-            out, work.vocoder_state = vocode_stream(voc, mel, work.vocoder_state, final=finalize)
-            return out
-        if self.vocoder_kind == "causal":
-            if self.mode == "recompute":
-                st = work.vocoder_state or RevocodeState()
-                full = mel if st.mel is None else torch.cat([st.mel, mel], dim=2)
-                speech = voc.inference(full, finalize=finalize)[0]
-                out = speech[:, st.speech_offset :]
-                work.vocoder_state = RevocodeState(mel=full, speech_offset=st.speech_offset + out.shape[1])
-                return out
-            out, cache = voc.stream_step(mel, work.vocoder_state, finalize=finalize)
-            work.vocoder_state = cache
-            return out
-        return self._crossfade_vocode(work, mel, finalize)
-
-    def _crossfade_vocode(self, work: SessionState, mel: torch.Tensor, finalize: bool) -> torch.Tensor:
-        st: CrossFadeVocoderState = work.vocoder_state or CrossFadeVocoderState()
-        keep = MEL_CACHE_FRAMES * self.samples_per_frame
-        if st.mel_tail is not None:
-            mel = torch.cat([st.mel_tail, mel], dim=2)
-            cache_source = st.source_tail
-        else:
-            cache_source = mel.new_zeros(1, 1, 0)
-        gen = self._rng(work.vocoder_calls)
-        work.vocoder_calls += 1
-        speech, source = self.vocoder.inference(mel, cache_source=cache_source, generator=gen)
-        if st.speech_tail is not None:
-            speech = _crossfade(speech, st.speech_tail, keep)
-        if finalize:
-            work.vocoder_state = CrossFadeVocoderState()
-            return speech
-        work.vocoder_state = CrossFadeVocoderState(
-            mel_tail=mel[:, :, -MEL_CACHE_FRAMES:],
-            source_tail=source[:, :, -keep:],
-            speech_tail=speech[:, -keep:],
-        )
-        return speech[:, :-keep]
+    async def _adrive(self, steps: Iterator[Any]) -> Any:
+        with self._call():
+            try:
+                request = next(steps)
+                while True:
+                    if self._scheduler.inline:  # computed where it is submitted: not on the event loop
+                        future = asyncio.get_running_loop().run_in_executor(
+                            None, lambda r=request: self._scheduler.submit(self, *r).result())
+                    else:
+                        future = asyncio.wrap_future(self._scheduler.submit(self, *request))
+                    try:
+                        chunk = await future
+                    except asyncio.CancelledError:
+                        self.close()  # the caller went away: its queued chunk is dropped, nothing is committed
+                        raise
+                    request = steps.send(self._take(chunk))
+            except StopIteration as done:
+                return done.value
 
 
-def _crossfade(fade_in: torch.Tensor, fade_out: torch.Tensor, overlap: int) -> torch.Tensor:
-    """Blend the first ``overlap`` samples of ``fade_in`` with the held-back samples ``fade_out``."""
-    win = _hamming(2 * overlap).to(fade_in.device)
-    out = fade_in.clone()
-    head = fade_in[..., :overlap].double() * win[:overlap] + fade_out[..., -overlap:].double() * win[overlap:]
-    out[..., :overlap] = head.to(out.dtype)
-    return out
-
-
-__all__ = [
-    "MODES", "OUTPUTS", "PreparedPrompt", "SessionClosedError", "StreamSession", "as_tokens", "make_rng",
-]
+__all__ = ["MODES", "OUTPUTS", "ChunkScheduler", "PreparedPrompt", "SessionClosedError", "StreamSession",
+           "as_tokens", "make_rng"]

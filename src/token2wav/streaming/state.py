@@ -42,6 +42,23 @@ class RevocodeState:
     speech_offset: int = 0
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A validated prompt on the model's device.
+
+    tokens [1, P] int64, feat [1, P * ratio, mel_dim], embedding [1, spk_embed_dim].
+    """
+
+    tokens: torch.Tensor
+    feat: torch.Tensor
+    embedding: torch.Tensor
+    digest: str
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[1])
+
+
 @dataclass
 class SessionState:
     """Everything a session mutates. Replaced field by field only after a call has fully succeeded."""

@@ -1,7 +1,8 @@
 """The Ray Serve deployment: ``token2wav serve``'s FastAPI app on every replica, prompts in one shared actor.
 
-* Replicas. Each replica loads the model once, warms it up, makes its own batcher and builds the app with
-  :func:`token2wav.serve.app.create_app`: same endpoints, protocol, limits and metrics as one process. Serve's
+* Replicas. Each replica builds the server ``token2wav serve`` runs with
+  :func:`token2wav.serve.assembly.build_server` (its model loaded once and warmed up, its own batcher, the app):
+  same endpoints, protocol, limits and metrics as one process. Serve's
   proxy routes every HTTP request and every WebSocket to one replica; a WebSocket stays on it from ``start`` to
   ``done``. The replica's id is added to the ``started`` message (``"replica"``) and to every HTTP response
   (``X-Token2wav-Replica``).
@@ -194,43 +195,19 @@ class Token2WavReplica:
 
     def __init__(self, settings: RaySettings) -> None:
         global _CURRENT
-        import torch
-
-        from token2wav import Token2Wav
-        from token2wav.loading import display_name
-        from token2wav.serve.app import create_app
-        from token2wav.serve.auth import AccessPolicy
+        from token2wav.serve.assembly import build_server
 
         t0 = time.perf_counter()
         self._reporter: asyncio.Task[None] | None = None
         self.settings = settings
-        if settings.threads is not None:
-            torch.set_num_threads(settings.threads)
-        if settings.model.startswith("bench:"):
-            from token2wav.serve.loadtest import bench_engine
-
-            t2w = bench_engine(settings.model, settings.device, settings.dtype)
-        else:
-            dtype = getattr(torch, settings.dtype)
-            t2w = Token2Wav.from_pretrained(settings.model, device=settings.device, dtype=dtype)
-        t2w.warm_up()
-        batcher = None
-        if settings.batching:
-            budget = None if settings.max_cache_mb is None else int(settings.max_cache_mb * 2**20)
-            batcher = t2w.batcher(
-                max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms, max_cache_bytes=budget,
-                workers=settings.batch_workers, graphs=settings.graphs,
-            )
+        server = build_server(settings.server_spec())
         try:
             self.replica_id = str(serve.get_replica_context().replica_tag)
         except Exception:  # built outside Serve (tests of the class itself)
             self.replica_id = f"local-{os.getpid()}"
         self.node = ray.util.get_node_ip_address() if ray.is_initialized() else "local"
-        self.registry = _registry(settings, int(t2w.config.vocab_size))
-        access = AccessPolicy(api_key=settings.api_key, allow_origins=settings.allow_origins)
-        app = create_app(
-            t2w, name=display_name(settings.model), limits=settings.limits, access=access, batcher=batcher
-        )
+        self.registry = _registry(settings, int(server.t2w.config.vocab_size))
+        app = server.app
         self.fastapi_app = app
         self.state = app.state.server
         self.state.prompt_store = RegistryPromptStore(self.registry)

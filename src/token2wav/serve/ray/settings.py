@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from token2wav.serve.assembly import ServerSpec
 from token2wav.serve.protocol import ServerLimits
 
 __all__ = ["DEFAULTS", "MAX_REPLICAS", "RaySettings", "settings_from_options"]
@@ -86,6 +87,16 @@ class RaySettings:
     allow_origins: tuple[str, ...]
     drain_timeout: float
     report_interval: float
+
+    def server_spec(self) -> ServerSpec:
+        """The server every replica builds (:func:`token2wav.serve.assembly.build_server`). No prompt folder:
+        the replicas' prompts go through the shared registry, which keeps ``prompt_dir`` itself."""
+        return ServerSpec(
+            model=self.model, device=self.device, dtype=self.dtype, threads=self.threads, batching=self.batching,
+            max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, max_cache_mb=self.max_cache_mb,
+            batch_workers=self.batch_workers, graphs=self.graphs, limits=self.limits,
+            api_key=self.api_key, allow_origins=self.allow_origins,
+        )
 
     @property
     def max_ongoing_requests(self) -> int:

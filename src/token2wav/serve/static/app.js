@@ -16,8 +16,11 @@
     chunks: [], // {index, samples, computeMs, arrivedMs, start, end, gapS} (start/end: audio clock, seconds)
     firstTokensAt: null, // performance.now() when the first 'tokens' message was sent
     firstChunkMs: null, // first chunk's audio received - firstTokensAt
-    underruns: 0,
-    underrunS: 0,
+    underruns: 0, // stalls: chunks that arrived after the audio before them had finished playing
+    underrunS: 0, // their total length (s)
+    worstStallS: 0, // the longest one (s)
+    recommendedBufferMs: null, // the server's newest start_buffer_ms (null: it sent none)
+    startBufferMs: null, // the start buffer used: the field's value, else the recommendation, else 500 ms
     computeMs: 0,
     audioSeconds: 0,
     rtf: null,
@@ -27,7 +30,8 @@
     uploads: [], // {prompt_id, name}
   };
   const run = { ws: null, ctx: null, t0: 0, timer: null, header: null, nextTime: null, clockOffset: 0,
-                pcm: [], tokens: [], slowed: false, sources: [] };
+                pcm: [], tokens: [], slowed: false, sources: [], bufferS: null, firstAt: null, playStart: null };
+  const DEFAULT_BUFFER_MS = 500; // the start buffer when the field is empty and the server recommends none
   window.t2w = { state: st };
 
   // ---------------------------------------------------------------- helpers
@@ -80,6 +84,11 @@
   }
   function fmtMs(ms) {
     return ms == null ? "\u2013" : Math.round(ms) + " ms";
+  }
+  // the server's recommended start buffer in a 'started' or 'chunk' message (null: none, an older server)
+  function recommendedMs(msg) {
+    const v = msg.start_buffer_ms;
+    return typeof v === "number" && isFinite(v) && v >= 0 ? Math.round(v) : null;
   }
 
   // ---------------------------------------------------------------- tokens
@@ -323,10 +332,13 @@
   function resetRun() {
     Object.assign(st, {
       tokensTotal: 0, tokensSent: 0, sends: [], chunks: [], firstTokensAt: null, firstChunkMs: null,
-      underruns: 0, underrunS: 0, computeMs: 0, audioSeconds: 0, rtf: null, done: null,
+      underruns: 0, underrunS: 0, worstStallS: 0, recommendedBufferMs: null, startBufferMs: null,
+      computeMs: 0, audioSeconds: 0, rtf: null, done: null,
     });
     run.header = null;
     run.nextTime = null;
+    run.firstAt = null;
+    run.playStart = null;
     run.pcm = [];
     run.slowed = false;
     run.sources = [];
@@ -356,7 +368,9 @@
     run.tokens = tokens;
     st.tokensTotal = tokens.length;
     const rate = Number($("rate").value);
-    const bufferS = Math.max(0, Number($("buffer").value) || 0) / 1000;
+    // an empty field: auto, the server's recommendation (see playChunk)
+    const bufferText = $("buffer").value.trim();
+    const bufferS = bufferText === "" ? null : Math.max(0, Number(bufferText) || 0) / 1000;
     // the context runs at the model's rate: chunks are played sample for sample, no resampling at the seams
     if (!run.ctx || run.ctx.sampleRate !== st.sampleRate) {
       if (run.ctx) run.ctx.close();
@@ -433,12 +447,22 @@
     if (msg.type === "started") {
       st.sampleRate = msg.sample_rate;
       st.session = msg.session;
+      st.recommendedBufferMs = recommendedMs(msg);
       setPhase("streaming");
       sendTokens(ws, rate);
       if (run.timer == null && st.tokensSent < st.tokensTotal) run.timer = setInterval(() => sendTokens(ws, rate), 10);
       run.bufferS = bufferS;
     } else if (msg.type === "chunk") {
       run.header = msg;
+      const rec = recommendedMs(msg);
+      if (rec != null) {
+        st.recommendedBufferMs = rec;
+        // still buffering: the newest recommendation moves the start of playback (an explicit buffer stays)
+        if (run.bufferS == null && run.nextTime != null && run.ctx.currentTime < run.playStart) {
+          const ms = Math.max(rec, (run.ctx.currentTime + 0.02 - run.firstAt) * 1000); // never in the past
+          reschedule(run.firstAt + ms / 1000, ms);
+        }
+      }
     } else if (msg.type === "slow_down") {
       run.slowed = true;
     } else if (msg.type === "resume") {
@@ -466,13 +490,19 @@
     let start;
     let gap = 0;
     if (run.nextTime == null) {
-      start = t + run.bufferS;
+      // the start buffer: the field's value, else the server's newest recommendation, else DEFAULT_BUFFER_MS
+      st.startBufferMs = run.bufferS != null ? run.bufferS * 1000 :
+        st.recommendedBufferMs != null ? st.recommendedBufferMs : DEFAULT_BUFFER_MS;
+      start = t + st.startBufferMs / 1000;
+      run.firstAt = t;
+      run.playStart = start;
       run.clockOffset = now / 1000 - t; // audio clock -> page clock
     } else if (run.nextTime < t + 0.003) {
-      start = t + 0.02; // too late: the previous chunk already ended; this is an underrun
+      start = t + 0.02; // too late: the previous chunk already ended; this is an underrun (a stall)
       gap = start - run.nextTime;
       st.underruns += 1;
       st.underrunS += gap;
+      st.worstStallS = Math.max(st.worstStallS, gap);
     } else {
       start = run.nextTime;
     }
@@ -490,6 +520,29 @@
     st.computeMs += h.compute_ms;
     st.audioSeconds += f.length / sr;
     st.rtf = st.computeMs / 1000 / st.audioSeconds;
+  }
+
+  // playback has not started yet: move every chunk scheduled so far so that the first starts at newStart
+  // (until then the chunks play back to back, so all move by the same amount)
+  function reschedule(newStart, bufferMs) {
+    const shift = newStart - run.playStart;
+    st.startBufferMs = bufferMs;
+    if (shift === 0) return;
+    const old = run.sources;
+    run.sources = [];
+    old.forEach((s, i) => {
+      try { s.stop(); } catch (e) { /* not started */ }
+      const c = st.chunks[i];
+      c.start += shift;
+      c.end += shift;
+      const src = run.ctx.createBufferSource();
+      src.buffer = s.buffer;
+      src.connect(run.ctx.destination);
+      src.start(c.start);
+      run.sources.push(src);
+    });
+    run.nextTime += shift;
+    run.playStart = newStart;
   }
 
   function stopAudio() {
@@ -521,8 +574,10 @@
     $("stat-tokens").textContent = st.tokensTotal ? st.tokensSent + " / " + st.tokensTotal : "\u2013";
     $("stat-chunks").textContent = st.chunks.length ? String(st.chunks.length) : "\u2013";
     $("stat-audio").textContent = st.audioSeconds ? st.audioSeconds.toFixed(2) + " s" : "\u2013";
-    $("stat-underruns").textContent = st.tokensTotal ? st.underruns + (st.underruns ? " (" +
-      Math.round(st.underrunS * 1000) + " ms)" : "") : "\u2013";
+    $("stat-underruns").textContent = st.tokensTotal ? st.underruns + (st.underruns ? " (total " +
+      Math.round(st.underrunS * 1000) + " ms, worst " + Math.round(st.worstStallS * 1000) + " ms)" : "") : "\u2013";
+    $("stat-buffer").textContent = !st.tokensTotal ? "\u2013" : (st.startBufferMs == null ? "\u2013" :
+      fmtMs(st.startBufferMs)) + " / " + (st.recommendedBufferMs == null ? "none" : fmtMs(st.recommendedBufferMs));
     $("stat-rtf").textContent = st.rtf == null ? "\u2013" : st.rtf.toFixed(3);
   }
 

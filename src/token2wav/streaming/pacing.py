@@ -1,0 +1,186 @@
+"""The listener's clock: when a stream's audio runs dry, which hop to emit next, and how much to buffer.
+
+Everything here is arithmetic on times the caller passes in (seconds on any monotonic clock), so it is tested
+on a simulated clock without a model.
+
+* ``PlaybackClock``: the listener plays from the first chunk's delivery plus its start buffer, without pause;
+  each chunk delivered later than the audio before it ends is a stall (the listener hears silence).
+  ``dry_at`` is when the audio delivered so far runs out.
+* ``RateMeter``: tokens per second arriving from the caller (the LLM), measured.
+* ``ComputeMeter``: seconds a chunk of ``h`` tokens takes from submission to delivery on this model at the current
+  load (queueing included), fitted as ``a + b * h`` over recent chunks.
+* ``choose_hop``: the ``adaptive`` schedule. The smallest valid hop while there is no audio (first audio comes
+  early); then the largest hop whose tokens (at the measured rate) plus its compute still arrive before the
+  audio runs dry, with a margin, so hops grow with slack (fewer, larger calls) and shrink when it runs short.
+* ``recommend_start_buffer``: the audio a client should buffer before playing, from the same quantities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+__all__ = ["ComputeMeter", "PlaybackClock", "RateMeter", "choose_hop", "recommend_start_buffer",
+           "SAFETY_MARGIN_S"]
+
+# Kept between a chunk's expected delivery and the moment the listener would run dry: scheduling noise of a
+# busy machine (thread wake-ups, the event loop, the network on a LAN) is well under it.
+SAFETY_MARGIN_S = 0.08
+
+
+@dataclass
+class PlaybackClock:
+    """What the listener hears: playback starts ``start_buffer_s`` after the first chunk's delivery."""
+
+    start_buffer_s: float = 0.0
+    play_start: float | None = None
+    audio_s: float = 0.0  # audio delivered so far
+    stall_s: float = 0.0  # silence heard so far (sum of stalls)
+    worst_stall_s: float = 0.0
+    stalls: int = 0
+
+    def deliver(self, now: float, seconds: float) -> float:
+        """A chunk of ``seconds`` of audio reaches the listener at ``now``; returns the stall it causes (0 if none)."""
+        gap = 0.0
+        if self.play_start is None:
+            self.play_start = now + self.start_buffer_s
+        else:
+            end = self.dry_at
+            if now > end:  # the listener has been hearing silence since `end`
+                gap = now - end
+                self.stall_s += gap
+                self.stalls += 1
+                self.worst_stall_s = max(self.worst_stall_s, gap)
+        self.audio_s += seconds
+        return gap
+
+    @property
+    def started(self) -> bool:
+        return self.play_start is not None
+
+    @property
+    def dry_at(self) -> float:
+        """When the audio delivered so far has all been played (inf before the first chunk)."""
+        if self.play_start is None:
+            return math.inf
+        return self.play_start + self.audio_s + self.stall_s
+
+    def slack(self, now: float) -> float:
+        return self.dry_at - now
+
+
+@dataclass
+class RateMeter:
+    """Tokens per second arriving, over the stream so far (the first arrival starts the clock)."""
+
+    prior: float  # assumed until a rate is measurable: the model's own token rate (a real-time LLM)
+    first_at: float | None = None
+    last_at: float | None = None
+    tokens_after_first: int = 0
+
+    def arrived(self, now: float, n: int) -> None:
+        if n <= 0:
+            return
+        if self.first_at is None:
+            self.first_at = now
+        else:
+            self.tokens_after_first += n
+        self.last_at = now
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second; the prior until 0.2 s of arrivals are seen. Tokens that all came at once: inf."""
+        if self.first_at is None or self.last_at is None:
+            return self.prior
+        span = self.last_at - self.first_at
+        if span < 0.2:
+            return self.prior if self.tokens_after_first == 0 or span <= 0 else max(self.prior,
+                                                                                   self.tokens_after_first / span)
+        return self.tokens_after_first / span
+
+
+@dataclass
+class ComputeMeter:
+    """Seconds from a chunk's submission to its delivery as ``a + b * tokens``, over the last ``window`` chunks."""
+
+    window: int = 32
+    samples: deque = field(default_factory=deque)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or not math.isfinite(seconds) or seconds < 0:
+            return
+        self.samples.append((tokens, seconds))
+        while len(self.samples) > self.window:
+            self.samples.popleft()
+
+    def seconds(self, tokens: int, default_per_token: float = 0.02) -> float:
+        """Expected seconds for a chunk of ``tokens``: a least-squares line through recent chunks (a line
+        through the origin when they all had one size), never below the fastest per-token cost seen."""
+        if not self.samples:
+            return default_per_token * tokens
+        n = len(self.samples)
+        xs = [t for t, _ in self.samples]
+        ys = [s for _, s in self.samples]
+        mx, my = sum(xs) / n, sum(ys) / n
+        var = sum((x - mx) ** 2 for x in xs)
+        if var > 0:
+            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+            a = my - b * mx
+            if b >= 0 and a >= 0:
+                return a + b * tokens
+        return my / mx * tokens
+
+    def p95_ratio(self) -> float:
+        """The 95th percentile of observed / fitted time: how much slower than expected a chunk can be."""
+        if len(self.samples) < 4:
+            return 1.5
+        ratios = sorted(s / max(self.seconds(t), 1e-6) for t, s in self.samples)
+        return max(1.0, ratios[min(len(ratios) - 1, int(0.95 * len(ratios)))])
+
+
+def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, available: int, lookahead: int,
+               now: float, dry_at: float, token_rate: float, compute: ComputeMeter,
+               margin_s: float = SAFETY_MARGIN_S) -> int:
+    """The next emission's hop (tokens) under the adaptive schedule; hops are multiples of ``chunk`` (the
+    session's chunk; one token on run-time-chunk models would break chunk-causal equality, so not less).
+
+    ``first_hop``: the smallest hop (the first emission's, pad included, uses it before any audio exists).
+    While no audio was delivered (``dry_at`` is inf) the smallest hop is taken. Then the largest hop whose
+    tokens arrive (at ``token_rate``) and whose chunk is computed before ``dry_at - margin_s``; the smallest
+    hop when none fits (emit as early as possible).
+    """
+    if not math.isfinite(dry_at):
+        return first_hop
+    slow = compute.p95_ratio()
+    best = first_hop
+    h = first_hop
+    while h <= max_hop:
+        missing = max(0, offset + h + lookahead - available)
+        wait = 0.0 if missing == 0 else (missing / token_rate if token_rate > 0 else math.inf)
+        if now + wait + slow * compute.seconds(h) + margin_s <= dry_at:
+            best = h
+        else:
+            break
+        h += chunk
+    return best
+
+
+def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_rate: float,
+                           compute: ComputeMeter, horizon_s: float = 10.0, margin_s: float = SAFETY_MARGIN_S
+                           ) -> float:
+    """Seconds of audio to buffer before playing so that a stream of smallest hops does not stall.
+
+    After the first chunk, chunk k needs ``first_hop`` more tokens (``first_hop / token_rate`` seconds) and its
+    compute, and brings ``first_hop * audio_s_per_token`` of audio. Each chunk can come late by its compute's
+    spread (p95 / fitted) and, when tokens or compute are slower than real time, the shortfall builds up: over
+    ``horizon_s`` seconds of audio it is ``horizon_s * (max(token time, compute time) / audio - 1)``.
+    """
+    audio = first_hop * audio_s_per_token
+    tokens_s = first_hop / token_rate if token_rate > 0 else math.inf
+    compute_s = compute.seconds(first_hop)
+    late = (compute.p95_ratio() - 1.0) * compute_s  # one chunk's lateness beyond the fitted time
+    per_chunk = max(tokens_s, compute_s)
+    # (the lookahead tokens are waited for by every chunk alike: they shift the whole stream, not the spacing)
+    shortfall = max(0.0, per_chunk / audio - 1.0) * horizon_s if audio > 0 else 0.0
+    return min(horizon_s, late + shortfall + margin_s)

@@ -1,0 +1,112 @@
+"""Admission by capacity: a stream that would take the audio the open streams need past what the server computes
+waits in a bounded queue ('queued' messages) or is refused with 1013 and a retry hint; the admitted streams keep
+playing without a stall; /metrics shows need against capacity."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from test_server import _metrics, running_server
+from websockets.asyncio.client import connect
+
+from token2wav import Token2Wav
+from token2wav.serve.app import create_app
+from token2wav.serve.protocol import ServerLimits
+
+TIMEOUT = 60.0
+
+
+class _Capacity:
+    """A batch-of-one batcher that reports a fixed capacity (audio seconds per second) instead of measuring."""
+
+    def __init__(self, inner: Any, capacity: float) -> None:
+        self._inner, self.value = inner, capacity
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def capacity(self) -> float:
+        return self.value
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    return Token2Wav.from_pretrained("tiny")
+
+
+async def _first(ws: Any) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+
+
+def test_a_stream_over_capacity_waits_then_starts_when_one_ends(engine: Any) -> None:
+    # capacity 2.5: two real-time streams fit (2 + 1 > 2.5 * 0.9 for a third)
+    batcher = _Capacity(engine.batcher(max_batch=1), 2.5)
+    limits = ServerLimits(max_sessions=8, max_waiting_streams=1, admission_wait_s=20.0, workers=2)
+    app = create_app(engine, name="admission", limits=limits, batcher=batcher)
+    with running_server(app) as addr:
+        url, base = f"ws://{addr}/v1/stream", f"http://{addr}"
+
+        async def scenario() -> dict[str, Any]:
+            open_ = [await connect(url) for _ in range(2)]
+            for ws in open_:
+                await ws.send(json.dumps({"type": "start"}))
+                assert (await _first(ws))["type"] == "started"
+            third = await connect(url)
+            queued = await _first(third)  # sent before 'start' is even read: the stream is held at the door
+            metrics = _metrics(base)
+            fourth = await connect(url)  # the queue (one place) is full: refused at once, with a retry hint
+            refused = await _first(fourth)
+            await open_[0].send(json.dumps({"type": "end"}))  # one stream ends ...
+            await open_[0].close()
+            await third.send(json.dumps({"type": "start"}))
+            started = await _first(third)  # ... and the waiting one starts
+            for ws in (open_[1], third, fourth):
+                await ws.close()
+            return {"queued": queued, "refused": refused, "started": started, "metrics": metrics}
+
+        out = asyncio.run(scenario())
+    assert out["queued"] == {"type": "queued", "position": 1, "need": 2.0, "capacity": 2.5}
+    assert out["refused"]["type"] == "error" and out["refused"]["code"] == 1013
+    assert "server at capacity" in out["refused"]["message"] and out["refused"]["retry_after_s"] > 0
+    assert out["started"]["type"] == "started"
+    m = out["metrics"]
+    assert m["token2wav_audio_need"] == 2.0 and m["token2wav_audio_capacity"] == 2.5
+    assert m["token2wav_streams_waiting"] == 1.0
+
+
+def test_a_waiting_stream_is_refused_after_the_admission_wait(engine: Any) -> None:
+    batcher = _Capacity(engine.batcher(max_batch=1), 0.5)  # not even one stream fits
+    limits = ServerLimits(max_sessions=4, admission_wait_s=0.3, workers=1)
+    app = create_app(engine, name="full", limits=limits, batcher=batcher)
+    with running_server(app) as addr:
+
+        async def scenario() -> list[dict[str, Any]]:
+            async with connect(f"ws://{addr}/v1/stream") as ws:
+                return [await _first(ws), await _first(ws)]
+
+        queued, refused = asyncio.run(scenario())
+    assert queued["type"] == "queued" and queued["position"] == 1
+    assert refused["code"] == 1013 and "need 0.0 s of audio per second" in refused["message"]
+
+
+def test_admitted_streams_do_not_stall(engine: Any) -> None:
+    """Two streams at the model's token rate on the measured capacity (no stand-in): both admitted, neither
+    stalls in the server's model of its listener (recommended start buffer, adaptive hops)."""
+    from token2wav.serve.client import stream_tokens
+
+    app = create_app(engine, name="real", limits=ServerLimits(max_sessions=4, workers=2))
+    rate = float(engine.token_rate)
+    tokens = list(range(0, 2 * int(rate)))  # two seconds of speech each
+    with running_server(app) as addr:
+        async def two() -> list[Any]:
+            return await asyncio.gather(*(stream_tokens(f"ws://{addr}/v1/stream", tokens, rate=rate)
+                                          for _ in range(2)))
+
+        results = asyncio.run(two())
+        m = _metrics(f"http://{addr}")
+    assert all(r.started["schedule"] == "adaptive" for r in results)
+    assert m["token2wav_stream_worst_stall_seconds_count"] == 2
+    assert m['token2wav_stream_worst_stall_seconds_bucket{le="0.1"}'] == 2  # both: worst stall <= 100 ms

@@ -1,0 +1,87 @@
+"""One place assembles a server (serve/assembly.py): `token2wav serve` and every Ray replica build it from a spec.
+
+Without batching the server still runs its streams through a batcher, of one (``max_batch`` 1), under the same
+memory budget as with batching.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from test_server import TIMEOUT, running_server
+
+from token2wav.cli import main
+from token2wav.serve.assembly import ServerSpec, build_server
+from token2wav.serve.client import stream_tokens_sync
+from token2wav.serve.protocol import ServerLimits
+
+LIMITS = ServerLimits(max_sessions=4, workers=2)
+
+
+def _demo_model() -> str:
+    from token2wav.loading import default_model
+
+    return default_model()  # the demo voice where it is installed, else the tiny model
+
+
+@pytest.mark.parametrize("batching, max_batch", [(False, 1), (True, 3)])
+def test_the_spec_builds_an_app_whose_streams_run_through_a_batcher(batching: bool, max_batch: int) -> None:
+    spec = ServerSpec(model=_demo_model(), batching=batching, max_batch=3, max_wait_ms=1.0, max_cache_mb=64.0,
+                      batch_workers=1, limits=LIMITS, name="assembled")
+    server = build_server(spec)
+    state = server.app.state.server
+    assert state.batcher is server.batcher
+    assert server.batcher.max_batch == max_batch
+    assert server.batcher.memory.total_bytes == 64 << 20  # the budget of --max-cache-mb, batched or not
+    assert state.name == "assembled" and state.limits is LIMITS and server.load_s > 0
+    vocab = int(server.t2w.config.vocab_size)
+    tokens = np.random.default_rng(0).integers(0, vocab, 40)
+    with running_server(server.app) as addr:  # its lifespan closes the batcher at the end
+        result = stream_tokens_sync(f"ws://{addr}/v1/stream", tokens, rate=0, receive_timeout=TIMEOUT)
+    assert result.samples > 0
+    assert server.batcher.sessions_open == 0
+
+
+class _Built(Exception):
+    """Raised by the stand-in build_server once it has the spec it was given."""
+
+
+@pytest.fixture
+def specs(monkeypatch: pytest.MonkeyPatch) -> list[ServerSpec]:
+    seen: list[ServerSpec] = []
+
+    def fake_build_server(spec: ServerSpec) -> Any:
+        seen.append(spec)
+        raise _Built
+
+    monkeypatch.setattr("token2wav.serve.assembly.build_server", fake_build_server)
+    return seen
+
+
+def test_serve_command_builds_its_server_through_the_assembly(specs: list[ServerSpec], tmp_path: Any) -> None:
+    args = ["serve", "--model", "tiny", "--no-batching", "--max-cache-mb", "32", "--threads", "1",
+            "--prompt-dir", str(tmp_path), "--host", "127.0.0.1", "--allow-origin", "https://app.example"]
+    with pytest.raises(_Built):
+        main(args)
+    (spec,) = specs
+    assert (spec.model, spec.batching, spec.max_cache_mb, spec.threads, spec.prompt_dir) == (
+        "tiny", False, 32.0, 1, str(tmp_path))
+    assert spec.allow_origins == ("https://app.example",) and spec.api_key is None
+    assert "127.0.0.1" in spec.allowed_hosts and "app.example" in spec.allowed_hosts
+
+
+def test_ray_replica_builds_its_server_through_the_assembly(specs: list[ServerSpec]) -> None:
+    pytest.importorskip("ray.serve")
+    from token2wav.serve.ray.deployment import Token2WavReplica
+    from token2wav.serve.ray.settings import settings_from_options
+
+    settings = settings_from_options({"model": "tiny", "batching": False, "max_batch": 5, "max_cache_mb": 16.0,
+                                      "prompt_dir": "prompts"})
+    with pytest.raises(_Built):
+        Token2WavReplica(settings)
+    (spec,) = specs
+    assert spec == settings.server_spec()
+    assert (spec.model, spec.batching, spec.max_batch, spec.max_cache_mb) == ("tiny", False, 5, 16.0)
+    assert spec.prompt_dir is None  # the replicas' prompts go through the shared registry

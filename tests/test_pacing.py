@@ -1,0 +1,135 @@
+"""The listener's clock and the adaptive schedule, on a simulated clock (no model): stalls are counted exactly, no
+stall happens whenever the capacity exists, hops grow with slack and stay whole chunks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from token2wav.streaming.pacing import (
+    ComputeMeter,
+    PlaybackClock,
+    RateMeter,
+    choose_hop,
+    recommend_start_buffer,
+)
+
+AUDIO_PER_TOKEN = 2 * 256 / 22050  # the demo voice: 43.07 tokens per second of audio
+
+
+def test_playback_clock_counts_each_stall() -> None:
+    clock = PlaybackClock(start_buffer_s=0.25)
+    assert clock.dry_at == math.inf and clock.deliver(10.0, 1.0) == 0.0
+    assert clock.dry_at == 11.25  # plays from 10.25 for 1 s
+    assert clock.deliver(11.0, 0.5) == 0.0 and clock.dry_at == 11.75
+    assert clock.deliver(12.0, 0.5) == pytest.approx(0.25)  # 0.25 s of silence from 11.75
+    assert clock.dry_at == pytest.approx(12.5)
+    assert clock.deliver(13.5, 0.1) == pytest.approx(1.0)
+    assert (clock.stalls, clock.stall_s, clock.worst_stall_s) == (2, pytest.approx(1.25), pytest.approx(1.0))
+
+
+def test_rate_meter_measures_arrivals() -> None:
+    meter = RateMeter(prior=43.0)
+    assert meter.rate == 43.0
+    for i in range(11):
+        meter.arrived(1.0 + 0.1 * i, 5)  # 5 tokens every 0.1 s: 50 tokens/s
+    assert meter.rate == pytest.approx(50.0)
+
+
+def test_compute_meter_fits_a_line() -> None:
+    meter = ComputeMeter()
+    for tokens in (16, 32, 48, 64) * 3:
+        meter.observe(tokens, 0.05 + 0.004 * tokens)
+    assert meter.seconds(100) == pytest.approx(0.45)
+    assert meter.p95_ratio() == pytest.approx(1.0)
+
+
+def _simulate(*, compute_s: callable, rate: float, n_tokens: int, chunk: int, first_hop: int, max_hop: int,
+              lookahead: int = 3, buffer_s: float | None = None, adaptive: bool = True) -> dict:
+    """One stream: tokens arrive at ``rate`` from t = 0 (real-time pushes every 10 ms), each chunk takes
+    ``compute_s(hop)`` after it is planned; the listener starts ``buffer_s`` after the first chunk (default:
+    the recommendation). Returns the hops and the playback clock."""
+    meter = ComputeMeter()
+    arrivals = RateMeter(prior=1 / AUDIO_PER_TOKEN)
+    clock = PlaybackClock()
+    offset, hops, t = 0, [], 0.0
+    busy_until = 0.0
+    while offset < n_tokens:
+        available = min(n_tokens, int(t * rate))
+        arrivals.arrived(t, 1)
+        if t < busy_until:
+            t += 0.01
+            continue
+        if adaptive and hops:
+            hop = choose_hop(chunk=chunk, first_hop=first_hop, max_hop=max_hop, offset=offset, available=available,
+                             lookahead=lookahead, now=t, dry_at=clock.dry_at, token_rate=arrivals.rate, compute=meter)
+        else:
+            hop = first_hop
+        hop = min(hop, n_tokens - offset)
+        if available - offset >= hop + lookahead or available == n_tokens:
+            done = t + compute_s(hop)
+            meter.observe(hop, compute_s(hop))
+            if not clock.started:
+                clock.start_buffer_s = buffer_s if buffer_s is not None else recommend_start_buffer(
+                    first_hop=first_hop, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=arrivals.rate, compute=meter)
+            clock.deliver(done, hop * AUDIO_PER_TOKEN)
+            hops.append(hop)
+            offset += hop
+            busy_until = done
+        t += 0.01
+    return {"hops": hops, "clock": clock}
+
+
+def test_adaptive_hops_grow_with_slack_and_never_stall_when_the_capacity_exists() -> None:
+    # the demo voice's shape on this CPU: about 60 ms + 4.5 ms per token (RTF ~0.45)
+    demo = dict(compute_s=lambda h: 0.06 + 0.0045 * h, n_tokens=860, chunk=16, first_hop=16, max_hop=96)
+    # tokens at the model's own rate: a bigger hop waits for its tokens as long as its audio lasts, so the slack
+    # is the start buffer; no stall with the recommended one
+    realtime = _simulate(rate=43.07, **demo)
+    assert realtime["clock"].stalls == 0, (realtime["hops"], realtime["clock"])
+    assert realtime["clock"].start_buffer_s < 0.5  # small when compute is faster than real time
+    # an LLM twice as fast as real time: the slack builds up and the hops grow, up to the cap
+    fast = _simulate(rate=86.0, **demo)
+    hops = fast["hops"]
+    assert fast["clock"].stalls == 0
+    assert hops[0] == 16 and max(hops) == 96  # the first audio early, larger hops once there is slack
+    assert all(h % 16 == 0 for h in hops[:-1])  # whole (session) chunks: the last may be the remainder
+    fixed = _simulate(rate=86.0, adaptive=False, **demo)  # the smallest hop throughout makes more calls
+    assert len(hops) < len(fixed["hops"]) / 2
+
+
+def test_trained_chunk_models_keep_whole_chunks() -> None:
+    run = _simulate(compute_s=lambda h: 0.1 + 0.01 * h, rate=60.0, n_tokens=500, chunk=25, first_hop=25,
+                    max_hop=100)
+    assert run["clock"].stalls == 0
+    assert set(run["hops"][:-1]) <= {25, 50, 75, 100} and max(run["hops"]) > 25
+
+
+def test_a_stream_stalls_without_the_capacity_and_the_recommendation_says_so() -> None:
+    """Compute slower than real time (RTF 1.5): no schedule can keep up; the recommended buffer grows to cover
+    the shortfall over its horizon and the stall stays bounded by it."""
+    slow = _simulate(compute_s=lambda h: 1.5 * h * AUDIO_PER_TOKEN, rate=43.07, n_tokens=430, chunk=16,
+                     first_hop=16, max_hop=96, buffer_s=0.0)
+    assert slow["clock"].stalls > 0 and slow["clock"].stall_s > 1.0
+    meter = ComputeMeter()
+    meter.observe(16, 1.5 * 16 * AUDIO_PER_TOKEN)
+    assert recommend_start_buffer(first_hop=16, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=43.07,
+                                  compute=meter) == pytest.approx(5.0 + 0.08 + 0.5 * 1.5 * 16 * AUDIO_PER_TOKEN)
+
+
+def test_choose_hop_takes_the_largest_hop_that_arrives_in_time() -> None:
+    meter = ComputeMeter()
+    for h in (25, 50, 75, 100) * 2:
+        meter.observe(h, 0.002 * h)  # 2 ms per token, exactly
+    kwargs = dict(chunk=25, first_hop=25, max_hop=100, offset=0, available=200, lookahead=3, token_rate=50.0,
+                  compute=meter, margin_s=0.0)
+    assert choose_hop(now=0.0, dry_at=math.inf, **kwargs) == 25  # no audio yet: the smallest
+    assert choose_hop(now=0.0, dry_at=0.2, **kwargs) == 100  # every hop is ready by 0.2 s
+    assert choose_hop(now=0.0, dry_at=0.12, **kwargs) == 50  # 75 tokens take 0.15 s
+    assert choose_hop(now=0.0, dry_at=0.01, **kwargs) == 25  # nothing fits: emit as early as possible
+    # tokens not there yet: waiting for 50 more at 50 tokens/s costs a second
+    short = dict(kwargs, available=28)
+    assert choose_hop(now=0.0, dry_at=0.5, **short) == 25
+    assert choose_hop(now=0.0, dry_at=0.7, **short) == 50  # 25 more tokens (0.5 s) + 0.1 s
+    assert choose_hop(now=0.0, dry_at=1.2, **short) == 75  # 50 more (1 s) + 0.15 s
