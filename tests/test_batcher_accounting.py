@@ -148,3 +148,47 @@ def test_a_stream_alone_is_a_batch_of_one_on_the_callers_thread(tiny: Any, monke
     assert len(awaited) == len(pushed)
     for x, y in zip(awaited, pushed):
         np.testing.assert_array_equal(x, y)  # the same computation, row for row: identical floats
+
+
+def test_the_most_urgent_row_runs_first_and_none_starves(tiny: Any, monkeypatch: Any) -> None:
+    """Rows queued behind a busy worker run in order of when their listeners run dry (earliest deadline first),
+    first chunks by their arrival plus the first-audio budget; a deadline only counts within
+    STARVATION_BOUND_S of the row's queueing time, so no row waits forever."""
+    from token2wav.streaming import batcher as batcher_module
+
+    order: list[Any] = []
+    hold = threading.Event()
+    real = batcher_module.run_rows
+
+    def spy(rows: Any, **kwargs: Any) -> Any:
+        hold.wait(10)
+        order.extend(r.spec for r in rows)
+        return real(rows, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "run_rows", spy)
+    tokens = _tokens(tiny, 28, seed=4)  # one chunk of the tiny model: 25 tokens + 3 of lookahead
+    with tiny.batcher(workers=1, max_batch=1, max_wait_ms=0) as batcher:
+        blocker = batcher.stream(output="mel")
+        sessions = {name: batcher.stream(output="mel") for name in ("relaxed", "urgent", "soon")}
+        now = time.perf_counter()
+        for name, seconds in (("relaxed", 1.5), ("urgent", 0.2), ("soon", 0.8)):  # audio still buffered
+            sessions[name].playback.play_start, sessions[name].playback.audio_s = now, seconds
+        threads = [threading.Thread(target=blocker.push, args=(tokens,))]
+        threads[0].start()
+        deadline = time.monotonic() + 10
+        while batcher.stats()["rows"] == 0 and not batcher._inflight and time.monotonic() < deadline:
+            time.sleep(0.005)  # the blocker's chunk holds the only worker
+        for name in ("relaxed", "urgent", "soon"):
+            threads.append(threading.Thread(target=sessions[name].push, args=(tokens,)))
+            threads[-1].start()
+        while len(batcher._queue) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        hold.set()
+        for t in threads:
+            t.join(10)
+    names = {id(s.spec): name for name, s in sessions.items()} | {id(blocker.spec): "blocker"}
+    assert [names[id(spec)] for spec in order] == ["blocker", "urgent", "soon", "relaxed"]
+    # the clamp: a deadline far away counts as queued + 2 s, one long past as queued - 2 s
+    assert batcher_module.Batcher.priority(100.0, 10.0) == 12.0
+    assert batcher_module.Batcher.priority(-50.0, 10.0) == 8.0
+    assert batcher_module.Batcher.priority(10.5, 10.0) == 10.5

@@ -11,8 +11,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["CachedFlow", "KVLayoutEstimator", "RowsFlow", "RowsSolver", "SteppedVocoder", "RowsVocoder",
-           "WindowedEstimator"]
+__all__ = ["CachedFlow", "KVLayoutEstimator", "RowsEstimator", "RowsFlow", "RowsSolver", "SteppedVocoder",
+           "RowsVocoder", "WindowedEstimator"]
 
 
 @runtime_checkable
@@ -37,6 +37,13 @@ class RowsSolver(Protocol):
     """A flow decoder whose solver runs rows of different sessions together (paged keys/values)."""
 
     def solve_rows(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class RowsEstimator(Protocol):
+    """An estimator that runs many sessions' new frames packed along time in one forward pass."""
+
+    def forward_rows(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @runtime_checkable

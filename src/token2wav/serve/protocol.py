@@ -465,6 +465,7 @@ def describe_batching(t2w: Any) -> dict[str, Any]:
     """How a Batcher (with its defaults) runs this model's streams: what shares a call, where the caches live,
     the padded sizes, and what each stream's cache costs."""
     from token2wav.models.buckets import ShapeBuckets
+    from token2wav.models.interfaces import KVLayoutEstimator, RowsEstimator
     from token2wav.models.padded_solve import has_fixed_shapes
     from token2wav.streaming.batcher import DEFAULT_PAGE_FRAMES, cache_bytes_per_frame
     from token2wav.streaming.compute import vocoder_kind
@@ -473,8 +474,8 @@ def describe_batching(t2w: Any) -> dict[str, Any]:
     per_frame = cache_bytes_per_frame(flow, int(getattr(t2w, "n_timesteps", 10)))
     frames_per_minute = 60 * float(t2w.token_rate) * int(t2w.config.token_mel_ratio)
     estimator = getattr(getattr(flow, "decoder", None), "estimator", None)
-    packed = hasattr(estimator, "forward_rows")
-    paged = packed and hasattr(estimator, "kv_layout")
+    packed = isinstance(estimator, RowsEstimator)
+    paged = packed and isinstance(estimator, KVLayoutEstimator)
     vocoder = {"hifigan": "windows of equal length in one call", "causal": "rows in the same state in one call",
                "crossfade": "row by row"}.get(vocoder_kind(t2w.vocoder) or "", "none")
     flow_text = "row by row"

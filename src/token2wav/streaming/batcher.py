@@ -59,6 +59,8 @@ __all__ = ["Batcher", "CacheBudgetError", "BatcherClosedError", "count_aten_ops"
 _STORE_GROWTH = 1.5
 # A stream's first chunk is due this long after it was queued (its deadline before any audio exists).
 FIRST_AUDIO_BUDGET_S = 0.5
+# Deadlines count for ordering within this much of a row's queueing time (Batcher.priority): no row starves.
+STARVATION_BOUND_S = 2.0
 # Frames per page of the key/value pool: small pages waste little of a stream's last page; attention reads
 # keys by slot anyway, so the page size does not shape any kernel.
 DEFAULT_PAGE_FRAMES = 16
@@ -514,7 +516,15 @@ class Batcher:
 
     def _deadline(self, job: _Job) -> float:
         dry = job.deadline
-        return dry if dry < float("inf") else job.queued_at + self.first_audio_budget_s
+        due = dry if dry < float("inf") else job.queued_at + self.first_audio_budget_s
+        return self.priority(due, job.queued_at)
+
+    @staticmethod
+    def priority(deadline: float, queued_at: float) -> float:
+        """The sort key of a queued row: its deadline, clamped to ``queued_at +- STARVATION_BOUND_S``. A row queued
+        at q then goes before every row queued after q + 2 * STARVATION_BOUND_S, so none waits forever behind a
+        stream of more urgent (or long stalled) rows."""
+        return min(max(deadline, queued_at - STARVATION_BOUND_S), queued_at + STARVATION_BOUND_S)
 
     @staticmethod
     def _group(session: StreamSession, reservation: _Reservation) -> tuple[Any, ...]:
