@@ -113,9 +113,26 @@ def test_a_stream_stalls_without_the_capacity_and_the_recommendation_says_so() -
                      first_hop=16, max_hop=96, buffer_s=0.0)
     assert slow["clock"].stalls > 0 and slow["clock"].stall_s > 1.0
     meter = ComputeMeter()
-    meter.observe(16, 1.5 * 16 * AUDIO_PER_TOKEN)
+    meter.observe(16, 1.5 * 16 * AUDIO_PER_TOKEN)  # RTF 1.5 at every hop: no hop is sustainable
+    # p95 spread 1.5 (too few samples to measure it): 2.25 x real time, over the 10 s horizon, capped at it
     assert recommend_start_buffer(first_hop=16, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=43.07,
-                                  compute=meter) == pytest.approx(5.0 + 0.08 + 0.5 * 1.5 * 16 * AUDIO_PER_TOKEN)
+                                  compute=meter) == 10.0
+
+
+def test_the_recommendation_reaches_a_hop_that_keeps_up() -> None:
+    """Small hops slower than real time (a fixed cost per call), larger ones faster: the recommended buffer is
+    what it takes to reach the smallest sustainable hop, and with it the simulated stream does not stall."""
+    cost = lambda h: 0.35 + 0.004 * h  # noqa: E731 - 16 tokens: 0.41 s for 0.37 s of audio: too slow
+    meter = ComputeMeter()
+    for h in (16, 32, 48, 64) * 2:
+        meter.observe(h, cost(h))
+    buffer_s = recommend_start_buffer(first_hop=16, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=43.07,
+                                      compute=meter, chunk=16, max_hop=96)
+    # 32 tokens: 0.48 s of compute <= 0.74 s of audio (the fit is exact: spread 1); 16 more tokens (0.37 s) to reach
+    assert buffer_s == pytest.approx(16 / 43.07 + cost(32) - cost(16) + 0.08)
+    run = _simulate(compute_s=cost, rate=43.07, n_tokens=860, chunk=16, first_hop=16, max_hop=96, buffer_s=buffer_s)
+    # the simulated meter starts empty (it learns the cost as it goes): short stalls, none over 100 ms
+    assert run["clock"].worst_stall_s <= 0.1
 
 
 def test_choose_hop_takes_the_largest_hop_that_arrives_in_time() -> None:

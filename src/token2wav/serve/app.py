@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
 from token2wav.budget import BudgetedLRU, MemoryBudget
+from token2wav.demo import low_latency_options
 from token2wav.serve import protocol as P
 from token2wav.serve.auth import AccessMiddleware, AccessPolicy, install_log_redaction
 from token2wav.serve.bodies import read_body
@@ -797,6 +798,12 @@ class _StreamHandler:
         exact_any_hop = msg.mode in (None, "cached") and msg.preset != "constrained"
         if msg.schedule is not None or exact_any_hop:
             kwargs["schedule"] = msg.schedule or "adaptive"
+        if kwargs.get("schedule") == "adaptive" and msg.hop is None and msg.preset is None:
+            # the first audio as early as the model allows: its smallest valid hop (the demo voice's run-time
+            # chunk), from which the adaptive schedule grows
+            kwargs["hop"] = low_latency_options(st.t2w, prompt).get("hop")
+            if kwargs["hop"] is None:
+                del kwargs["hop"]
         for key in ("preset", "hop", "mode", "window_frames", "pre_lookahead_len", "start_buffer_ms"):
             if getattr(msg, key) is not None:
                 kwargs[key] = getattr(msg, key)

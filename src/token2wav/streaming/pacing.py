@@ -166,21 +166,31 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
     return best
 
 
-def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_rate: float,
-                           compute: ComputeMeter, horizon_s: float = 10.0, margin_s: float = SAFETY_MARGIN_S
-                           ) -> float:
-    """Seconds of audio to buffer before playing so that a stream of smallest hops does not stall.
+def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_rate: float, compute: ComputeMeter,
+                           chunk: int | None = None, max_hop: int | None = None, horizon_s: float = 10.0,
+                           margin_s: float = SAFETY_MARGIN_S) -> float:
+    """Seconds of audio to buffer before playing so that the stream does not stall, at the current load.
 
-    After the first chunk, chunk k needs ``first_hop`` more tokens (``first_hop / token_rate`` seconds) and its
-    compute, and brings ``first_hop * audio_s_per_token`` of audio. Each chunk can come late by its compute's
-    spread (p95 / fitted) and, when tokens or compute are slower than real time, the shortfall builds up: over
-    ``horizon_s`` seconds of audio it is ``horizon_s * (max(token time, compute time) / audio - 1)``.
+    The adaptive schedule starts with ``first_hop`` and can move to any hop ``h`` (a multiple of ``chunk`` up to
+    ``max_hop``) once the buffer covers the wait for its extra tokens and its compute. A hop is *sustainable* when
+    its tokens (``h / token_rate``) and its compute (p95) each take no longer than its audio. The recommendation is
+    the smallest buffer that reaches a sustainable hop: ``(h - first_hop) / token_rate`` + the compute of ``h``
+    beyond the first chunk's + a margin. When no hop is sustainable (tokens or compute slower than real time), the
+    shortfall of the best hop over ``horizon_s`` seconds of audio is added instead, capped at ``horizon_s``.
     """
-    audio = first_hop * audio_s_per_token
-    tokens_s = first_hop / token_rate if token_rate > 0 else math.inf
-    compute_s = compute.seconds(first_hop)
-    late = (compute.p95_ratio() - 1.0) * compute_s  # one chunk's lateness beyond the fitted time
-    per_chunk = max(tokens_s, compute_s)
-    # (the lookahead tokens are waited for by every chunk alike: they shift the whole stream, not the spacing)
-    shortfall = max(0.0, per_chunk / audio - 1.0) * horizon_s if audio > 0 else 0.0
-    return min(horizon_s, late + shortfall + margin_s)
+    step = chunk or first_hop
+    top = max(first_hop, max_hop or first_hop)
+    slow = compute.p95_ratio()
+    best_short = math.inf
+    h = first_hop
+    while h <= top:
+        audio = h * audio_s_per_token
+        tokens_s = h / token_rate if token_rate > 0 else math.inf
+        compute_s = slow * compute.seconds(h)
+        wait = (h - first_hop) / token_rate if token_rate > 0 else math.inf
+        reach = max(0.0, wait + compute_s - compute.seconds(first_hop))
+        if max(tokens_s, compute_s) <= audio:
+            return min(horizon_s, reach + margin_s)
+        best_short = min(best_short, reach + (max(tokens_s, compute_s) / audio - 1.0) * horizon_s)
+        h += step
+    return min(horizon_s, best_short + margin_s)

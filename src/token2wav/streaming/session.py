@@ -228,8 +228,12 @@ class StreamSession:
         """Audio to buffer before playing so that this stream does not stall at the current load, from the
         measured compute time of this model's chunks, the measured token rate and the smallest hop
         (``pacing.recommend_start_buffer``)."""
-        return recommend_start_buffer(first_hop=self.plan.hop, audio_s_per_token=self.spec.audio_s_per_token,
-                                      token_rate=self.arrivals.rate, compute=self._scheduler.compute)  # fmt: skip
+        plan = self.plan
+        adaptive = plan.schedule == "adaptive"
+        return recommend_start_buffer(first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token,
+                                      token_rate=self.arrivals.rate, compute=self._scheduler.compute,
+                                      chunk=plan.chunk if adaptive else None,
+                                      max_hop=plan.max_hop if adaptive else None)  # fmt: skip
 
     @property
     def deadline(self) -> float:
