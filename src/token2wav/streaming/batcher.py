@@ -11,10 +11,15 @@ uses such a batcher, so a single stream runs the same code as a batched one (pag
 Exactness: a row's chunk is what the session computes alone, whatever else shares the call (``compute.py``).
 A row whose session was closed meanwhile is dropped before it runs and leaves the others untouched.
 
-Scheduling: a job waits at most ``max_wait_ms`` for others to join, and only while some session is in the
-middle of a push and has not queued its next chunk yet (waiting for nobody would only add latency). First
-chunks go before later ones. Rows of one call share ``n_timesteps`` and the flow; ``recompute`` sessions
-run alone.
+Scheduling by the listener's clock: each queued row has a deadline, when its session's listener runs dry
+(``session.deadline``, from its playback clock), or for a first chunk its queueing time plus
+``FIRST_AUDIO_BUDGET_S``; the most urgent row goes first and the rest of its call is filled with the rows that
+can share it, in deadline order (``priority`` clamps a deadline to +-``STARVATION_BOUND_S`` of the queueing time,
+so no row starves). A call waits for more rows at most ``max_wait_ms``, only while some session is mid-push and
+has not queued its next chunk yet, and only while the most urgent row can afford it. Rows of one call share
+``n_timesteps`` and the flow; ``recompute`` sessions run alone. The batcher measures the submission-to-delivery
+time of chunks (``compute``, which sessions plan their hops with) and its capacity (``capacity()``, audio seconds
+per wall second, which the server admits streams by).
 
 Keys/values: ``cached`` sessions keep theirs in a page pool (``models/kv_pool.py``, one per number of solver
 steps), so a chunk writes only its own frames, one gather per layer serves every row of a call, a voice
