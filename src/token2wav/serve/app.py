@@ -34,6 +34,7 @@ from token2wav.serve.metrics import CONTENT_TYPE, Registry
 from token2wav.serve.prompt_store import PromptStore, prompt_id
 from token2wav.serve.upload import prompt_request
 from token2wav.streaming.batcher import CacheBudgetError
+from token2wav.streaming.options import StreamOptions
 from token2wav.streaming.state import PromptCache
 
 __all__ = ["ServerState", "create_app", "uvicorn_config"]
@@ -795,7 +796,7 @@ class _StreamHandler:
         # the server's streams are paced by their listeners' clocks (where that keeps them exact: cached mode, float
         # flow) unless the client names a schedule
         kwargs: dict[str, Any] = {"prompt": prompt}
-        exact_any_hop = msg.mode in (None, "cached") and msg.preset != "constrained"
+        exact_any_hop = StreamOptions.exact_under_any_hops(msg.mode, msg.preset, st.t2w.config)
         if msg.schedule is not None or exact_any_hop:
             kwargs["schedule"] = msg.schedule or "adaptive"
         if kwargs.get("schedule") == "adaptive" and msg.hop is None and msg.preset is None:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from token2wav.serve.client import start_buffer_ms
+from token2wav.streaming.pacing import PlaybackClock
 
 __all__ = [
     "DEFAULT_PREBUFFER_S",
@@ -75,61 +76,42 @@ _EPS = 1e-9  # stalls are rounded to 0.1 ms: compare with the bounds inclusively
 # ----------------------------------------------------------------------------------------- playback
 
 
-class Player:
-    """A real-time audio player: what a caller would hear from chunks arriving at given times.
+class Player(PlaybackClock):
+    """A real-time audio player: what a caller would hear from chunks arriving at given times (the listener's
+    clock of ``streaming/pacing.py`` under the load test's names).
 
     Playback starts ``prebuffer_s`` after the first chunk arrives; a chunk arriving after the audio before it
     has finished playing is a stall of that length (``underruns`` counts them, ``stall_s`` is their total,
     ``worst_stall_s`` the longest)."""
 
     def __init__(self, prebuffer_s: float = 0.0) -> None:
-        self.prebuffer_s = float(prebuffer_s)
-        self.first_at: float | None = None  # when the first audio arrived
-        self.start: float | None = None  # when playback starts
-        self.play_end: float | None = None  # when the audio received so far finishes playing
-        self.underruns = 0
-        self.underrun_s = 0.0
-        self.worst_stall_s = 0.0
-        self.audio_s = 0.0
-
-    @property
-    def stall_s(self) -> float:
-        """The total length of the stalls (the same as ``underrun_s``)."""
-        return self.underrun_s
-
-    def buffering(self, t: float) -> bool:
-        """Whether playback has not started yet at time ``t``."""
-        return self.start is None or t < self.start
-
-    def recommend(self, t: float, prebuffer_s: float) -> None:
-        """A newer start buffer, known at time ``t``: used if playback has not started by then (it then
-        starts ``prebuffer_s`` after the first audio, or at once if that time has passed: ``prebuffer_s``
-        becomes the start buffer used)."""
-        if not self.buffering(t):
-            return
-        self.prebuffer_s = float(prebuffer_s)
-        if self.first_at is not None:
-            self.start = max(t, self.first_at + self.prebuffer_s)
-            self.prebuffer_s = self.start - self.first_at  # the start buffer used
-            self.play_end = self.start + self.audio_s  # nothing stalls before playback starts
+        super().__init__(start_buffer_s=float(prebuffer_s))
 
     def arrive(self, t: float, seconds: float) -> None:
         """A chunk of ``seconds`` of audio arrived at time ``t`` (an empty one plays nothing: ignored)."""
-        if seconds <= 0:
-            return
-        self.audio_s += seconds
-        if self.play_end is None:
-            self.first_at = t
-            self.start = t + self.prebuffer_s
-            self.play_end = self.start + seconds
-        elif t > self.play_end:  # the caller has been hearing silence since play_end
-            gap = t - self.play_end
-            self.underruns += 1
-            self.underrun_s += gap
-            self.worst_stall_s = max(self.worst_stall_s, gap)
-            self.play_end = t + seconds
-        else:
-            self.play_end += seconds
+        self.deliver(t, seconds)
+
+    @property
+    def prebuffer_s(self) -> float:
+        return self.start_buffer_s
+
+    @property
+    def start(self) -> float | None:
+        """When playback starts (None before the first audio)."""
+        return self.play_start
+
+    @property
+    def play_end(self) -> float | None:
+        """When the audio received so far finishes playing (None before the first audio)."""
+        return self.dry_at if self.started else None
+
+    @property
+    def underruns(self) -> int:
+        return self.stalls
+
+    @property
+    def underrun_s(self) -> float:
+        return self.stall_s
 
 
 def choose_prebuffer(explicit_s: float | None, recommended_s: float | None) -> tuple[float, str]:

@@ -206,8 +206,8 @@ class Batcher:
         self._padded: dict[tuple[int, int], PaddedSolver] = {}
         self._independent: dict[int, bool] = {}  # per flow (id): rows_are_independent
         self._running: Counter[StreamSession] = Counter()  # sessions with a chunk being computed
-        self._release_after_step: set[StreamSession] = set()
-        self._pending_tables: dict[StreamSession, PageTable | None] = {}  # their pages, freed after the step
+        # sessions released while a chunk of theirs runs -> their pages, freed when the step ends
+        self._release_after_step: dict[StreamSession, PageTable | None] = {}
         self._row_sessions: dict[Row, StreamSession] = {}  # rows being computed -> their sessions
         # calls that can compute side by side: CPU cores (a call's Python runs on one), one GPU stream
         self._cores = 1 if t2w.device.type != "cpu" else max(1, os.cpu_count() or 1)
@@ -457,10 +457,8 @@ class Batcher:
             self._reserved -= reservation.nbytes
             reservation.nbytes = 0
             if self._running[session]:  # its pages are still being read or written: free them after the step
-                self._release_after_step.add(session)
-                self._pending_tables[session] = reservation.table
+                self._release_after_step[session] = reservation.table
                 return
-            self._running.pop(session, None)
         if reservation.table is not None:
             reservation.table.release()
 
@@ -644,8 +642,7 @@ class Batcher:
                 if self._running[session] <= 0:
                     del self._running[session]
                     if session in self._release_after_step:
-                        self._release_after_step.discard(session)
-                        release.append(self._pending_tables.pop(session, None))
+                        release.append(self._release_after_step.pop(session))
         for table in release:
             if table is not None:
                 table.release()

@@ -76,6 +76,14 @@ class StreamOptions:
     pre_lookahead_len: int | None = None
     start_buffer_ms: int | None = None  # the listener's start buffer; None: the session's recommendation
 
+    @staticmethod
+    def exact_under_any_hops(mode: str | None, preset: str | None, config: Any) -> bool:
+        """Whether a stream's chunks are the same whatever its hop sequence, which the adaptive schedule needs:
+        cached chunks are final; recompute, window and the int8 flow (a preset that quantizes) depend on it."""
+        if mode not in (None, "cached"):
+            return False
+        return preset not in PRESETS or not resolve_preset(preset, config).quantize
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
@@ -142,8 +150,7 @@ class StreamOptions:
         if self.mode == "recompute" and (chunk_frames is not None or override is not None):
             raise ValueError(f"{spell('mode', 'recompute', with_value=True)} is the reference algorithm: trained "
                              "chunk and lookahead only")
-        if schedule == "adaptive" and (self.mode != "cached" or (settings is not None and settings.quantize)):
-            # only cached chunks are final whatever the hop sequence; recompute, window and int8 results depend on it
+        if schedule == "adaptive" and not self.exact_under_any_hops(self.mode, self.preset, config):
             raise ValueError(f"{spell('schedule')}='adaptive' needs {spell('mode', 'cached', with_value=True)} without "
                              "the int8 flow (preset constrained): only there is a chunk the same whatever the hops")
         self._check_window(config, spell, chunk * ratio)

@@ -34,6 +34,7 @@ class PlaybackClock:
     """What the listener hears: playback starts ``start_buffer_s`` after the first chunk's delivery."""
 
     start_buffer_s: float = 0.0
+    first_at: float | None = None  # when the first audio arrived
     play_start: float | None = None
     audio_s: float = 0.0  # audio delivered so far
     stall_s: float = 0.0  # silence heard so far (sum of stalls)
@@ -41,9 +42,13 @@ class PlaybackClock:
     stalls: int = 0
 
     def deliver(self, now: float, seconds: float) -> float:
-        """A chunk of ``seconds`` of audio reaches the listener at ``now``; returns the stall it causes (0 if none)."""
+        """A chunk of ``seconds`` of audio reaches the listener at ``now``; returns the stall it causes (0 if none).
+        An empty chunk plays nothing: it is never a stall."""
+        if seconds <= 0:
+            return 0.0
         gap = 0.0
         if self.play_start is None:
+            self.first_at = now
             self.play_start = now + self.start_buffer_s
         else:
             end = self.dry_at
@@ -54,6 +59,21 @@ class PlaybackClock:
                 self.worst_stall_s = max(self.worst_stall_s, gap)
         self.audio_s += seconds
         return gap
+
+    def buffering(self, now: float) -> bool:
+        """Whether playback has not started yet at ``now``."""
+        return self.play_start is None or now < self.play_start
+
+    def recommend(self, now: float, start_buffer_s: float) -> None:
+        """A newer start buffer, known at ``now``: used if playback has not started by then (it then starts
+        ``start_buffer_s`` after the first audio, or at once if that time has passed; ``start_buffer_s`` becomes
+        the buffer actually used)."""
+        if not self.buffering(now):
+            return
+        self.start_buffer_s = float(start_buffer_s)
+        if self.first_at is not None:
+            self.play_start = max(now, self.first_at + self.start_buffer_s)
+            self.start_buffer_s = self.play_start - self.first_at
 
     @property
     def started(self) -> bool:
@@ -90,22 +110,28 @@ class RateMeter:
 
     @property
     def rate(self) -> float:
-        """Tokens per second; the prior until 0.2 s of arrivals are seen. Tokens that all came at once: inf."""
+        """Tokens per second; over less than 0.2 s of arrivals, at least the prior (a burst may be a fast LLM, or
+        just one message split in pieces)."""
         if self.first_at is None or self.last_at is None:
             return self.prior
         span = self.last_at - self.first_at
-        if span < 0.2:
-            return self.prior if self.tokens_after_first == 0 or span <= 0 else max(self.prior,
-                                                                                   self.tokens_after_first / span)
-        return self.tokens_after_first / span
+        if span >= 0.2:
+            return self.tokens_after_first / span
+        if span <= 0 or self.tokens_after_first == 0:
+            return self.prior
+        return max(self.prior, self.tokens_after_first / span)  # a burst: at least the prior
 
 
 @dataclass
 class ComputeMeter:
-    """Seconds from a chunk's submission to its delivery as ``a + b * tokens``, over the last ``window`` chunks."""
+    """Seconds from a chunk's submission to its delivery as ``a + b * tokens``, over the last ``window`` chunks.
+
+    The fit and its spread are computed once per observation, not per question: the scheduler asks for every
+    queued row and the adaptive schedule for every candidate hop."""
 
     window: int = 32
     samples: deque = field(default_factory=deque)
+    _fit: tuple[float, float, float] | None = None  # (a, b, p95 of observed / fitted), None: stale
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or not math.isfinite(seconds) or seconds < 0:
@@ -113,30 +139,39 @@ class ComputeMeter:
         self.samples.append((tokens, seconds))
         while len(self.samples) > self.window:
             self.samples.popleft()
+        self._fit = None
+
+    def _line(self) -> tuple[float, float, float]:
+        """A least-squares line through recent chunks (through the origin when they all had one size, or when
+        the line would go negative), and the 95th percentile of observed / fitted time."""
+        if self._fit is None:
+            xs = [t for t, _ in self.samples]
+            ys = [s for _, s in self.samples]
+            n = len(xs)
+            mx, my = sum(xs) / n, sum(ys) / n
+            var = sum((x - mx) ** 2 for x in xs)
+            a, b = 0.0, my / mx
+            if var > 0:
+                slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+                if slope >= 0 and my - slope * mx >= 0:
+                    a, b = my - slope * mx, slope
+            p95 = 1.5  # too few chunks to measure the spread: assume half again
+            if n >= 4:
+                ratios = sorted(y / max(a + b * x, 1e-6) for x, y in zip(xs, ys))
+                p95 = max(1.0, ratios[min(n - 1, int(0.95 * n))])
+            self._fit = (a, b, p95)
+        return self._fit
 
     def seconds(self, tokens: int, default_per_token: float = 0.02) -> float:
-        """Expected seconds for a chunk of ``tokens``: a least-squares line through recent chunks (a line
-        through the origin when they all had one size), never below the fastest per-token cost seen."""
+        """Expected seconds for a chunk of ``tokens`` (``default_per_token`` each before any was measured)."""
         if not self.samples:
             return default_per_token * tokens
-        n = len(self.samples)
-        xs = [t for t, _ in self.samples]
-        ys = [s for _, s in self.samples]
-        mx, my = sum(xs) / n, sum(ys) / n
-        var = sum((x - mx) ** 2 for x in xs)
-        if var > 0:
-            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
-            a = my - b * mx
-            if b >= 0 and a >= 0:
-                return a + b * tokens
-        return my / mx * tokens
+        a, b, _ = self._line()
+        return a + b * tokens
 
     def p95_ratio(self) -> float:
         """The 95th percentile of observed / fitted time: how much slower than expected a chunk can be."""
-        if len(self.samples) < 4:
-            return 1.5
-        ratios = sorted(s / max(self.seconds(t), 1e-6) for t, s in self.samples)
-        return max(1.0, ratios[min(len(ratios) - 1, int(0.95 * len(ratios)))])
+        return self._line()[2] if self.samples else 1.5
 
 
 def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, available: int, lookahead: int,
