@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tolerances import NETWORK
 
 from token2wav import Token2Wav
 from token2wav.demo import LOW_LATENCY_STEPS, low_latency_options
@@ -33,11 +34,10 @@ def test_low_latency_hop_needs_no_prompt_pad(demo: Token2Wav) -> None:
     assert low_latency_options(Token2Wav.from_pretrained("tiny"), None) == {"preset": "assistant"}
 
 
-def test_demo_vocoder_streams_exactly_with_its_configured_window(demo: Token2Wav) -> None:
-    """The yaml's vocoder_stream (16 frames of context, 12 of look-ahead) is what sessions use: streamed audio
-    equals the offline vocoder. The former default window (24 / 8) was off by up to ~0.5 at chunk seams."""
+def test_demo_vocoder_streams_exactly_with_carried_state(demo: Token2Wav) -> None:
+    """A session's vocoder path carries each conv's state: the demo voice's streamed audio equals its offline
+    vocoder output. (The windowed form it replaced, 16 frames back and 12 ahead, was 3.6e-4 off; 24 / 8: 0.29.)"""
     voc = demo.vocoder
-    assert (voc.stream_left_context, voc.stream_lookahead) == (16, 12)
     with demo.stream(demo.speaker_prompt("rms"), output="mel", hop=16) as s:
         mels = s.push(json.loads((Path(demo.config.path).parent / "demo_tokens.json").read_text())["utterances"][1][
             "tokens"][:120])
@@ -46,19 +46,16 @@ def test_demo_vocoder_streams_exactly_with_its_configured_window(demo: Token2Wav
     with torch.inference_mode():
         offline = voc(mel)[0, 0].numpy()
     with demo.stream(demo.speaker_prompt("rms"), hop=16) as s:
-        # the same mel through a session's vocoder path, chunk by chunk
-        from token2wav.models.hifigan import vocode_stream
-
-        state, outs = None, []
-        for i in range(0, mel.shape[2], 32):
-            out, state = vocode_stream(voc, mel[:, :, i : i + 32], state, final=i + 32 >= mel.shape[2])
-            outs.append(out[0].numpy())
-    streamed = np.concatenate(outs)
+        chunks = s.push(json.loads((Path(demo.config.path).parent / "demo_tokens.json").read_text())["utterances"][1][
+            "tokens"][:120])
+        chunks.append(s.finish())
+    streamed = np.concatenate([c for c in chunks if c.size])
     assert streamed.shape == offline.shape
-    # Not float rounding alone: the configured window is shorter than HiFi-GAN's receptive field, whose far taps
-    # leave ~4e-4 at |audio| 0.76 (measured 3.6e-4; the old 24 / 8 window: 0.29); float32 rounding of a network
-    # pass (NETWORK relative to the peak, ~1e-5) is well under. 1e-3 separates the window from a wrong one.
-    assert float(np.abs(streamed - offline).max()) < 1e-3
+    # Float rounding of one pass of the generator at other lengths: its longest path is 30 convolutions of up to
+    # 512 x 11 = 5632 terms, past NETWORK's 10-50 layers of ~4096, so twice NETWORK relative to the peak (0.76).
+    # Measured 6.7e-6 (AVX-512), 7.0e-6 (AVX2), 7.2e-6 (default kernels). A conv cut at the wrong sample moves
+    # whole samples (~1e-2 and up).
+    assert float(np.abs(streamed - offline).max()) <= 2 * NETWORK * max(1.0, float(np.abs(offline).max()))
 
 
 def test_demo_command_reports_latency_rtf_and_where_the_time_went(tmp_path, capsys) -> None:

@@ -371,7 +371,7 @@ def test_cv2_cached_mel_and_crossfaded_audio(capsys):
 
 
 def test_hifigan_vocoder_streams_like_offline(tmp_dir):
-    """Our own format's HiFi-GAN vocoder (the demo voice) is streamed with its windowed vocode_stream."""
+    """Our own format's HiFi-GAN vocoder (the demo voice) is streamed with its carried-state vocode_stream."""
     from token2wav.models.hifigan import HiFiGANGenerator
 
     base = tiny_engine(tmp_dir, vocoder=False)

@@ -162,7 +162,6 @@ def main() -> None:
         },
         "flow": spec,
         "vocoder": vocoder_spec(),
-        "vocoder_stream": {"left_context": 16, "lookahead": 12},
         "files": {
             "flow": "flow.safetensors",
             "vocoder": "vocoder.safetensors",

@@ -199,10 +199,6 @@ def load_vocoder(
     state, _ = unfold_weight_norm_keys(state, vocoder)  # saved with weight norm folded: the same generator
     load_strict(vocoder, state, source=str(weights_path))
     fold_weight_norm(vocoder)
-    stream = config.extra.get("vocoder_stream") or {}
-    if stream and hasattr(vocoder, "stream_lookahead"):  # the streamed window this generator needs to be exact
-        vocoder.stream_left_context = int(stream.get("left_context", vocoder.stream_left_context))
-        vocoder.stream_lookahead = int(stream.get("lookahead", vocoder.stream_lookahead))
     seed = config.extra.get("source_noise_seed")
     if seed is not None and hasattr(vocoder, "set_source_noise"):
         vocoder.set_source_noise(int(seed))

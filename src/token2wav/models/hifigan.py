@@ -6,26 +6,41 @@ Parameter names follow the original generator checkpoints (``conv_pre``, ``ups.i
 
 Weight norm: weight = g * v / ||v||, the norm taken over every dimension but the first. Because the norm
 removes any per-slice scale of v, a v stored as int8 with one scale per first-dimension slice loads
-directly (the scale cancels); the demo ships its vocoder that way.
+directly (the scale cancels); the demo ships its vocoder that way. The effective weights are computed once
+(``fold_weight_norm``), never per call.
 
-Streaming: `vocode_stream` runs the generator over a window of past mel context plus the new frames and
-keeps back the newest frames whose receptive field still reaches into the future, so concatenated chunks
-reproduce the offline output to float rounding, without cross-fades. The state is a dataclass, never
-stored on the module.
+Streaming with carried state (``vocode_stream``): every convolution keeps the tail of its input that later
+outputs still need, and emits only the outputs whose right context has arrived; where two paths of different
+delay meet (a residual add, the sum of a stage's resblocks) the earlier path's surplus waits in the state.
+Nothing is computed twice, a call costs in proportion to its new frames, and the concatenated chunks equal
+the offline ``generator(all_mel)`` up to float rounding (the same convolutions over other lengths). The price
+is the network's right receptive field (about 12 mel frames for V1), held back until later frames or the end
+arrive. The state is a value, never stored on the module; a call never changes the state it was given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HiFiGANGenerator", "HiFiGANStreamState", "vocode_stream"]
+__all__ = ["HiFiGANGenerator", "HiFiGANStreamState", "vocode_stream", "vocode_stream_rows"]
 
 LRELU_SLOPE = 0.1
+
+
+# Activations run as [B, C, 1, T] stored channels-last ([B, 1, T, C] in memory) through 2-D convolutions: on CPU,
+# oneDNN convolves that layout 1.1x (wide early stages) to 3x (narrow late stages) faster than [B, C, T]
+# (measured, float32, 2 threads; see docs/benchmarks.md), with results equal to float rounding.
+_CHANNELS_LAST = torch.channels_last
+
+
+def frames_last(x: Tensor) -> Tensor:
+    """``[B, C, T]`` -> ``[B, C, 1, T]`` in the generator's channels-last layout."""
+    return x.unsqueeze(2).contiguous(memory_format=_CHANNELS_LAST)
 
 
 def _norm_except_dim0(v: Tensor) -> Tensor:
@@ -41,20 +56,28 @@ class _WeightNormMixin:
         self.weight_g = nn.Parameter(_norm_except_dim0(w).clone())
         self.weight_v = nn.Parameter(w.clone())
         self._folded: Tensor | None = None
+        self._folded_2d: Tensor | None = None
 
     def effective_weight(self) -> Tensor:
         if self._folded is not None:
             return self._folded
         return self.weight_v * (self.weight_g / _norm_except_dim0(self.weight_v))
 
+    def weight_2d(self) -> Tensor:
+        """The effective weight as a 2-D kernel ``[.., .., 1, k]`` in the channels-last layout."""
+        if self._folded_2d is not None:
+            return self._folded_2d
+        return self.effective_weight().unsqueeze(2).contiguous(memory_format=_CHANNELS_LAST)
+
     def fold(self) -> None:
         """Cache the effective weight (parameters stay for state-dict compatibility)."""
         with torch.no_grad():
-            self._folded = None
+            self._folded = self._folded_2d = None
             self._folded = self.effective_weight().detach().clone()
+            self._folded_2d = self.weight_2d().detach()
 
     def unfold(self) -> None:
-        self._folded = None
+        self._folded = self._folded_2d = None
 
 
 class WNConv1d(_WeightNormMixin, nn.Conv1d):
@@ -64,6 +87,11 @@ class WNConv1d(_WeightNormMixin, nn.Conv1d):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv1d(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def frames(self, x: Tensor, padded: bool = True) -> Tensor:
+        """The conv on ``[B, C, 1, T]`` channels-last frames; ``padded=False``: no zero padding (valid)."""
+        return F.conv2d(x, self.weight_2d(), self.bias, (1, self.stride[0]), (0, self.padding[0] if padded else 0),
+                        (1, self.dilation[0]), self.groups)
 
 
 class WNConvTranspose1d(_WeightNormMixin, nn.ConvTranspose1d):
@@ -82,6 +110,12 @@ class WNConvTranspose1d(_WeightNormMixin, nn.ConvTranspose1d):
             self.groups,
             self.dilation,
         )
+
+    def frames(self, x: Tensor, padded: bool = True) -> Tensor:
+        """The transposed conv on ``[B, C, 1, T]`` channels-last frames; ``padded=False``: nothing trimmed."""
+        return F.conv_transpose2d(x, self.weight_2d(), self.bias, (1, self.stride[0]),
+                                  (0, self.padding[0] if padded else 0), (0, self.output_padding[0]), self.groups,
+                                  (1, self.dilation[0]))
 
 
 def _same_padding(kernel: int, dilation: int) -> int:
@@ -103,8 +137,9 @@ class ResBlock1(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: ``[B, C, 1, T]`` channels-last frames."""
         for c1, c2 in zip(self.convs1, self.convs2):
-            y = c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+            y = c2.frames(F.leaky_relu(c1.frames(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
             x = x + y
         return x
 
@@ -139,9 +174,6 @@ class HiFiGANGenerator(nn.Module):
         self.sampling_rate = sampling_rate
         self.num_kernels = len(resblock_kernel_sizes)
         self._is_folded = False
-        # vocode_stream's window when the caller gives none; loading sets them from the config's vocoder_stream
-        self.stream_left_context = 24
-        self.stream_lookahead = 8
         self.conv_pre = WNConv1d(in_channels, upsample_initial_channel, 7, padding=3)
         self.ups = nn.ModuleList()
         self.resblocks = nn.ModuleList()
@@ -185,32 +217,139 @@ class HiFiGANGenerator(nn.Module):
                 m.fold()
         return out
 
-    def forward(self, mel: Tensor) -> Tensor:
+    def _check_mel(self, mel: Tensor) -> None:
         if mel.dim() != 3 or mel.shape[1] != self.in_channels:
             raise ValueError(f"mel must have shape (B, {self.in_channels}, frames), got {tuple(mel.shape)}")
+
+    def _ready_weights(self) -> None:
         if self.training:
             if self._is_folded:
                 self._unfold()
         elif not self._is_folded:
             self.fold_weight_norm()
-        x = self.conv_pre(mel)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        self._check_mel(mel)
+        self._ready_weights()
+        x = self.conv_pre.frames(frames_last(mel))
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            x = up.frames(F.leaky_relu(x, LRELU_SLOPE))
             acc = self.resblocks[i * self.num_kernels](x)
             for j in range(1, self.num_kernels):
                 acc = acc + self.resblocks[i * self.num_kernels + j](x)
             x = acc / self.num_kernels
         # The original uses leaky_relu's default slope (0.01) here, not LRELU_SLOPE.
-        x = self.conv_post(F.leaky_relu(x, 0.01))
-        return torch.tanh(x)
+        x = self.conv_post.frames(F.leaky_relu(x, 0.01))
+        return torch.tanh(x)[:, :, 0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class HiFiGANStreamState:
-    """Mel frames seen but not yet fully vocoded, plus how many frames of audio were already emitted."""
+    """Where a stream's vocoding stands: per convolution the input tail its next outputs need, per junction of
+    two paths the earlier path's samples still waiting for the later one, per transposed conv how many leading
+    outputs the offline padding still trims. ``frames``: mel frames taken; ``samples``: audio emitted."""
 
-    context: Tensor | None = None  # (B, n_mels, L): left context followed by pending frames
-    pending: int = 0  # trailing frames of `context` whose audio has not been emitted
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    trims: dict[str, int] = field(default_factory=dict)
+    frames: int = 0
+    samples: int = 0
+    finished: bool = False
+
+    def signature(self) -> tuple:
+        """Equal for states whose buffers have equal shapes but the batch: such streams can share a call."""
+        return (tuple((k, tuple(v.shape[1:])) for k, v in self.buffers.items()), tuple(self.trims.items()),
+                self.frames == 0, self.finished)
+
+
+class _Step:
+    """One streaming call over a batch of streams: reads the old state, writes a new one."""
+
+    def __init__(self, old: HiFiGANStreamState, final: bool) -> None:
+        self.old, self.final = old, final
+        self.buffers: dict[str, Tensor] = {}
+        self.trims: dict[str, int] = dict(old.trims)
+
+    def conv(self, key: str, conv: WNConv1d, x: Tensor) -> Tensor:
+        """A "same"-padded conv: zeros stand for the input before the start and (on the final call) after the
+        end, as in the offline padding; outputs are emitted once their whole receptive field is known."""
+        pad, dilation = conv.padding[0], conv.dilation[0]
+        span = (conv.kernel_size[0] - 1) * dilation  # input samples an output needs beyond its own
+        tail = self.old.buffers.get(key)
+        if tail is None:  # the start of the stream: the offline left padding
+            tail = _zeros(x, x.shape[1], pad)
+        buf = torch.cat([tail, x], dim=-1)
+        if self.final:
+            buf = torch.cat([buf, _zeros(x, x.shape[1], pad)], dim=-1)
+        n_out = buf.shape[-1] - span
+        if n_out <= 0:
+            self.buffers[key] = buf
+            return _zeros(buf, conv.out_channels, 0)
+        self.buffers[key] = buf[..., n_out:]
+        return conv.frames(buf.contiguous(memory_format=_CHANNELS_LAST), padded=False)
+
+    def up(self, key: str, conv: WNConvTranspose1d, x: Tensor) -> Tensor:
+        """A transposed conv (stride u, kernel k, padding p): output position n (before the padding's trim)
+        takes inputs m with m * u <= n < m * u + k, so it is complete once input floor(n / u) is known; the
+        last (k - 1) // u inputs are kept for the outputs they still reach. The offline padding trims p
+        outputs at the start and leaves k - u - p past the last input's stride at the end."""
+        u, k, p = conv.stride[0], conv.kernel_size[0], conv.padding[0]
+        tail = self.old.buffers.get(key)
+        buf = x if tail is None else torch.cat([tail, x], dim=-1)
+        keep = (k - 1) // u
+        self.buffers[key] = buf[..., buf.shape[-1] - min(keep, buf.shape[-1]):]
+        if buf.shape[-1] == 0:
+            return _zeros(buf, conv.out_channels, 0)
+        y = conv.frames(buf.contiguous(memory_format=_CHANNELS_LAST), padded=False)
+        start = (buf.shape[-1] - x.shape[-1]) * u
+        stop = start + x.shape[-1] * u + (k - u - p if self.final else 0)
+        trim = self.trims.get(key, p)
+        first = start + min(trim, stop - start)
+        self.trims[key] = trim - (first - start)
+        return y[..., first:stop]
+
+    def join(self, key: str, parts: list[Tensor]) -> list[Tensor]:
+        """The common prefix of paths that emit the same positions with different delays; each path's
+        surplus waits in the state for the others."""
+        held = [self._held(f"{key}.{j}", part) for j, part in enumerate(parts)]
+        n = min(h.shape[-1] for h in held)
+        for j, h in enumerate(held):
+            self.buffers[f"{key}.{j}"] = h[..., n:]
+        return [h[..., :n] for h in held]
+
+    def _held(self, key: str, x: Tensor) -> Tensor:
+        before = self.old.buffers.get(key)
+        return x if before is None or before.shape[-1] == 0 else torch.cat([before, x], dim=-1)
+
+
+def _zeros(like: Tensor, channels: int, n: int) -> Tensor:
+    return like.new_zeros(like.shape[0], channels, 1, n).contiguous(memory_format=_CHANNELS_LAST)
+
+
+def _stream_generator(g: HiFiGANGenerator, mel: Tensor, step: _Step) -> Tensor:
+    """``HiFiGANGenerator.forward`` as a streaming step (the same operations in the same order)."""
+    x = step.conv("conv_pre", g.conv_pre, frames_last(mel))
+    for i, up in enumerate(g.ups):
+        x = step.up(f"ups.{i}", up, F.leaky_relu(x, LRELU_SLOPE))
+        branches = []
+        for j in range(g.num_kernels):
+            n = i * g.num_kernels + j
+            branches.append(_stream_resblock(g.resblocks[n], f"resblocks.{n}", x, step))
+        parts = step.join(f"stage.{i}", branches)
+        acc = parts[0]
+        for part in parts[1:]:
+            acc = acc + part
+        x = acc / g.num_kernels
+    x = step.conv("conv_post", g.conv_post, F.leaky_relu(x, 0.01))
+    return torch.tanh(x)[:, :, 0]
+
+
+def _stream_resblock(block: ResBlock1, key: str, x: Tensor, step: _Step) -> Tensor:
+    for k, (c1, c2) in enumerate(zip(block.convs1, block.convs2)):
+        y = step.conv(f"{key}.convs1.{k}", c1, F.leaky_relu(x, LRELU_SLOPE))
+        y = step.conv(f"{key}.convs2.{k}", c2, F.leaky_relu(y, LRELU_SLOPE))
+        skip, y = step.join(f"{key}.res.{k}", [x, y])
+        x = skip + y
+    return x
 
 
 def vocode_stream(
@@ -219,63 +358,21 @@ def vocode_stream(
     state: HiFiGANStreamState | None = None,
     *,
     final: bool = False,
-    left_context: int | None = None,
-    lookahead: int | None = None,
 ) -> tuple[Tensor, HiFiGANStreamState]:
     """Vocode (B, n_mels, n) new frames; returns (B, samples) of newly final audio and the next state.
 
-    Audio for a frame is emitted once `lookahead` later frames are known (or at `final`), computed from
-    `left_context` earlier frames. With both at least the generator's effective receptive radius the
-    result equals the offline `generator(all_mel)` up to float rounding. Cost per chunk: its own frames
-    plus left_context + lookahead frames."""
-    window = _plan_window(generator, mel, state, final, left_context, lookahead)
-    if isinstance(window, HiFiGANStreamState):
-        return mel.new_zeros(mel.shape[0], 0), window
-    return window.cut(generator(window.mel)[:, 0])
-
-
-@dataclass(frozen=True)
-class _Window:
-    """One streaming call's vocoder input window and how to cut its audio."""
-
-    mel: Tensor  # (B, n_mels, stop - start)
-    ctx: Tensor
-    pending: int
-    ready: int
-    first: int  # index in ctx of the first frame not yet emitted
-    start: int  # index in ctx where the window starts
-    hop: int
-    left_context: int
-
-    def cut(self, wav: Tensor) -> tuple[Tensor, HiFiGANStreamState]:
-        """The newly final audio from the window's waveform ``(B, samples)``, and the next state."""
-        lo = (self.first - self.start) * self.hop
-        audio = wav[:, lo : lo + self.ready * self.hop]
-        keep_from = max(0, self.first + self.ready - self.left_context)
-        return audio, HiFiGANStreamState(self.ctx[:, :, keep_from:], self.pending - self.ready)
-
-
-def _plan_window(
-    generator: HiFiGANGenerator, mel: Tensor, state: HiFiGANStreamState | None, final: bool,
-    left_context: int | None, lookahead: int | None,
-) -> _Window | HiFiGANStreamState:
-    """The window a call vocodes, or (nothing ready yet) the next state."""
-    # unset: the generator's own (its config's ``vocoder_stream``; 24 / 8 if it has none)
-    left_context = generator.stream_left_context if left_context is None else left_context
-    lookahead = generator.stream_lookahead if lookahead is None else lookahead
-    if left_context < 0 or lookahead < 0:
-        raise ValueError(f"left_context and lookahead must be >= 0, got {left_context} and {lookahead}")
+    A sample is emitted once every mel frame its receptive field reaches is known (or at ``final``, which
+    flushes the stream). Cost: the new frames only. Concatenated outputs equal ``generator(all_mel)`` up to
+    float rounding."""
     state = state or HiFiGANStreamState()
-    ctx = mel if state.context is None else torch.cat([state.context, mel], dim=2)
-    pending = state.pending + mel.shape[2]
-    ready = pending if final else max(0, pending - lookahead)
-    if ready == 0:
-        return HiFiGANStreamState(ctx, pending)
-    total = ctx.shape[2]
-    first = total - pending
-    start = max(0, first - left_context)
-    stop = total if final else min(total, first + ready + lookahead)
-    return _Window(ctx[:, :, start:stop], ctx, pending, ready, first, start, generator.hop_length, left_context)
+    if state.finished:
+        raise ValueError("this stream was finished (final=True); start a new one with state=None")
+    generator._check_mel(mel)
+    generator._ready_weights()
+    step = _Step(state, final)
+    audio = _stream_generator(generator, mel.to(generator.conv_pre.bias.dtype), step)[:, 0]
+    return audio, HiFiGANStreamState(step.buffers, step.trims, state.frames + mel.shape[-1],
+                                     state.samples + audio.shape[-1], final)
 
 
 def vocode_stream_rows(
@@ -283,25 +380,32 @@ def vocode_stream_rows(
     mels: list[Tensor],
     states: list[HiFiGANStreamState | None],
     finals: list[bool],
-    *,
-    left_context: int | None = None,
-    lookahead: int | None = None,
 ) -> list[tuple[Tensor, HiFiGANStreamState]]:
-    """``vocode_stream`` for many streams (batch 1 each): windows of equal length go through the generator as
-    one batch, so each row computes exactly what it computes alone (a padded window would not: the generator's
-    receptive field reaches past the ``lookahead`` frames, by about 1e-3 on the demo voice). In a steady stream
-    every window has ``left_context + hop + lookahead`` frames, so rows at the same hop share one call."""
+    """``vocode_stream`` for many streams (batch 1 each). Rows whose states have the same shape (in a steady
+    stream: every row past its start) and that bring as many frames, equally final, go through the generator
+    as one batch; each row computes exactly what it computes alone (no padding enters any row)."""
     results: list[tuple[Tensor, HiFiGANStreamState] | None] = [None] * len(mels)
-    groups: dict[int, list[tuple[int, _Window]]] = {}
+    groups: dict[tuple, list[int]] = {}
+    states = [s or HiFiGANStreamState() for s in states]
     for i, (mel, state, final) in enumerate(zip(mels, states, finals)):
-        window = _plan_window(generator, mel, state, final, left_context, lookahead)
-        if isinstance(window, HiFiGANStreamState):
-            results[i] = (mel.new_zeros(mel.shape[0], 0), window)
-        else:
-            groups.setdefault(window.mel.shape[2], []).append((i, window))
-    for group in groups.values():
-        stacked = group[0][1].mel if len(group) == 1 else torch.cat([w.mel for _, w in group], dim=0)
-        wav = generator(stacked)[:, 0]
-        for row, (i, window) in enumerate(group):
-            results[i] = window.cut(wav[row : row + 1])
+        if mel.shape[0] != 1:
+            raise ValueError(f"vocode_stream_rows takes one stream per row, got a batch of {mel.shape[0]}")
+        groups.setdefault((mel.shape[-1], final, state.signature()), []).append(i)
+    for (_, final, _), rows in groups.items():
+        if len(rows) == 1:
+            i = rows[0]
+            results[i] = vocode_stream(generator, mels[i], states[i], final=final)
+            continue
+        first = states[rows[0]]
+        stacked = HiFiGANStreamState(
+            {k: torch.cat([states[i].buffers[k] for i in rows], dim=0) for k in first.buffers},
+            dict(first.trims), first.frames, first.samples, first.finished,
+        )
+        audio, state = vocode_stream(generator, torch.cat([mels[i] for i in rows], dim=0), stacked, final=final)
+        for r, i in enumerate(rows):
+            own = states[i]
+            results[i] = (audio[r : r + 1], HiFiGANStreamState(
+                {k: v[r : r + 1] for k, v in state.buffers.items()}, dict(state.trims),
+                own.frames + mels[i].shape[-1], own.samples + audio.shape[-1], final,
+            ))
     return results  # type: ignore[return-value]

@@ -26,6 +26,7 @@ tensors change under it. Allocate before entering a step.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -124,7 +125,9 @@ class KVPool:
         self.keys[:, :, :, :page_frames].zero_()
         self.values[:, :, :, :page_frames].zero_()
         self._refs = [1] * RESERVED_PAGES + [0] * (pages - RESERVED_PAGES)  # the reserved pages are never free
-        self._free = list(range(pages - 1, RESERVED_PAGES - 1, -1))
+        # ascending: the lowest pages go first, so a lone stream's pages tend to follow each other (see
+        # PooledRows.read_run)
+        self._free = list(range(RESERVED_PAGES, pages))
         self._mutex = threading.Lock()
         self._lock = _SharedLock()
         self._prefixes: dict[int, _SharedPrefix] = {}
@@ -158,13 +161,15 @@ class KVPool:
 
     # ------------------------------------------------------------------ pages
 
-    def alloc(self, n: int) -> list[int]:
-        """``n`` fresh pages (all or none); grows the pool when needed and allowed."""
+    def alloc(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` fresh pages (all or none); grows the pool when needed and allowed. after: a page the caller
+        already holds; the ``n`` pages that follow it are taken when all are free (a stream's frames then
+        stay one run of slots), the lowest free pages otherwise."""
         if n <= 0:
             return []
         with self._mutex:
             if len(self._free) >= n:
-                return self._take(n)
+                return self._take(n, after)
         self._grow(n)
         with self._mutex:
             if len(self._free) < n:
@@ -172,10 +177,17 @@ class KVPool:
                     f"the key/value pool is full: {n} more pages of {self.bytes_per_page / 2**20:.2f} MiB needed, "
                     f"{len(self._free)} free of {self.pages_total} (max_pages={self.max_pages})"
                 )
-            return self._take(n)
+            return self._take(n, after)
 
-    def _take(self, n: int) -> list[int]:
-        pages = [self._free.pop() for _ in range(n)]
+    def _take(self, n: int, after: int | None) -> list[int]:
+        free = self._free
+        start = 0
+        if after is not None:
+            i = bisect.bisect_left(free, after + 1)
+            if i + n <= len(free) and free[i + n - 1] == after + n:  # sorted and distinct: a run after+1..after+n
+                start = i
+        pages = free[start : start + n]
+        del free[start : start + n]
         for p in pages:
             self._refs[p] = 1
         return pages
@@ -190,7 +202,7 @@ class KVPool:
                     raise ValueError(f"page {p} is not held")
                 self._refs[p] -= 1
                 if self._refs[p] == 0:
-                    self._free.append(p)
+                    bisect.insort(self._free, p)
                     freed.add(p)
             if freed:
                 for key, entry in list(self._prefixes.items()):
@@ -215,7 +227,7 @@ class KVPool:
             with self._mutex:
                 self.keys, self.values = keys, values
                 self._refs += [0] * (want - old)
-                self._free += list(range(want - 1, old - 1, -1))
+                self._free += list(range(old, want))  # all above the free pages so far: still sorted
                 self.grown += 1
 
     @contextmanager
@@ -291,7 +303,7 @@ class PageTable:
         """Own enough pages for ``frames`` frames."""
         need = -(-frames // self.pool.page_frames) - len(self.pages)
         if need > 0:
-            self.pages += self.pool.alloc(need)
+            self.pages += self.pool.alloc(need, after=self.pages[-1] if self.pages else None)
 
     def slots(self, start: int, stop: int) -> Tensor:
         if stop > self.capacity:
@@ -332,7 +344,9 @@ class PooledRows:
     ``[R * queries]`` (padding frames write to the padding page), no query_index / out_index.
     read_index ``[R * keys]``: per (padded) row, the slots of its keys, padded with the zero page. mask
     ``[2R, 1, queries, keys]`` (additive: 0 where a query sees a key, -inf elsewhere; per guidance branch and
-    row).
+    row). read_run: ``(first slot, keys)`` when the call is one unpadded row whose keys are one run of slots;
+    attention then reads them in place, a view, instead of gathering a copy of the row's whole history on every
+    layer and solver step (what a lone stream pays otherwise).
     """
 
     pool: KVPool
@@ -344,6 +358,7 @@ class PooledRows:
     query_index: Tensor | None
     out_index: Tensor | None
     mask: Tensor
+    read_run: tuple[int, int] | None = None
 
     @classmethod
     def build(
@@ -386,6 +401,11 @@ class PooledRows:
             pos = torch.arange(o, total)
             vis[i, :n] = torch.clamp((pos // chunk + 1) * chunk, max=total) if chunk > 0 else total
             packed += n
+        read_run = None
+        if not padded and real == rows == 1 and keys == offsets[0] + lengths[0]:
+            first = int(read_all[0, 0])
+            if torch.equal(read_all[0], torch.arange(first, first + keys)):
+                read_run = (first, keys)
         seen = torch.arange(keys).view(1, 1, keys) < vis.unsqueeze(-1)
         # additive (0 / -inf) in the pool's dtype, made once per call: a bool mask would be converted by every
         # layer's attention call
@@ -401,6 +421,7 @@ class PooledRows:
             query_index=None if padded else query_all.view(-1).to(device),
             out_index=None if padded else torch.cat(out).to(device),
             mask=mask.unsqueeze(1).repeat(pool.branches, 1, 1, 1).to(device),
+            read_run=read_run,
         )
 
     def copy_(self, other: PooledRows) -> None:
@@ -411,6 +432,8 @@ class PooledRows:
                 raise ValueError(f"{name}: layouts differ")
             if mine is not None:
                 mine.copy_(theirs)
+        if other.read_run is not None:
+            raise ValueError("a layout that reads in place has no index buffers to replay")
 
 
 def pooled_attention(q: Tensor, k: Tensor, v: Tensor, rows: PooledRows, step: int, layer: int) -> Tensor:
@@ -433,10 +456,14 @@ def pooled_attention(q: Tensor, k: Tensor, v: Tensor, rows: PooledRows, step: in
     queries = q.transpose(1, 2)  # [B, S, H, d]
     if rows.query_index is not None:  # packed layout: gather each row's frames into its padded place
         queries = queries.index_select(1, rows.query_index)
+    if rows.read_run is not None:
+        first, count = rows.read_run
+        keys, values = pk.narrow(1, first, count), pv.narrow(1, first, count)
+    else:
+        keys, values = pk.index_select(1, rows.read_index), pv.index_select(1, rows.read_index)
     out = F.scaled_dot_product_attention(
-        per_row(queries, nq), per_row(pk.index_select(1, rows.read_index), nk),
-        per_row(pv.index_select(1, rows.read_index), nk), attn_mask=rows.mask,
-    )  # fmt: skip
+        per_row(queries, nq), per_row(keys, nk), per_row(values, nk), attn_mask=rows.mask
+    )
     # [B * R, H, queries, d] -> [B, R * queries, H, d] -> (the packed frames) -> [B, H, S, d]
     out = out.transpose(1, 2).reshape(branches, r * nq, heads, width)
     if rows.out_index is not None:

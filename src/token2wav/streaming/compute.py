@@ -11,8 +11,8 @@ A row commits into its working state only; the session adopts that state once it
 a packed call raises, its rows are re-run one by one, so a failing row cannot take the others down.
 
 Vocoders. A stepped vocoder (CosyVoice 3's CausalHiFT) streams exactly with its own cache. Our HiFi-GAN streams
-through ``vocode_stream`` (past mel context, newest frames held back): chunks equal the offline vocoding to
-float rounding. CosyVoice 2's HiFT is driven the reference's way: the previous call's last 8 mel frames and
+through ``vocode_stream`` with carried state (each conv keeps its input tail; nothing is recomputed): chunks
+equal the offline vocoding to float rounding. CosyVoice 2's HiFT is driven the reference's way: the previous call's last 8 mel frames and
 8 x 480 source samples carried over, the seam cross-faded with a Hamming window (not equal to offline audio:
 random source per call, blended seams; see ``session.py``).
 """
@@ -47,7 +47,7 @@ class CacheExhaustedError(RuntimeError):
 
 def vocoder_kind(vocoder: nn.Module | None) -> str | None:
     """How a vocoder streams: 'causal' (its own stream_step, e.g. CausalHiFT), 'hifigan' (our HiFi-GAN with
-    its windowed ``vocode_stream``) or 'crossfade' (CosyVoice 2's HiFT, driven the reference's way)."""
+    its carried-state ``vocode_stream``) or 'crossfade' (CosyVoice 2's HiFT, driven the reference's way)."""
     if vocoder is None:
         return None
     if isinstance(vocoder, SteppedVocoder):
