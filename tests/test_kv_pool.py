@@ -185,3 +185,43 @@ def test_fixed_shape_solver_keeps_a_bounded_number_of_shapes():
         for table in tables:
             table.release()
     assert solver.shapes() == [(1, 128, 128), (4, 128, 128)]  # (2, ...) was the least recently used
+
+
+def test_a_lone_row_on_consecutive_pages_attends_in_place():
+    """One unpadded row whose pages follow each other reads its keys as a view of the pool (no gather); its
+    result is the direct attention over its own keys, as for gathered rows."""
+    pool = _pool(pages=40)
+    table = PageTable(pool)
+    kv, step_layers = _cache(23, seed=3)
+    table.adopt(object(), 23, step_layers)  # 4 full pages shared, the rest copied into the table's own page
+    q, k, v, out = _rows_attention(pool, [table], [23], [12], [10], seed=5)
+    assert table.pages == list(range(table.pages[0], table.pages[0] + len(table.pages)))
+    rows = PooledRows.build(pool, [table], [23], [12], [10], rows=1, queries=12, keys=35)
+    assert rows.read_run == (table.pages[0] * pool.page_frames, 35)
+    past_k, past_v = kv[(1, 2)]
+    want = F.scaled_dot_product_attention(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2),
+                                          attn_mask=make_chunk_mask(12, 10, -1, offset=23))
+    # the same attention over a view of the pool instead of a gathered copy: ONE_OP, as above
+    torch.testing.assert_close(out, want, atol=ONE_OP, rtol=0)
+    # padded sizes (graph replay) and rows of several streams keep the gather
+    assert PooledRows.build(pool, [table], [23], [12], [10], rows=1, queries=12, keys=40).read_run is None
+    other = PageTable(pool)
+    other.reserve(10)
+    assert PooledRows.build(pool, [table, other], [23, 0], [12, 10], [10, 10], rows=2, queries=12,
+                            keys=35).read_run is None
+
+
+def test_pages_go_lowest_first_and_a_table_grows_onto_the_pages_after_its_own():
+    pool = _pool(pages=20)
+    a, b, c = PageTable(pool), PageTable(pool), PageTable(pool)
+    for table in (a, b, c):
+        table.reserve(5)  # one page each
+    assert (a.pages, b.pages, c.pages) == ([2], [3], [4])
+    b.release()  # free: 3, 5, 6, ...
+    c.reserve(10)
+    assert c.pages == [4, 5]  # the page after its own, not the lowest free one (3)
+    a.reserve(15)
+    assert a.pages == [2, 3, 6]  # pages 3 and 4 are not both free (4 is c's): the lowest free ones
+    d = PageTable(pool)
+    d.reserve(10)
+    assert d.pages == [7, 8]
