@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoints import fold_weight_norm
 from .config import ModelConfig, ModuleSpec, read_config
 from .loading import build_flow, build_vocoder, resolve_model_dir
 from .models.padded_solve import has_fixed_shapes
@@ -71,6 +72,7 @@ def build_engine(model: str, quick: bool, device: str, dtype: torch.dtype):
         torch.manual_seed(0)
         flow = build_flow(config, device="cpu")
         vocoder = build_vocoder(config, device="cpu")
+        fold_weight_norm(vocoder)  # as loading a checkpoint does (else every call would recompute g * v / |v|)
         _scale_random_weights(flow)
         flow = flow.to(device=device, dtype=dtype).eval()
         vocoder = vocoder.to(device=device, dtype=dtype).eval()
