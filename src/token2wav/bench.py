@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import threading
@@ -343,21 +342,16 @@ def run_concurrent(engine, prompt, tokens, sessions: int, device: str, hop: int,
 
 
 def machine_info(device: str, dtype: torch.dtype) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from .cpu import detect_cpu
+
+    cpu_info = detect_cpu()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+    info = {"cpu": cpu_info.model, "cpu_path": cpu_info.as_dict(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device,
             "dtype": str(dtype).replace("torch.", ""), "commit": commit, "date": time.strftime("%Y-%m-%d")}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()

@@ -293,11 +293,14 @@ def _info(args: argparse.Namespace) -> int:
 
     files = model_files(args.model)
     t2w = load_engine(args.model, args.device, args.dtype)
+    from token2wav.cpu import detect_cpu
     from token2wav.loading import display_name
 
     info = describe_model(t2w, display_name(args.model))
     info["files"] = files
+    cpu = detect_cpu()
     if args.json:
+        info["cpu"] = cpu.as_dict()
         print(json.dumps(info, indent=2))
     else:
         from token2wav.presets import describe_presets
@@ -317,6 +320,7 @@ def _info(args: argparse.Namespace) -> int:
             info["graph buckets"] = (f"rows {b['rows']}, new frames per row {b['queries']}, keys per row "
                                      f"{b['keys']}, then multiples of {b['keys_multiple']}")
         info["cuda graphs"] = batching["graphs"]
+        info["cpu"] = cpu.describe()
         _print_table(info)
         print(describe_presets(t2w.config))
     return 0

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .cpu import detect_cpu
 from .loading import default_model
 
 LOW_LATENCY_STEPS = None  # flow solver steps of the demo's default setting: None keeps the model's (10)
@@ -132,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
           f"{t2w.n_timesteps} solver steps)")
     other = elapsed - clock["flow"] - clock["vocoder"]
     f_other = first["s"] - first["flow"] - first["vocoder"]
+    print(f"cpu: {detect_cpu().describe()}")
     print(f"set-up (once): load {load_s * 1e3:.0f} ms, voice prompt state + warm-up {setup_s * 1e3:.0f} ms")
     print(f"first chunk: flow {first['flow'] * 1e3:.0f} ms + vocoder {first['vocoder'] * 1e3:.0f} ms + other "
           f"{f_other * 1e3:.0f} ms ({first['audio_s']:.2f} s of audio)")
@@ -151,6 +153,6 @@ def main(args: argparse.Namespace) -> int:
             "first_chunk_cpu_ms": round(first["cpu"] * 1e3, 1), "cpu_rtf": round(cpu / seconds, 4),
             "load_ms": round(load_s * 1e3), "setup_ms": round(setup_s * 1e3),
             "hop": plan.hop, "pad": plan.pad, "schedule": plan.schedule, "max_hop": plan.max_hop,
-            "lookahead": look, "steps": t2w.n_timesteps, "chunks": len(pieces),
+            "lookahead": look, "steps": t2w.n_timesteps, "chunks": len(pieces), "cpu": detect_cpu().as_dict(),
         }))
     return 0

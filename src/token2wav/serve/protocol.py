@@ -476,7 +476,7 @@ def describe_batching(t2w: Any) -> dict[str, Any]:
     estimator = getattr(getattr(flow, "decoder", None), "estimator", None)
     packed = isinstance(estimator, RowsEstimator)
     paged = packed and isinstance(estimator, KVLayoutEstimator)
-    vocoder = {"hifigan": "windows of equal length in one call", "causal": "rows in the same state in one call",
+    vocoder = {"hifigan": "rows in the same state in one call", "causal": "rows in the same state in one call",
                "crossfade": "row by row"}.get(vocoder_kind(t2w.vocoder) or "", "none")
     flow_text = "row by row"
     if packed:

@@ -10,11 +10,11 @@ Exactness: a row's chunk is what it would be alone (``stream_step_rows`` is test
 A row commits into its working state only; the session adopts that state once its whole push succeeded. When
 a packed call raises, its rows are re-run one by one, so a failing row cannot take the others down.
 
-Vocoders. A stepped vocoder (CosyVoice 3's CausalHiFT) streams exactly with its own cache. Our HiFi-GAN streams
-through ``vocode_stream`` with carried state (each conv keeps its input tail; nothing is recomputed): chunks
-equal the offline vocoding to float rounding. CosyVoice 2's HiFT is driven the reference's way: the previous call's last 8 mel frames and
-8 x 480 source samples carried over, the seam cross-faded with a Hamming window (not equal to offline audio:
-random source per call, blended seams; see ``session.py``).
+Vocoders. A stepped vocoder (CosyVoice 3's CausalHiFT) streams exactly with its own cache, and so does our
+HiFi-GAN through ``vocode_stream`` (each conv carries its input tail; nothing is recomputed): chunks equal the
+offline vocoding to float rounding. CosyVoice 2's HiFT is driven the reference's way: the previous call's
+last 8 mel frames and 8 x 480 source samples carried over, the seam cross-faded with a Hamming window (not
+equal to offline audio: random source per call, blended seams; see ``session.py``).
 """
 
 from __future__ import annotations
