@@ -29,8 +29,9 @@ def one_thread():
 # graph replay, the front end, server round trips that compare audio or ids). CI runs them twice more with the
 # CPU kernels limited (AVX2, then the default kernels): `make test-kernels`. See docs/exactness.md.
 PARITY_MODULES = frozenset({
-    "test_batcher", "test_conformer", "test_demo_latency", "test_demo_voice", "test_engine_cached", "test_engine_errors",
-    "test_engine_recompute", "test_engine_threads", "test_flow_cached", "test_flow_cv2", "test_flow_cv3",
+    "test_batcher", "test_conformer", "test_demo_latency", "test_demo_voice", "test_engine_cached",
+    "test_engine_errors", "test_engine_recompute", "test_engine_threads", "test_flow_cached", "test_flow_cv2",
+    "test_flow_cv3",
     "test_frontend", "test_frontend_engine", "test_frontend_serve_cli", "test_graph_replay", "test_hifigan",
     "test_hift_cached", "test_hift_cv2", "test_hift_cv3", "test_kv_pool", "test_mel", "test_server",
     "test_server_duplex", "test_server_prompts", "test_tokenizer", "test_unet", "test_user_long_inputs",
