@@ -5,7 +5,7 @@
 Vocodes the mel of one demo utterance (the flow's own output, about 6 s) with each option and reports the
 time per second of audio (median of ``--repeats``), the largest difference from the float32 path the engine
 runs, and the signal-to-error ratio. An option is worth adopting only when it is faster *and* within the
-tolerance streamed audio is held to (2e-5 relative to the peak: tests/test_demo_latency.py).
+tolerance streamed audio is held to (5e-5 relative to the peak: tests/test_demo_latency.py).
 
 Options:
 * ``float32 channels-last``: what the engine runs (oneDNN convolutions on [B, C, 1, T] channels-last frames).
@@ -43,7 +43,7 @@ from token2wav import Token2Wav
 from token2wav.cpu import detect_cpu
 from token2wav.models.hifigan import LRELU_SLOPE, HiFiGANGenerator, vocode_stream
 
-TOLERANCE = 2e-5  # relative to the peak: the streamed == offline bound of tests/test_demo_latency.py
+TOLERANCE = 5e-5  # relative to the peak: the streamed == offline bound of tests/test_demo_latency.py
 NOISE = 1.15  # median-of-3 times of one option vary by up to ~10 % between runs on the shared 2-core VM
 
 

@@ -51,11 +51,12 @@ def test_demo_vocoder_streams_exactly_with_carried_state(demo: Token2Wav) -> Non
         chunks.append(s.finish())
     streamed = np.concatenate([c for c in chunks if c.size])
     assert streamed.shape == offline.shape
-    # Float rounding of one pass of the generator at other lengths: its longest path is 30 convolutions of up to
-    # 512 x 11 = 5632 terms, past NETWORK's 10-50 layers of ~4096, so twice NETWORK relative to the peak (0.76).
-    # Measured 6.7e-6 (AVX-512), 7.0e-6 (AVX2), 7.2e-6 (default kernels). A conv cut at the wrong sample moves
-    # whole samples (~1e-2 and up).
-    assert float(np.abs(streamed - offline).max()) <= 2 * NETWORK * max(1.0, float(np.abs(offline).max()))
+    # Float rounding of one pass of the generator at other lengths. Its longest path is 30 convolutions of up to
+    # 512 x 11 = 5632 terms, past NETWORK's 10-50 layers of ~4096; and two kernel choices for the same pass (1-D
+    # convolutions vs 2-D channels-last, benchmarks/vocoder_cpu.py) differ by 3.2e-5 at this peak (0.76), which
+    # another CPU's oneDNN may pick by length. So 5 x NETWORK relative to the peak. Measured 6.7e-6 (AVX-512),
+    # 7.0e-6 (AVX2), 7.2e-6 (default kernels). A conv cut at the wrong sample moves whole samples (~1e-2 and up).
+    assert float(np.abs(streamed - offline).max()) <= 5 * NETWORK * max(1.0, float(np.abs(offline).max()))
 
 
 def test_demo_command_reports_latency_rtf_and_where_the_time_went(tmp_path, capsys) -> None:

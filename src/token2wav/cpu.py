@@ -6,7 +6,7 @@ benchmarks, so a user sees which path runs and a number can be traced to the ker
 
 The path is the same on every CPU: float32 everywhere, oneDNN convolutions, the HiFi-GAN vocoder in the
 channels-last layout. Native bfloat16 (AMX, AVX512-BF16) is reported but not used: on the demo vocoder it is
-2.3x faster and 19 dB SNR off float32 (max |error| 0.64), far outside the tolerance streamed audio is held to
+2.3x faster and 19 dB SNR off float32 (max |error| 0.54), far outside the tolerance streamed audio is held to
 (docs/benchmarks.md, "Vocoder CPU options").
 """
 
