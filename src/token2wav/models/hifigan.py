@@ -14,7 +14,7 @@ outputs still need, and emits only the outputs whose right context has arrived; 
 delay meet (a residual add, the sum of a stage's resblocks) the earlier path's surplus waits in the state.
 Nothing is computed twice, a call costs in proportion to its new frames, and the concatenated chunks equal
 the offline ``generator(all_mel)`` up to float rounding (the same convolutions over other lengths). The price
-is the network's right receptive field (about 12 mel frames for V1), held back until later frames or the end
+is the network's right receptive field (12.7 mel frames for V1), held back until later frames or the end
 arrive. The state is a value, never stored on the module; a call never changes the state it was given.
 """
 
@@ -33,8 +33,8 @@ LRELU_SLOPE = 0.1
 
 
 # Activations run as [B, C, 1, T] stored channels-last ([B, 1, T, C] in memory) through 2-D convolutions: on CPU,
-# oneDNN convolves that layout 1.1x (wide early stages) to 3x (narrow late stages) faster than [B, C, T]
-# (measured, float32, 2 threads; see docs/benchmarks.md), with results equal to float rounding.
+# oneDNN convolves that layout 1.1x (wide early stages) to 3x (narrow late stages) faster than [B, C, T], the
+# whole generator 1.05-1.3x (measured, float32, 2 threads: benchmarks/vocoder_cpu.py), equal to float rounding.
 _CHANNELS_LAST = torch.channels_last
 
 
