@@ -426,14 +426,15 @@ class PooledRows:
 
     def copy_(self, other: PooledRows) -> None:
         """Take ``other``'s indices and mask into these tensors (same sizes): static buffers for a replay."""
+        if other.read_run is not None:
+            raise ValueError("a layout that reads its keys in place cannot be replayed through index buffers; "
+                             "build it padded")
         for name in ("write_index", "read_index", "query_index", "out_index", "mask"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if (mine is None) != (theirs is None):
                 raise ValueError(f"{name}: layouts differ")
             if mine is not None:
                 mine.copy_(theirs)
-        if other.read_run is not None:
-            raise ValueError("a layout that reads in place has no index buffers to replay")
 
 
 def pooled_attention(q: Tensor, k: Tensor, v: Tensor, rows: PooledRows, step: int, layer: int) -> Tensor:
