@@ -13,13 +13,11 @@ import pytest
 from test_server import TIMEOUT, running_server
 
 from token2wav.cli import main
-from token2wav.demo import low_latency_options
-from token2wav.serve.assembly import SEED_CHUNKS, ServerSpec, build_server
+from token2wav.serve.assembly import ServerSpec, build_server
 from token2wav.serve.client import stream_tokens_sync
 from token2wav.serve.protocol import ServerLimits
 
 LIMITS = ServerLimits(max_sessions=4, workers=2)
-HORIZON_S = 10.0  # recommend_start_buffer's cap (a stream that cannot keep up is told the horizon)
 
 
 def _demo_model() -> str:
@@ -39,13 +37,6 @@ def test_the_spec_builds_an_app_whose_streams_run_through_a_batcher(batching: bo
     assert server.batcher.memory.total_bytes == 64 << 20  # the budget of --max-cache-mb, batched or not
     assert state.name == "assembled" and state.limits is LIMITS and server.load_s > 0
     vocab = int(server.t2w.config.vocab_size)
-    # the first caller's start buffer comes from measured chunks: the build streamed SEED_CHUNKS through this
-    # batcher, their hops doubling from the default first hop
-    hop = low_latency_options(server.t2w, None).get("hop") or int(server.t2w.config.chunk_tokens)
-    assert [tokens for tokens, _ in server.batcher.compute.samples] == [hop * 2**k for k in range(SEED_CHUNKS)]
-    first = server.batcher.stream(None, schedule="adaptive", hop=hop)
-    assert 0 < first.recommended_start_buffer_s() <= HORIZON_S
-    first.close()
     tokens = np.random.default_rng(0).integers(0, vocab, 40)
     with running_server(server.app) as addr:  # its lifespan closes the batcher at the end
         result = stream_tokens_sync(f"ws://{addr}/v1/stream", tokens, rate=0, receive_timeout=TIMEOUT)

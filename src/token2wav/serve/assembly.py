@@ -8,14 +8,11 @@ app. Every server runs its streams through a batcher; without batching it is a b
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from token2wav.serve.protocol import ServerLimits
-
-log = logging.getLogger("token2wav.serve")
 
 __all__ = ["AssembledServer", "ServerSpec", "build_server"]
 
@@ -79,30 +76,6 @@ def _load_engine(spec: ServerSpec) -> Any:
     return Token2Wav.from_pretrained(spec.model, device=spec.device, dtype=getattr(torch, spec.dtype))
 
 
-SEED_CHUNKS = 3  # hops h, 2h, 4h: a slope; the meter assumes a 1.5x spread until real streams bring 4 chunks
-
-
-def seed_compute_meter(t2w: Any, batcher: Any, chunks: int = SEED_CHUNKS) -> None:
-    """Stream a few chunks through the server's batcher, so that the first caller's start buffer is recommended
-    from measured chunk times instead of a cold meter's guess (on the demo voice: the 10 s cap).
-
-    Hops double from the server's default first hop (h, 2h, 4h): the meter fits time against hop, and chunks
-    of one size would leave the slope unknown (a final flush, which costs more than its few tokens, would bend
-    it: the stream is closed, not finished). They are the first chunks of their shapes, slower than later ones,
-    so the first recommendation errs long. Best effort: a cache budget too small for them measures fewer."""
-    from token2wav.demo import low_latency_options
-    from token2wav.streaming.batcher import CacheBudgetError
-
-    hop = low_latency_options(t2w, None).get("hop") or int(t2w.config.chunk_tokens)
-    session = batcher.stream(None, hop=hop, schedule="exponential", max_hop=hop * 2 ** (chunks - 1))
-    try:
-        session.push([0] * (hop * (2**chunks - 1) + int(t2w.config.pre_lookahead_len)))
-    except CacheBudgetError as exc:
-        log.warning("start-buffer recommendations start from fewer measured chunks: %s", exc)
-    finally:
-        session.close()
-
-
 def build_server(spec: ServerSpec) -> AssembledServer:
     """Set torch's threads, load and warm up the engine, make its batcher and build the app around them."""
     from token2wav.loading import display_name
@@ -124,7 +97,6 @@ def build_server(spec: ServerSpec) -> AssembledServer:
         batcher = t2w.batcher(max_batch=1, max_wait_ms=0.0, max_cache_bytes=spec.max_cache_bytes,
                               workers=spec.batch_workers)
     try:
-        seed_compute_meter(t2w, batcher)
         app = create_app(t2w, name=spec.name or display_name(spec.model), limits=spec.limits, access=access,
                          prompt_dir=spec.prompt_dir, batcher=batcher)
     except BaseException:
