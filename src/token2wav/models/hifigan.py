@@ -258,7 +258,7 @@ class HiFiGANStreamState:
     def signature(self) -> tuple:
         """Equal for states whose buffers have equal shapes but the batch: such streams can share a call."""
         return (tuple((k, tuple(v.shape[1:])) for k, v in self.buffers.items()), tuple(self.trims.items()),
-                self.frames == 0, self.finished)
+                self.finished)
 
 
 class _Step:
