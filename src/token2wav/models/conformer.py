@@ -599,12 +599,14 @@ class UpsampleConformerEncoder(nn.Module):
         history_len = self.pre_lookahead_layer.history_len
         x_out = self.pre_lookahead_layer(x, ctx, history=cache.lookahead_history)
         lookahead_history = torch.cat([cache.lookahead_history, x], dim=1)
-        lookahead_history = lookahead_history[:, max(0, lookahead_history.size(1) - history_len):]
+        # cloned: a slice would keep this call's projected tokens alive in the cache
+        lookahead_history = lookahead_history[:, max(0, lookahead_history.size(1) - history_len):].clone()
 
         x_out, keys, values, stores = self._run_layers(self.encoders, self.embed, x_out, cache.offset, chunk,
                                                        cache.keys, cache.values, cache.stores)
 
         up, up_history = self.up_layer.forward_cached(x_out.transpose(1, 2), cache.up_history)
+        up_history = up_history.clone()  # a slice of this call's frames: keep only itself
         up = self.up_embed.project(up.transpose(1, 2))
         stride = self.up_stride
         up, up_keys, up_values, up_stores = self._run_layers(self.up_encoders, self.up_embed, up,

@@ -282,9 +282,9 @@ class _Step:
             buf = torch.cat([buf, _zeros(x, x.shape[1], pad)], dim=-1)
         n_out = buf.shape[-1] - span
         if n_out <= 0:
-            self.buffers[key] = buf
+            self.buffers[key] = _own(buf)
             return _zeros(buf, conv.out_channels, 0)
-        self.buffers[key] = buf[..., n_out:]
+        self.buffers[key] = _own(buf[..., n_out:])
         return conv.frames(buf.contiguous(memory_format=_CHANNELS_LAST), padded=False)
 
     def up(self, key: str, conv: WNConvTranspose1d, x: Tensor) -> Tensor:
@@ -296,7 +296,7 @@ class _Step:
         tail = self.old.buffers.get(key)
         buf = x if tail is None else torch.cat([tail, x], dim=-1)
         keep = (k - 1) // u
-        self.buffers[key] = buf[..., buf.shape[-1] - min(keep, buf.shape[-1]):]
+        self.buffers[key] = _own(buf[..., buf.shape[-1] - min(keep, buf.shape[-1]):])
         if buf.shape[-1] == 0:
             return _zeros(buf, conv.out_channels, 0)
         y = conv.frames(buf.contiguous(memory_format=_CHANNELS_LAST), padded=False)
@@ -313,12 +313,18 @@ class _Step:
         held = [self._held(f"{key}.{j}", part) for j, part in enumerate(parts)]
         n = min(h.shape[-1] for h in held)
         for j, h in enumerate(held):
-            self.buffers[f"{key}.{j}"] = h[..., n:]
+            self.buffers[f"{key}.{j}"] = _own(h[..., n:])
         return [h[..., :n] for h in held]
 
     def _held(self, key: str, x: Tensor) -> Tensor:
         before = self.old.buffers.get(key)
         return x if before is None or before.shape[-1] == 0 else torch.cat([before, x], dim=-1)
+
+
+def _own(tail: Tensor) -> Tensor:
+    """A state buffer in storage of its own: a view would keep the whole activation it was cut from alive for
+    as long as the state lives (hundreds of MB per stream across the generator's convolutions)."""
+    return tail.clone(memory_format=_CHANNELS_LAST)
 
 
 def _zeros(like: Tensor, channels: int, n: int) -> Tensor:
@@ -405,7 +411,7 @@ def vocode_stream_rows(
         for r, i in enumerate(rows):
             own = states[i]
             results[i] = (audio[r : r + 1], HiFiGANStreamState(
-                {k: v[r : r + 1] for k, v in state.buffers.items()}, dict(state.trims),
+                {k: _own(v[r : r + 1]) for k, v in state.buffers.items()}, dict(state.trims),
                 own.frames + mels[i].shape[-1], own.samples + audio.shape[-1], final,
             ))
     return results  # type: ignore[return-value]

@@ -493,7 +493,7 @@ class SourceModuleHnNSF(nn.Module):
         uv = uv.repeat_interleave(up, dim=1)
         mixed = sines * uv + self._noise_amp(uv) * noise.to(device=f0.device, dtype=f0.dtype)
         merged = torch.tanh(_linear(self.l_linear, mixed))  # [B, n*scale, 1]
-        return merged.transpose(1, 2), acc[:, -1]
+        return merged.transpose(1, 2), acc[:, -1].clone()  # not a view that keeps the whole scan alive
 
 
 # -------------------------------------------------------------------------------------------- generators

@@ -370,10 +370,11 @@ def _crossfade_vocode(row: Row, mel: torch.Tensor) -> torch.Tensor:
     if finalize:
         work.vocoder_state = CrossFadeVocoderState()
         return speech
+    # cloned: a slice would keep the whole call's mel, source and speech alive in the session
     work.vocoder_state = CrossFadeVocoderState(
-        mel_tail=mel[:, :, -MEL_CACHE_FRAMES:],
-        source_tail=source[:, :, -keep:],
-        speech_tail=speech[:, -keep:],
+        mel_tail=mel[:, :, -MEL_CACHE_FRAMES:].clone(),
+        source_tail=source[:, :, -keep:].clone(),
+        speech_tail=speech[:, -keep:].clone(),
     )
     return speech[:, :-keep]
 
