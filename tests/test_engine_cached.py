@@ -8,6 +8,8 @@ included).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -389,3 +391,43 @@ def test_hifigan_vocoder_streams_like_offline(tmp_dir):
         assert audio.shape == offline.shape
         # no harmonic source: one network pass on windows of other lengths on each side (tests/tolerances.py)
         assert np.abs(audio - offline).max() <= NETWORK * max(1.0, float(np.abs(offline).max()))
+
+
+def test_the_start_buffer_follows_the_recommendation_until_playback_starts(tmp_dir):
+    """A cold meter recommends the 10 s cap. Once chunks measure fast, the next chunk that leaves while the listener
+    is still buffering brings the recommendation (and the session's own playback start) down; once playing, or
+    with an explicit buffer, it no longer moves."""
+    engine = tiny_engine(tmp_dir, vocoder=False)
+    tokens = random_tokens(engine, 400)
+    chunk = engine.chunk_tokens
+    with engine.batcher(workers=0) as batcher:
+        for _ in range(batcher.compute.window):
+            batcher.compute.observe(chunk, 100.0)  # far slower than real time: the cap
+        with batcher.stream(schedule="adaptive", output="mel") as s:
+            i = 0
+            while not s.playback.started:
+                s.push(tokens[i : i + chunk])
+                i += chunk
+            first_at = s.playback.first_at
+            assert s.start_buffer_s == pytest.approx(10.0)
+            for _ in range(batcher.compute.window):
+                batcher.compute.observe(chunk, 1e-4)  # now far faster than real time
+            delivered = s.playback.audio_s
+            while s.playback.audio_s == delivered:
+                s.push(tokens[i : i + chunk])
+                i += chunk
+            assert s.start_buffer_s < 1.0, s.start_buffer_s
+            assert s.playback.play_start < first_at + 1.0
+            playing = s.start_buffer_s
+            while s.playback.buffering(time.perf_counter()):
+                time.sleep(0.01)
+            for _ in range(batcher.compute.window):
+                batcher.compute.observe(chunk, 100.0)
+            delivered = s.playback.audio_s
+            while s.playback.audio_s == delivered and i < len(tokens):
+                s.push(tokens[i : i + chunk])
+                i += chunk
+            assert s.start_buffer_s == playing  # playing already: a later recommendation changes nothing
+        with batcher.stream(schedule="adaptive", output="mel", start_buffer_ms=300) as s:
+            s.push(tokens[: 4 * chunk])
+            assert s.playback.started and s.start_buffer_s == pytest.approx(0.3)

@@ -217,7 +217,8 @@ class StreamSession:
     @property
     def start_buffer_s(self) -> float:
         """The listener's start buffer this session plans with: the caller's (``start_buffer_ms``), else the
-        recommendation, adopted when the first chunk leaves (until then: the current recommendation)."""
+        recommendation, adopted when the first chunk leaves and revised with each chunk that leaves while the
+        listener is still buffering (until the first chunk: the current recommendation)."""
         if self._explicit_buffer_s is not None:
             return self._explicit_buffer_s
         if self.playback.started:
@@ -301,13 +302,20 @@ class StreamSession:
         return Emission(index=work.index, start=work.offset, end=end, prefix=end + plan.lookahead, finalize=False)
 
     def _delivered(self, value: np.ndarray) -> None:
-        """A chunk leaves for the listener now: the playback clock advances."""
-        if not self.playback.started and self._explicit_buffer_s is None:
-            self.playback.start_buffer_s = self.recommended_start_buffer_s()
+        """A chunk leaves for the listener now: the playback clock advances. Without an explicit start buffer,
+        the first chunk adopts the recommendation, and each later chunk that leaves while the listener is still
+        buffering revises it from the chunks measured since (clients that follow ``start_buffer_ms`` do the same:
+        a cold server's first stream starts once its recommendation has come down, not after the cold cap)."""
+        now = time.perf_counter()
+        if self._explicit_buffer_s is None:
+            if not self.playback.started:
+                self.playback.start_buffer_s = self.recommended_start_buffer_s()
+            elif self.playback.buffering(now):
+                self.playback.recommend(now, self.recommended_start_buffer_s())
         frames = value.shape[-1]
         seconds = frames / self.spec.sample_rate if self.output == "audio" else \
             frames * self.spec.samples_per_frame / self.spec.sample_rate
-        self.playback.deliver(time.perf_counter(), seconds)
+        self.playback.deliver(now, seconds)
 
     def _plan_finish(self) -> tuple[SessionState, Emission]:
         self._check_open("finish")
