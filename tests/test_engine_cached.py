@@ -393,41 +393,52 @@ def test_hifigan_vocoder_streams_like_offline(tmp_dir):
         assert np.abs(audio - offline).max() <= NETWORK * max(1.0, float(np.abs(offline).max()))
 
 
+def _stream_until_delivered(s, tokens, i, chunk):
+    """Push a chunk of tokens at a time from ``i`` until the session delivers audio; returns the next ``i``."""
+    delivered = s.playback.audio_s
+    while s.playback.audio_s == delivered and i < len(tokens):
+        s.push(tokens[i : i + chunk])
+        i += chunk
+    return i
+
+
 def test_the_start_buffer_follows_the_recommendation_until_playback_starts(tmp_dir):
-    """A cold meter recommends the 10 s cap. Once chunks measure fast, the next chunk that leaves while the listener
-    is still buffering brings the recommendation (and the session's own playback start) down; once playing, or
-    with an explicit buffer, it no longer moves."""
+    """A cold meter (spread not yet measured) recommends the 10 s cap here. Once chunks measure fast, the next
+    chunk that leaves while the listener is still buffering brings the recommendation (and the session's own
+    playback start) down. A recommendation adopted from a measured meter is not lowered; once playing, or with
+    an explicit buffer, nothing moves."""
     engine = tiny_engine(tmp_dir, vocoder=False)
-    tokens = random_tokens(engine, 400)
+    tokens = random_tokens(engine, 600)
     chunk = engine.chunk_tokens
     with engine.batcher(workers=0) as batcher:
-        for _ in range(batcher.compute.window):
-            batcher.compute.observe(chunk, 100.0)  # far slower than real time: the cap
+        meter = batcher.compute
+        for _ in range(2):
+            meter.observe(chunk, 100.0)  # far slower than real time, too few chunks to be "measured"
+        assert not meter.measured
         with batcher.stream(schedule="adaptive", output="mel") as s:
-            i = 0
-            while not s.playback.started:
-                s.push(tokens[i : i + chunk])
-                i += chunk
+            i = _stream_until_delivered(s, tokens, 0, chunk)
             first_at = s.playback.first_at
             assert s.start_buffer_s == pytest.approx(10.0)
-            for _ in range(batcher.compute.window):
-                batcher.compute.observe(chunk, 1e-4)  # now far faster than real time
-            delivered = s.playback.audio_s
-            while s.playback.audio_s == delivered:
-                s.push(tokens[i : i + chunk])
-                i += chunk
+            for _ in range(meter.window):
+                meter.observe(chunk, 1e-4)  # now measured, and far faster than real time
+            i = _stream_until_delivered(s, tokens, i, chunk)
             assert s.start_buffer_s < 1.0, s.start_buffer_s
             assert s.playback.play_start < first_at + 1.0
             playing = s.start_buffer_s
             while s.playback.buffering(time.perf_counter()):
                 time.sleep(0.01)
-            for _ in range(batcher.compute.window):
-                batcher.compute.observe(chunk, 100.0)
-            delivered = s.playback.audio_s
-            while s.playback.audio_s == delivered and i < len(tokens):
-                s.push(tokens[i : i + chunk])
-                i += chunk
+            for _ in range(meter.window):
+                meter.observe(chunk, 100.0)
+            _stream_until_delivered(s, tokens, i, chunk)
             assert s.start_buffer_s == playing  # playing already: a later recommendation changes nothing
+        assert meter.measured  # a warm meter's recommendation (the cap again) is adopted and kept
+        with batcher.stream(schedule="adaptive", output="mel") as s:
+            i = _stream_until_delivered(s, tokens, 0, chunk)
+            assert s.start_buffer_s == pytest.approx(10.0)
+            for _ in range(meter.window):
+                meter.observe(chunk, 1e-4)
+            _stream_until_delivered(s, tokens, i, chunk)
+            assert s.playback.buffering(time.perf_counter()) and s.start_buffer_s == pytest.approx(10.0)
         with batcher.stream(schedule="adaptive", output="mel", start_buffer_ms=300) as s:
-            s.push(tokens[: 4 * chunk])
-            assert s.playback.started and s.start_buffer_s == pytest.approx(0.3)
+            _stream_until_delivered(s, tokens, 0, chunk)
+            assert s.start_buffer_s == pytest.approx(0.3)

@@ -156,7 +156,7 @@ class ComputeMeter:
                 if slope >= 0 and my - slope * mx >= 0:
                     a, b = my - slope * mx, slope
             p95 = 1.5  # too few chunks to measure the spread: assume half again
-            if n >= 4:
+            if self.measured:
                 ratios = sorted(y / max(a + b * x, 1e-6) for x, y in zip(xs, ys))
                 p95 = max(1.0, ratios[min(n - 1, int(0.95 * n))])
             self._fit = (a, b, p95)
@@ -168,6 +168,11 @@ class ComputeMeter:
             return default_per_token * tokens
         a, b, _ = self._line()
         return a + b * tokens
+
+    @property
+    def measured(self) -> bool:
+        """Whether enough chunks were measured for the spread (``p95_ratio``) to be observed, not assumed."""
+        return len(self.samples) >= 4
 
     def p95_ratio(self) -> float:
         """The 95th percentile of observed / fitted time: how much slower than expected a chunk can be."""

@@ -154,6 +154,7 @@ class StreamSession:
         self.compute_s = {"flow": 0.0, "vocoder": 0.0}  # wall time of the model calls behind its chunks
         # the listener's clock: its start buffer is the caller's, or the recommendation when audio first leaves
         self._explicit_buffer_s = start_buffer_s
+        self._adopted_cold = False  # the adopted start buffer came from a meter without a measured spread
         self.playback = PlaybackClock(start_buffer_s=start_buffer_s or 0.0)
         self.arrivals = RateMeter(prior=1.0 / spec.audio_s_per_token)  # the model's own rate until measured
 
@@ -217,8 +218,8 @@ class StreamSession:
     @property
     def start_buffer_s(self) -> float:
         """The listener's start buffer this session plans with: the caller's (``start_buffer_ms``), else the
-        recommendation, adopted when the first chunk leaves and revised with each chunk that leaves while the
-        listener is still buffering (until the first chunk: the current recommendation)."""
+        recommendation, adopted when the first chunk leaves and revised while the listener is still buffering
+        (see ``_delivered``; until the first chunk: the current recommendation)."""
         if self._explicit_buffer_s is not None:
             return self._explicit_buffer_s
         if self.playback.started:
@@ -302,16 +303,24 @@ class StreamSession:
         return Emission(index=work.index, start=work.offset, end=end, prefix=end + plan.lookahead, finalize=False)
 
     def _delivered(self, value: np.ndarray) -> None:
-        """A chunk leaves for the listener now: the playback clock advances. Without an explicit start buffer,
-        the first chunk adopts the recommendation, and each later chunk that leaves while the listener is still
-        buffering revises it from the chunks measured since (clients that follow ``start_buffer_ms`` do the same:
-        a cold server's first stream starts once its recommendation has come down, not after the cold cap)."""
+        """A chunk leaves for the listener now: the playback clock advances.
+
+        Without an explicit start buffer the first chunk adopts the recommendation. Each later chunk that leaves
+        while the listener is still buffering may revise it (clients that follow ``start_buffer_ms`` do the same):
+        upward always, downward only if the adopted one came from a meter that had not yet measured the spread of
+        chunk times (a cold server: its first stream then starts once measured chunks bring the 10 s cap down).
+        A warm recommendation is not lowered: measured at the stream's start, where chunks attend to little
+        history, the meter would under-predict the later chunks (lowered that way, 3 of 3 demo runs stalled)."""
         now = time.perf_counter()
         if self._explicit_buffer_s is None:
             if not self.playback.started:
                 self.playback.start_buffer_s = self.recommended_start_buffer_s()
+                self._adopted_cold = not self._scheduler.compute.measured
             elif self.playback.buffering(now):
-                self.playback.recommend(now, self.recommended_start_buffer_s())
+                newer = self.recommended_start_buffer_s()
+                if newer > self.playback.start_buffer_s or self._adopted_cold:
+                    self.playback.recommend(now, newer)
+                    self._adopted_cold = not self._scheduler.compute.measured
         frames = value.shape[-1]
         seconds = frames / self.spec.sample_rate if self.output == "audio" else \
             frames * self.spec.samples_per_frame / self.spec.sample_rate
