@@ -81,3 +81,73 @@ def test_demo_command_reports_latency_rtf_and_where_the_time_went(tmp_path, caps
     assert cli.main(["demo", "--out", str(out), "--preset", "balanced", "--steps", "5", "--json"]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert m["steps"] == 5 and m["hop"] == 25 and m["pad"] == 11
+
+
+def _demo_mel(demo: Token2Wav) -> torch.Tensor:
+    with demo.stream(demo.speaker_prompt("rms"), output="mel", hop=16) as s:
+        mels = s.push(json.loads((Path(demo.config.path).parent / "demo_tokens.json").read_text())["utterances"][1][
+            "tokens"][:120])
+        mels.append(s.finish())
+    return torch.from_numpy(np.concatenate([m for m in mels if m.size], axis=-1))[None]
+
+
+def test_bfloat16_mixed_vocoder_error_is_stated_and_it_streams_like_its_offline_pass() -> None:
+    """``vocoder_precision="bfloat16-mixed"``: the middle stages' resblocks convolve in bfloat16. Its distance
+    to float32 is bfloat16's, and its streamed audio equals its own offline pass up to bfloat16 rounding."""
+    from token2wav.models.hifigan import vocode_stream
+
+    mixed = Token2Wav.from_pretrained("demo", vocoder_precision="bfloat16-mixed")
+    assert mixed.vocoder.precision == "bfloat16-mixed"
+    mel = _demo_mel(mixed)
+    voc = mixed.vocoder
+    with torch.inference_mode():
+        low = voc(mel)[0, 0]
+        state, parts = None, []
+        for i in range(0, mel.shape[-1], 16):
+            audio, state = vocode_stream(voc, mel[:, :, i : i + 16], state, final=i + 16 >= mel.shape[-1])
+            parts.append(audio[0])
+        streamed = torch.cat(parts)
+        voc.set_precision("float32")
+        high = voc(mel)[0, 0]
+    peak = float(high.abs().max())
+    # bfloat16 keeps 8 significant bits: each of the ~36 convolutions it runs rounds its inputs and outputs by up
+    # to 2^-9 relative. Measured 48.6 dB SNR to float32 (AVX512-BF16); rounding to bfloat16 is the same on every
+    # CPU (round to nearest even), the float32 sums inside differ by float rounding only: at least 44 dB.
+    snr = 20 * np.log10(float(high.pow(2).mean().sqrt()) / float((low - high).pow(2).mean().sqrt()))
+    assert snr >= 44.0, snr
+    # Streamed vs offline in this mode: float rounding differences of ~1e-6 flip some bfloat16 roundings (2^-9
+    # relative), and those flips travel through the later convolutions like the mode's own error (max 0.0056 at
+    # this peak of 0.76). Measured 0.0040-0.0045 for calls of 7-100 frames: at most 1 % of the peak. A conv cut at
+    # the wrong sample would move whole samples (1e-1 and up).
+    assert streamed.shape == low.shape
+    assert float((streamed - low).abs().max()) <= 0.01 * peak
+
+
+def test_vocoder_precision_warns_where_bfloat16_is_emulated(monkeypatch) -> None:
+    from token2wav import cpu
+
+    avx2_only = cpu.CPUInfo("a CPU", "AVX2", ("avx2", "fma"), True, (), 2)
+    assert not avx2_only.bf16_in_reach
+    assert not cpu.CPUInfo("a CPU", "AVX512", ("avx512_bf16",), True, ("ONEDNN_MAX_CPU_ISA=AVX2",), 2).bf16_in_reach
+    monkeypatch.setattr(cpu, "detect_cpu", lambda: avx2_only)
+    with pytest.warns(UserWarning, match="without native bfloat16 .* slower than in float32"):
+        Token2Wav.from_pretrained("demo", vocoder_precision="bfloat16-mixed")
+
+
+def test_vocoder_precision_is_checked_before_loading_and_names_what_applies(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"vocoder_precision must be one of \('float32', 'bfloat16-mixed'\)"):
+        Token2Wav.from_pretrained(tmp_path / "no-such-model", vocoder_precision="bfloat16")  # no load attempted
+    with pytest.raises(ValueError, match="needs dtype=torch.float32"):
+        Token2Wav.from_pretrained("demo", dtype=torch.bfloat16, vocoder_precision="bfloat16-mixed")
+    with pytest.raises(ValueError, match="applies to HiFi-GAN vocoders .* use 'float32'"):
+        Token2Wav.from_pretrained("tiny", vocoder_precision="bfloat16-mixed")
+    from token2wav.models.hifigan import HiFiGANGenerator
+
+    with pytest.raises(ValueError, match="vocoder precision must be one of"):
+        HiFiGANGenerator(upsample_initial_channel=32).set_precision("float16")
+    with pytest.raises(ValueError, match="needs float32 weights"):
+        HiFiGANGenerator(upsample_initial_channel=32).to(torch.bfloat16).set_precision("bfloat16-mixed")
+    from token2wav.serve.ray.settings import settings_from_options
+
+    with pytest.raises(ValueError, match="--vocoder-precision must be float32 or bfloat16-mixed"):
+        settings_from_options({"vocoder_precision": "fast"}, environ={})

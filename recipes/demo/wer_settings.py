@@ -7,6 +7,7 @@ LLM-sized pieces), recognises the audio with pocketsphinx (`pip install -e '.[tr
 
     python recipes/demo/wer_settings.py --setting base:hop=25,steps=10 \
         --setting demo:hop=16,schedule=exponential,max_hop=64,steps=5 --out wer.json
+    python recipes/demo/wer_settings.py --setting mixed:hop=16,schedule=exponential,max_hop=64,vocoder=bfloat16-mixed
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def parse_setting(text: str) -> tuple[str, dict]:
     opts: dict = {}
     for item in filter(None, rest.split(",")):
         k, _, v = item.partition("=")
-        opts[k] = v if k == "schedule" else int(v)
+        opts[k] = v if k in ("schedule", "vocoder") else int(v)
     return name, opts
 
 
@@ -51,6 +52,7 @@ def main() -> None:
     for spec in args.setting:
         name, opts = parse_setting(spec)
         t2w.n_timesteps = int(opts.pop("steps", 10))
+        t2w.vocoder.set_precision(opts.pop("vocoder", "float32"))  # float32 or bfloat16-mixed
         pairs, hyps = [], []
         t0 = time.perf_counter()
         for u in utts:

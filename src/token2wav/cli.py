@@ -616,6 +616,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
             help="seconds a new stream may wait before its 'start' message"),
         arg("--workers", type=int, default=4, help="threads running model work"),
         arg("--threads", type=int, help="torch intra-op threads (default: torch's choice)"),
+        arg("--vocoder-precision", default="float32", choices=["float32", "bfloat16-mixed"],
+            help="bfloat16-mixed: a HiFi-GAN vocoder's middle stages in bfloat16, 1.4x faster where the CPU has "
+                 "native bfloat16, about 48 dB SNR off float32 (default: float32)"),
         arg("--no-batching", action="store_true",
             help="compute every chunk in a call of its own, a batch of one (default: the batcher runs streams' "
                  "ready chunks together)"),
@@ -679,7 +682,8 @@ def _serve(args: argparse.Namespace) -> int:
         admit_by_capacity=not args.no_admission_control,
     )
     spec = ServerSpec(
-        model=args.model, device=args.device, dtype=args.dtype, threads=args.threads,
+        model=args.model, device=args.device, dtype=args.dtype, vocoder_precision=args.vocoder_precision,
+        threads=args.threads,
         batching=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_cache_mb=args.max_cache_mb, batch_workers=args.batch_workers, graphs=args.graphs, limits=limits,
         api_key=access.api_key, allow_origins=access.allow_origins, allowed_hosts=access.allowed_hosts,

@@ -4,10 +4,11 @@ Detected once at start from the CPU's feature flags and torch's own kernel level
 lower: ``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``), and shown by ``token2wav info``, the demo and the
 benchmarks, so a user sees which path runs and a number can be traced to the kernels that made it.
 
-The path is the same on every CPU: float32 everywhere, oneDNN convolutions, the HiFi-GAN vocoder in the
-channels-last layout. Native bfloat16 (AMX, AVX512-BF16) is reported but not used: on the demo vocoder it is
-2.3x faster and 19 dB SNR off float32 (max |error| 0.54), far outside the tolerance streamed audio is held to
-(docs/benchmarks.md, "Vocoder CPU options").
+The default path is the same on every CPU: float32 everywhere, oneDNN convolutions, the HiFi-GAN vocoder in
+the channels-last layout. Native bfloat16 (AMX, AVX512-BF16) is reported, and used only when asked for: the whole
+demo vocoder in bfloat16 is 2.3x faster but 19 dB SNR off float32 (max |error| 0.54), far outside the tolerance
+streamed audio is held to; ``vocoder_precision="bfloat16-mixed"`` (``--vocoder-precision``) runs its middle
+stages in bfloat16, 1.4x faster at 48.6 dB SNR (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -43,10 +44,17 @@ class CPUInfo:
         return "amx_bf16" in self.features or "avx512_bf16" in self.features
 
     @property
+    def bf16_in_reach(self) -> bool:
+        """Native bfloat16 that oneDNN may use: present, and not limited away (``ONEDNN_MAX_CPU_ISA`` below it)."""
+        isa = next((v.split("=", 1)[1].upper() for v in self.limits if v.startswith("ONEDNN_MAX_CPU_ISA=")), None)
+        return self.native_bf16 and (isa is None or isa == "ALL" or "BF16" in isa or "AMX" in isa)
+
+    @property
     def path(self) -> str:
         """The compute path token2wav takes on this CPU, in words."""
         convs = "oneDNN convolutions (HiFi-GAN channels-last)" if self.onednn else "torch's own convolutions"
-        bf16 = "; native bfloat16 present, not used (off float32 beyond tolerance)" if self.native_bf16 else ""
+        bf16 = ("; native bfloat16 present (used only with --vocoder-precision bfloat16-mixed)"
+                if self.native_bf16 else "")
         return f"float32, {self.kernels} kernels, {convs}{bf16}"
 
     def describe(self) -> str:

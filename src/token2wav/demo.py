@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hop", type=int, default=None, help="first hop in tokens (overrides the default's)")
     parser.add_argument("--steps", type=int, default=None,
                         help="flow solver steps (default: the model's, 10; 5 is faster and less intelligible)")
+    parser.add_argument("--vocoder-precision", default="float32", choices=["float32", "bfloat16-mixed"],
+                        help="bfloat16-mixed: the vocoder's middle stages in bfloat16, 1.4x faster where the CPU has "
+                             "native bfloat16, about 48 dB SNR off float32 (default: float32)")
     parser.add_argument("--out", type=Path, default=Path("demo.wav"))
     parser.add_argument("--json", action="store_true", help="also print the measurements as one JSON line")
 
@@ -76,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         print("note: the bundled demo voice is not installed; running the tiny model with RANDOM weights "
               "(the whole pipeline runs, the audio is noise-like)")
     t_load = time.perf_counter()
-    t2w = Token2Wav.from_pretrained(model)
+    t2w = Token2Wav.from_pretrained(model, vocoder_precision=args.vocoder_precision)
     load_s = time.perf_counter() - t_load
     if args.speaker is not None and args.speaker not in t2w.speakers:
         raise SystemExit(f"--speaker must be one of {t2w.speakers or 'none (this model has no bundled voices)'}")
@@ -134,6 +137,8 @@ def main(args: argparse.Namespace) -> int:
     other = elapsed - clock["flow"] - clock["vocoder"]
     f_other = first["s"] - first["flow"] - first["vocoder"]
     print(f"cpu: {detect_cpu().describe()}")
+    if args.vocoder_precision != "float32":
+        print(f"vocoder precision: {args.vocoder_precision} (not float32: about 48 dB SNR off the float32 audio)")
     print(f"set-up (once): load {load_s * 1e3:.0f} ms, voice prompt state + warm-up {setup_s * 1e3:.0f} ms")
     print(f"first chunk: flow {first['flow'] * 1e3:.0f} ms + vocoder {first['vocoder'] * 1e3:.0f} ms + other "
           f"{f_other * 1e3:.0f} ms ({first['audio_s']:.2f} s of audio)")
@@ -154,5 +159,6 @@ def main(args: argparse.Namespace) -> int:
             "load_ms": round(load_s * 1e3), "setup_ms": round(setup_s * 1e3),
             "hop": plan.hop, "pad": plan.pad, "schedule": plan.schedule, "max_hop": plan.max_hop,
             "lookahead": look, "steps": t2w.n_timesteps, "chunks": len(pieces), "cpu": detect_cpu().as_dict(),
+            "vocoder_precision": args.vocoder_precision,
         }))
     return 0

@@ -32,6 +32,7 @@ class ServerSpec:
     model: str
     device: str = "cpu"
     dtype: str = "float32"
+    vocoder_precision: str = "float32"  # or "bfloat16-mixed" (HiFi-GAN vocoders: Token2Wav.from_pretrained)
     threads: int | None = None  # torch intra-op threads (None: torch's choice)
     batching: bool = True
     max_batch: int = 16
@@ -73,7 +74,8 @@ def _load_engine(spec: ServerSpec) -> Any:
 
     from token2wav import Token2Wav
 
-    return Token2Wav.from_pretrained(spec.model, device=spec.device, dtype=getattr(torch, spec.dtype))
+    return Token2Wav.from_pretrained(spec.model, device=spec.device, dtype=getattr(torch, spec.dtype),
+                                     vocoder_precision=spec.vocoder_precision)
 
 
 def build_server(spec: ServerSpec) -> AssembledServer:

@@ -70,6 +70,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "device": args.device,
         "dtype": args.dtype,
+        "vocoder_precision": args.vocoder_precision,
         "replicas": args.replicas,
         "autoscale": args.autoscale,
         "target_sessions": args.target_sessions,

@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "model": "tiny",
     "device": "cpu",
     "dtype": "float32",
+    "vocoder_precision": "float32",
     "name": "token2wav",
     "replicas": 1,
     "autoscale": None,  # "MIN:MAX"
@@ -67,6 +68,7 @@ class RaySettings:
     device: str
     dtype: str
     name: str
+    vocoder_precision: str
     limits: ServerLimits
     replicas: int | None  # fixed count, or None with autoscaling
     autoscale: tuple[int, int] | None
@@ -92,7 +94,8 @@ class RaySettings:
         """The server every replica builds (:func:`token2wav.serve.assembly.build_server`). No prompt folder:
         the replicas' prompts go through the shared registry, which keeps ``prompt_dir`` itself."""
         return ServerSpec(
-            model=self.model, device=self.device, dtype=self.dtype, threads=self.threads, batching=self.batching,
+            model=self.model, device=self.device, dtype=self.dtype, vocoder_precision=self.vocoder_precision,
+            threads=self.threads, batching=self.batching,
             max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, max_cache_mb=self.max_cache_mb,
             batch_workers=self.batch_workers, graphs=self.graphs, limits=self.limits,
             api_key=self.api_key, allow_origins=self.allow_origins,
@@ -182,6 +185,8 @@ def settings_from_options(
             raise ValueError(f"{_flag(key)} must be a non-empty string, got {opts[key]!r}")
     if opts["dtype"] not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"--dtype must be one of float32, float16, bfloat16, got {opts['dtype']!r}")
+    if opts["vocoder_precision"] not in ("float32", "bfloat16-mixed"):
+        raise ValueError(f"--vocoder-precision must be float32 or bfloat16-mixed, got {opts['vocoder_precision']!r}")
     autoscale = _autoscale(opts["autoscale"])
     if autoscale is not None and options.get("replicas") is not None:
         raise ValueError("give --replicas N or --autoscale MIN:MAX, not both")
@@ -227,6 +232,7 @@ def settings_from_options(
         device=opts["device"],
         dtype=opts["dtype"],
         name=opts["name"],
+        vocoder_precision=opts["vocoder_precision"],
         limits=limits,
         replicas=replicas,
         autoscale=autoscale,
