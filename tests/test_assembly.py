@@ -62,12 +62,14 @@ def specs(monkeypatch: pytest.MonkeyPatch) -> list[ServerSpec]:
 
 def test_serve_command_builds_its_server_through_the_assembly(specs: list[ServerSpec], tmp_path: Any) -> None:
     args = ["serve", "--model", "tiny", "--no-batching", "--max-cache-mb", "32", "--threads", "1",
-            "--prompt-dir", str(tmp_path), "--host", "127.0.0.1", "--allow-origin", "https://app.example"]
+            "--prompt-dir", str(tmp_path), "--host", "127.0.0.1", "--allow-origin", "https://app.example",
+            "--vocoder-precision", "bfloat16-mixed"]
     with pytest.raises(_Built):
         main(args)
     (spec,) = specs
     assert (spec.model, spec.batching, spec.max_cache_mb, spec.threads, spec.prompt_dir) == (
         "tiny", False, 32.0, 1, str(tmp_path))
+    assert spec.vocoder_precision == "bfloat16-mixed"
     assert spec.allow_origins == ("https://app.example",) and spec.api_key is None
     assert "127.0.0.1" in spec.allowed_hosts and "app.example" in spec.allowed_hosts
 
@@ -78,10 +80,20 @@ def test_ray_replica_builds_its_server_through_the_assembly(specs: list[ServerSp
     from token2wav.serve.ray.settings import settings_from_options
 
     settings = settings_from_options({"model": "tiny", "batching": False, "max_batch": 5, "max_cache_mb": 16.0,
-                                      "prompt_dir": "prompts"})
+                                      "prompt_dir": "prompts", "vocoder_precision": "bfloat16-mixed"})
     with pytest.raises(_Built):
         Token2WavReplica(settings)
     (spec,) = specs
     assert spec == settings.server_spec()
     assert (spec.model, spec.batching, spec.max_batch, spec.max_cache_mb) == ("tiny", False, 5, 16.0)
+    assert spec.vocoder_precision == "bfloat16-mixed"
     assert spec.prompt_dir is None  # the replicas' prompts go through the shared registry
+
+
+def test_a_served_demo_voice_runs_the_vocoder_precision_it_was_given() -> None:
+    server = build_server(ServerSpec(model="demo", vocoder_precision="bfloat16-mixed", batch_workers=1,
+                                     limits=LIMITS))
+    assert server.t2w.vocoder.precision == "bfloat16-mixed"
+    server.batcher.close()
+    with pytest.raises(ValueError, match="applies to HiFi-GAN vocoders"):
+        build_server(ServerSpec(model="bench:cv3", vocoder_precision="bfloat16-mixed", limits=LIMITS))

@@ -69,6 +69,9 @@ def _load_engine(spec: ServerSpec) -> Any:
     if spec.model.startswith("bench:"):  # the random-weight architectures of `token2wav bench`, for load tests
         from token2wav.bench import bench_engine
 
+        if spec.vocoder_precision != "float32":  # their vocoders are HiFT
+            raise ValueError(f"--vocoder-precision {spec.vocoder_precision} applies to HiFi-GAN vocoders (the demo "
+                             f"voice); {spec.model} has HiFT: use float32")
         return bench_engine(spec.model, spec.device, spec.dtype)
     import torch
 
