@@ -122,8 +122,6 @@ def _share_weights_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-
-
 class Token2Wav:
     """A loaded token-to-waveform model.
 
