@@ -33,6 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from token2wav.models.hifigan import VOCODER_PRECISIONS
+
 __all__ = ["COMMAND_MODULES", "arg", "build_parser", "main", "subcommand"]
 
 # Subcommand name -> module with top-level add_arguments(parser) and main(args); skipped while absent.
@@ -207,6 +209,9 @@ _MODEL_ARGS = [
     arg("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype"),
 ]
 
+
+VOCODER_PRECISION_HELP = ("bfloat16-mixed: a HiFi-GAN vocoder's (the demo voice's) middle stages in bfloat16, 1.4x "
+                          "faster where the CPU has native bfloat16, about 48 dB SNR off float32 (default: float32)")
 
 MODEL_HELP = ("model directory, bundled model name, or a released model's id: ORG/NAME[@REVISION] (Hugging Face "
               "Hub) or modelscope:ORG/NAME[@REVISION]; an id downloads only what token2wav reads")
@@ -616,9 +621,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
             help="seconds a new stream may wait before its 'start' message"),
         arg("--workers", type=int, default=4, help="threads running model work"),
         arg("--threads", type=int, help="torch intra-op threads (default: torch's choice)"),
-        arg("--vocoder-precision", default="float32", choices=["float32", "bfloat16-mixed"],
-            help="bfloat16-mixed: a HiFi-GAN vocoder's middle stages in bfloat16, 1.4x faster where the CPU has "
-                 "native bfloat16, about 48 dB SNR off float32 (default: float32)"),
+        arg("--vocoder-precision", default="float32", choices=VOCODER_PRECISIONS, help=VOCODER_PRECISION_HELP),
         arg("--no-batching", action="store_true",
             help="compute every chunk in a call of its own, a batch of one (default: the batcher runs streams' "
                  "ready chunks together)"),

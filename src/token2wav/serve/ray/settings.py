@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from token2wav.models.hifigan import VOCODER_PRECISIONS
 from token2wav.serve.assembly import ServerSpec
 from token2wav.serve.protocol import ServerLimits
 
@@ -185,8 +186,9 @@ def settings_from_options(
             raise ValueError(f"{_flag(key)} must be a non-empty string, got {opts[key]!r}")
     if opts["dtype"] not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"--dtype must be one of float32, float16, bfloat16, got {opts['dtype']!r}")
-    if opts["vocoder_precision"] not in ("float32", "bfloat16-mixed"):
-        raise ValueError(f"--vocoder-precision must be float32 or bfloat16-mixed, got {opts['vocoder_precision']!r}")
+    if opts["vocoder_precision"] not in VOCODER_PRECISIONS:
+        raise ValueError(f"--vocoder-precision must be {' or '.join(VOCODER_PRECISIONS)}, got "
+                         f"{opts['vocoder_precision']!r}")
     autoscale = _autoscale(opts["autoscale"])
     if autoscale is not None and options.get("replicas") is not None:
         raise ValueError("give --replicas N or --autoscale MIN:MAX, not both")
