@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from token2wav.models.hifigan import VOCODER_PRECISIONS
+from token2wav.models.hifigan import VOCODER_PRECISION_HELP, VOCODER_PRECISIONS
 
 __all__ = ["COMMAND_MODULES", "arg", "build_parser", "main", "subcommand"]
 
@@ -209,9 +209,6 @@ _MODEL_ARGS = [
     arg("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype"),
 ]
 
-
-VOCODER_PRECISION_HELP = ("bfloat16-mixed: a HiFi-GAN vocoder's (the demo voice's) middle stages in bfloat16, 1.4x "
-                          "faster where the CPU has native bfloat16, about 48 dB SNR off float32 (default: float32)")
 
 MODEL_HELP = ("model directory, bundled model name, or a released model's id: ORG/NAME[@REVISION] (Hugging Face "
               "Hub) or modelscope:ORG/NAME[@REVISION]; an id downloads only what token2wav reads")

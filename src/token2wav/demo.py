@@ -21,7 +21,7 @@ import numpy as np
 
 from .cpu import detect_cpu
 from .loading import default_model
-from .models.hifigan import VOCODER_PRECISIONS
+from .models.hifigan import VOCODER_PRECISION_HELP, VOCODER_PRECISIONS
 
 LOW_LATENCY_STEPS = None  # flow solver steps of the demo's default setting: None keeps the model's (10)
 
@@ -64,8 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hop", type=int, default=None, help="first hop in tokens (overrides the default's)")
     parser.add_argument("--steps", type=int, default=None,
                         help="flow solver steps (default: the model's, 10; 5 is faster and less intelligible)")
-    from .cli import VOCODER_PRECISION_HELP
-
     parser.add_argument("--vocoder-precision", default="float32", choices=VOCODER_PRECISIONS,
                         help=VOCODER_PRECISION_HELP)
     parser.add_argument("--out", type=Path, default=Path("demo.wav"))

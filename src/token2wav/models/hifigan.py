@@ -27,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VOCODER_PRECISIONS", "HiFiGANGenerator", "HiFiGANStreamState", "vocode_stream", "vocode_stream_rows"]
+__all__ = ["VOCODER_PRECISIONS", "VOCODER_PRECISION_HELP", "HiFiGANGenerator", "HiFiGANStreamState", "vocode_stream",
+           "vocode_stream_rows"]
 
 # float32 throughout, or bfloat16 in the middle stages' resblocks (HiFiGANGenerator.set_precision)
 VOCODER_PRECISIONS = ("float32", "bfloat16-mixed")
+VOCODER_PRECISION_HELP = ("bfloat16-mixed: a HiFi-GAN vocoder's (the demo voice's) middle stages in bfloat16, 1.4x "
+                          "faster where the CPU has native bfloat16, about 48 dB SNR off float32 (default: float32)")
 
 LRELU_SLOPE = 0.1
 
