@@ -479,3 +479,38 @@ def test_pages_of_a_session_closed_mid_step_come_back_after_the_step(cv3, monkey
     assert released_while_running == [0]  # freed only once its step had ended
     assert stats["kv_pages_free"] == stats["kv_pages_total"]
     _check_equal([alone], outs, [{}])
+
+
+def test_every_call_is_logged_with_its_timing_at_debug(cv3, caplog):
+    """``serve --log-level debug`` shows each model call: rows, tokens, audio, seconds and seconds per token (how
+    a user sees what a chunk costs on their server); at the default level nothing is formatted."""
+    tokens = _tokens(cv3, 1, seed=5)[0][:60]
+    with caplog.at_level("INFO", logger="token2wav.batcher"):
+        _run(cv3.stream(hop=25), tokens, [60])
+    assert not [r for r in caplog.records if r.name == "token2wav.batcher"]
+    with caplog.at_level("DEBUG", logger="token2wav.batcher"):
+        _run(cv3.stream(hop=25), tokens, [60])
+    calls = [r.getMessage() for r in caplog.records if r.name == "token2wav.batcher"]
+    # 60 tokens, hop 25 with the 3-token look-ahead: 25 and 25 on push, the last 10 on finish
+    assert len(calls) == 3, calls
+    assert "1 row(s), 25 tokens (1.00 s of audio) in " in calls[0] and " s per token; waited " in calls[0]
+    assert "1 row(s), 10 tokens (0.40 s of audio)" in calls[2]
+
+
+def test_the_server_prints_its_own_logs_at_its_log_level():
+    import logging
+
+    from token2wav.serve.runner import show_own_logs
+
+    logger = logging.getLogger("token2wav")
+    before = (logger.level, list(logger.handlers), logger.propagate)
+    try:
+        show_own_logs("debug")
+        show_own_logs("warning")  # a second call changes the level, adds no second handler
+        own = [h for h in logger.handlers if getattr(h, "token2wav_own", False)]
+        assert len(own) == 1 and logger.level == logging.WARNING
+        assert logging.getLogger("token2wav.batcher").getEffectiveLevel() == logging.WARNING
+    finally:
+        logger.setLevel(before[0])
+        logger.handlers[:] = before[1]
+        logger.propagate = before[2]

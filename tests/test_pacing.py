@@ -46,11 +46,13 @@ def test_compute_meter_fits_a_line() -> None:
 
 
 def _simulate(*, compute_s: callable, rate: float, n_tokens: int, chunk: int, first_hop: int, max_hop: int,
-              lookahead: int = 3, buffer_s: float | None = None, adaptive: bool = True) -> dict:
+              lookahead: int = 3, buffer_s: float | None = None, adaptive: bool = True,
+              meter: ComputeMeter | None = None, horizon_s: float = 10.0) -> dict:
     """One stream: tokens arrive at ``rate`` from t = 0 (real-time pushes every 10 ms), each chunk takes
     ``compute_s(hop)`` after it is planned; the listener starts ``buffer_s`` after the first chunk (default:
-    the recommendation). Returns the hops and the playback clock."""
-    meter = ComputeMeter()
+    the recommendation). ``meter``: what earlier streams measured (default: nothing yet). Returns the hops and
+    the playback clock."""
+    meter = meter if meter is not None else ComputeMeter()
     arrivals = RateMeter(prior=1 / AUDIO_PER_TOKEN)
     clock = PlaybackClock()
     offset, hops, t = 0, [], 0.0
@@ -63,7 +65,8 @@ def _simulate(*, compute_s: callable, rate: float, n_tokens: int, chunk: int, fi
             continue
         if adaptive and hops:
             hop = choose_hop(chunk=chunk, first_hop=first_hop, max_hop=max_hop, offset=offset, available=available,
-                             lookahead=lookahead, now=t, dry_at=clock.dry_at, token_rate=arrivals.rate, compute=meter)
+                             lookahead=lookahead, now=t, dry_at=clock.dry_at, token_rate=arrivals.rate, compute=meter,
+                             audio_s_per_token=AUDIO_PER_TOKEN, horizon_s=horizon_s)
         else:
             hop = first_hop
         hop = min(hop, n_tokens - offset)
@@ -140,7 +143,7 @@ def test_choose_hop_takes_the_largest_hop_that_arrives_in_time() -> None:
     for h in (25, 50, 75, 100) * 2:
         meter.observe(h, 0.002 * h)  # 2 ms per token, exactly
     kwargs = dict(chunk=25, first_hop=25, max_hop=100, offset=0, available=200, lookahead=3, token_rate=50.0,
-                  compute=meter, margin_s=0.0)
+                  compute=meter, margin_s=0.0, audio_s_per_token=AUDIO_PER_TOKEN)
     assert choose_hop(now=0.0, dry_at=math.inf, **kwargs) == 25  # no audio yet: the smallest
     assert choose_hop(now=0.0, dry_at=0.2, **kwargs) == 100  # every hop is ready by 0.2 s
     assert choose_hop(now=0.0, dry_at=0.12, **kwargs) == 50  # 75 tokens take 0.15 s
@@ -150,3 +153,42 @@ def test_choose_hop_takes_the_largest_hop_that_arrives_in_time() -> None:
     assert choose_hop(now=0.0, dry_at=0.5, **short) == 25
     assert choose_hop(now=0.0, dry_at=0.7, **short) == 50  # 25 more tokens (0.5 s) + 0.1 s
     assert choose_hop(now=0.0, dry_at=1.2, **short) == 75  # 50 more (1 s) + 0.15 s
+
+
+def _measured(cost: callable, hops: tuple[int, ...] = (12, 24, 48, 96)) -> ComputeMeter:
+    """A meter that has seen chunks of several sizes at exactly ``cost`` (a warm server's)."""
+    meter = ComputeMeter()
+    for h in hops:
+        meter.observe(h, cost(h))
+    return meter
+
+
+def test_a_stream_that_fell_behind_moves_to_a_hop_that_keeps_up() -> None:
+    """A call's fixed cost makes the smallest hop slower than real time (12 tokens: 0.40 s for 0.28 s of audio)
+    and larger ones faster (24: 0.45 s for 0.56 s). Once the listener runs dry, emitting the smallest hop again
+    (the old rule, which ``horizon_s=0`` keeps) stalls at every chunk; the schedule moves to 24 instead."""
+    cost = lambda h: 0.35 + 0.004 * h  # noqa: E731
+    kwargs = dict(chunk=12, first_hop=12, max_hop=96, offset=0, available=500, lookahead=3, token_rate=43.07,
+                  compute=_measured(cost), audio_s_per_token=AUDIO_PER_TOKEN, margin_s=0.0)
+    assert choose_hop(now=0.0, dry_at=0.0, horizon_s=0.0, **kwargs) == 12  # the earliest chunk, again too slow
+    assert choose_hop(now=0.0, dry_at=0.0, **kwargs) == 24  # the smallest hop that keeps up
+    assert choose_hop(now=0.0, dry_at=5.0, **kwargs) == 96  # slack: the largest hop that arrives in time
+    # with 0.42 s of slack the 12-token chunk arrives in time, but the stream would run dry within 10 s of
+    # audio (0.43 s lost per second); 24 costs a 0.03 s gap now and nothing later
+    assert choose_hop(now=0.0, dry_at=0.42, **kwargs) == 24
+
+    run = dict(compute_s=cost, rate=43.07, n_tokens=860, chunk=12, first_hop=12, max_hop=96, buffer_s=0.0)
+    old = _simulate(meter=_measured(cost), horizon_s=0.0, **run)
+    new = _simulate(meter=_measured(cost), **run)
+    assert set(old["hops"][:-1]) == {12} and old["clock"].stalls > 60 and old["clock"].stall_s > 8.0
+    assert new["clock"].stall_s < 0.5 and new["clock"].stalls <= 6, new["clock"]
+    middle = new["hops"][1:-1]
+    assert middle.count(24) >= 0.9 * len(middle), new["hops"]
+
+
+def test_a_stream_with_slack_keeps_growing_its_hops() -> None:
+    """Every hop faster than real time: no silence anywhere, so the largest hop that arrives in time, as before."""
+    cost = lambda h: 0.06 + 0.0045 * h  # noqa: E731
+    run = _simulate(compute_s=cost, rate=86.0, n_tokens=860, chunk=12, first_hop=12, max_hop=96,
+                    meter=_measured(cost))
+    assert run["clock"].stalls == 0 and max(run["hops"]) == 96

@@ -86,6 +86,7 @@ def run_server(app: Any, *, host: str, port: int, log_level: str = "info", drain
     """Serve ``app`` until SIGTERM/SIGINT, then drain (see the module docstring). Returns the exit code."""
     from token2wav.serve.app import uvicorn_config
 
+    show_own_logs(log_level)
     server = _draining_server_class()(
         # after the drain, connections that still do not close (a client that stopped reading) are not waited for
         uvicorn_config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5),
@@ -94,6 +95,19 @@ def run_server(app: Any, *, host: str, port: int, log_level: str = "info", drain
     )
     server.run()
     return 0 if server.started else 1
+
+
+def show_own_logs(level: str) -> None:
+    """Print token2wav's own log records (the server's, the batcher's per-call timings at ``debug``) at
+    ``level``, in uvicorn's format; uvicorn configures only its own loggers."""
+    logger = logging.getLogger("token2wav")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "token2wav_own", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        handler.token2wav_own = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _draining_server_class() -> type:

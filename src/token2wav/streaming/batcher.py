@@ -36,6 +36,7 @@ never grows past the budget either.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -57,6 +58,8 @@ from .pacing import SAFETY_MARGIN_S, ComputeMeter
 from .schedule import Emission
 from .session import SessionClosedError, StreamSession
 from .state import SessionState
+
+log = logging.getLogger("token2wav.batcher")
 
 __all__ = ["Batcher", "CacheBudgetError", "BatcherClosedError", "count_aten_ops"]
 
@@ -620,6 +623,11 @@ class Batcher:
                     self.compute.observe(em.end - em.start, delivered - job.queued_at)
             self.jobs_done += len(batch)
             self.queue_wait_s += sum(waits)
+        if log.isEnabledFor(logging.DEBUG):
+            tokens = sum(j.row.emission.end - j.row.emission.start for j in batch)
+            log.debug("call on %s: %d row(s), %d tokens (%.2f s of audio) in %.3f s, %.4f s per token; waited %.3f s",
+                      threading.current_thread().name, len(batch), tokens, audio_s, delivered - started,
+                      (delivered - started) / max(tokens, 1), max(waits))
         for listener in list(self.listeners):
             try:
                 listener(len(batch), waits)

@@ -11,7 +11,8 @@ on a simulated clock without a model.
   load (queueing included), fitted as ``a + b * h`` over recent chunks.
 * ``choose_hop``: the ``adaptive`` schedule. The smallest valid hop while there is no audio (first audio comes
   early); then the largest hop whose tokens (at the measured rate) plus its compute still arrive before the
-  audio runs dry, with a margin, so hops grow with slack (fewer, larger calls) and shrink when it runs short.
+  audio runs dry, with a margin, so hops grow with slack (fewer, larger calls) and shrink when it runs short;
+  a stream that fell behind anyway moves to a hop that keeps up rather than the smallest one.
 * ``recommend_start_buffer``: the audio a client should buffer before playing, from the same quantities.
 """
 
@@ -181,29 +182,51 @@ class ComputeMeter:
 
 def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, available: int, lookahead: int,
                now: float, dry_at: float, token_rate: float, compute: ComputeMeter,
-               margin_s: float = SAFETY_MARGIN_S) -> int:
+               audio_s_per_token: float, margin_s: float = SAFETY_MARGIN_S,
+               horizon_s: float = 10.0) -> int:
     """The next emission's hop (tokens) under the adaptive schedule; hops are multiples of ``chunk`` (the
     session's chunk; one token on run-time-chunk models would break chunk-causal equality, so not less).
 
     ``first_hop``: the smallest hop (the first emission's, pad included, uses it before any audio exists).
     While no audio was delivered (``dry_at`` is inf) the smallest hop is taken. Then the largest hop whose
-    tokens arrive (at ``token_rate``) and whose chunk is computed before ``dry_at - margin_s``; the smallest
-    hop when none fits (emit as early as possible).
+    tokens arrive (at ``token_rate``) and whose chunk is computed (p95) before ``dry_at - margin_s``, so hops
+    grow with slack; the smallest hop when none does.
+
+    Unless a hop that keeps up exists (its compute and its tokens take no longer than its audio) and the
+    rule above would not take one: then each hop is scored by the silence the listener would hear over the
+    next ``horizon_s`` seconds of audio if the stream kept it (the gap before this chunk arrives, plus what the
+    hop loses at every later call, less the slack left after this chunk), and the least silence wins (among
+    hops that cost none, the largest). Small hops carry a call's fixed cost: a stream that fell behind moves to
+    a hop that keeps up, instead of repeating a small hop that stalls chunk after chunk. While the meter has
+    seen one hop size only it cannot tell a fixed cost, so no hop is known to keep up and the rule above holds.
     """
     if not math.isfinite(dry_at):
         return first_hop
     slow = compute.p95_ratio()
-    best = first_hop
-    h = first_hop
-    while h <= max_hop:
+    scored = []  # (hop, slack after its chunk arrives (negative: a gap), silence lost per second of audio)
+    for h in range(first_hop, max(first_hop, max_hop) + 1, chunk):
         missing = max(0, offset + h + lookahead - available)
         wait = 0.0 if missing == 0 else (missing / token_rate if token_rate > 0 else math.inf)
-        if now + wait + slow * compute.seconds(h) + margin_s <= dry_at:
-            best = h
-        else:
+        cost = slow * compute.seconds(h)
+        tokens_s = h / token_rate if token_rate > 0 else math.inf
+        behind = max(0.0, max(cost, tokens_s) / (h * audio_s_per_token) - 1.0)
+        scored.append((h, dry_at - (now + wait + cost + margin_s), behind))
+    in_time = first_hop
+    for h, slack, _ in scored:
+        if slack < 0:
             break
-        h += chunk
-    return best
+        in_time = h
+    keeps_up = {h for h, _, behind in scored if behind == 0.0}
+    if not keeps_up or (in_time in keeps_up and scored[0][1] >= 0):
+        return in_time
+
+    def silence(item: tuple[int, float, float]) -> float:
+        _, slack, behind = item
+        return max(0.0, -slack) + max(0.0, behind * horizon_s - max(0.0, slack))
+
+    least = min(silence(item) for item in scored)
+    tied = [item[0] for item in scored if silence(item) == least]
+    return max(tied) if least == 0.0 else min(tied)
 
 
 def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_rate: float, compute: ComputeMeter,

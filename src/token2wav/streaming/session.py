@@ -296,7 +296,7 @@ class StreamSession:
         hop = choose_hop(chunk=plan.chunk or plan.hop, first_hop=plan.hop, max_hop=plan.max_hop or plan.hop,
                          offset=work.offset, available=work.available, lookahead=plan.lookahead,
                          now=time.perf_counter(), dry_at=self.playback.dry_at, token_rate=self.arrivals.rate,
-                         compute=self._scheduler.compute)  # fmt: skip
+                         compute=self._scheduler.compute, audio_s_per_token=self.spec.audio_s_per_token)  # fmt: skip
         if work.available - work.offset < hop + plan.lookahead:
             return None
         end = work.offset + hop
