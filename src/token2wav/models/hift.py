@@ -153,11 +153,27 @@ class Snake(nn.Module):
         init = torch.zeros(in_features) if alpha_logscale else torch.full((in_features,), float(alpha))
         self.alpha = nn.Parameter(init, requires_grad=alpha_trainable)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _terms(self) -> tuple[Tensor, Tensor]:
+        """``a`` and ``1 / (a + 1e-9)`` as ``[1, C, 1]``. Without autograd they are kept per parameter version:
+        a streamed vocoder calls each Snake about 70 times per chunk, and these are three kernels each time."""
+        alpha = self.alpha
+        if torch.is_grad_enabled() and alpha.requires_grad:
+            return self._compute_terms()
+        key = (alpha._version, alpha.data_ptr(), alpha.dtype, alpha.device)
+        memo = self.__dict__.get("_memo")
+        if memo is None or memo[0] != key:
+            memo = self.__dict__["_memo"] = (key, self._compute_terms())
+        return memo[1]
+
+    def _compute_terms(self) -> tuple[Tensor, Tensor]:
         a = self.alpha.view(1, -1, 1)
         if self.alpha_logscale:
             a = a.exp()
-        return x + (1.0 / (a + 1e-9)) * torch.sin(x * a).pow(2)
+        return a, 1.0 / (a + 1e-9)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, inv = self._terms()
+        return x + inv * torch.sin(x * a).pow(2)
 
 
 class _Conv1d(nn.Conv1d):

@@ -124,6 +124,7 @@ class KVPool:
         self.values = self._new_tensor(pages)
         self.keys[:, :, :, :page_frames].zero_()
         self.values[:, :, :, :page_frames].zero_()
+        self._planes: tuple[Tensor, list[list[tuple[Tensor, Tensor]]]] | None = None  # views, by planes()
         self._refs = [1] * RESERVED_PAGES + [0] * (pages - RESERVED_PAGES)  # the reserved pages are never free
         # ascending: the lowest pages go first, so a lone stream's pages tend to follow each other (see
         # PooledRows.read_run)
@@ -157,7 +158,11 @@ class KVPool:
     def planes(self, step: int, layer: int) -> tuple[Tensor, Tensor]:
         """Keys and values ``[branches, slots, heads, dim_head]`` of one solver step and layer (call inside
         ``reading()``)."""
-        return self.keys[step, layer], self.values[step, layer]
+        planes = self._planes
+        if planes is None or planes[0] is not self.keys:  # made once per pool tensor (not per layer call)
+            planes = self._planes = (self.keys, [[(k, v) for k, v in zip(ks, vs)] for ks, vs in
+                                                 zip(self.keys, self.values)])  # fmt: skip
+        return planes[1][step][layer]
 
     # ------------------------------------------------------------------ pages
 
@@ -344,9 +349,10 @@ class PooledRows:
     ``[R * queries]`` (padding frames write to the padding page), no query_index / out_index.
     read_index ``[R * keys]``: per (padded) row, the slots of its keys, padded with the zero page. mask
     ``[2R, 1, queries, keys]`` (additive: 0 where a query sees a key, -inf elsewhere; per guidance branch and
-    row). read_run: ``(first slot, keys)`` when the call is one unpadded row whose keys are one run of slots;
-    attention then reads them in place, a view, instead of gathering a copy of the row's whole history on every
-    layer and solver step (what a lone stream pays otherwise).
+    row). One unpadded row keeps its frames in place: no query_index / out_index, and no mask when each of its
+    queries sees all its keys. read_run: ``(first slot, keys)`` when the call is one unpadded row whose keys are
+    one run of slots; attention then reads them in place, a view, instead of gathering a copy of the row's whole
+    history on every layer and solver step (what a lone stream pays otherwise).
     """
 
     pool: KVPool
@@ -357,7 +363,7 @@ class PooledRows:
     read_index: Tensor
     query_index: Tensor | None
     out_index: Tensor | None
-    mask: Tensor
+    mask: Tensor | None
     read_run: tuple[int, int] | None = None
 
     @classmethod
@@ -411,6 +417,9 @@ class PooledRows:
         # layer's attention call
         mask = torch.zeros(seen.shape, dtype=pool.dtype).masked_fill_(~seen, float("-inf"))
         device = pool.device
+        # one unpadded row: its frames are already in place (the gathers would be copies in the same order), and
+        # when every query sees every key (the chunk lies in one attention chunk) adding a zero mask changes nothing
+        alone = not padded and real == rows == 1 and queries == lengths[0]
         return cls(
             pool=pool,
             rows=rows,
@@ -418,9 +427,9 @@ class PooledRows:
             keys=keys,
             write_index=(write_all.view(-1) if padded else torch.cat(write)).to(device),
             read_index=read_all.view(-1).to(device),
-            query_index=None if padded else query_all.view(-1).to(device),
-            out_index=None if padded else torch.cat(out).to(device),
-            mask=mask.unsqueeze(1).repeat(pool.branches, 1, 1, 1).to(device),
+            query_index=None if padded or alone else query_all.view(-1).to(device),
+            out_index=None if padded or alone else torch.cat(out).to(device),
+            mask=None if alone and bool(seen.all()) else mask.unsqueeze(1).repeat(pool.branches, 1, 1, 1).to(device),
             read_run=read_run,
         )
 
