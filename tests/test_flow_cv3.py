@@ -230,3 +230,19 @@ def test_compute_loss_runs_and_backprops():
     assert y.shape == x1.shape and loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert flow.decoder.estimator.proj_out.weight.grad is not None
+
+
+def test_rotary_factors_turn_the_first_head_like_the_reference_form():
+    """The DiT rotates the first head's channel pairs (a, b) to (a cos - b sin, b cos + a sin) and keeps the
+    rest. Its four-kernel form must give the same numbers as the reference's stack((-b, a)) form written out
+    here: the same products and sums, so equal to the bit, in float32 and float64."""
+    from token2wav.models.dit import RotaryEmbedding, _apply_rotary, rotary_terms
+
+    angles = RotaryEmbedding(64).angles(37, 50)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 50, 192, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        a, b = x[..., 0:64:2], x[..., 1:64:2]
+        cos, sin = angles.to(dtype).cos()[:, 0::2], angles.to(dtype).sin()[:, 0::2]
+        turned = torch.stack((a * cos + (-b) * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        want = torch.cat((turned, x[..., 64:]), dim=-1)
+        assert torch.equal(_apply_rotary(x, *rotary_terms(angles.to(dtype), 192)), want)

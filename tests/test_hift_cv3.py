@@ -146,3 +146,27 @@ def test_full_size_layout_matches_manifest():
     for key, info in manifest["keys"].items():
         assert list(state[key].shape) == info["shape"], key
     assert sum(t.numel() for t in state.values()) == manifest["num_parameters"]
+
+
+def test_snake_keeps_its_alpha_terms_only_while_alpha_is_unchanged():
+    """Snake keeps ``a`` and ``1 / (a + 1e-9)`` between calls without autograd; a changed alpha (a loaded
+    checkpoint, an in-place edit) is seen on the next call, and with autograd the gradient reaches alpha."""
+    from token2wav.models.hift import Snake
+
+    snake = Snake(4, alpha_logscale=True)
+    x = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(2))
+
+    def formula() -> torch.Tensor:
+        a = snake.alpha.detach().exp().view(1, -1, 1)
+        return x + (1.0 / (a + 1e-9)) * torch.sin(x * a) ** 2
+
+    with torch.inference_mode():
+        first = snake(x)
+    assert torch.equal(first, formula())
+    with torch.no_grad():
+        snake.alpha.add_(torch.tensor([0.5, -0.25, 0.0, 1.0]))
+    with torch.inference_mode():
+        second = snake(x)
+    assert torch.equal(second, formula()) and not torch.equal(second, first)
+    snake(x).sum().backward()
+    assert snake.alpha.grad is not None and bool(snake.alpha.grad.abs().sum() > 0)

@@ -209,6 +209,25 @@ def test_a_lone_row_on_consecutive_pages_attends_in_place():
     other.reserve(10)
     assert PooledRows.build(pool, [table, other], [23, 0], [12, 10], [10, 10], rows=2, queries=12,
                             keys=35).read_run is None
+    # a lone row keeps its frames in place (no gathers); its frames span two attention chunks, so it keeps a mask
+    assert (rows.query_index, rows.out_index) == (None, None) and rows.mask is not None
+
+
+def test_a_lone_row_inside_one_attention_chunk_needs_no_mask():
+    """Every query of a lone row whose new frames lie in one attention chunk sees every key: the call has no
+    mask (adding zeros changes nothing) and the result is the direct attention, as with a mask."""
+    pool = _pool(pages=40)
+    table = PageTable(pool)
+    kv, step_layers = _cache(20, seed=4)
+    table.adopt(object(), 20, step_layers)
+    q, k, v, out = _rows_attention(pool, [table], [20], [10], [10], seed=6)  # frames [20, 30): one chunk of 10
+    rows = PooledRows.build(pool, [table], [20], [10], [10], rows=1, queries=10, keys=30)
+    assert rows.mask is None and rows.query_index is None and rows.out_index is None
+    past_k, past_v = kv[(1, 2)]
+    want = F.scaled_dot_product_attention(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2))
+    torch.testing.assert_close(out, want, atol=ONE_OP, rtol=0)  # ONE_OP, as above
+    # with the next chunk's first frame in the call, the mask comes back
+    assert PooledRows.build(pool, [table], [20], [10], [9], rows=1, queries=10, keys=30).mask is not None
 
 
 def test_pages_go_lowest_first_and_a_table_grows_onto_the_pages_after_its_own():
