@@ -462,6 +462,30 @@ def test_connection_without_start_frees_its_slot(engine: Any) -> None:
         assert res.samples > 0
 
 
+def test_a_client_that_closes_at_once_does_not_hold_its_connection(engine: Any) -> None:
+    """Clients that send their tokens and close at once: each stream's tasks are cancelled as its worker wakes
+    for the tokens. A cancellation lost in that race (``asyncio.wait_for`` before Python 3.12) left the worker
+    waiting out its idle timeout (10 s here) with the connection open, so the server took that long to stop."""
+    vocab = _vocab(engine)
+    app = create_app(engine, name="test", limits=LIMITS, batcher=engine.batcher(max_wait_ms=5))
+    with running_server(app) as addr:
+
+        async def close_at_once(i: int) -> None:
+            ws = await connect(f"ws://{addr}/v1/stream", open_timeout=TIMEOUT)
+            await ws.send(json.dumps({"type": "start", "hop": 25}))
+            await ws.send(json.dumps({"type": "tokens", "tokens": _tokens(20 + i, i, vocab)}))
+            await ws.close()
+
+        async def waves() -> None:
+            for _ in range(4):
+                await asyncio.gather(*(close_at_once(i) for i in range(4)))
+
+        asyncio.run(waves())
+        _wait_sessions_closed(f"http://{addr}")
+        stop_from = time.perf_counter()
+    assert time.perf_counter() - stop_from < 3.0  # no stream task left waiting: uvicorn stops at once
+
+
 def test_start_timeout_is_validated() -> None:
     with pytest.raises(ValueError, match="start_timeout_s must be a finite number > 0"):
         ServerLimits(start_timeout_s=0)

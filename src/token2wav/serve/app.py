@@ -33,6 +33,7 @@ from token2wav.serve.bodies import read_body
 from token2wav.serve.metrics import CONTENT_TYPE, Registry
 from token2wav.serve.prompt_store import PromptStore, prompt_id
 from token2wav.serve.upload import prompt_request
+from token2wav.serve.waiting import wait_event, within
 from token2wav.streaming.batcher import CacheBudgetError
 from token2wav.streaming.options import StreamOptions
 from token2wav.streaming.state import PromptCache
@@ -198,8 +199,7 @@ class ServerState:
         deadline = loop.time() + ADMIT_WAIT_S
         while not self.draining and (left := deadline - loop.time()) > 0:
             self.slot_freed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.slot_freed.wait(), left)
+            await wait_event(self.slot_freed, left)
             if self.try_admit(kind):
                 return True
         return False
@@ -246,8 +246,7 @@ class ServerState:
                 if left <= 0:
                     return False
                 self.slot_freed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):  # capacity is re-measured as calls finish
-                    await asyncio.wait_for(self.slot_freed.wait(), min(left, 0.25))
+                await wait_event(self.slot_freed, min(left, 0.25))  # capacity is re-measured as calls finish
             return False
         finally:
             self.waiting.remove(ticket)
@@ -312,14 +311,12 @@ class ServerState:
         deadline = loop.time() + timeout_s
         while self.open_sessions > 0 and loop.time() < deadline:
             self.slot_freed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.slot_freed.wait(), max(0.0, min(0.5, deadline - loop.time())))
+            await wait_event(self.slot_freed, min(0.5, deadline - loop.time()))
         self.closing.set()
         deadline = loop.time() + grace_s  # closing frames to clients that read; others are cut by uvicorn
         while self.open_sessions > 0 and loop.time() < deadline:
             self.slot_freed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.slot_freed.wait(), max(0.0, deadline - loop.time()))
+            await wait_event(self.slot_freed, deadline - loop.time())
 
 
 def _vocab_size(t2w: Any) -> int:
@@ -676,7 +673,7 @@ class _StreamHandler:
     async def _send(self, frame: Any) -> None:
         coro = self.ws.send_bytes(frame) if isinstance(frame, bytes) else self.ws.send_json(frame)
         try:
-            await asyncio.wait_for(coro, self.state.limits.send_timeout_s)
+            await within(coro, self.state.limits.send_timeout_s)
         except asyncio.TimeoutError:
             raise _Disconnected("send timeout: the client stopped reading") from None
         except (WebSocketDisconnect, RuntimeError, OSError) as e:  # the peer is gone
@@ -688,7 +685,7 @@ class _StreamHandler:
         with contextlib.suppress(Exception):
             await self._send(err.to_json())
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(err.ws_code, err.close_reason), self.state.limits.send_timeout_s)
+            await within(self.ws.close(err.ws_code, err.close_reason), self.state.limits.send_timeout_s)
 
     # -- the three tasks
     async def _receive_loop(self) -> None:
@@ -780,10 +777,8 @@ class _StreamHandler:
         deadline = loop.time() + timeout
         while not ready():
             self.input.clear()
-            try:
-                await asyncio.wait_for(self.input.wait(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise P.ProtocolError(f"idle timeout: {what} for {timeout:g} s", status=408) from None
+            if not await wait_event(self.input, deadline - loop.time()):
+                raise P.ProtocolError(f"idle timeout: {what} for {timeout:g} s", status=408)
 
     async def _work_loop(self) -> None:
         st = self.state
@@ -881,7 +876,7 @@ class _StreamHandler:
             item = await self.outbox.get()
             if isinstance(item, _Close):
                 with contextlib.suppress(Exception):  # a client gone right after the last message is no error
-                    await asyncio.wait_for(self.ws.close(item.code, item.reason), self.state.limits.send_timeout_s)
+                    await within(self.ws.close(item.code, item.reason), self.state.limits.send_timeout_s)
                 return
             for frame in item.frames:
                 await self._send(frame)
