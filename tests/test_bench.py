@@ -148,3 +148,31 @@ def test_gpu_targets_prefer_the_graphs_rows():
         "GPU 64 sessions: aggregate throughput >= 64 audio s/s": (70, True),  # no graphs row at 64: the batched one
         "GPU 64 sessions: chunk p99 <= the hop's audio duration (ms)": (900, True),
     }
+
+
+def test_repeated_rows_run_in_turns_and_compare_each_run_with_its_neighbour(monkeypatch):
+    """--repeat 3: offline and cached alternate. The machine slows down 3x once, between the second offline run
+    and the second cached run: the median of the paired ratios stays the true 1.2, where the ratio of the two
+    modes' median totals would be 3.6. Each row is its median run."""
+    calls = []
+    slowdown = iter([1, 1, 1, 3, 3, 3])
+
+    def measure(model, quick, device, dtype, seconds, mode, engine=None):
+        calls.append(mode)
+        factor = next(slowdown)
+        total = factor * (1.0 if mode == "offline" else 1.2)
+        return {"total_s": total, "chunk_ms": [total * 1e3], "first_chunk_ms": total * 1e3,
+                "first_chunk_cold_ms": total * 1e3, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(bench, "measure_mode", measure)
+    monkeypatch.setattr(bench, "_warm_engine", lambda *a: object())
+    report = bench.run_bench(["tiny"], quick=False, utterances=[1.0], modes=["offline", "cached"], sessions=[],
+                             device="cpu", dtype=torch.float32, log=lambda _: None, isolate=False, repeat=3)
+    assert calls == ["offline", "cached"] * 3
+    offline, cached = report["runs"]
+    assert offline["totals_s"] == [1.0, 1.0, 3.0] and offline["total_s"] == 1.0
+    assert cached["total_s"] == pytest.approx(3.6)  # the median run
+    assert cached["vs_offline_each"] == pytest.approx([1.2, 3.6, 1.2]) and cached["vs_offline"] == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="repeat must be >= 1"):
+        bench.run_bench(["tiny"], quick=False, utterances=[1.0], modes=["offline"], sessions=[], device="cpu",
+                        dtype=torch.float32, log=lambda _: None, isolate=False, repeat=0)
