@@ -231,6 +231,7 @@ class KVPool:
             values[:, :, :, :slots] = self.values
             with self._mutex:
                 self.keys, self.values = keys, values
+                self._planes = None  # its views would keep the old tensors alive
                 self._refs += [0] * (want - old)
                 self._free += list(range(old, want))  # all above the free pages so far: still sorted
                 self.grown += 1
