@@ -234,7 +234,7 @@ def test_compute_loss_runs_and_backprops():
 
 def test_rotary_factors_turn_the_first_head_like_the_reference_form():
     """The DiT rotates the first head's channel pairs (a, b) to (a cos - b sin, b cos + a sin) and keeps the
-    rest. Its four-kernel form must give the same numbers as the reference's stack((-b, a)) form written out
+    rest. Its five-kernel form must give the same numbers as the reference's stack((-b, a)) form written out
     here: the same products and sums, so equal to the bit, in float32 and float64."""
     from token2wav.models.dit import RotaryEmbedding, _apply_rotary, rotary_terms
 
@@ -245,4 +245,4 @@ def test_rotary_factors_turn_the_first_head_like_the_reference_form():
         cos, sin = angles.to(dtype).cos()[:, 0::2], angles.to(dtype).sin()[:, 0::2]
         turned = torch.stack((a * cos + (-b) * sin, b * cos + a * sin), dim=-1).flatten(-2)
         want = torch.cat((turned, x[..., 64:]), dim=-1)
-        assert torch.equal(_apply_rotary(x, *rotary_terms(angles.to(dtype), 192)), want)
+        assert torch.equal(_apply_rotary(x, *rotary_terms(angles.to(dtype))), want)

@@ -188,29 +188,26 @@ class RotaryEmbedding(nn.Module):
         return torch.stack((freqs, freqs), dim=-1).flatten(-2)
 
 
-def rotary_terms(angles: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """The rotation of ``angles`` ``[T, rot]`` as full-width factors ``(cos, sin)``, each ``[T, width]``, for
-    ``_apply_rotary``: channels past ``rot`` get cos 1 and sin 0 (kept), and sin carries the pair's sign
-    (``-sin`` on each pair's first channel, ``+sin`` on its second)."""
-    rot = angles.shape[-1]
-    cos = angles.new_ones(angles.shape[0], width)
-    sin = angles.new_zeros(angles.shape[0], width)
-    cos[:, :rot] = angles.cos()
-    sign = torch.tensor([-1.0, 1.0], dtype=angles.dtype, device=angles.device).repeat(rot // 2)
-    sin[:, :rot] = angles.sin() * sign
-    return cos, sin
+def rotary_terms(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """The rotation of ``angles`` ``[T, rot]`` as the factors ``(cos, sin)`` of ``_apply_rotary``, each
+    ``[T, rot]``: sin carries the pair's sign (``-sin`` on each pair's first channel, ``+sin`` on its second)."""
+    sign = torch.tensor([-1.0, 1.0], dtype=angles.dtype, device=angles.device).repeat(angles.shape[-1] // 2)
+    return angles.cos(), angles.sin() * sign
 
 
 def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the channels of ``x`` ``[B, T, inner]`` pairwise by the factors of ``rotary_terms``.
+    """Rotate the first ``cos.shape[-1]`` channels of ``x`` ``[B, T, inner]`` pairwise by the factors of
+    ``rotary_terms``; keep the rest.
 
     The reference rotates *before* splitting into heads, so only the first head's channels turn. A turned pair
     ``(a, b)`` becomes ``(a cos - b sin, b cos + a sin)``: the same products and sum as the reference's
-    ``stack((-b, a))`` form (negating a factor is exact), in four kernels instead of twelve; the other channels
-    are ``x * 1 + y * 0``, i.e. ``x``.
+    ``stack((-b, a))`` form (negating a factor is exact), in five kernels instead of twelve, one of them over
+    the full width (the copy that joins the rest).
     """
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return x * cos + swapped * sin
+    rot = cos.shape[-1]
+    head = x[..., :rot]
+    swapped = head.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.cat((head * cos + swapped * sin, x[..., rot:]), dim=-1)
 
 
 class AdaLayerNormZero(nn.Module):
@@ -456,7 +453,7 @@ class DiT(nn.Module):
         mask = None
         if end_of_first < offset + length:  # the new frames span chunks: later chunks stay hidden from earlier
             mask = make_chunk_mask(length, chunk, -1, offset=offset, device=device)
-        cos, sin = rotary_terms(self.rotary_embed.angles(offset, length), self.heads * self.dim_head)
+        cos, sin = rotary_terms(self.rotary_embed.angles(offset, length))
         return ChunkGeometry(offset, length, chunk, mask, cos, sin)
 
     def _trunk(
@@ -471,7 +468,7 @@ class DiT(nn.Module):
     ) -> tuple[Tensor, DiTCache | None]:
         """Blocks and output head; with a cache, also the cache's keys/values extended by these frames."""
         if rotary is None:
-            rotary = rotary_terms(self.rotary_embed.angles(offset, h.shape[1]), self.heads * self.dim_head)
+            rotary = rotary_terms(self.rotary_embed.angles(offset, h.shape[1]))
         cos, sin = rotary
         residual = h
         keys, values, stores = [], [], []
@@ -610,7 +607,7 @@ class DiT(nn.Module):
     def padded_terms(self, positions: Tensor) -> dict[str, Tensor]:
         """The rotary terms of every padded frame."""
         angles = self.rotary_embed.angles_at(positions.to(self.rotary_embed.inv_freq.device))
-        cos, sin = rotary_terms(angles, self.heads * self.dim_head)
+        cos, sin = rotary_terms(angles)
         return {"cos": cos, "sin": sin}
 
     @staticmethod
