@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from typing import Any
 
 import pytest
@@ -59,9 +61,9 @@ def test_a_stream_over_capacity_waits_then_starts_when_one_ends(engine: Any) -> 
             metrics = _metrics(base)
             fourth = await connect(url)  # the queue (one place) is full: refused at once, with a retry hint
             refused = await _first(fourth)
+            await third.send(json.dumps({"type": "start"}))  # read while it waits, kept for when it starts
             await open_[0].send(json.dumps({"type": "end"}))  # one stream ends ...
             await open_[0].close()
-            await third.send(json.dumps({"type": "start"}))
             started = await _first(third)  # ... and the waiting one starts
             for ws in (open_[1], third, fourth):
                 await ws.close()
@@ -110,3 +112,37 @@ def test_admitted_streams_do_not_stall(engine: Any) -> None:
     assert all(r.started["schedule"] == "adaptive" for r in results)
     assert m["token2wav_stream_worst_stall_seconds_count"] == 2
     assert m['token2wav_stream_worst_stall_seconds_bucket{le="0.1"}'] == 2  # both: worst stall <= 100 ms
+
+
+def test_a_client_that_leaves_the_queue_ends_quietly_and_frees_its_place(engine: Any) -> None:
+    """Waiting clients that close their connections leave the queue at once (not after admission_wait_s), and
+    quietly: no error in the log (a 'queued' update to a closed client once ended in 'Exception in ASGI
+    application')."""
+    batcher = _Capacity(engine.batcher(max_batch=1), 0.5)  # not even one stream fits: every stream waits
+    limits = ServerLimits(max_sessions=4, max_waiting_streams=2, admission_wait_s=60.0, workers=1)
+    app = create_app(engine, name="leaving", limits=limits, batcher=batcher)
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    try:
+        with running_server(app) as addr:
+            uvicorn_log.addHandler(handler)  # after uvicorn configured its loggers (that drops their handlers)
+            url, base = f"ws://{addr}/v1/stream", f"http://{addr}"
+
+            async def scenario() -> tuple[dict[str, Any], dict[str, Any], float]:
+                first, second = await connect(url), await connect(url)
+                places = (await _first(first), await _first(second))
+                await second.close()  # the second leaves while it waits ...
+                await first.close()  # ... then the first
+                deadline = time.monotonic() + 10.0  # well before admission_wait_s
+                while _metrics(base)["token2wav_streams_waiting"] > 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                return places[0], places[1], _metrics(base)["token2wav_streams_waiting"]
+
+            first, second, waiting = asyncio.run(scenario())
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert (first["position"], second["position"]) == (1, 2)
+    assert waiting == 0.0
+    assert [r.getMessage() for r in errors] == []

@@ -221,9 +221,11 @@ class ServerState:
         capacity = self.batcher.capacity()
         return capacity is None or self.audio_need() + extra <= capacity * CAPACITY_HEADROOM
 
-    async def wait_for_capacity(self, notify: Callable[[int], Any]) -> bool:
+    async def wait_for_capacity(self, notify: Callable[[int], Any], gone: Callable[[], bool] = lambda: False
+                                ) -> bool:
         """Hold a new stream until the load allows it: in a bounded queue, for at most admission_wait_s,
-        calling ``notify(position)`` when its place changes. False: refused (queue full or waited too long)."""
+        calling ``notify(position)`` when its place changes. False: refused (queue full or waited too long), or
+        ``gone()`` (its client left; whoever notices sets ``slot_freed`` so that the queue looks again)."""
         if not self.waiting and self.load_allows():
             return True
         if len(self.waiting) >= self.limits.max_waiting_streams:
@@ -235,7 +237,7 @@ class ServerState:
         deadline = loop.time() + self.limits.admission_wait_s
         shown = -1
         try:
-            while not self.draining:
+            while not self.draining and not gone():
                 position = self.waiting.index(ticket) + 1
                 if position == 1 and self.load_allows():
                     return True
@@ -532,7 +534,15 @@ def create_app(
             return
         try:
             # admission by load: the audio the open streams need against what the server computes
-            if not await state.wait_for_capacity(handler.send_queued):
+            try:
+                admitted = await state.wait_for_capacity(handler.send_queued, handler.left)
+            except _Disconnected:
+                return  # the client left while it waited: its 'queued' update could not be sent
+            finally:
+                await handler.stop_watching()
+            if handler.left():
+                return
+            if not admitted:
                 await handler.fail(state.busy_error() if state.draining else state.over_capacity_error())
                 return
             await handler.run()
@@ -649,6 +659,11 @@ class _StreamHandler:
         self.done = False
         self.piece = 25  # tokens per push; set from the model at 'start'
         self.released = False
+        # while it waits for admission: the connection is watched (a client that leaves frees its place at once)
+        # and a first message that arrives meanwhile is kept for the receiver
+        self._watch: asyncio.Future[None] | None = None
+        self._gone = False
+        self._early: Any = None
 
     def release(self) -> None:
         if not self.released:
@@ -664,7 +679,27 @@ class _StreamHandler:
             session.close()
             self.state.slot_freed.set()  # capacity freed: a waiting stream looks again
 
+    def left(self) -> bool:
+        """Whether the client closed the connection while its stream waited for admission."""
+        return self._gone
+
+    async def _watch_while_queued(self) -> None:
+        msg = await self.ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            self._gone = True
+            self.state.slot_freed.set()  # the waiting loop looks again, and leaves the queue
+        else:
+            self._early = msg  # one message is kept; a disconnect after it shows when the stream runs
+
+    async def stop_watching(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
     async def send_queued(self, position: int) -> None:
+        if self._watch is None:  # first time in the queue
+            self._watch = asyncio.ensure_future(self._watch_while_queued())
         st = self.state
         await self._send({"type": "queued", "position": position, "need": round(st.audio_need(), 2),
                           "capacity": round(st.batcher.capacity() or 0.0, 2)})
@@ -692,7 +727,10 @@ class _StreamHandler:
         st = self.state
         limits = st.limits
         while True:
-            msg = await self.ws.receive()
+            if self._early is not None:
+                msg, self._early = self._early, None
+            else:
+                msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
                 raise _Disconnected("client closed")
             text = msg.get("text")
