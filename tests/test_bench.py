@@ -46,7 +46,7 @@ def test_bench_report_and_plots(tmp_path):
         "2 sessions: batched throughput >= 2 x unbatched", "2 sessions: batched first-chunk p99 <= 3 x one session's",
         "2 sessions: batched ops per session-chunk <= 1/5 of one session's"}
     assert {t["target"] for t in report["targets"]} == {
-        "cached total <= 1.10 x offline", "last/first chunk compute <= 1.3",
+        "cached total <= 1.25 x offline", "last/first chunk compute <= 1.3",
         "warm first chunk <= 0.3 x recompute first chunk"}
     json.dumps(report)  # everything in it is plain JSON
     paths = bench.plot(report, tmp_path)

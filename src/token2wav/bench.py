@@ -374,7 +374,8 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         chunks = r["chunk_ms"]
         # The last chunk is the flush: it holds the remainder, not a full hop, so compare full hops.
         body = chunks[:-1] if len(chunks) > 2 else chunks
-        checks = [("cached total <= 1.10 x offline", r.get("vs_offline"), 1.10),
+        # issue [2/6]'s bound (the first benchmark asked for 1.10; docs/benchmarks.md keeps those results)
+        checks = [("cached total <= 1.25 x offline", r.get("vs_offline"), 1.25),
                   ("last/first chunk compute <= 1.3", body[-1] / body[0] if body else None, 1.3)]
         if rec:
             checks.append(("warm first chunk <= 0.3 x recompute first chunk",
