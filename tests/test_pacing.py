@@ -47,12 +47,17 @@ def test_compute_meter_fits_a_line() -> None:
 
 def _simulate(*, compute_s: callable, rate: float, n_tokens: int, chunk: int, first_hop: int, max_hop: int,
               lookahead: int = 3, buffer_s: float | None = None, adaptive: bool = True,
-              meter: ComputeMeter | None = None, horizon_s: float = 10.0) -> dict:
+              meter: ComputeMeter | None = None, horizon_s: float = 10.0, prompt: int | None = None) -> dict:
     """One stream: tokens arrive at ``rate`` from t = 0 (real-time pushes every 10 ms), each chunk takes
     ``compute_s(hop)`` after it is planned; the listener starts ``buffer_s`` after the first chunk (default:
-    the recommendation). ``meter``: what earlier streams measured (default: nothing yet). Returns the hops and
-    the playback clock."""
+    the recommendation). ``meter``: what earlier streams measured (default: nothing yet). ``prompt``: a prompt
+    of that many tokens, and chunks whose cost grows with their history: ``compute_s(hop, history)``, where the
+    history is the tokens before the chunk, passed to the meter and the schedule as the engine does. Returns the
+    hops and the playback clock."""
     meter = meter if meter is not None else ComputeMeter()
+    history = (lambda at: None) if prompt is None else (lambda at: prompt + at)  # noqa: E731
+    cost = compute_s if prompt is None else (lambda h, at: compute_s(h, prompt + at))  # noqa: E731
+    cost_at = (lambda h, at: cost(h)) if prompt is None else cost  # noqa: E731
     arrivals = RateMeter(prior=1 / AUDIO_PER_TOKEN)
     clock = PlaybackClock()
     offset, hops, t = 0, [], 0.0
@@ -66,16 +71,18 @@ def _simulate(*, compute_s: callable, rate: float, n_tokens: int, chunk: int, fi
         if adaptive and hops:
             hop = choose_hop(chunk=chunk, first_hop=first_hop, max_hop=max_hop, offset=offset, available=available,
                              lookahead=lookahead, now=t, dry_at=clock.dry_at, token_rate=arrivals.rate, compute=meter,
-                             audio_s_per_token=AUDIO_PER_TOKEN, horizon_s=horizon_s)
+                             audio_s_per_token=AUDIO_PER_TOKEN, horizon_s=horizon_s, history=history(offset))
         else:
             hop = first_hop
         hop = min(hop, n_tokens - offset)
         if available - offset >= hop + lookahead or available == n_tokens:
-            done = t + compute_s(hop)
-            meter.observe(hop, compute_s(hop))
+            done = t + cost_at(hop, offset)
+            meter.observe(hop, cost_at(hop, offset), history(offset) or 0)
             if not clock.started:
                 clock.start_buffer_s = buffer_s if buffer_s is not None else recommend_start_buffer(
-                    first_hop=first_hop, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=arrivals.rate, compute=meter)
+                    first_hop=first_hop, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=arrivals.rate, compute=meter,
+                    chunk=chunk if prompt is not None else None, max_hop=max_hop if prompt is not None else None,
+                    history=history(offset + hop) or 0)
             clock.deliver(done, hop * AUDIO_PER_TOKEN)
             hops.append(hop)
             offset += hop
@@ -192,3 +199,47 @@ def test_a_stream_with_slack_keeps_growing_its_hops() -> None:
     run = _simulate(compute_s=cost, rate=86.0, n_tokens=860, chunk=12, first_hop=12, max_hop=96,
                     meter=_measured(cost))
     assert run["clock"].stalls == 0 and max(run["hops"]) == 96
+
+
+def test_compute_meter_fits_the_growth_with_history() -> None:
+    """Exact attention makes a chunk's cost grow with the tokens before it: a + b * tokens + c * tokens * history.
+    One history only (or none given): the line of before."""
+    meter = ComputeMeter()
+    for i, tokens in enumerate((12, 24, 36, 48) * 4):
+        history = 64 + 40 * i
+        meter.observe(tokens, 0.05 + 0.006 * tokens + 1.5e-5 * tokens * history, history)
+    a, b, c, p95 = meter._terms()
+    assert (a, b, c) == (pytest.approx(0.05), pytest.approx(0.006), pytest.approx(1.5e-5))
+    assert p95 == pytest.approx(1.0)
+    assert meter.seconds(12, 924) == pytest.approx(0.05 + 0.072 + 1.5e-5 * 12 * 924)
+    flat = ComputeMeter()
+    for tokens in (12, 24, 36, 48) * 2:
+        flat.observe(tokens, 0.05 + 0.006 * tokens, 300)
+    assert flat._terms()[2] == 0.0 and flat.seconds(100, 5000) == pytest.approx(0.65)
+
+
+class _MeterWithoutHistory(ComputeMeter):
+    """The meter as it was before it knew histories: every chunk as if it had the same one."""
+
+    def observe(self, tokens: int, seconds: float, history: int = 0) -> None:
+        super().observe(tokens, seconds, 0)
+
+    def seconds(self, tokens: int, history: int | None = None, default_per_token: float = 0.02) -> float:
+        return super().seconds(tokens, None, default_per_token)
+
+
+def test_a_long_stream_after_short_ones_is_planned_for_its_dearer_chunks() -> None:
+    """Short utterances fill the meter with cheap early chunks. A 20 s stream after them: its chunks get dearer
+    with their history, up to where its first hop no longer keeps up (12 tokens: 0.29 s for 0.28 s of audio
+    after 860 tokens). Planned with the growth, its buffer reaches a hop that keeps up and it never stalls;
+    planned on the cheap chunks alone, it stalls chunk after chunk once they get dear."""
+    cost = lambda h, history: 0.05 + 0.006 * h + 1.5e-5 * h * history  # noqa: E731
+    demo = dict(compute_s=cost, rate=43.07, chunk=4, first_hop=12, max_hop=48, prompt=64)
+    clocks = {}
+    for name, meter in (("growth", ComputeMeter()), ("without", _MeterWithoutHistory())):
+        for _ in range(5):
+            _simulate(n_tokens=130, meter=meter, **demo)  # 3 s each
+        clocks[name] = _simulate(n_tokens=860, meter=meter, **demo)["clock"]
+    assert clocks["growth"].stalls == 0
+    assert clocks["without"].stalls > 10
+    assert clocks["without"].start_buffer_s < clocks["growth"].start_buffer_s < 0.5

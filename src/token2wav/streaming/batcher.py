@@ -517,7 +517,8 @@ class Batcher:
         if len(self.compute.samples) < 4:
             return float("inf")
         slow = self.compute.p95_ratio()
-        return min(self._deadline(j) - slow * self.compute.seconds(j.row.emission.end - j.row.emission.start)
+        return min(self._deadline(j) - slow * self.compute.seconds(j.row.emission.end - j.row.emission.start,
+                                                                 j.row.spec.history(j.row.emission.start))
                    - SAFETY_MARGIN_S for j in self._queue)
 
     def _deadline(self, job: _Job) -> float:
@@ -620,7 +621,8 @@ class Batcher:
             for job in batch:
                 em = job.row.emission
                 if job.future.done() and job.future.exception() is None:
-                    self.compute.observe(em.end - em.start, delivered - job.queued_at)
+                    self.compute.observe(em.end - em.start, delivered - job.queued_at,
+                                         job.row.spec.history(em.start))
             self.jobs_done += len(batch)
             self.queue_wait_s += sum(waits)
         if log.isEnabledFor(logging.DEBUG):

@@ -85,6 +85,14 @@ class StreamSpec:
     def audio_s_per_token(self) -> float:
         return self.ratio * self.samples_per_frame / self.sample_rate
 
+    def history(self, start: int) -> int:
+        """The tokens a chunk that starts at target token ``start`` attends to before its own (the prompt's and
+        the earlier chunks', within the window of a ``window`` session): what its cost grows with."""
+        before = self.prompt.num_tokens + start
+        if self.window_frames is not None:
+            before = min(before, self.prompt.num_tokens + self.window_frames // self.ratio)
+        return before
+
 
 @dataclass(eq=False)
 class Row:

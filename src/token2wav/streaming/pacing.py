@@ -8,7 +8,8 @@ on a simulated clock without a model.
   ``dry_at`` is when the audio delivered so far runs out.
 * ``RateMeter``: tokens per second arriving from the caller (the LLM), measured.
 * ``ComputeMeter``: seconds a chunk of ``h`` tokens takes from submission to delivery on this model at the current
-  load (queueing included), fitted as ``a + b * h`` over recent chunks.
+  load (queueing included), fitted as ``a + b * h + c * h * history`` over recent chunks (a chunk attends to
+  the tokens before it).
 * ``choose_hop``: the ``adaptive`` schedule. The smallest valid hop while there is no audio (first audio comes
   early); then the largest hop whose tokens (at the measured rate) plus its compute still arrive before the
   audio runs dry, with a margin, so hops grow with slack (fewer, larger calls) and shrink when it runs short;
@@ -23,11 +24,16 @@ from collections import deque
 from dataclasses import dataclass, field
 
 __all__ = ["ComputeMeter", "PlaybackClock", "RateMeter", "choose_hop", "recommend_start_buffer",
-           "SAFETY_MARGIN_S"]
+           "PLAN_S", "SAFETY_MARGIN_S"]
 
 # Kept between a chunk's expected delivery and the moment the listener would run dry: scheduling noise of a
 # busy machine (thread wake-ups, the event loop, the network on a LAN) is well under it.
 SAFETY_MARGIN_S = 0.08
+
+# The speech a recommended start buffer is planned for: the hop it reaches must keep up this far into the stream,
+# where chunks attend to a longer history (a typical utterance is shorter; longer streams go on with the slack
+# they have, and the adaptive schedule then moves to larger hops where it can).
+PLAN_S = 20.0
 
 
 @dataclass
@@ -125,50 +131,47 @@ class RateMeter:
 
 @dataclass
 class ComputeMeter:
-    """Seconds from a chunk's submission to its delivery as ``a + b * tokens``, over the last ``window`` chunks.
+    """Seconds from a chunk's submission to its delivery, over the last ``window`` chunks, as
+    ``a + b * tokens + c * tokens * history``: a call's fixed cost, a cost per token, and exact attention's cost of
+    each new token against the ``history`` (tokens before the chunk: its prompt and earlier chunks), which makes
+    a stream's chunks dearer as it goes. Where the samples cannot tell the last term apart (one history, or a
+    negative fit) it is left out: ``a + b * tokens``.
 
     The fit and its spread are computed once per observation, not per question: the scheduler asks for every
     queued row and the adaptive schedule for every candidate hop."""
 
     window: int = 32
-    samples: deque = field(default_factory=deque)
-    _fit: tuple[float, float, float] | None = None  # (a, b, p95 of observed / fitted), None: stale
+    samples: deque = field(default_factory=deque)  # (tokens, seconds, history)
+    _fit: tuple[float, float, float, float] | None = None  # (a, b, c, p95 of observed / fitted), None: stale
 
-    def observe(self, tokens: int, seconds: float) -> None:
+    def observe(self, tokens: int, seconds: float, history: int = 0) -> None:
         if tokens <= 0 or not math.isfinite(seconds) or seconds < 0:
             return
-        self.samples.append((tokens, seconds))
+        self.samples.append((tokens, seconds, max(0, int(history))))
         while len(self.samples) > self.window:
             self.samples.popleft()
         self._fit = None
 
-    def _line(self) -> tuple[float, float, float]:
-        """A least-squares line through recent chunks (through the origin when they all had one size, or when
-        the line would go negative), and the 95th percentile of observed / fitted time."""
+    def _terms(self) -> tuple[float, float, float, float]:
+        """The fitted ``(a, b, c)`` and the 95th percentile of observed / fitted time."""
         if self._fit is None:
-            xs = [t for t, _ in self.samples]
-            ys = [s for _, s in self.samples]
-            n = len(xs)
-            mx, my = sum(xs) / n, sum(ys) / n
-            var = sum((x - mx) ** 2 for x in xs)
-            a, b = 0.0, my / mx
-            if var > 0:
-                slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
-                if slope >= 0 and my - slope * mx >= 0:
-                    a, b = my - slope * mx, slope
+            a, b, c = _growth_fit(self.samples) or (*_line_fit(self.samples), 0.0)
             p95 = 1.5  # too few chunks to measure the spread: assume half again
             if self.measured:
-                ratios = sorted(y / max(a + b * x, 1e-6) for x, y in zip(xs, ys))
-                p95 = max(1.0, ratios[min(n - 1, int(0.95 * n))])
-            self._fit = (a, b, p95)
+                ratios = sorted(y / max(a + b * x + c * x * h, 1e-6) for x, y, h in self.samples)
+                p95 = max(1.0, ratios[min(len(ratios) - 1, int(0.95 * len(ratios)))])
+            self._fit = (a, b, c, p95)
         return self._fit
 
-    def seconds(self, tokens: int, default_per_token: float = 0.02) -> float:
-        """Expected seconds for a chunk of ``tokens`` (``default_per_token`` each before any was measured)."""
+    def seconds(self, tokens: int, history: int | None = None, default_per_token: float = 0.02) -> float:
+        """Expected seconds for a chunk of ``tokens`` after ``history`` tokens (default: the measured chunks'
+        mean history), or ``default_per_token`` each before any chunk was measured."""
         if not self.samples:
             return default_per_token * tokens
-        a, b, _ = self._line()
-        return a + b * tokens
+        a, b, c, _ = self._terms()
+        if history is None:
+            history = sum(h for _, _, h in self.samples) / len(self.samples)
+        return a + b * tokens + c * tokens * history
 
     @property
     def measured(self) -> bool:
@@ -177,13 +180,62 @@ class ComputeMeter:
 
     def p95_ratio(self) -> float:
         """The 95th percentile of observed / fitted time: how much slower than expected a chunk can be."""
-        return self._line()[2] if self.samples else 1.5
+        return self._terms()[3] if self.samples else 1.5
+
+
+def _line_fit(samples: deque) -> tuple[float, float]:
+    """Least squares ``a + b * tokens`` (through the origin when the chunks all had one size, or when the line
+    would go negative)."""
+    xs = [t for t, _, _ in samples]
+    ys = [s for _, s, _ in samples]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    if var > 0:
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+        if slope >= 0 and my - slope * mx >= 0:
+            return my - slope * mx, slope
+    return 0.0, my / mx
+
+
+def _growth_fit(samples: deque) -> tuple[float, float, float] | None:
+    """Least squares ``a + b * tokens + c * tokens * history`` with every term >= 0 and some growth (c > 0), or
+    None. Tried without the fixed cost too (a = 0) when the full fit makes a term negative."""
+    if len(samples) < 4 or len({h for _, _, h in samples}) < 3:
+        return None
+    rows = [(1.0, float(t), t * h / 1000.0) for t, _, h in samples]  # history per 1000 tokens: a sane scale
+    ys = [s for _, s, _ in samples]
+    for used in ((0, 1, 2), (1, 2)):
+        coef = _least_squares([[r[i] for i in used] for r in rows], ys)
+        if coef is None or any(v < 0 for v in coef) or coef[-1] <= 0:
+            continue
+        full = dict(zip(used, coef))
+        return full.get(0, 0.0), full.get(1, 0.0), full.get(2, 0.0) / 1000.0
+    return None
+
+
+def _least_squares(rows: list[list[float]], ys: list[float]) -> list[float] | None:
+    """Solve the normal equations of a small least-squares problem (Gaussian elimination); None if singular."""
+    k = len(rows[0])
+    m = [[sum(r[i] * r[j] for r in rows) for j in range(k)] + [sum(r[i] * y for r, y in zip(rows, ys))]
+         for i in range(k)]
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda r: abs(m[r][col]))
+        scale = max(abs(m[r][col]) for r in range(k)) or 1.0
+        if abs(m[pivot][col]) <= 1e-12 * scale:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(k):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return [m[i][k] / m[i][i] for i in range(k)]
 
 
 def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, available: int, lookahead: int,
                now: float, dry_at: float, token_rate: float, compute: ComputeMeter,
                audio_s_per_token: float, margin_s: float = SAFETY_MARGIN_S,
-               horizon_s: float = 10.0) -> int:
+               horizon_s: float = 10.0, history: int | None = None) -> int:
     """The next emission's hop (tokens) under the adaptive schedule; hops are multiples of ``chunk`` (the
     session's chunk; one token on run-time-chunk models would break chunk-causal equality, so not less).
 
@@ -199,6 +251,7 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
     hops that cost none, the largest). Small hops carry a call's fixed cost: a stream that fell behind moves to
     a hop that keeps up, instead of repeating a small hop that stalls chunk after chunk. While the meter has
     seen one hop size only it cannot tell a fixed cost, so no hop is known to keep up and the rule above holds.
+    ``history``: the tokens the next chunk attends to before its own (see ``ComputeMeter``).
     """
     if not math.isfinite(dry_at):
         return first_hop
@@ -207,7 +260,7 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
     for h in range(first_hop, max(first_hop, max_hop) + 1, chunk):
         missing = max(0, offset + h + lookahead - available)
         wait = 0.0 if missing == 0 else (missing / token_rate if token_rate > 0 else math.inf)
-        cost = slow * compute.seconds(h)
+        cost = slow * compute.seconds(h, history)
         tokens_s = h / token_rate if token_rate > 0 else math.inf
         behind = max(0.0, max(cost, tokens_s) / (h * audio_s_per_token) - 1.0)
         scored.append((h, dry_at - (now + wait + cost + margin_s), behind))
@@ -231,7 +284,7 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
 
 def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_rate: float, compute: ComputeMeter,
                            chunk: int | None = None, max_hop: int | None = None, horizon_s: float = 10.0,
-                           margin_s: float = SAFETY_MARGIN_S) -> float:
+                           margin_s: float = SAFETY_MARGIN_S, history: int = 0, plan_s: float = PLAN_S) -> float:
     """Seconds of audio to buffer before playing so that the stream does not stall, at the current load.
 
     The adaptive schedule starts with ``first_hop`` and can move to any hop ``h`` (a multiple of ``chunk`` up to
@@ -240,18 +293,23 @@ def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_ra
     the smallest buffer that reaches a sustainable hop: ``(h - first_hop) / token_rate`` + the compute of ``h``
     beyond the first chunk's + a margin. When no hop is sustainable (tokens or compute slower than real time), the
     shortfall of the best hop over ``horizon_s`` seconds of audio is added instead, capped at ``horizon_s``.
+
+    Chunks get dearer with their history (see ``ComputeMeter``): the first chunk is costed after ``history``
+    tokens (where the stream is now), the larger hop after ``plan_s`` seconds of speech more, so that the hop
+    the buffer reaches still keeps up that far into the stream.
     """
     step = chunk or first_hop
     top = max(first_hop, max_hop or first_hop)
     slow = compute.p95_ratio()
+    later = history + int(plan_s / audio_s_per_token)
     best_short = math.inf
     h = first_hop
     while h <= top:
         audio = h * audio_s_per_token
         tokens_s = h / token_rate if token_rate > 0 else math.inf
-        compute_s = slow * compute.seconds(h)
+        compute_s = slow * compute.seconds(h, later)
         wait = (h - first_hop) / token_rate if token_rate > 0 else math.inf
-        reach = max(0.0, wait + compute_s - compute.seconds(first_hop))
+        reach = max(0.0, wait + compute_s - compute.seconds(first_hop, history))
         if max(tokens_s, compute_s) <= audio:
             return min(horizon_s, reach + margin_s)
         best_short = min(best_short, reach + (max(tokens_s, compute_s) / audio - 1.0) * horizon_s)

@@ -235,7 +235,8 @@ class StreamSession:
         return recommend_start_buffer(first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token,
                                       token_rate=self.arrivals.rate, compute=self._scheduler.compute,
                                       chunk=plan.chunk if adaptive else None,
-                                      max_hop=plan.max_hop if adaptive else None)  # fmt: skip
+                                      max_hop=plan.max_hop if adaptive else None,
+                                      history=self.spec.history(self.state.offset))  # fmt: skip
 
     @property
     def deadline(self) -> float:
@@ -296,7 +297,8 @@ class StreamSession:
         hop = choose_hop(chunk=plan.chunk or plan.hop, first_hop=plan.hop, max_hop=plan.max_hop or plan.hop,
                          offset=work.offset, available=work.available, lookahead=plan.lookahead,
                          now=time.perf_counter(), dry_at=self.playback.dry_at, token_rate=self.arrivals.rate,
-                         compute=self._scheduler.compute, audio_s_per_token=self.spec.audio_s_per_token)  # fmt: skip
+                         compute=self._scheduler.compute, audio_s_per_token=self.spec.audio_s_per_token,
+                         history=self.spec.history(work.offset))  # fmt: skip
         if work.available - work.offset < hop + plan.lookahead:
             return None
         end = work.offset + hop
