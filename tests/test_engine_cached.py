@@ -204,6 +204,26 @@ def test_adaptive_hops_keep_the_mel_equal_to_offline(tmp_dir):
     assert max(max(f[1:-1], default=0) for f in hop_sets[3:]) > chunk_frames  # slack: hops grew
 
 
+def test_the_token_rate_is_measured_from_arrival_times(tmp_dir):
+    """A caller that queues tokens while chunks are computed (the server) passes their arrival times: the rate the
+    schedule plans with is the producer's (here 25 tokens per second), not the rhythm of the pushes (here all at
+    once). Without them, the pushes' own times count."""
+    engine = tiny_engine(tmp_dir, vocoder=False)
+    tokens = random_tokens(engine, 40)
+    t0 = time.perf_counter() - 2.0  # the tokens arrived over the last 1.6 s, one every 40 ms
+    with engine.stream(None, schedule="adaptive", output="mel") as s:
+        for i in range(40):
+            s.push(tokens[i : i + 1], arrived_at=t0 + 0.04 * i)
+        assert s.arrivals.rate == pytest.approx(25.0)
+        with pytest.raises(ValueError, match="arrived_at must be a time.perf_counter"):
+            s.push(tokens[:1], arrived_at=float("nan"))
+    with engine.stream(None, schedule="adaptive", output="mel") as s:
+        s.push(tokens[:1])
+        time.sleep(0.25)
+        s.push(tokens[1:21])
+        assert s.arrivals.rate == pytest.approx(20 / 0.25, rel=0.3)
+
+
 def test_no_prompt_and_larger_hops(tmp_dir):
     engine = tiny_engine(tmp_dir, vocoder=False)
     tokens = random_tokens(engine, 41)

@@ -243,3 +243,33 @@ def test_a_long_stream_after_short_ones_is_planned_for_its_dearer_chunks() -> No
     assert clocks["growth"].stalls == 0
     assert clocks["without"].stalls > 10
     assert clocks["without"].start_buffer_s < clocks["growth"].start_buffer_s < 0.5
+
+
+def _steady(rate: float, seconds: float, every_s: float = 0.05) -> RateMeter:
+    """A producer at ``rate`` that sends the tokens due every ``every_s`` (whole tokens), for ``seconds``."""
+    meter = RateMeter(prior=1 / AUDIO_PER_TOKEN)
+    sent, t = 0, 0.0
+    while t <= seconds + 1e-9:
+        due = int(rate * t) + 1  # the first token at t = 0
+        meter.arrived(t, due - sent)
+        sent, t = due, t + every_s
+    return meter
+
+
+def test_a_producer_at_the_models_rate_is_not_read_as_slower() -> None:
+    """Half a second of whole tokens at exactly the model's rate reads a few percent slow; as a shortfall over the
+    10 s horizon that would add a quarter to half a second to the start buffer. The upper estimate (one token more)
+    keeps it real time, and a producer that really is slower still reads slower."""
+    real_time = 1 / AUDIO_PER_TOKEN
+    exact = _steady(real_time, 0.5)
+    assert exact.rate < 0.98 * real_time <= real_time <= exact.upper_rate
+    meter = ComputeMeter()
+    for h in (12, 24, 36, 48) * 2:
+        meter.observe(h, 0.05 + 0.005 * h)
+    kwargs = dict(first_hop=12, audio_s_per_token=AUDIO_PER_TOKEN, compute=meter, chunk=4, max_hop=48)
+    planned = recommend_start_buffer(token_rate=exact.upper_rate, **kwargs)
+    assert planned == pytest.approx(0.08)  # the first hop keeps up: the margin only
+    assert recommend_start_buffer(token_rate=exact.rate, **kwargs) > planned + 0.2
+    slow = _steady(0.85 * real_time, 0.5)
+    assert slow.upper_rate < real_time
+    assert recommend_start_buffer(token_rate=slow.upper_rate, **kwargs) > 1.0

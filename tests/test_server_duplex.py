@@ -84,7 +84,7 @@ class _GatedSession:
                 eng.pushing -= 1
                 self.busy = False
 
-    async def apush(self, tokens: Any) -> Any:
+    async def apush(self, tokens: Any, arrived_at: float | None = None) -> Any:
         return await asyncio.to_thread(self.push, tokens)
 
     async def afinish(self) -> Any:

@@ -194,9 +194,9 @@ class _SlowSession:
     def __getattr__(self, name: str) -> Any:  # everything else (the server reads the session's state) as is
         return getattr(self.inner, name)
 
-    async def apush(self, tokens: Any) -> Any:
+    async def apush(self, tokens: Any, arrived_at: float | None = None) -> Any:
         await asyncio.sleep(1.2)
-        return await self.inner.apush(tokens)
+        return await self.inner.apush(tokens, arrived_at=arrived_at)
 
     async def afinish(self) -> Any:
         await asyncio.sleep(1.2)

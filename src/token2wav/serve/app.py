@@ -173,8 +173,8 @@ class ServerState:
         return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
 
     async def open_session(self, **kwargs: Any) -> Any:
-        """The one place a stream gets its session: the batcher's ``stream(**kwargs)``; ``await s.apush(tokens)``
-        / ``await s.afinish()`` wait for its chunks, ``s.close()`` releases it."""
+        """The one place a stream gets its session: the batcher's ``stream(**kwargs)``; ``await s.apush(tokens,
+        arrived_at=...)`` / ``await s.afinish()`` wait for its chunks, ``s.close()`` releases it."""
         fut = self.executor.submit(lambda: self.batcher.stream(**kwargs))
         try:
             session = await asyncio.wrap_future(fut)
@@ -870,7 +870,7 @@ class _StreamHandler:
                 # disconnect or an error stops the work between pieces
                 tokens, arrived = self._take(self.piece)
                 t0 = time.perf_counter()
-                chunks = await self.session.apush(tokens)
+                chunks = await self.session.apush(tokens, arrived_at=arrived)  # the rate is the client's
                 elapsed = time.perf_counter() - t0
                 st.metrics.compute.observe(elapsed, call="push")
                 await self._emit([np.asarray(c) for c in chunks], elapsed, arrived)

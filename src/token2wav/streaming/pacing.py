@@ -113,7 +113,7 @@ class RateMeter:
             self.first_at = now
         else:
             self.tokens_after_first += n
-        self.last_at = now
+        self.last_at = now if self.last_at is None else max(self.last_at, now)  # arrival times may repeat
 
     @property
     def rate(self) -> float:
@@ -127,6 +127,19 @@ class RateMeter:
         if span <= 0 or self.tokens_after_first == 0:
             return self.prior
         return max(self.prior, self.tokens_after_first / span)  # a burst: at least the prior
+
+    @property
+    def upper_rate(self) -> float:
+        """The highest rate the arrivals so far are consistent with: tokens come whole, so a steady producer may
+        be up to one token further along than counted. Over the first second that is a few percent, enough to
+        read a producer at exactly the model's rate as slower than real time (whose shortfall a start buffer
+        would then be sized for). At least ``rate``."""
+        if self.first_at is None or self.last_at is None:
+            return self.prior
+        span = self.last_at - self.first_at
+        if span < 0.2 or self.tokens_after_first == 0:
+            return self.rate
+        return (self.tokens_after_first + 1) / span
 
 
 @dataclass

@@ -31,6 +31,7 @@ The vocoder's randomness comes from the session's ``rng`` (seed 0 by default), n
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -228,12 +229,12 @@ class StreamSession:
 
     def recommended_start_buffer_s(self) -> float:
         """Audio to buffer before playing so that this stream does not stall at the current load, from the
-        measured compute time of this model's chunks, the measured token rate and the smallest hop
-        (``pacing.recommend_start_buffer``)."""
+        measured compute time of this model's chunks, the measured token rate (its upper estimate: a producer at
+        the model's rate must not read as slower) and the smallest hop (``pacing.recommend_start_buffer``)."""
         plan = self.plan
         adaptive = plan.schedule == "adaptive"
         return recommend_start_buffer(first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token,
-                                      token_rate=self.arrivals.rate, compute=self._scheduler.compute,
+                                      token_rate=self.arrivals.upper_rate, compute=self._scheduler.compute,
                                       chunk=plan.chunk if adaptive else None,
                                       max_hop=plan.max_hop if adaptive else None,
                                       history=self.spec.history(self.state.offset))  # fmt: skip
@@ -243,17 +244,21 @@ class StreamSession:
         """When the listener runs dry (``time.perf_counter`` clock); inf before the first chunk."""
         return self.playback.dry_at
 
-    def push(self, tokens: Any) -> list[np.ndarray]:
-        """Add tokens; return every chunk that became ready (possibly none)."""
-        return self._drive(self._push_steps(tokens))
+    def push(self, tokens: Any, arrived_at: float | None = None) -> list[np.ndarray]:
+        """Add tokens; return every chunk that became ready (possibly none).
+
+        ``arrived_at``: when the tokens arrived (``time.perf_counter`` clock; default: now). A caller that queues
+        tokens while a chunk is computed passes their arrival, so that the token rate the adaptive schedule and
+        the recommended start buffer plan with is the producer's, not the rhythm of the pushes."""
+        return self._drive(self._push_steps(tokens, arrived_at))
 
     def finish(self) -> np.ndarray:
         """Decode every remaining token with finalize and return the last chunk; the session then ends."""
         return self._drive(self._finish_steps())
 
-    async def apush(self, tokens: Any) -> list[np.ndarray]:
+    async def apush(self, tokens: Any, arrived_at: float | None = None) -> list[np.ndarray]:
         """``push`` for asyncio callers: the event loop is free while the chunks are computed."""
-        return await self._adrive(self._push_steps(tokens))
+        return await self._adrive(self._push_steps(tokens, arrived_at))
 
     async def afinish(self) -> np.ndarray:
         return await self._adrive(self._finish_steps())
@@ -278,11 +283,15 @@ class StreamSession:
         if self.state.finished:
             raise SessionClosedError(f"{what}() after finish(); start a new session with Token2Wav.stream()")
 
-    def _plan_push(self, tokens: Any) -> SessionState:
+    def _plan_push(self, tokens: Any, arrived_at: float | None = None) -> SessionState:
         """Validate a push; return the working copy of the state with the new tokens."""
         self._check_open("push")
+        if arrived_at is not None and (isinstance(arrived_at, bool) or not isinstance(arrived_at, (int, float))
+                                       or not math.isfinite(arrived_at)):
+            raise ValueError(f"arrived_at must be a time.perf_counter() time in seconds, got {arrived_at!r}")
         new = as_tokens(tokens, self.vocab_size, device=self._device)
-        self.arrivals.arrived(time.perf_counter(), int(new.shape[1]))
+        now = time.perf_counter()
+        self.arrivals.arrived(now if arrived_at is None else min(float(arrived_at), now), int(new.shape[1]))
         state = self.state
         # Work on a copy; the session's state changes only once every emission succeeded.
         return replace(state, tokens=torch.cat([state.tokens, new], dim=1), chunk_frames=list(state.chunk_frames))
@@ -336,9 +345,9 @@ class StreamSession:
         em = final_emission(state.available, state.offset, state.index)
         return replace(state, chunk_frames=list(state.chunk_frames)), em
 
-    def _push_steps(self, tokens: Any) -> Iterator[Any]:
+    def _push_steps(self, tokens: Any, arrived_at: float | None = None) -> Iterator[Any]:
         """The push as a generator: yields (work, emission) per chunk, is sent the chunk, returns them all."""
-        work = self._plan_push(tokens)
+        work = self._plan_push(tokens, arrived_at)
         outs = []
         while (em := self._next_emission(work)) is not None:
             value = yield work, em
