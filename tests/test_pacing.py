@@ -8,6 +8,7 @@ import math
 import pytest
 
 from token2wav.streaming.pacing import (
+    SAFETY_MARGIN_S,
     ComputeMeter,
     PlaybackClock,
     RateMeter,
@@ -139,7 +140,7 @@ def test_the_recommendation_reaches_a_hop_that_keeps_up() -> None:
     buffer_s = recommend_start_buffer(first_hop=16, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=43.07,
                                       compute=meter, chunk=16, max_hop=96)
     # 32 tokens: 0.48 s of compute <= 0.74 s of audio (the fit is exact: spread 1); 16 more tokens (0.37 s) to reach
-    assert buffer_s == pytest.approx(16 / 43.07 + cost(32) - cost(16) + 0.08)
+    assert buffer_s == pytest.approx(16 / 43.07 + cost(32) - cost(16) + SAFETY_MARGIN_S)
     run = _simulate(compute_s=cost, rate=43.07, n_tokens=860, chunk=16, first_hop=16, max_hop=96, buffer_s=buffer_s)
     # the simulated meter starts empty (it learns the cost as it goes): short stalls, none over 100 ms
     assert run["clock"].worst_stall_s <= 0.1
@@ -241,7 +242,7 @@ def test_a_long_stream_after_short_ones_is_planned_for_its_dearer_chunks() -> No
             _simulate(n_tokens=130, meter=meter, **demo)  # 3 s each
         clocks[name] = _simulate(n_tokens=860, meter=meter, **demo)["clock"]
     assert clocks["growth"].stalls == 0
-    assert clocks["without"].stalls > 10
+    assert clocks["without"].stalls >= 5
     assert clocks["without"].start_buffer_s < clocks["growth"].start_buffer_s < 0.5
 
 
@@ -268,7 +269,7 @@ def test_a_producer_at_the_models_rate_is_not_read_as_slower() -> None:
         meter.observe(h, 0.05 + 0.005 * h)
     kwargs = dict(first_hop=12, audio_s_per_token=AUDIO_PER_TOKEN, compute=meter, chunk=4, max_hop=48)
     planned = recommend_start_buffer(token_rate=exact.upper_rate, **kwargs)
-    assert planned == pytest.approx(0.08)  # the first hop keeps up: the margin only
+    assert planned == pytest.approx(SAFETY_MARGIN_S)  # the first hop keeps up: the margin only
     assert recommend_start_buffer(token_rate=exact.rate, **kwargs) > planned + 0.2
     slow = _steady(0.85 * real_time, 0.5)
     assert slow.upper_rate < real_time
