@@ -274,3 +274,21 @@ def test_a_producer_at_the_models_rate_is_not_read_as_slower() -> None:
     slow = _steady(0.85 * real_time, 0.5)
     assert slow.upper_rate < real_time
     assert recommend_start_buffer(token_rate=slow.upper_rate, **kwargs) > 1.0
+
+
+def test_the_meter_keeps_other_hop_sizes_after_a_long_run_of_one() -> None:
+    """A stream that kept one hop size for more than the meter's window: the last chunks of the other sizes are
+    kept, so the fixed cost per call and the cost per token stay apart and a larger hop is costed as such (not
+    in proportion to the one size, which made every larger hop look as slow and the next start buffer large)."""
+    cost = lambda h: 0.1 + 0.01 * h  # noqa: E731
+    meter = ComputeMeter()
+    for h in (12, 24, 36) * 5:
+        meter.observe(h, cost(h), 100)
+    for _ in range(3 * meter.window):
+        meter.observe(12, cost(12), 100)
+    assert {t for t, _, _ in meter.samples} == {12}
+    assert meter.seconds(36) == pytest.approx(cost(36))
+    only_recent = ComputeMeter(per_size=0)
+    for h in (12, 24, 36) * 5 + (12,) * (3 * meter.window):
+        only_recent.observe(h, cost(h), 100)
+    assert only_recent.seconds(36) == pytest.approx(3 * cost(12))  # what the window alone says
