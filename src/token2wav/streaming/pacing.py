@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["ComputeMeter", "PlaybackClock", "RateMeter", "choose_hop", "recommend_start_buffer",
-           "PLAN_S", "SAFETY_MARGIN_S"]
+           "HEADROOM", "PLAN_S", "SAFETY_MARGIN_S"]
 
 # Kept between a chunk's expected delivery (p95 compute) and the moment the listener would run dry: scheduling
 # noise (thread wake-ups, the event loop, the network on a LAN) and chunks slower than their p95. Measured on a
@@ -36,6 +36,11 @@ SAFETY_MARGIN_S = 0.12
 # where chunks attend to a longer history (a typical utterance is shorter; longer streams go on with the slack
 # they have, and the adaptive schedule then moves to larger hops where it can).
 PLAN_S = 20.0
+
+# The share of its audio a hop's p95 compute must leave free to count as keeping up in a recommendation: a hop
+# whose chunks take all of their audio never wins back what a chunk slower than its p95 loses (measured: buffers
+# sized for such a hop, 0.16 s, stalled 2 demo streams of 8; sized for the next one, 0.65-0.69 s, none).
+HEADROOM = 0.05
 
 
 @dataclass
@@ -325,7 +330,8 @@ def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_ra
 
     The adaptive schedule starts with ``first_hop`` and can move to any hop ``h`` (a multiple of ``chunk`` up to
     ``max_hop``) once the buffer covers the wait for its extra tokens and its compute. A hop is *sustainable* when
-    its tokens (``h / token_rate``) and its compute (p95) each take no longer than its audio. The recommendation is
+    its tokens (``h / token_rate``) take no longer than its audio and its compute (p95) leaves ``HEADROOM`` of it
+    free. The recommendation is
     the smallest buffer that reaches a sustainable hop: ``(h - first_hop) / token_rate`` + the compute of ``h``
     beyond the first chunk's + a margin. When no hop is sustainable (tokens or compute slower than real time), the
     shortfall of the best hop over ``horizon_s`` seconds of audio is added instead, capped at ``horizon_s``.
@@ -346,7 +352,7 @@ def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_ra
         compute_s = slow * compute.seconds(h, later)
         wait = (h - first_hop) / token_rate if token_rate > 0 else math.inf
         reach = max(0.0, wait + compute_s - compute.seconds(first_hop, history))
-        if max(tokens_s, compute_s) <= audio:
+        if tokens_s <= audio and compute_s <= (1.0 - HEADROOM) * audio:
             return min(horizon_s, reach + margin_s)
         best_short = min(best_short, reach + (max(tokens_s, compute_s) / audio - 1.0) * horizon_s)
         h += step
