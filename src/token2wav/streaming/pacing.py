@@ -303,7 +303,8 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
         wait = 0.0 if missing == 0 else (missing / token_rate if token_rate > 0 else math.inf)
         cost = slow * compute.seconds(h, history)
         tokens_s = h / token_rate if token_rate > 0 else math.inf
-        behind = max(0.0, max(cost, tokens_s) / (h * audio_s_per_token) - 1.0)
+        # keeping up leaves HEADROOM of the audio free (else a slow chunk's loss is never won back)
+        behind = max(0.0, max(cost / (1.0 - HEADROOM), tokens_s) / (h * audio_s_per_token) - 1.0)
         scored.append((h, dry_at - (now + wait + cost + margin_s), behind))
     in_time = first_hop
     for h, slack, _ in scored:
