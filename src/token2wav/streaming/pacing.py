@@ -37,9 +37,10 @@ SAFETY_MARGIN_S = 0.12
 # they have, and the adaptive schedule then moves to larger hops where it can).
 PLAN_S = 20.0
 
-# The share of its audio a hop's p95 compute must leave free to count as keeping up in a recommendation: a hop
-# whose chunks take all of their audio never wins back what a chunk slower than its p95 loses (measured: buffers
-# sized for such a hop, 0.16 s, stalled 2 demo streams of 8; sized for the next one, 0.65-0.69 s, none).
+# The share of its audio a hop's p95 compute must leave free to count as keeping up (in a recommendation and in
+# the adaptive schedule): a hop whose chunks take all of their audio never wins back what a chunk slower than its
+# p95 loses (measured: buffers sized for such a hop, 0.16 s, stalled 2 demo streams of 8; sized for the next one,
+# 0.65-0.69 s, none).
 HEADROOM = 0.05
 
 
@@ -160,7 +161,7 @@ class ComputeMeter:
     The last ``per_size`` chunks of every other hop size seen lately are kept too: a stream that kept one hop
     size for more than ``window`` chunks would otherwise leave a meter that cannot tell a call's fixed cost from
     its per-token cost, and so cannot cost any other hop (the next stream's start buffer then covered the worst
-    case: measured 1.7-2.4 s against 0.5-0.7 s).
+    case: measured 1.65-2.42 s against 0.46-0.73 s).
 
     The fit and its spread are computed once per observation, not per question: the scheduler asks for every
     queued row and the adaptive schedule for every candidate hop."""
@@ -285,7 +286,8 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
     tokens arrive (at ``token_rate``) and whose chunk is computed (p95) before ``dry_at - margin_s``, so hops
     grow with slack; the smallest hop when none does.
 
-    Unless a hop that keeps up exists (its compute and its tokens take no longer than its audio) and the
+    Unless a hop that keeps up exists (its tokens take no longer than its audio and its p95 compute leaves
+    ``HEADROOM`` of it free) and the
     rule above would not take one: then each hop is scored by the silence the listener would hear over the
     next ``horizon_s`` seconds of audio if the stream kept it (the gap before this chunk arrives, plus what the
     hop loses at every later call, less the slack left after this chunk), and the least silence wins (among
