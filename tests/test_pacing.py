@@ -57,8 +57,7 @@ def _simulate(*, compute_s: callable, rate: float, n_tokens: int, chunk: int, fi
     hops and the playback clock."""
     meter = meter if meter is not None else ComputeMeter()
     history = (lambda at: None) if prompt is None else (lambda at: prompt + at)  # noqa: E731
-    cost = compute_s if prompt is None else (lambda h, at: compute_s(h, prompt + at))  # noqa: E731
-    cost_at = (lambda h, at: cost(h)) if prompt is None else cost  # noqa: E731
+    cost_at = (lambda h, at: compute_s(h)) if prompt is None else (lambda h, at: compute_s(h, history(at)))  # noqa: E731
     arrivals = RateMeter(prior=1 / AUDIO_PER_TOKEN)
     clock = PlaybackClock()
     offset, hops, t = 0, [], 0.0
