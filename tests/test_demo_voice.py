@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,26 @@ def test_bad_lookahead_and_hop(demo):
         demo.stream(pre_lookahead_len=6)
     with demo.stream(hop=12, pre_lookahead_len=0) as s:  # dynamic chunk and lookahead, inside the trained range
         assert s.push(list(range(12))) != []
+
+
+def test_the_start_buffer_covers_the_audio_the_vocoder_holds_back(demo):
+    """HiFi-GAN V1 holds back its right receptive field, 12.7 mel frames (counted by hand in tests/test_hifigan.py:
+    20 frames give 1862 of their 5120 samples). The first chunk's audio is that much shorter than its tokens',
+    so every later chunk arrives that much later than the audio before it ends, and the recommended start
+    buffer adds it: a session of mel output, planned alike, recommends exactly that much less."""
+    tokens, _, speaker = _utterance(demo, "slt")
+    prompt = demo.speaker_prompt(speaker)
+    held_s = (20 * 256 - 1862) / demo.sample_rate
+    t0 = time.perf_counter()
+    with demo.batcher(workers=0) as batcher:
+        with batcher.stream(prompt, hop=12, schedule="fixed") as audio, \
+                batcher.stream(prompt, hop=12, schedule="fixed", output="mel") as mel:
+            assert audio.vocoder_lag_s == 0.0
+            for s in (audio, mel):
+                for i in range(0, 30, 3):  # the same arrivals: the same measured token rate
+                    s.push(tokens[i : i + 3], arrived_at=t0 + i / 43.0)
+            assert audio.playback.audio_s > 0 and mel.tokens_emitted == audio.tokens_emitted
+            assert audio.vocoder_lag_s == pytest.approx(held_s, abs=1.5 / demo.sample_rate)
+            assert mel.vocoder_lag_s == 0.0
+            lag = audio.recommended_start_buffer_s() - mel.recommended_start_buffer_s()
+            assert lag == pytest.approx(audio.vocoder_lag_s, abs=1e-9)

@@ -61,10 +61,11 @@ def _simulate(*, compute_s: callable, rate: float, n_tokens: int, chunk: int, fi
     arrivals = RateMeter(prior=1 / AUDIO_PER_TOKEN)
     clock = PlaybackClock()
     offset, hops, t = 0, [], 0.0
-    busy_until = 0.0
+    busy_until, seen = 0.0, 0
     while offset < n_tokens:
         available = min(n_tokens, int(t * rate))
-        arrivals.arrived(t, 1)
+        arrivals.arrived(t, available - seen)
+        seen = available
         if t < busy_until:
             t += 0.01
             continue
@@ -189,8 +190,9 @@ def test_a_stream_that_fell_behind_moves_to_a_hop_that_keeps_up() -> None:
     new = _simulate(meter=_measured(cost), **run)
     assert set(old["hops"][:-1]) == {12} and old["clock"].stalls > 60 and old["clock"].stall_s > 8.0
     assert new["clock"].stall_s < 0.5 and new["clock"].stalls <= 6, new["clock"]
+    # mostly 24; with slack for a 12-token chunk to arrive in time (tokens come at their real pace), it takes one
     middle = new["hops"][1:-1]
-    assert middle.count(24) >= 0.9 * len(middle), new["hops"]
+    assert middle.count(24) >= 0.6 * len(middle) and set(middle) <= {12, 24}, new["hops"]
 
 
 def test_a_stream_with_slack_keeps_growing_its_hops() -> None:

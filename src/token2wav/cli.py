@@ -626,7 +626,8 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
         arg("--max-wait-ms", type=float, default=10.0,
             help="longest a ready chunk waits for others to join its batch (default 10)"),
         arg("--batch-workers", type=int,
-            help="threads running batched calls (default: two per CPU core, one on a GPU)"),
+            help="threads running batched calls (default 1; on a CPU, more than one wants --threads 1: "
+                 "docs/streaming.md)"),
         arg("--max-cache-mb", type=float,
             help="memory budget of all streams' attention caches; a stream that would pass it gets 503 / 1013"),
         arg("--graphs", action="store_true",

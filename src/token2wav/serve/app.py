@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from token2wav.serve.waiting import wait_event, within
 from token2wav.streaming.batcher import CacheBudgetError
 from token2wav.streaming.options import StreamOptions
 from token2wav.streaming.state import PromptCache
+from token2wav.threads import ShortLivedThreads
 
 __all__ = ["ServerState", "create_app", "uvicorn_config"]
 
@@ -155,7 +156,7 @@ class ServerState:
     name: str
     limits: P.ServerLimits
     vocab_size: int
-    executor: ThreadPoolExecutor
+    executor: Executor
     metrics: _Metrics
     prompts: BudgetedLRU  # prompt_id -> prompt, bounded by count (max_prompts) and by the memory budget
     open_sessions: int = 0  # touched only on the event loop thread
@@ -386,7 +387,9 @@ def create_app(
         name=name,
         limits=limits,
         vocab_size=_vocab_size(t2w),
-        executor=ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="token2wav-model"),
+        # short-lived threads: a prompt pass or an upload's torch work must not leave a second OpenMP pool beside
+        # the batcher's (token2wav.threads)
+        executor=ShortLivedThreads(max_workers=limits.workers, name="token2wav-task"),
         metrics=_Metrics(),
         prompts=BudgetedLRU(memory, "prompt_registry", limits.max_prompts),
         make_prompt=make_prompt,

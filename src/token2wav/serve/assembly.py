@@ -82,7 +82,16 @@ def _load_engine(spec: ServerSpec) -> Any:
 
 
 def build_server(spec: ServerSpec) -> AssembledServer:
-    """Set torch's threads, load and warm up the engine, make its batcher and build the app around them."""
+    """Set torch's threads, load and warm up the engine, make its batcher and build the app around them.
+
+    All of it runs on a short-lived thread: the OpenMP pool that loading starts ends with it, and the batcher's
+    worker keeps the process's only pool (token2wav.threads)."""
+    from token2wav.threads import run_in_short_lived_thread
+
+    return run_in_short_lived_thread(_build_server, spec, name="token2wav-load")
+
+
+def _build_server(spec: ServerSpec) -> AssembledServer:
     from token2wav.loading import display_name
     from token2wav.serve.app import create_app
     from token2wav.serve.auth import AccessPolicy

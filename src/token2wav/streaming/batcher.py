@@ -1,10 +1,11 @@
 """The scheduler: queues sessions' planned chunks, groups them into shared calls, admits and pages.
 
 A ``Batcher`` owns an engine's model calls; it computes nothing itself (``compute.run_rows`` does). Sessions
-(``StreamSession``) plan their chunks on the caller's thread and submit each one as a job. Worker threads (one
-on a GPU, two per core on a CPU) gather the queued jobs, group those that can share a solver pass, and hand each
-group to ``run_rows``: one ``flow.stream_step_rows`` call (all solver steps, both guidance branches, every row
-against its own cache) and a batched vocoder step where the vocoder has one. With ``workers=0`` the batcher is
+(``StreamSession``) plan their chunks on the caller's thread and submit each one as a job. Worker threads (one by
+default: on a CPU each keeps an OpenMP pool, see ``token2wav.threads``) gather the queued jobs, group those that
+can share a solver pass, and hand each group to ``run_rows``: one ``flow.stream_step_rows`` call (all solver
+steps, both guidance branches, every row against its own cache) and a batched vocoder step where the vocoder has
+one. With ``workers=0`` the batcher is
 *inline*: a submitted chunk is computed at once on the submitting thread, a batch of one. ``Token2Wav.stream()``
 uses such a batcher, so a single stream runs the same code as a batched one (page pool included).
 
@@ -180,12 +181,11 @@ class Batcher:
         ):
             raise ValueError(f"max_cache_bytes must be a positive int or None, got {max_cache_bytes!r}")
         if workers is None:
-            # CPU: two calls per core at a time. A worker thread runs its call's Python on one core, and torch's
-            # intra-op threads gain little at these sizes (measured: 2 unbatched streams on 2 cores run at
-            # twice one stream's throughput; one batched call of 2 rows at 1.2x); with paced streams a second
-            # call per core fills the gaps (load test, mid-size CosyVoice 3 on 2 cores: 4 real-time streams
-            # with 2 workers, 7 with 4). GPU: one stream of calls.
-            workers = 1 if t2w.device.type != "cpu" else max(1, min(2 * (os.cpu_count() or 1), 16))
+            # One worker, CPU and GPU alike. On a CPU each worker thread that runs torch keeps its own OpenMP
+            # pool, and once several pools outnumber the cores every parallel operator pays a kernel wake-up
+            # (token2wav.threads): measured on 2 cores, one demo stream costs 27 % less with one worker than
+            # with four, and two streams no more. Several rows share a call instead.
+            workers = 1
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
             raise ValueError(f"workers must be an int in [0, 64] or None (0: inline), got {workers!r}")
         if graphs and not (paged_kv and has_fixed_shapes(getattr(getattr(t2w.flow, "decoder", None), "estimator",
@@ -620,7 +620,12 @@ class Batcher:
             self._calls.append((delivered - started, audio_s))
             for job in batch:
                 em = job.row.emission
-                if job.future.done() and job.future.exception() is None:
+                # the meter fits a stream's steady chunks. A final chunk also flushes the vocoder's held-back
+                # tail and a first one sets the stream up: both would read as a large fixed cost per call and
+                # price the small hops out of the plan (measured on the demo voice at the same history: 12
+                # tokens 0.243 s, a final 8 tokens 0.285 s; a first 12 tokens 0.21 s against 0.155 s next; with
+                # them the next stream's start buffer rose from 0.6 s to 3.1 s)
+                if job.future.done() and job.future.exception() is None and not em.finalize and em.index > 0:
                     self.compute.observe(em.end - em.start, delivered - job.queued_at,
                                          job.row.spec.history(em.start))
             self.jobs_done += len(batch)

@@ -158,6 +158,10 @@ class StreamSession:
         self._adopted_cold = False  # the adopted start buffer came from a meter without a measured spread
         self.playback = PlaybackClock(start_buffer_s=start_buffer_s or 0.0)
         self.arrivals = RateMeter(prior=1.0 / spec.audio_s_per_token)  # the model's own rate until measured
+        # audio the vocoder holds back (its right receptive field; demo voice 147 ms), measured when audio first
+        # leaves: every later chunk's audio arrives that much later than its tokens alone would say, so the
+        # start buffer covers it (measured without it: stalls of 10-33 ms at the recommended buffer)
+        self._lag_s = 0.0
 
     # ---------------------------------------------------------------------------------------------- settings
 
@@ -227,17 +231,23 @@ class StreamSession:
             return self.playback.start_buffer_s
         return self.recommended_start_buffer_s()
 
+    @property
+    def vocoder_lag_s(self) -> float:
+        """Audio the vocoder holds back behind the tokens decoded so far (its right receptive field), measured
+        when audio first leaves (0 before; 0 for mel output)."""
+        return self._lag_s
+
     def recommended_start_buffer_s(self) -> float:
         """Audio to buffer before playing so that this stream does not stall at the current load, from the
         measured compute time of this model's chunks, the measured token rate (its upper estimate: a producer at
-        the model's rate must not read as slower) and the smallest hop (``pacing.recommend_start_buffer``)."""
+        the model's rate must not read as slower) and the smallest hop (``pacing.recommend_start_buffer``), plus
+        the audio the vocoder holds back (``vocoder_lag_s``)."""
         plan = self.plan
         adaptive = plan.schedule == "adaptive"
-        return recommend_start_buffer(first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token,
-                                      token_rate=self.arrivals.upper_rate, compute=self._scheduler.compute,
-                                      chunk=plan.chunk if adaptive else None,
-                                      max_hop=plan.max_hop if adaptive else None,
-                                      history=self.spec.history(self.state.offset))  # fmt: skip
+        return self._lag_s + recommend_start_buffer(
+            first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token, token_rate=self.arrivals.upper_rate,
+            compute=self._scheduler.compute, chunk=plan.chunk if adaptive else None,
+            max_hop=plan.max_hop if adaptive else None, history=self.spec.history(self.state.offset))
 
     @property
     def deadline(self) -> float:
@@ -313,7 +323,7 @@ class StreamSession:
         end = work.offset + hop
         return Emission(index=work.index, start=work.offset, end=end, prefix=end + plan.lookahead, finalize=False)
 
-    def _delivered(self, value: np.ndarray) -> None:
+    def _delivered(self, value: np.ndarray, em: Emission) -> None:
         """A chunk leaves for the listener now: the playback clock advances.
 
         Without an explicit start buffer the first chunk adopts the recommendation. Each later chunk that leaves
@@ -323,6 +333,11 @@ class StreamSession:
         A warm recommendation is not lowered: measured at the stream's start, where chunks attend to little
         history, the meter would under-predict the later chunks (lowered that way, 3 of 3 demo runs stalled)."""
         now = time.perf_counter()
+        frames = value.shape[-1]
+        seconds = frames / self.spec.sample_rate if self.output == "audio" else \
+            frames * self.spec.samples_per_frame / self.spec.sample_rate
+        if not self.playback.started and seconds > 0:
+            self._lag_s = max(0.0, em.end * self.spec.audio_s_per_token - self.playback.audio_s - seconds)
         if self._explicit_buffer_s is None:
             if not self.playback.started:
                 self.playback.start_buffer_s = self.recommended_start_buffer_s()
@@ -332,9 +347,6 @@ class StreamSession:
                 if newer > self.playback.start_buffer_s or self._adopted_cold:
                     self.playback.recommend(now, newer)
                     self._adopted_cold = not self._scheduler.compute.measured
-        frames = value.shape[-1]
-        seconds = frames / self.spec.sample_rate if self.output == "audio" else \
-            frames * self.spec.samples_per_frame / self.spec.sample_rate
         self.playback.deliver(now, seconds)
 
     def _plan_finish(self) -> tuple[SessionState, Emission]:
@@ -351,7 +363,7 @@ class StreamSession:
         outs = []
         while (em := self._next_emission(work)) is not None:
             value = yield work, em
-            self._delivered(value)
+            self._delivered(value, em)
             outs.append(value)
         self.state = work
         return outs
@@ -359,7 +371,7 @@ class StreamSession:
     def _finish_steps(self) -> Iterator[Any]:
         work, em = self._plan_finish()
         out = yield work, em
-        self._delivered(out)
+        self._delivered(out, em)
         work.finished = True
         work.flow_state = work.vocoder_state = None  # free the caches
         self.state = work
