@@ -80,18 +80,24 @@ def test_a_stream_over_capacity_waits_then_starts_when_one_ends(engine: Any) -> 
 
 
 def test_a_waiting_stream_is_refused_after_the_admission_wait(engine: Any) -> None:
-    batcher = _Capacity(engine.batcher(max_batch=1), 0.5)  # not even one stream fits
+    """Capacity 0.5 audio s/s: not even one stream is real time. An idle server still takes one (refusing it
+    helps no one, and only its calls re-measure the capacity); the next waits, then is refused."""
+    batcher = _Capacity(engine.batcher(max_batch=1), 0.5)
     limits = ServerLimits(max_sessions=4, admission_wait_s=0.3, workers=1)
     app = create_app(engine, name="full", limits=limits, batcher=batcher)
     with running_server(app) as addr:
 
         async def scenario() -> list[dict[str, Any]]:
-            async with connect(f"ws://{addr}/v1/stream") as ws:
-                return [await _first(ws), await _first(ws)]
+            async with connect(f"ws://{addr}/v1/stream") as first:
+                await first.send(json.dumps({"type": "start"}))
+                started = await _first(first)
+                async with connect(f"ws://{addr}/v1/stream") as second:
+                    return [started, await _first(second), await _first(second)]
 
-        queued, refused = asyncio.run(scenario())
+        started, queued, refused = asyncio.run(scenario())
+    assert started["type"] == "started"
     assert queued["type"] == "queued" and queued["position"] == 1
-    assert refused["code"] == 1013 and "need 0.0 s of audio per second" in refused["message"]
+    assert refused["code"] == 1013 and "1 real-time streams open need 1.0 s of audio per second" in refused["message"]
 
 
 def test_admitted_streams_do_not_stall(engine: Any) -> None:
@@ -118,7 +124,7 @@ def test_a_client_that_leaves_the_queue_ends_quietly_and_frees_its_place(engine:
     """Waiting clients that close their connections leave the queue at once (not after admission_wait_s), and
     quietly: no error in the log (a 'queued' update to a closed client once ended in 'Exception in ASGI
     application')."""
-    batcher = _Capacity(engine.batcher(max_batch=1), 0.5)  # not even one stream fits: every stream waits
+    batcher = _Capacity(engine.batcher(max_batch=1), 0.5)  # not even one stream fits: all but the first wait
     limits = ServerLimits(max_sessions=4, max_waiting_streams=2, admission_wait_s=60.0, workers=1)
     app = create_app(engine, name="leaving", limits=limits, batcher=batcher)
     errors: list[logging.LogRecord] = []
@@ -131,6 +137,9 @@ def test_a_client_that_leaves_the_queue_ends_quietly_and_frees_its_place(engine:
             url, base = f"ws://{addr}/v1/stream", f"http://{addr}"
 
             async def scenario() -> tuple[dict[str, Any], dict[str, Any], float]:
+                holder = await connect(url)  # an idle server takes one stream whatever its capacity
+                await holder.send(json.dumps({"type": "start"}))
+                assert (await _first(holder))["type"] == "started"
                 first, second = await connect(url), await connect(url)
                 places = (await _first(first), await _first(second))
                 await second.close()  # the second leaves while it waits ...
@@ -138,6 +147,7 @@ def test_a_client_that_leaves_the_queue_ends_quietly_and_frees_its_place(engine:
                 deadline = time.monotonic() + 10.0  # well before admission_wait_s
                 while _metrics(base)["token2wav_streams_waiting"] > 0 and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
+                await holder.close()
                 return places[0], places[1], _metrics(base)["token2wav_streams_waiting"]
 
             first, second, waiting = asyncio.run(scenario())
