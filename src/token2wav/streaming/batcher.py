@@ -5,9 +5,9 @@ A ``Batcher`` owns an engine's model calls; it computes nothing itself (``comput
 default: on a CPU each keeps an OpenMP pool, see ``token2wav.threads``) gather the queued jobs, group those that
 can share a solver pass, and hand each group to ``run_rows``: one ``flow.stream_step_rows`` call (all solver
 steps, both guidance branches, every row against its own cache) and a batched vocoder step where the vocoder has
-one. With ``workers=0`` the batcher is
-*inline*: a submitted chunk is computed at once on the submitting thread, a batch of one. ``Token2Wav.stream()``
-uses such a batcher, so a single stream runs the same code as a batched one (page pool included).
+one. With ``workers=0`` the batcher is *inline*: a submitted chunk is computed at once on the submitting thread,
+a batch of one. ``Token2Wav.stream()`` uses such a batcher, so a single stream runs the same code as a batched
+one (page pool included).
 
 Exactness: a row's chunk is what the session computes alone, whatever else shares the call (``compute.py``).
 A row whose session was closed meanwhile is dropped before it runs and leaves the others untouched.
@@ -622,9 +622,9 @@ class Batcher:
                 em = job.row.emission
                 # the meter fits a stream's steady chunks. A final chunk also flushes the vocoder's held-back
                 # tail and a first one sets the stream up: both would read as a large fixed cost per call and
-                # price the small hops out of the plan (measured on the demo voice at the same history: 12
-                # tokens 0.243 s, a final 8 tokens 0.285 s; a first 12 tokens 0.21 s against 0.155 s next; with
-                # them the next stream's start buffer rose from 0.6 s to 3.1 s)
+                # price the small hops out of the plan (measured on the demo voice: a final 8 tokens 0.285 s
+                # after 12-token chunks of 0.243 s; a first 12 tokens 0.21 s, the following ones 0.15-0.17 s; in
+                # a run with them measured, the next stream's start buffer rose from 0.6 s to 3.1 s)
                 if job.future.done() and job.future.exception() is None and not em.finalize and em.index > 0:
                     self.compute.observe(em.end - em.start, delivered - job.queued_at,
                                          job.row.spec.history(em.start))

@@ -39,8 +39,8 @@ PLAN_S = 20.0
 
 # The share of its audio a hop's p95 compute must leave free to count as keeping up (in a recommendation and in
 # the adaptive schedule): a hop whose chunks take all of their audio never wins back what a chunk slower than its
-# p95 loses (measured: buffers sized for such a hop, 0.16 s, stalled 2 demo streams of 8; sized for the next one,
-# 0.65-0.69 s, none).
+# p95 loses. (Added for 0.16 s buffers that stalled 2 demo streams of 8; those were later traced to the 147 ms
+# the vocoder holds back, which the session now adds, see StreamSession.vocoder_lag_s. It stays as a margin.)
 HEADROOM = 0.05
 
 
@@ -247,7 +247,8 @@ def _growth_fit(samples: Sequence[tuple[int, float, int]]) -> tuple[float, float
         return None
     # relative errors (each row divided by its observed time): the plan asks how far a hop is from its audio, a
     # ratio, and absolute least squares let a few large chunks set the line, leaving the small hops 10-20 %
-    # off (measured on the demo voice: hop 12 fitted 0.197 s against 0.152-0.16 s observed; relative 0.151)
+    # off (measured on the steady chunks of three demo streams: hop 12 observed 0.152-0.16 s early on, fitted
+    # 0.171 s absolute, 0.151 s relative)
     rows = [(1.0 / s, t / s, t * h / 1000.0 / s) for t, s, h in samples]  # history per 1000 tokens: a sane scale
     ys = [1.0] * len(samples)
     for used in ((0, 1, 2), (1, 2)):
