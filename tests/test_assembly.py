@@ -13,6 +13,7 @@ import pytest
 from test_server import TIMEOUT, running_server
 
 from token2wav.cli import main
+from token2wav.demo import low_latency_options
 from token2wav.serve.assembly import ServerSpec, build_server
 from token2wav.serve.client import stream_tokens_sync
 from token2wav.serve.protocol import ServerLimits
@@ -36,6 +37,7 @@ def test_the_spec_builds_an_app_whose_streams_run_through_a_batcher(batching: bo
     assert server.batcher.max_batch == max_batch
     assert server.batcher.memory.total_bytes == 64 << 20  # the budget of --max-cache-mb, batched or not
     assert state.name == "assembled" and state.limits is LIMITS and server.load_s > 0
+    assert server.batcher.compute.measured  # calibrated before serving (the default)
     vocab = int(server.t2w.config.vocab_size)
     tokens = np.random.default_rng(0).integers(0, vocab, 40)
     with running_server(server.app) as addr:  # its lifespan closes the batcher at the end
@@ -63,13 +65,13 @@ def specs(monkeypatch: pytest.MonkeyPatch) -> list[ServerSpec]:
 def test_serve_command_builds_its_server_through_the_assembly(specs: list[ServerSpec], tmp_path: Any) -> None:
     args = ["serve", "--model", "tiny", "--no-batching", "--max-cache-mb", "32", "--threads", "1",
             "--prompt-dir", str(tmp_path), "--host", "127.0.0.1", "--allow-origin", "https://app.example",
-            "--vocoder-precision", "bfloat16-mixed"]
+            "--vocoder-precision", "bfloat16-mixed", "--no-calibrate"]
     with pytest.raises(_Built):
         main(args)
     (spec,) = specs
     assert (spec.model, spec.batching, spec.max_cache_mb, spec.threads, spec.prompt_dir) == (
         "tiny", False, 32.0, 1, str(tmp_path))
-    assert spec.vocoder_precision == "bfloat16-mixed"
+    assert spec.vocoder_precision == "bfloat16-mixed" and not spec.calibrate
     assert spec.allow_origins == ("https://app.example",) and spec.api_key is None
     assert "127.0.0.1" in spec.allowed_hosts and "app.example" in spec.allowed_hosts
 
@@ -80,20 +82,49 @@ def test_ray_replica_builds_its_server_through_the_assembly(specs: list[ServerSp
     from token2wav.serve.ray.settings import settings_from_options
 
     settings = settings_from_options({"model": "tiny", "batching": False, "max_batch": 5, "max_cache_mb": 16.0,
-                                      "prompt_dir": "prompts", "vocoder_precision": "bfloat16-mixed"})
+                                      "prompt_dir": "prompts", "vocoder_precision": "bfloat16-mixed",
+                                      "calibrate": False})
     with pytest.raises(_Built):
         Token2WavReplica(settings)
     (spec,) = specs
     assert spec == settings.server_spec()
     assert (spec.model, spec.batching, spec.max_batch, spec.max_cache_mb) == ("tiny", False, 5, 16.0)
-    assert spec.vocoder_precision == "bfloat16-mixed"
+    assert spec.vocoder_precision == "bfloat16-mixed" and not spec.calibrate
     assert spec.prompt_dir is None  # the replicas' prompts go through the shared registry
 
 
 def test_a_served_demo_voice_runs_the_vocoder_precision_it_was_given() -> None:
     server = build_server(ServerSpec(model="demo", vocoder_precision="bfloat16-mixed", batch_workers=1,
-                                     limits=LIMITS))
+                                     limits=LIMITS, calibrate=False))
     assert server.t2w.vocoder.precision == "bfloat16-mixed"
     server.batcher.close()
     with pytest.raises(ValueError, match="applies to HiFi-GAN vocoders"):
         build_server(ServerSpec(model="bench:cv3", vocoder_precision="bfloat16-mixed", limits=LIMITS))
+
+
+def test_calibration_plans_the_first_stream_from_measurements() -> None:
+    """Before any stream, the meter knows nothing and a first stream is told to buffer for a cold guess (demo
+    voice: 1.8 s). Calibrated, it holds the chunk sizes an adaptive stream starts with, over histories as long
+    as a few seconds of speech, and the same stream is told a fraction of that. Calibration leaves nothing open
+    or reserved."""
+    server = build_server(ServerSpec(model=_demo_model(), batch_workers=1, limits=LIMITS, calibrate=False))
+    batcher = server.batcher
+    try:
+        first = low_latency_options(server.t2w, None).get("hop")
+        with batcher.stream(hop=first, schedule="adaptive") as session:
+            cold = session.recommended_start_buffer_s()
+            first = session.plan.hop
+            tokens_per_s = 1.0 / session.spec.audio_s_per_token
+        assert not batcher.compute.measured
+        held = batcher.calibrate(hop=first)
+        samples = list(batcher.compute.samples)
+        assert held == len(samples) and batcher.compute.measured
+        assert {t for t, _, _ in samples} == {first, 2 * first}
+        assert max(h for _, _, h in samples) >= 6.0 * tokens_per_s - 2 * first  # the mel stream's history
+        assert all(s > 0 for _, s, _ in samples)
+        assert batcher.sessions_open == 0 and batcher.reserved_bytes == 0
+        with batcher.stream(hop=first, schedule="adaptive") as session:
+            warm = session.recommended_start_buffer_s()
+        assert warm < cold / 3, (warm, cold)
+    finally:
+        batcher.close()

@@ -634,6 +634,9 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
             help="batched streams in fixed-shape batches (CosyVoice 3, CosyVoice 2, the demo voice), each shape "
                  "captured once as a CUDA graph and replayed (on a CPU the same path runs eagerly); give "
                  "--max-cache-mb with it so that the key/value pool is allocated once and never grows"),
+        arg("--no-calibrate", action="store_true",
+            help="start without measuring the model's chunk times (a few seconds; default: measure them, so that "
+                 "the first stream's hops and start buffer are planned from measurements)"),
         arg("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]),
         *_MODEL_ARGS,
     ],
@@ -686,12 +689,14 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model, device=args.device, dtype=args.dtype, vocoder_precision=args.vocoder_precision,
         threads=args.threads,
         batching=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        max_cache_mb=args.max_cache_mb, batch_workers=args.batch_workers, graphs=args.graphs, limits=limits,
+        max_cache_mb=args.max_cache_mb, batch_workers=args.batch_workers, graphs=args.graphs,
+        calibrate=not args.no_calibrate, limits=limits,
         api_key=access.api_key, allow_origins=access.allow_origins, allowed_hosts=access.allowed_hosts,
         prompt_dir=args.prompt_dir,
     )
     server = build_server(spec)
-    print(f"token2wav: model {args.model} loaded and warmed up ({server.load_s:.1f} s)", file=sys.stderr)
+    done = "loaded, warmed up and measured" if spec.calibrate else "loaded and warmed up"
+    print(f"token2wav: model {args.model} {done} ({server.load_s:.1f} s)", file=sys.stderr)
     if args.graphs and args.max_cache_mb is None and server.t2w.device.type == "cuda":
         print("token2wav: warning: --graphs without --max-cache-mb: the key/value pool starts small and grows; "
               "each growth copies every stream's cache and makes every captured shape capture again",

@@ -26,7 +26,8 @@ class ServerSpec:
     batching only. ``max_cache_mb``: the memory budget of the streams' caches, prompt states and registry (None:
     unbounded, counted for /metrics). ``api_key`` / ``allow_origins`` / ``allowed_hosts``: the
     :class:`token2wav.serve.auth.AccessPolicy`. ``name``: the model's name the server shows (default: from
-    ``model``).
+    ``model``). ``calibrate``: measure the model's chunk times before serving (a few seconds), so that the first
+    stream's plan and start buffer come from measurements, not a cold guess.
     """
 
     model: str
@@ -40,6 +41,7 @@ class ServerSpec:
     max_cache_mb: float | None = None
     batch_workers: int | None = None
     graphs: bool = False
+    calibrate: bool = True  # measure chunk times before serving (Batcher.calibrate)
     limits: ServerLimits = field(default_factory=ServerLimits)
     api_key: str | None = field(default=None, repr=False)  # never printed
     allow_origins: tuple[str, ...] = ()
@@ -82,13 +84,28 @@ def _load_engine(spec: ServerSpec) -> Any:
 
 
 def build_server(spec: ServerSpec) -> AssembledServer:
-    """Set torch's threads, load and warm up the engine, make its batcher and build the app around them.
+    """Set torch's threads, load and warm up the engine, make its batcher and build the app around them, then
+    measure the model's chunk times (``spec.calibrate``, ``Batcher.calibrate``).
 
-    All of it runs on a short-lived thread: the OpenMP pool that loading starts ends with it, and the batcher's
-    worker keeps the process's only pool (token2wav.threads)."""
+    The building runs on a short-lived thread: the OpenMP pool that loading starts ends with it, and the
+    batcher's worker keeps the process's only pool (token2wav.threads)."""
+    from token2wav.demo import low_latency_options
     from token2wav.threads import run_in_short_lived_thread
 
-    return run_in_short_lived_thread(_build_server, spec, name="token2wav-load")
+    server = run_in_short_lived_thread(_build_server, spec, name="token2wav-load")
+    if spec.calibrate:
+        # once the loading thread (and its OpenMP pool) has ended: beside a second pool every operator runs
+        # slower, and the calibration measured it (12-token demo chunks 0.20-0.25 s against 0.16 s when serving)
+        t0 = time.perf_counter()
+        try:
+            # the hop the server's streams start from (see serve/app.py: the smallest valid hop, or the default)
+            run_in_short_lived_thread(server.batcher.calibrate, hop=low_latency_options(server.t2w, None).get("hop"),
+                                      name="token2wav-calibrate")
+        except BaseException:
+            server.batcher.close()
+            raise
+        server.load_s += time.perf_counter() - t0
+    return server
 
 
 def _build_server(spec: ServerSpec) -> AssembledServer:

@@ -38,7 +38,9 @@ never grows past the budget either.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import statistics
 import threading
 import time
 import weakref
@@ -54,6 +56,7 @@ from ..models.buckets import ShapeBuckets
 from ..models.interfaces import KVLayoutEstimator, RowsFlow, RowsSolver
 from ..models.kv_pool import RESERVED_PAGES, KVPool, PageTable
 from ..models.padded_solve import PaddedSolver, has_fixed_shapes
+from ..threads import run_in_short_lived_thread
 from .compute import CacheExhaustedError, Chunk, Row, run_rows
 from .pacing import SAFETY_MARGIN_S, ComputeMeter
 from .schedule import Emission
@@ -286,6 +289,65 @@ class Batcher:
             self._sessions[session] = reservation
         weakref.finalize(session, self._abandoned, reservation)
         return session
+
+    def calibrate(self, prompt: Any = None, hop: int | None = None, history_s: float = 6.0) -> int:
+        """Measure this model's chunk times before a caller's stream does; returns the chunks the meter then holds.
+
+        Without it, the first stream after a start plans its hops and start buffer on a cold guess (the
+        meter's default cost per token and an assumed spread) and is told to buffer far longer than it needs
+        (demo voice: 1.9 s, against 0.3 s once a stream was measured). This runs unpaced streams of the hop
+        sizes an adaptive stream from ``hop`` (default: the stream default) takes first, ``hop`` and twice it,
+        after one pass that is not measured: a hop size's first calls pay one-time costs (demo
+        voice: 24-token chunks took 0.39-0.43 s on the first pass and 0.30-0.33 s after).
+
+        A chunk's cost grows with the history it attends to, and the plan needs that growth (demo voice: 12
+        tokens cost 0.15 s at the start of a stream and 0.24 s after 20 s). Only the flow's attention grows, not
+        the vocoder, so the growth is measured on a mel-output stream of ``history_s`` seconds of speech (half
+        the cost of audio on the demo voice), and its chunks enter the meter with the vocoder's cost added, as
+        measured on audio chunks of the same size after the same history. These measurements replace what the
+        meter and ``capacity()`` had seen; under a ``max_cache_bytes`` too small for a stream that long, each
+        stream goes as far as the budget allows. Call it before serving: its calls hold the workers (demo voice:
+        about 4 s)."""
+        # Opening the first session prepares the prompt's state on the opening thread: on a thread that ends, whose
+        # OpenMP pool ends with it, or every chunk measured here would run beside a second pool (12-token demo
+        # chunks: 0.20 s against 0.14-0.17 s; token2wav.threads).
+        probe = run_in_short_lived_thread(self.stream, prompt, hop=hop, name="token2wav-prompt")
+        with probe:
+            first, pad, lookahead = int(probe.plan.hop), int(probe.plan.pad), int(probe.plan.lookahead)
+            vocab, tokens_per_s = int(probe.vocab_size), 1.0 / probe.spec.audio_s_per_token
+
+        def measure(top: int, later: int, output: str = "audio") -> list[tuple[int, float, int]]:
+            """The meter's samples (tokens, seconds, history) of one unpaced stream whose hops double from
+            ``first`` up to ``top``, ``later`` emissions after the first (which the meter leaves out)."""
+            with self._cv:
+                self.compute = ComputeMeter(window=max(32, later))
+            n = pad + sum(min(top, first * 2**k) for k in range(later + 1)) + lookahead
+            tokens = [(i * 37) % vocab for i in range(n)]
+            try:
+                with self.stream(prompt, hop=first, schedule="exponential", max_hop=top, output=output) as session:
+                    for start in range(0, n, first):  # a hop at a time: under a small budget, as far as it goes
+                        session.push(tokens[start : start + first])
+            except CacheBudgetError:
+                pass  # the memory budget holds no more of this stream: what was measured stands
+            return list(self.compute.samples)
+
+        measure(4 * first, 2)  # the pass that pays the one-time costs
+        flow_only = measure(2 * first, max(4, math.ceil(history_s * tokens_per_s / (2 * first))), output="mel")
+        with self._cv:
+            self._calls.clear()  # capacity() counts audio calls only
+        # the smallest hop (what a stream mostly takes at the token rate) and twice it: the two sizes set a call's
+        # fixed cost apart from its cost per token
+        audio = measure(first, 3) + measure(2 * first, 2)
+        at = {(t, h): s for t, s, h in flow_only}
+        vocoder_s = [s - at[t, h] for t, s, h in audio if (t, h) in at]  # the same chunk, with and without it
+        vocoder_s = statistics.median(vocoder_s) if vocoder_s else 0.0
+        with self._cv:
+            self.compute = ComputeMeter()
+            for t, s, h in flow_only:
+                self.compute.observe(t, s + vocoder_s, h)
+            for sample in audio:
+                self.compute.observe(*sample)
+            return len(self.compute.samples)
 
     def _abandoned(self, reservation: _Reservation) -> None:
         """A session garbage-collected without close() or finish(): its reservation and pages come back (no

@@ -162,6 +162,9 @@ class StreamSession:
         # leaves: every later chunk's audio arrives that much later than its tokens alone would say, so the
         # start buffer covers it (measured without it: stalls of 10-33 ms at the recommended buffer)
         self._lag_s = 0.0
+        # seconds from submitting the first audible chunk to its delivery: the listener's clock starts there, so
+        # a later chunk has what it costs beyond this one to spare (pacing.recommend_start_buffer)
+        self._first_compute_s: float | None = None
 
     # ---------------------------------------------------------------------------------------------- settings
 
@@ -237,17 +240,24 @@ class StreamSession:
         when audio first leaves (0 before; 0 for mel output)."""
         return self._lag_s
 
+    @property
+    def first_chunk_s(self) -> float | None:
+        """Seconds from submitting the first audible chunk to its delivery (None before it left)."""
+        return self._first_compute_s
+
     def recommended_start_buffer_s(self) -> float:
         """Audio to buffer before playing so that this stream does not stall at the current load, from the
         measured compute time of this model's chunks, the measured token rate (its upper estimate: a producer at
         the model's rate must not read as slower) and the smallest hop (``pacing.recommend_start_buffer``), plus
-        the audio the vocoder holds back (``vocoder_lag_s``)."""
+        the audio the vocoder holds back (``vocoder_lag_s``); once audio has left, later chunks are costed against
+        the first one's measured time rather than the meter's estimate of it."""
         plan = self.plan
         adaptive = plan.schedule == "adaptive"
         return self._lag_s + recommend_start_buffer(
             first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token, token_rate=self.arrivals.upper_rate,
             compute=self._scheduler.compute, chunk=plan.chunk if adaptive else None,
-            max_hop=plan.max_hop if adaptive else None, history=self.spec.history(self.state.offset))
+            max_hop=plan.max_hop if adaptive else None, history=self.spec.history(self.state.offset),
+            first_compute_s=self._first_compute_s)
 
     @property
     def deadline(self) -> float:
@@ -323,7 +333,7 @@ class StreamSession:
         end = work.offset + hop
         return Emission(index=work.index, start=work.offset, end=end, prefix=end + plan.lookahead, finalize=False)
 
-    def _delivered(self, value: np.ndarray, em: Emission) -> None:
+    def _delivered(self, value: np.ndarray, em: Emission, submitted: float) -> None:
         """A chunk leaves for the listener now: the playback clock advances.
 
         Without an explicit start buffer the first chunk adopts the recommendation. Each later chunk that leaves
@@ -338,6 +348,7 @@ class StreamSession:
             frames * self.spec.samples_per_frame / self.spec.sample_rate
         if not self.playback.started and seconds > 0:
             self._lag_s = max(0.0, em.end * self.spec.audio_s_per_token - self.playback.audio_s - seconds)
+            self._first_compute_s = now - submitted
         if self._explicit_buffer_s is None:
             if not self.playback.started:
                 self.playback.start_buffer_s = self.recommended_start_buffer_s()
@@ -362,16 +373,18 @@ class StreamSession:
         work = self._plan_push(tokens, arrived_at)
         outs = []
         while (em := self._next_emission(work)) is not None:
+            submitted = time.perf_counter()
             value = yield work, em
-            self._delivered(value, em)
+            self._delivered(value, em, submitted)
             outs.append(value)
         self.state = work
         return outs
 
     def _finish_steps(self) -> Iterator[Any]:
         work, em = self._plan_finish()
+        submitted = time.perf_counter()
         out = yield work, em
-        self._delivered(out, em)
+        self._delivered(out, em, submitted)
         work.finished = True
         work.flow_state = work.vocoder_state = None  # free the caches
         self.state = work

@@ -90,6 +90,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_cache_mb": args.max_cache_mb,
         "batch_workers": args.batch_workers,
         "graphs": args.graphs,
+        "calibrate": not args.no_calibrate,
         "max_queued_tokens": args.max_queued_tokens,
         "prompt_dir": args.prompt_dir,
         "api_key": args.api_key,

@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "max_cache_mb": None,
     "batch_workers": None,
     "graphs": False,
+    "calibrate": True,
     "max_queued_tokens": 25 * 120,
     "prompt_dir": None,
     "max_registry_prompts": 4096,
@@ -83,6 +84,7 @@ class RaySettings:
     max_cache_mb: float | None
     batch_workers: int | None
     graphs: bool
+    calibrate: bool  # each replica measures its chunk times before serving (Batcher.calibrate)
     prompt_dir: str | None
     max_registry_prompts: int
     max_registry_mb: float  # the shared registry's arrays in memory (least recently used dropped; on disk stays)
@@ -98,7 +100,7 @@ class RaySettings:
             model=self.model, device=self.device, dtype=self.dtype, vocoder_precision=self.vocoder_precision,
             threads=self.threads, batching=self.batching,
             max_batch=self.max_batch, max_wait_ms=self.max_wait_ms, max_cache_mb=self.max_cache_mb,
-            batch_workers=self.batch_workers, graphs=self.graphs, limits=self.limits,
+            batch_workers=self.batch_workers, graphs=self.graphs, calibrate=self.calibrate, limits=self.limits,
             api_key=self.api_key, allow_origins=self.allow_origins,
         )
 
@@ -215,7 +217,7 @@ def settings_from_options(
     else:
         gpus = _float(opts, "replica_gpus", 0, 64)
     threads = None if opts["threads"] is None else _int(opts, "threads", 1, 1024)
-    for flag in ("batching", "graphs"):
+    for flag in ("batching", "graphs", "calibrate"):
         if not isinstance(opts[flag], bool):
             raise ValueError(f"--{flag} must be true or false, got {opts[flag]!r}")
     cache_mb = None if opts["max_cache_mb"] is None else _float(opts, "max_cache_mb", 0, 1 << 30, open_lo=True)
@@ -248,6 +250,7 @@ def settings_from_options(
         max_cache_mb=cache_mb,
         batch_workers=None if opts["batch_workers"] is None else _int(opts, "batch_workers", 1, 64),
         graphs=opts["graphs"],
+        calibrate=opts["calibrate"],
         prompt_dir=None if prompt_dir is None else os.path.abspath(prompt_dir),
         max_registry_prompts=_int(opts, "max_registry_prompts", 1, 10**7),
         max_registry_mb=_float(opts, "max_registry_mb", 0, 1 << 30, open_lo=True),
