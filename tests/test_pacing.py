@@ -306,8 +306,8 @@ _SHORT = ((12, 12), (12, 24), (12, 36), (24, 12), (24, 36), (24, 60), (24, 84)) 
 def test_a_growth_the_samples_cannot_tell_from_noise_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """Unconstrained, these chunks fit a growth of 8.8e-6 s per token and history token (t = 1.8). Carried 20 s
     ahead, it prices the 12-token hop out (0.275 s for 0.265 s of audio less headroom) and the plan waits for a
-    larger hop (0.71 s of buffer); left out, the hop keeps up and the margin is enough (0.12 s). The same noise over a long stream's
-    histories shows a real growth, which is kept."""
+    larger hop (0.71 s of buffer); left out, the hop keeps up and the margin is enough (0.12 s). The same noise
+    over a long stream's histories shows a real growth, which is kept."""
     def meter(cost: callable, points: tuple) -> ComputeMeter:
         m = ComputeMeter()
         for (t, h), noise in zip(points, _NOISE * 4):
