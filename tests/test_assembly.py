@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 from test_server import TIMEOUT, running_server
+from test_threads import _run
 
 from token2wav.cli import main
-from token2wav.demo import low_latency_options
 from token2wav.serve.assembly import ServerSpec, build_server
 from token2wav.serve.client import stream_tokens_sync
 from token2wav.serve.protocol import ServerLimits
@@ -104,27 +104,41 @@ def test_a_served_demo_voice_runs_the_vocoder_precision_it_was_given() -> None:
 
 def test_calibration_plans_the_first_stream_from_measurements() -> None:
     """Before any stream, the meter knows nothing and a first stream is told to buffer for a cold guess (demo
-    voice: 1.8 s). Calibrated, it holds the chunk sizes an adaptive stream starts with, over histories as long
-    as a few seconds of speech, and the same stream is told a fraction of that. Calibration leaves nothing open
-    or reserved."""
-    server = build_server(ServerSpec(model=_demo_model(), batch_workers=1, limits=LIMITS, calibrate=False))
-    batcher = server.batcher
-    try:
-        first = low_latency_options(server.t2w, None).get("hop")
-        with batcher.stream(hop=first, schedule="adaptive") as session:
-            cold = session.recommended_start_buffer_s()
-            first = session.plan.hop
-            tokens_per_s = 1.0 / session.spec.audio_s_per_token
-        assert not batcher.compute.measured
-        held = batcher.calibrate(hop=first)
-        samples = list(batcher.compute.samples)
-        assert held == len(samples) and batcher.compute.measured
-        assert {t for t, _, _ in samples} == {first, 2 * first}
-        assert max(h for _, _, h in samples) >= 6.0 * tokens_per_s - 2 * first  # the mel stream's history
-        assert all(s > 0 for _, s, _ in samples)
-        assert batcher.sessions_open == 0 and batcher.reserved_bytes == 0
-        with batcher.stream(hop=first, schedule="adaptive") as session:
-            warm = session.recommended_start_buffer_s()
-        assert warm < cold / 3, (warm, cold)
-    finally:
+    voice: 3.2 s before its first chunk is measured). Calibrated, it holds the chunk sizes an adaptive stream
+    starts with, over histories as long as a few seconds of speech, and the same stream is told a fraction of
+    that. Calibration leaves nothing open or reserved, and the server's one OpenMP pool (the batcher worker's).
+    In a process of its own, as a server: beside another thread's pool every chunk measures 20-30 % slower."""
+    out = _run(f"""
+        import json
+        from token2wav.demo import low_latency_options
+        from token2wav.serve.assembly import ServerSpec, build_server
+        from token2wav.threads import run_in_short_lived_thread
+
+        base = settled()
+        server = build_server(ServerSpec(model={_demo_model()!r}, calibrate=False))
+        batcher = server.batcher
+        hop = low_latency_options(server.t2w, None).get("hop")
+
+        def recommend():
+            with batcher.stream(hop=hop, schedule="adaptive") as session:
+                return session.recommended_start_buffer_s(), session.plan.hop, 1 / session.spec.audio_s_per_token
+
+        cold, first, tokens_per_s = run_in_short_lived_thread(recommend)
+        measured_before = batcher.compute.measured
+        held = run_in_short_lived_thread(batcher.calibrate, hop=hop)
+        pools = settled()
+        warm = run_in_short_lived_thread(recommend)[0]
+        print(json.dumps(dict(cold=cold, warm=warm, first=first, tokens_per_s=tokens_per_s, held=held,
+                              measured_before=measured_before, measured=batcher.compute.measured, base=base,
+                              samples=list(batcher.compute.samples), pools=pools,
+                              open=batcher.sessions_open, reserved=batcher.reserved_bytes)))
         batcher.close()
+    """)
+    first, samples = out["first"], out["samples"]
+    assert not out["measured_before"] and out["measured"] and out["held"] == len(samples)
+    assert {t for t, _, _ in samples} == {first, 2 * first}
+    assert max(h for _, _, h in samples) >= 6.0 * out["tokens_per_s"] - 2 * first  # the mel stream's history
+    assert all(s > 0 for _, s, _ in samples)
+    assert out["open"] == 0 and out["reserved"] == 0
+    assert out["pools"] == out["base"] + 1  # the batcher worker's (a 2-thread team: one native thread)
+    assert out["warm"] < out["cold"] / 3, out
