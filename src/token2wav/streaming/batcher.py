@@ -290,7 +290,7 @@ class Batcher:
         weakref.finalize(session, self._abandoned, reservation)
         return session
 
-    def calibrate(self, prompt: Any = None, hop: int | None = None, history_s: float = 6.0) -> int:
+    def calibrate(self, prompt: Any = None, hop: int | None = None, history_s: float = 10.0) -> int:
         """Measure this model's chunk times before a caller's stream does; returns the chunks the meter then holds.
 
         Without it, the first stream after a start plans its hops and start buffer on a cold guess (the
@@ -304,10 +304,12 @@ class Batcher:
         tokens cost 0.15 s at the start of a stream and 0.24 s after 20 s). Only the flow's attention grows, not
         the vocoder, so the growth is measured on a mel-output stream of ``history_s`` seconds of speech (half
         the cost of audio on the demo voice), and its chunks enter the meter with the vocoder's cost added, as
-        measured on audio chunks of the same size after the same history. These measurements replace what the
+        measured on audio chunks of the same size after the same history. (The growth is not linear: the demo
+        voice's chunks cost about the same over their first 5 s of history, so 6 s fitted too little of it and
+        first streams stalled in 3 of 6 runs; paced streams grow faster still than unpaced ones.) These measurements replace what the
         meter and ``capacity()`` had seen; under a ``max_cache_bytes`` too small for a stream that long, each
         stream goes as far as the budget allows. Call it before serving: its calls hold the workers (demo voice:
-        about 4 s)."""
+        about 5 s)."""
         # Opening the first session prepares the prompt's state on the opening thread: on a thread that ends, whose
         # OpenMP pool ends with it, or every chunk measured here would run beside a second pool (12-token demo
         # chunks: 0.20 s against 0.14-0.17 s; token2wav.threads).
