@@ -308,8 +308,8 @@ class Batcher:
         voice's chunks cost about the same over their first 5 s of history, so 6 s fitted too little of it and
         first streams stalled in 3 of 6 runs; paced streams grow faster still than unpaced ones.) These
         measurements replace what the meter and ``capacity()`` had seen; under a ``max_cache_bytes`` too small
-        for a stream that long, each stream goes as far as the budget allows. Call it before serving: its calls hold the workers (demo voice:
-        about 5 s)."""
+        for a stream that long, each stream goes as far as the budget allows. Call it before serving: its calls
+        hold the workers (demo voice: about 5 s)."""
         # Opening the first session prepares the prompt's state on the opening thread: on a thread that ends, whose
         # OpenMP pool ends with it, or every chunk measured here would run beside a second pool (12-token demo
         # chunks: 0.20 s against 0.14-0.17 s; token2wav.threads).
