@@ -363,3 +363,20 @@ def test_one_off_slow_chunks_are_covered_by_the_buffer_not_priced_as_a_rate() ->
     run = _simulate(compute_s=jittery, rate=43.07, n_tokens=860, chunk=12, first_hop=12, max_hop=48, meter=warm)
     assert run["clock"].stalls == 0, run["clock"]
     assert run["clock"].start_buffer_s < 0.4
+
+
+def test_least_squares_gives_the_textbook_standard_error() -> None:
+    """The growth test needs the last coefficient's standard error, sqrt(sigma^2 (X'X)^-1), with sigma^2 the
+    residual sum of squares over n - k; numpy's lstsq and inverse give the expected values."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3))
+    y = x @ np.array([1.0, 2.0, 0.5]) + rng.normal(scale=0.3, size=20)
+    coef, se = pacing._least_squares(x.tolist(), y.tolist())
+    expected = np.linalg.lstsq(x, y, rcond=None)[0]
+    residual = y - x @ expected
+    cov = residual @ residual / (20 - 3) * np.linalg.inv(x.T @ x)
+    assert coef == pytest.approx(expected.tolist(), rel=1e-9)
+    assert se == pytest.approx(float(np.sqrt(cov[2, 2])), rel=1e-9)
+    assert pacing._least_squares(x[:3].tolist(), y[:3].tolist())[1] == 0.0  # no residual degrees of freedom

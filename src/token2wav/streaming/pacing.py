@@ -37,7 +37,7 @@ SAFETY_MARGIN_S = 0.12
 # they have, and the adaptive schedule then moves to larger hops where it can).
 PLAN_S = 20.0
 
-# The share of its audio a hop's p95 compute must leave free to count as keeping up (in a recommendation and in
+# The share of its audio a hop's typical compute must leave free to count as keeping up (in a recommendation and in
 # the adaptive schedule): a hop whose chunks take all of their audio never wins back what a chunk slower than its
 # p95 loses. (Added for 0.16 s buffers that stalled 2 demo streams of 8; those were later traced to the 147 ms
 # the vocoder holds back, which the session now adds, see StreamSession.vocoder_lag_s. It stays as a margin.)
@@ -317,8 +317,8 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
     tokens arrive (at ``token_rate``) and whose chunk is computed (p95) before ``dry_at - margin_s``, so hops
     grow with slack; the smallest hop when none does.
 
-    Unless a hop that keeps up exists (its tokens take no longer than its audio and its p95 compute leaves
-    ``HEADROOM`` of it free) and the
+    Unless a hop that keeps up exists (its tokens take no longer than its audio and its typical compute, the
+    median of observed over fitted times, leaves ``HEADROOM`` of it free) and the
     rule above would not take one: then each hop is scored by the silence the listener would hear over the
     next ``horizon_s`` seconds of audio if the stream kept it (the gap before this chunk arrives, plus what the
     hop loses at every later call, less the slack left after this chunk), and the least silence wins (among
@@ -367,8 +367,8 @@ def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_ra
 
     The adaptive schedule starts with ``first_hop`` and can move to any hop ``h`` (a multiple of ``chunk`` up to
     ``max_hop``) once the buffer covers the wait for its extra tokens and its compute. A hop is *sustainable* when
-    its tokens (``h / token_rate``) take no longer than its audio and its compute (p95) leaves ``HEADROOM`` of it
-    free. The recommendation is
+    its tokens (``h / token_rate``) take no longer than its audio and its typical compute (``typical_ratio``)
+    leaves ``HEADROOM`` of it free; the buffer covers a chunk up to the p95. The recommendation is
     the smallest buffer that reaches a sustainable hop: ``(h - first_hop) / token_rate`` + the compute of ``h``
     beyond the first chunk's + a margin. When no hop is sustainable (tokens or compute slower than real time), the
     shortfall of the best hop over ``horizon_s`` seconds of audio is added instead, capped at ``horizon_s``.
