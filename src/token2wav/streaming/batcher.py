@@ -338,8 +338,10 @@ class Batcher:
         with self._cv:
             self._calls.clear()  # capacity() counts audio calls only
         # the smallest hop (what a stream mostly takes at the token rate) and twice it: the two sizes set a call's
-        # fixed cost apart from its cost per token
-        audio = measure(first, 3) + measure(2 * first, 2)
+        # fixed cost apart from its cost per token. Six of the smallest anchor its cost, which the plan carries
+        # 20 s ahead: with three, the fit traded the fixed cost against the growth (0.05-0.11 s over five
+        # calibrations, and one server's streams were told 0.8-1.5 s); with six, 0.055-0.063 s.
+        audio = measure(first, 6) + measure(2 * first, 2)
         at = {(t, h): s for t, s, h in flow_only}
         vocoder_s = [s - at[t, h] for t, s, h in audio if (t, h) in at]  # the same chunk, with and without it
         vocoder_s = statistics.median(vocoder_s) if vocoder_s else 0.0
