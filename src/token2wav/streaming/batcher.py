@@ -339,8 +339,9 @@ class Batcher:
             self._calls.clear()  # capacity() counts audio calls only
         # the smallest hop (what a stream mostly takes at the token rate) and twice it: the two sizes set a call's
         # fixed cost apart from its cost per token. Six of the smallest anchor its cost, which the plan carries
-        # 20 s ahead: with three, the fit traded the fixed cost against the growth (0.05-0.11 s over five
-        # calibrations, and one server's streams were told 0.8-1.5 s); with six, 0.055-0.063 s.
+        # 20 s ahead: with three, the fit traded the fixed cost against the growth (0.05-0.09 s over five
+        # calibrations, 0.11-0.12 s in a traced server whose stream was told 1.4 s); with six, 0.055-0.063 s
+        # over four.
         audio = measure(first, 6) + measure(2 * first, 2)
         at = {(t, h): s for t, s, h in flow_only}
         vocoder_s = [s - at[t, h] for t, s, h in audio if (t, h) in at]  # the same chunk, with and without it

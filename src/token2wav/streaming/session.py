@@ -164,7 +164,7 @@ class StreamSession:
         self._lag_s = 0.0
         # seconds from submitting the first audible chunk to its delivery: the listener's clock starts there, so
         # a later chunk has what it costs beyond this one to spare (pacing.recommend_start_buffer)
-        self._first_compute_s: float | None = None
+        self._first_chunk_s: float | None = None
 
     # ---------------------------------------------------------------------------------------------- settings
 
@@ -243,7 +243,7 @@ class StreamSession:
     @property
     def first_chunk_s(self) -> float | None:
         """Seconds from submitting the first audible chunk to its delivery (None before it left)."""
-        return self._first_compute_s
+        return self._first_chunk_s
 
     def recommended_start_buffer_s(self) -> float:
         """Audio to buffer before playing so that this stream does not stall at the current load, from the
@@ -257,7 +257,7 @@ class StreamSession:
             first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token, token_rate=self.arrivals.upper_rate,
             compute=self._scheduler.compute, chunk=plan.chunk if adaptive else None,
             max_hop=plan.max_hop if adaptive else None, history=self.spec.history(self.state.offset),
-            first_compute_s=self._first_compute_s)
+            first_compute_s=self._first_chunk_s)
 
     @property
     def deadline(self) -> float:
@@ -348,7 +348,7 @@ class StreamSession:
             frames * self.spec.samples_per_frame / self.spec.sample_rate
         if not self.playback.started and seconds > 0:
             self._lag_s = max(0.0, em.end * self.spec.audio_s_per_token - self.playback.audio_s - seconds)
-            self._first_compute_s = now - submitted
+            self._first_chunk_s = now - submitted
         if self._explicit_buffer_s is None:
             if not self.playback.started:
                 self.playback.start_buffer_s = self.recommended_start_buffer_s()
