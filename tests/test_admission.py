@@ -156,3 +156,30 @@ def test_a_client_that_leaves_the_queue_ends_quietly_and_frees_its_place(engine:
     assert (first["position"], second["position"]) == (1, 2)
     assert waiting == 0.0
     assert [r.getMessage() for r in errors] == []
+
+
+def test_a_start_buffer_covers_a_chunk_behind_each_other_open_stream(engine: Any) -> None:
+    """With calls measured at 1 s fixed + 0.05 s per audio second, a second open stream adds a chunk that may
+    have to wait for the other's: the bound counts two calls' fixed costs (rows of two streams in calls of one)
+    and both chunks' audio, and the recommended start buffer covers it. Alone, the stream's own meter decides."""
+    batcher = engine.batcher(max_batch=1)
+    try:
+        for audio in (0.5, 1.0) * 4:
+            batcher.calls.observe(1.0 + 0.05 * audio, audio)
+        with batcher.stream() as a:
+            assert batcher.chunk_bound_s(1.0) is None
+            lone = a.recommended_start_buffer_s()
+            with batcher.stream() as b:
+                assert batcher.chunk_bound_s(1.0) == pytest.approx(2 * 1.0 + 0.05 * 2 * 1.0)
+                assert a.recommended_start_buffer_s() > lone + 1.0 and b.recommended_start_buffer_s() > lone + 1.0
+            assert a.recommended_start_buffer_s() == lone
+    finally:
+        batcher.close()
+    inline = engine.batcher(workers=0)  # Token2Wav.stream(): each chunk on its caller's thread, no queue
+    try:
+        for audio in (0.5, 1.0) * 4:
+            inline.calls.observe(1.0 + 0.05 * audio, audio)
+        with inline.stream(), inline.stream():
+            assert inline.chunk_bound_s(1.0) is None
+    finally:
+        inline.close()

@@ -4,6 +4,7 @@ stall happens whenever the capacity exists, hops grow with slack and stay whole 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -380,3 +381,92 @@ def test_least_squares_gives_the_textbook_standard_error() -> None:
     assert coef == pytest.approx(expected.tolist(), rel=1e-9)
     assert se == pytest.approx(float(np.sqrt(cov[2, 2])), rel=1e-9)
     assert pacing._least_squares(x[:3].tolist(), y[:3].tolist())[1] == 0.0  # no residual degrees of freedom
+
+
+def test_call_meter_fits_a_calls_fixed_cost_and_its_cost_per_audio_second() -> None:
+    """Calls of 1 and 2 s of audio at 0.1 s + 0.05 s per audio second (a mid-size CosyVoice 3 call's shape):
+    the fit gives both terms back, throughput is the audio over the wall time, and the bound of a chunk behind
+    other streams' is their calls' fixed costs plus all the audio."""
+    meter = pacing.CallMeter()
+    for audio in (1.0, 2.0) * 3 + (1.0,):
+        meter.observe(0.1 + 0.05 * audio, audio)
+    assert meter.fit() is None and meter.throughput() is None and meter.chunk_bound_s(1.0, 7, 16) is None  # 7 calls
+    meter.observe(0.2, 2.0)
+    fixed, per_audio, p95 = meter.fit()
+    assert fixed == pytest.approx(0.1) and per_audio == pytest.approx(0.05) and p95 == pytest.approx(1.0)
+    assert meter.throughput() == pytest.approx(12.0 / (8 * 0.1 + 0.05 * 12.0))
+    # 7 others, calls of 16 rows: one call for theirs, one for its own; 8 chunks of 1 s of audio
+    assert meter.chunk_bound_s(1.0, 7, 16) == pytest.approx(2 * 0.1 + 0.05 * 8)
+    assert meter.chunk_bound_s(1.0, 7, 1) == pytest.approx(8 * (0.1 + 0.05))  # one row per call: 8 calls
+    assert meter.chunk_bound_s(1.0, 0, 16) == pytest.approx(0.15)
+    # one call in ten 1.5x its fitted time: the 95th percentile of observed / fitted scales the bound
+    slow = pacing.CallMeter()
+    for i in range(20):
+        audio = 1.0 + i % 2
+        slow.observe((0.1 + 0.05 * audio) * (1.5 if i % 10 == 9 else 1.0), audio)
+    assert slow.fit()[2] > 1.3
+    assert slow.chunk_bound_s(1.0, 7, 16) == pytest.approx(slow.fit()[2] * (2 * slow.fit()[0] + 8 * slow.fit()[1]))
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        slow.observe(bad, 1.0)
+        slow.observe(1.0, bad)
+    assert len(slow.calls) == 20
+
+
+def _burst(n_streams: int, *, bounded: bool, fixed: float = 0.1, per_audio: float = 0.05) -> list[PlaybackClock]:
+    """``n_streams`` streams of 10 s start within 0.5 s of each other on one worker that computes every ready row
+    in one call of ``fixed + per_audio * audio`` s, up to 20 % longer at random (a trained chunk of 25 tokens at
+    25 tokens/s, look-ahead 3). Each listener's start buffer is recommended when its first chunk arrives, from a
+    meter that saw only a lone stream's chunks, with (``bounded``) or without the call meter's bound for a chunk
+    behind the others'."""
+    hop, rate, aspt, look, n_tokens = 25, 25.0, 0.04, 3, 250
+    rng = random.Random(0)
+
+    def call_s(audio: float) -> float:
+        return (fixed + per_audio * audio) * (1.0 + 0.2 * rng.random())
+
+    lone = ComputeMeter()
+    calls = pacing.CallMeter()
+    for h in (25, 50) * 8:  # what a lone stream measured (a calibration: single rows of two sizes)
+        took = call_s(h * aspt)
+        lone.observe(h, took, 100)
+        calls.observe(took, h * aspt)
+    offsets = [0.5 * i / n_streams for i in range(n_streams)]
+    ready = sorted((o + min((k + 1) * hop + look, n_tokens) / rate, i, k)  # ready when its tokens have arrived
+                   for i, o in enumerate(offsets) for k in range(n_tokens // hop))
+    delivered: dict[tuple[int, int], float] = {}
+    free = 0.0
+    while ready:
+        start = max(free, ready[0][0])
+        batch = [r for r in ready if r[0] <= start]
+        ready = [r for r in ready if r[0] > start]
+        free = start + call_s(len(batch) * hop * aspt)
+        for _ready_at, i, k in batch:
+            delivered[(i, k)] = free
+    clocks = []
+    for i in range(n_streams):
+        first_s = delivered[(i, 0)] - (offsets[i] + (hop + look) / rate)
+        buffer = recommend_start_buffer(
+            first_hop=hop, audio_s_per_token=aspt, token_rate=rate, compute=lone, chunk=hop, max_hop=hop,
+            history=100, first_compute_s=first_s,
+            loaded_s=(lambda h: calls.chunk_bound_s(h * aspt, n_streams - 1, 16)) if bounded else None)
+        clock = PlaybackClock(start_buffer_s=buffer)
+        for k in range(n_tokens // hop):
+            clock.deliver(delivered[(i, k)], hop * aspt)
+        clocks.append(clock)
+    return clocks
+
+
+def test_streams_that_start_together_are_buffered_for_the_load_they_make() -> None:
+    """Eight streams start within 0.5 s (what a load test does, and a burst of callers): the first one's first
+    chunk is computed alone, its later ones wait behind the others'. The worker is busy most of each second
+    (eight chunks at 0.08 s per audio second, plus fixed costs). Recommended from a lone stream's meter, every
+    buffer is the margin and streams stall (worst 206 ms); with the bound of a chunk behind the seven others'
+    (two calls' fixed costs and eight chunks' audio, times the calls' spread) none stalls, and no buffer exceeds
+    that bound plus the margin."""
+    unbounded = _burst(8, bounded=False, per_audio=0.08)
+    assert sum(c.stalls for c in unbounded) > 0 and max(c.worst_stall_s for c in unbounded) > 0.1
+    bounded = _burst(8, bounded=True, per_audio=0.08)
+    assert sum(c.stalls for c in bounded) == 0, [c.worst_stall_s for c in bounded]
+    assert max(c.start_buffer_s for c in bounded) <= 1.2 * (2 * 0.1 + 0.08 * 8) + SAFETY_MARGIN_S
+    # a lone stream: no other stream's chunk to wait for, the recommendation is the meter's alone
+    assert _burst(1, bounded=True)[0].start_buffer_s == _burst(1, bounded=False)[0].start_buffer_s

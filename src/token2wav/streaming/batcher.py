@@ -58,7 +58,7 @@ from ..models.kv_pool import RESERVED_PAGES, KVPool, PageTable
 from ..models.padded_solve import PaddedSolver, has_fixed_shapes
 from ..threads import run_in_short_lived_thread
 from .compute import CacheExhaustedError, Chunk, Row, run_rows
-from .pacing import SAFETY_MARGIN_S, ComputeMeter
+from .pacing import SAFETY_MARGIN_S, CallMeter, ComputeMeter
 from .schedule import Emission
 from .session import SessionClosedError, StreamSession
 from .state import SessionState
@@ -256,7 +256,7 @@ class Batcher:
         # recommended start buffer with it (streaming/pacing.py)
         self.compute = ComputeMeter()
         self.first_audio_budget_s = FIRST_AUDIO_BUDGET_S
-        self._calls: deque[tuple[float, float]] = deque(maxlen=64)  # (wall seconds, audio seconds) per call
+        self.calls = CallMeter()  # wall time against audio of each call: capacity() and chunk_bound_s()
         self._threads = [threading.Thread(target=self._loop, name=f"token2wav-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for thread in self._threads:
@@ -336,7 +336,7 @@ class Batcher:
         measure(4 * first, 2)  # the pass that pays the one-time costs
         flow_only = measure(2 * first, max(4, math.ceil(history_s * tokens_per_s / (2 * first))), output="mel")
         with self._cv:
-            self._calls.clear()  # capacity() counts audio calls only
+            self.calls.clear()  # capacity() counts audio calls only
         # the smallest hop (what a stream mostly takes at the token rate) and twice it: the two sizes set a call's
         # fixed cost apart from its cost per token. Six of the smallest anchor its cost, which the plan carries
         # 20 s ahead: with three, the fit traded the fixed cost against the growth (0.05-0.09 s over five
@@ -429,12 +429,22 @@ class Batcher:
         core on a CPU, one on a GPU). None until 8 calls were seen. Measured at the current batch sizes: busier
         GPUs batch more and do better than this."""
         with self._cv:
-            calls = list(self._calls)
-        if len(calls) < 8:
-            return None
-        wall = sum(w for w, _ in calls)
-        side_by_side = max(1, min(self.workers, self._cores)) if not self.inline else 1
-        return sum(a for _, a in calls) / max(wall, 1e-9) * side_by_side
+            throughput = self.calls.throughput()
+        return None if throughput is None else throughput * self._side_by_side()
+
+    def _side_by_side(self) -> int:
+        return max(1, min(self.workers, self._cores)) if not self.inline else 1
+
+    def chunk_bound_s(self, audio_s: float) -> float | None:
+        """The longest a chunk of ``audio_s`` seconds of audio can take, waiting included, if every other open
+        session has a chunk of that size ahead of it (``CallMeter.chunk_bound_s``, calls of ``max_batch`` rows;
+        with several workers on several cores the calls they run side by side count as one larger call). None
+        with no other session open (its own meter measures what a lone stream gets) or no calls measured."""
+        with self._cv:
+            others = len(self._sessions) - 1
+            if others < 1 or self.inline:
+                return None
+            return self.calls.chunk_bound_s(audio_s, others, self.max_batch * self._side_by_side())
 
     @property
     def sessions_open(self) -> int:
@@ -684,7 +694,7 @@ class Batcher:
                 self.ops_counted += ops
                 self.ops_rows += len(batch)
             self.batch_sizes[len(batch)] += 1
-            self._calls.append((delivered - started, audio_s))
+            self.calls.observe(delivered - started, audio_s)
             for job in batch:
                 em = job.row.emission
                 # the meter fits a stream's steady chunks. A final chunk also flushes the vocoder's held-back

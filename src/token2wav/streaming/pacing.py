@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ComputeMeter", "PlaybackClock", "RateMeter", "choose_hop", "recommend_start_buffer",
+__all__ = ["CallMeter", "ComputeMeter", "PlaybackClock", "RateMeter", "choose_hop", "recommend_start_buffer",
            "HEADROOM", "PLAN_S", "SAFETY_MARGIN_S"]
 
 # Kept between a chunk's expected delivery (p95 compute) and the moment the listener would run dry: scheduling
@@ -234,8 +234,70 @@ class ComputeMeter:
         return self._terms()[4] if self.samples else 1.5
 
 
-def _line_fit(samples: Sequence[tuple[int, float, int]]) -> tuple[float, float]:
-    """Least squares ``a + b * tokens`` (through the origin when the chunks all had one size, or when the line
+@dataclass
+class CallMeter:
+    """Wall seconds of a scheduler's recent calls against the audio seconds each computed, fitted as
+    ``fixed + per_audio * audio``. Its two questions: how much audio the calls compute per second
+    (``throughput``), and how long a chunk can take, waiting included, when other streams' chunks go before it
+    or share its call (``chunk_bound_s``). A stream's own meter (``ComputeMeter``) measures the load as it was;
+    when several streams start together, their first chunks see a load that no meter has seen yet (measured on
+    mid-size CosyVoice 3, 8 batched streams after a run of 4: start buffers of 0.2 s, stalls up to 213 ms)."""
+
+    window: int = 64
+    calls: deque = field(default_factory=deque)  # (wall seconds, audio seconds), the last ``window``
+    _fit: tuple[float, float, float] | None = None  # (fixed, per_audio, p95 of observed / fitted)
+
+    MIN_CALLS = 8  # fewer measure nothing
+
+    def observe(self, wall_s: float, audio_s: float) -> None:
+        if not (math.isfinite(wall_s) and wall_s > 0 and math.isfinite(audio_s) and audio_s > 0):
+            return
+        self.calls.append((wall_s, audio_s))
+        while len(self.calls) > self.window:
+            self.calls.popleft()
+        self._fit = None
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self._fit = None
+
+    @property
+    def measured(self) -> bool:
+        return len(self.calls) >= self.MIN_CALLS
+
+    def throughput(self) -> float | None:
+        """Audio seconds per wall second of the calls measured (None under ``MIN_CALLS``)."""
+        if not self.measured:
+            return None
+        return sum(a for _, a in self.calls) / sum(w for w, _ in self.calls)
+
+    def fit(self) -> tuple[float, float, float] | None:
+        """``(fixed, per_audio, p95)``: least squares over the calls when their sizes tell the first two apart
+        (else through the origin, the fixed cost spread over the sizes seen), and the 95th percentile of
+        observed over fitted wall time (at least 1); None under ``MIN_CALLS``."""
+        if not self.measured:
+            return None
+        if self._fit is None:
+            fixed, per_audio = _line_fit([(a, w, 0) for w, a in self.calls])
+            ratios = sorted(w / max(fixed + per_audio * a, 1e-9) for w, a in self.calls)
+            self._fit = fixed, per_audio, max(1.0, ratios[min(len(ratios) - 1, int(0.95 * len(ratios)))])
+        return self._fit
+
+    def chunk_bound_s(self, audio_s: float, others: int, max_batch: int) -> float | None:
+        """The longest a chunk of ``audio_s`` waits and computes when a chunk of the same size from each of
+        ``others`` streams is ahead of it or beside it, in calls of at most ``max_batch`` rows: their calls
+        first, then its own, ``(ceil(others / max_batch) + 1)`` fixed costs and ``others + 1`` chunks' audio,
+        times the calls' p95 spread. None before calls were measured."""
+        terms = self.fit()
+        if terms is None:
+            return None
+        fixed, per_audio, p95 = terms
+        calls = -(-max(0, others) // max(1, max_batch)) + 1
+        return p95 * (calls * fixed + per_audio * (max(0, others) + 1) * audio_s)
+
+
+def _line_fit(samples: Sequence[tuple[float, float, int]]) -> tuple[float, float]:
+    """Least squares ``a + b * size`` (through the origin when the samples all had one size, or when the line
     would go negative)."""
     xs = [t for t, _, _ in samples]
     ys = [s for _, s, _ in samples]
@@ -362,7 +424,8 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
 def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_rate: float, compute: ComputeMeter,
                            chunk: int | None = None, max_hop: int | None = None, horizon_s: float = 10.0,
                            margin_s: float = SAFETY_MARGIN_S, history: int = 0, plan_s: float = PLAN_S,
-                           first_compute_s: float | None = None) -> float:
+                           first_compute_s: float | None = None,
+                           loaded_s: Callable[[int], float | None] | None = None) -> float:
     """Seconds of audio to buffer before playing so that the stream does not stall, at the current load.
 
     The adaptive schedule starts with ``first_hop`` and can move to any hop ``h`` (a multiple of ``chunk`` up to
@@ -380,6 +443,10 @@ def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_ra
     ``first_compute_s``: what the first chunk took, once it was delivered. Playback starts from its delivery, so
     a later chunk has its own cost less this one's to make up; a stream's first chunk is often cheaper than its
     steady ones (demo voice: 0.13 s against 0.17-0.2 s for 12 tokens), which the meter's estimate misses.
+
+    ``loaded_s(h)``: the longest a chunk of ``h`` tokens can take with the streams open now, waiting for theirs
+    included (``CallMeter.chunk_bound_s``; None: no bound). The buffer covers it too: the meter measured the
+    load of the chunks before, and streams that start together see a load it has not measured.
     """
     step = chunk or first_hop
     top = max(first_hop, max_hop or first_hop)
@@ -394,6 +461,9 @@ def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_ra
         fitted = compute.seconds(h, later)
         wait = (h - first_hop) / token_rate if token_rate > 0 else math.inf
         reach = max(0.0, wait + slow * fitted - first_s)  # the buffer covers a chunk up to the p95
+        bound = loaded_s(h) if loaded_s is not None else None
+        if bound is not None:
+            reach = max(reach, wait + bound - first_s)
         rate_s = typical * fitted  # whether the hop keeps up: what its chunks typically cost
         if tokens_s <= audio and rate_s <= (1.0 - HEADROOM) * audio:
             return min(horizon_s, reach + margin_s)

@@ -130,6 +130,8 @@ class ChunkScheduler(Protocol):
 
     def call_ended(self) -> None: ...
 
+    def chunk_bound_s(self, audio_s: float) -> float | None: ...
+
 
 class StreamSession:
     """One stream: ``push`` tokens as they come, ``finish`` once, ``close`` (or use ``with``).
@@ -250,14 +252,16 @@ class StreamSession:
         measured compute time of this model's chunks, the measured token rate (its upper estimate: a producer at
         the model's rate must not read as slower) and the smallest hop (``pacing.recommend_start_buffer``), plus
         the audio the vocoder holds back (``vocoder_lag_s``); once audio has left, later chunks are costed against
-        the first one's measured time rather than the meter's estimate of it."""
+        the first one's measured time rather than the meter's estimate of it. With other streams open, the
+        buffer also covers a chunk that waits for a chunk of each of theirs (``Batcher.chunk_bound_s``)."""
         plan = self.plan
         adaptive = plan.schedule == "adaptive"
         return self._lag_s + recommend_start_buffer(
             first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token, token_rate=self.arrivals.upper_rate,
             compute=self._scheduler.compute, chunk=plan.chunk if adaptive else None,
             max_hop=plan.max_hop if adaptive else None, history=self.spec.history(self.state.offset),
-            first_compute_s=self._first_chunk_s)
+            first_compute_s=self._first_chunk_s,
+            loaded_s=lambda h: self._scheduler.chunk_bound_s(h * self.spec.audio_s_per_token))
 
     @property
     def deadline(self) -> float:
