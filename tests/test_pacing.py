@@ -409,7 +409,25 @@ def test_call_meter_fits_a_calls_fixed_cost_and_its_cost_per_audio_second() -> N
     for bad in (0.0, -1.0, math.nan, math.inf):
         slow.observe(bad, 1.0)
         slow.observe(1.0, bad)
+    slow.observe(1.0, 1.0, rows=0)
     assert len(slow.calls) == 20
+
+
+def test_call_meter_capacity_grows_with_the_rows_a_call_would_hold() -> None:
+    """Calls of one row measured (1 s of audio each at 0.1 + 0.08 per audio second: 5.6 audio s/s): with 8
+    streams a busy batcher puts 8 rows in a call and computes 8 / (0.1 + 0.64) = 10.8 audio s/s, bounded by
+    1 / 0.08 = 12.5 however many rows; never less than measured."""
+    meter = pacing.CallMeter()
+    for i in range(8):
+        audio = 1.0 if i % 2 else 0.5
+        meter.observe(0.1 + 0.08 * audio, audio, rows=1)
+    row_audio = 0.75
+    assert meter.throughput() == pytest.approx(6.0 / (0.8 + 0.08 * 6.0))
+    assert meter.throughput_at(1) == pytest.approx(max(meter.throughput(), row_audio / (0.1 + 0.08 * row_audio)))
+    assert meter.throughput_at(8) == pytest.approx(8 * row_audio / (0.1 + 0.08 * 8 * row_audio))
+    assert meter.throughput_at(1000) < 1 / 0.08
+    assert meter.throughput_at(0) == meter.throughput_at(1)
+    assert pacing.CallMeter().throughput_at(8) is None
 
 
 def _burst(n_streams: int, *, bounded: bool, fixed: float = 0.1, per_audio: float = 0.05) -> list[PlaybackClock]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -110,7 +111,8 @@ class _Metrics:
         self.memory_budget = r.gauge("token2wav_memory_budget_bytes", "The memory budget (--max-cache-mb); 0: none.")
         self.audio_need = r.gauge("token2wav_audio_need", "Audio seconds per second the open streams need (one each).")
         self.audio_capacity = r.gauge("token2wav_audio_capacity", "Audio seconds per second the server measures it "
-                                      "can compute at its current batch sizes (0: not measured yet).")
+                                      "can compute with one more stream than are open, its chunks sharing calls (0: "
+                                      "not measured yet).")
         self.streams_waiting = r.gauge("token2wav_streams_waiting", "New streams waiting for capacity.")
         self.worst_stall = r.histogram(
             "token2wav_stream_worst_stall_seconds",
@@ -138,7 +140,7 @@ class _Metrics:
             self.cache_entries.set(len(cache))
 
     def collect_batcher(self, batcher: Any) -> None:
-        self.audio_capacity.set(batcher.capacity() or 0.0)
+        self.audio_capacity.set(batcher.capacity(streams=batcher.sessions_open + 1) or 0.0)
         stats = batcher.stats()
         self.kv_pages_used.set(stats["kv_pages_total"] - stats["kv_pages_free"])
         self.kv_pages_total.set(stats["kv_pages_total"])
@@ -221,8 +223,13 @@ class ServerState:
         (measured: after two demo streams on 2 cores it read 0.9 audio s/s and every later stream was refused)."""
         if not self.limits.admit_by_capacity or not self.streams:
             return True
-        capacity = self.batcher.capacity()
+        capacity = self.capacity(extra)
         return capacity is None or self.audio_need() + extra <= capacity * CAPACITY_HEADROOM
+
+    def capacity(self, extra: float = 1.0) -> float | None:
+        """What the batcher computes, in audio seconds per second, with ``extra`` more real-time streams than are
+        open: their chunks share calls (``Batcher.capacity(streams=...)``)."""
+        return self.batcher.capacity(streams=len(self.streams) + math.ceil(extra))
 
     async def wait_for_capacity(self, notify: Callable[[int], Any], gone: Callable[[], bool] = lambda: False
                                 ) -> bool:
@@ -259,7 +266,7 @@ class ServerState:
             self.slot_freed.set()  # the next in line looks again
 
     def over_capacity_error(self) -> P.ProtocolError:
-        capacity = self.batcher.capacity() or 0.0
+        capacity = self.capacity() or 0.0
         err = P.ProtocolError(
             f"server at capacity: {len(self.streams)} real-time streams open need {self.audio_need():.1f} s of "
             f"audio per second, it computes about {capacity:.1f}; try again later",
@@ -707,7 +714,7 @@ class _StreamHandler:
             self._watch = asyncio.ensure_future(self._watch_while_queued())
         st = self.state
         await self._send({"type": "queued", "position": position, "need": round(st.audio_need(), 2),
-                          "capacity": round(st.batcher.capacity() or 0.0, 2)})
+                          "capacity": round(st.capacity() or 0.0, 2)})
 
     # -- transport
     async def _send(self, frame: Any) -> None:

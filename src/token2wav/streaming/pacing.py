@@ -244,15 +244,15 @@ class CallMeter:
     mid-size CosyVoice 3, 8 batched streams after a run of 4: start buffers of 0.2 s, stalls up to 213 ms)."""
 
     window: int = 64
-    calls: deque = field(default_factory=deque)  # (wall seconds, audio seconds), the last ``window``
+    calls: deque = field(default_factory=deque)  # (wall seconds, audio seconds, rows), the last ``window``
     _fit: tuple[float, float, float] | None = None  # (fixed, per_audio, p95 of observed / fitted)
 
     MIN_CALLS = 8  # fewer measure nothing
 
-    def observe(self, wall_s: float, audio_s: float) -> None:
-        if not (math.isfinite(wall_s) and wall_s > 0 and math.isfinite(audio_s) and audio_s > 0):
+    def observe(self, wall_s: float, audio_s: float, rows: int = 1) -> None:
+        if not (math.isfinite(wall_s) and wall_s > 0 and math.isfinite(audio_s) and audio_s > 0 and rows >= 1):
             return
-        self.calls.append((wall_s, audio_s))
+        self.calls.append((wall_s, audio_s, int(rows)))
         while len(self.calls) > self.window:
             self.calls.popleft()
         self._fit = None
@@ -269,7 +269,19 @@ class CallMeter:
         """Audio seconds per wall second of the calls measured (None under ``MIN_CALLS``)."""
         if not self.measured:
             return None
-        return sum(a for _, a in self.calls) / sum(w for w, _ in self.calls)
+        return sum(a for _, a, _ in self.calls) / sum(w for w, _, _ in self.calls)
+
+    def throughput_at(self, rows: int) -> float | None:
+        """Audio seconds per wall second of calls of ``rows`` rows of the mean size measured, from the fit: a
+        busier scheduler puts more rows in a call and pays its fixed cost fewer times per audio second. At least
+        the throughput measured (None under ``MIN_CALLS``)."""
+        terms = self.fit()
+        if terms is None:
+            return None
+        fixed, per_audio, _ = terms
+        row_audio = sum(a for _, a, _ in self.calls) / sum(r for _, _, r in self.calls)
+        audio = max(1, rows) * row_audio
+        return max(self.throughput() or 0.0, audio / max(fixed + per_audio * audio, 1e-9))
 
     def fit(self) -> tuple[float, float, float] | None:
         """``(fixed, per_audio, p95)``: least squares over the calls when their sizes tell the first two apart
@@ -278,8 +290,8 @@ class CallMeter:
         if not self.measured:
             return None
         if self._fit is None:
-            fixed, per_audio = _line_fit([(a, w, 0) for w, a in self.calls])
-            ratios = sorted(w / max(fixed + per_audio * a, 1e-9) for w, a in self.calls)
+            fixed, per_audio = _line_fit([(a, w, 0) for w, a, _ in self.calls])
+            ratios = sorted(w / max(fixed + per_audio * a, 1e-9) for w, a, _ in self.calls)
             self._fit = fixed, per_audio, max(1.0, ratios[min(len(ratios) - 1, int(0.95 * len(ratios)))])
         return self._fit
 
