@@ -79,6 +79,26 @@ def test_a_stream_over_capacity_waits_then_starts_when_one_ends(engine: Any) -> 
     assert m["token2wav_streams_waiting"] == 1.0
 
 
+def test_streams_that_arrive_together_are_counted_from_their_admission(engine: Any) -> None:
+    """Capacity 2.5: three connections at once, none has started its session yet (no 'start' sent). The first two
+    are admitted and count in the need from then on, so the third waits. (Counted only once their sessions were
+    open, all three were admitted: measured, 16 streams within 0.5 s all admitted and all stalled.)"""
+    batcher = _Capacity(engine.batcher(max_batch=1), 2.5)
+    limits = ServerLimits(max_sessions=8, max_waiting_streams=4, admission_wait_s=20.0, workers=2)
+    app = create_app(engine, name="together", limits=limits, batcher=batcher)
+    with running_server(app) as addr:
+
+        async def scenario() -> dict[str, Any]:
+            conns = [await connect(f"ws://{addr}/v1/stream") for _ in range(3)]
+            third = await _first(conns[2])
+            for ws in conns:
+                await ws.close()
+            return third
+
+        third = asyncio.run(scenario())
+    assert third == {"type": "queued", "position": 1, "need": 2.0, "capacity": 2.5}
+
+
 def test_a_waiting_stream_is_refused_after_the_admission_wait(engine: Any) -> None:
     """Capacity 0.5 audio s/s: not even one stream is real time. An idle server still takes one (refusing it
     helps no one, and only its calls re-measure the capacity); the next waits, then is refused."""
