@@ -414,18 +414,17 @@ def test_call_meter_fits_a_calls_fixed_cost_and_its_cost_per_audio_second() -> N
 
 
 def test_call_meter_capacity_grows_with_the_rows_a_call_would_hold() -> None:
-    """Calls of one row measured (1 s of audio each at 0.1 + 0.08 per audio second: 5.6 audio s/s): with 8
-    streams a busy batcher puts 8 rows in a call and computes 8 / (0.1 + 0.64) = 10.8 audio s/s, bounded by
-    1 / 0.08 = 12.5 however many rows; never less than measured."""
+    """Calls of one and four rows of 0.75 s of audio, at 0.1 s + 0.08 s per audio second: with more streams a busy
+    batcher puts more rows in a call and computes more audio per second (5 rows: 3.75 / 0.4 s = 9.4 audio s/s),
+    bounded by 1 / 0.08 = 12.5; carried at most one row past the largest call seen; never less than measured."""
     meter = pacing.CallMeter()
     for i in range(8):
-        audio = 1.0 if i % 2 else 0.5
-        meter.observe(0.1 + 0.08 * audio, audio, rows=1)
-    row_audio = 0.75
-    assert meter.throughput() == pytest.approx(6.0 / (0.8 + 0.08 * 6.0))
-    assert meter.throughput_at(1) == pytest.approx(max(meter.throughput(), row_audio / (0.1 + 0.08 * row_audio)))
-    assert meter.throughput_at(8) == pytest.approx(8 * row_audio / (0.1 + 0.08 * 8 * row_audio))
-    assert meter.throughput_at(1000) < 1 / 0.08
+        rows = 4 if i % 2 else 1
+        meter.observe(0.1 + 0.08 * 0.75 * rows, 0.75 * rows, rows=rows)
+    assert meter.throughput() == pytest.approx(15.0 / (0.8 + 0.08 * 15.0))
+    assert meter.throughput_at(1) == pytest.approx(meter.throughput())  # the measured mix beats one row alone
+    assert meter.throughput_at(5) == pytest.approx(5 * 0.75 / (0.1 + 0.08 * 5 * 0.75))
+    assert meter.throughput_at(16) == meter.throughput_at(5) < 1 / 0.08  # four rows seen: five at most
     assert meter.throughput_at(0) == meter.throughput_at(1)
     assert pacing.CallMeter().throughput_at(8) is None
 
