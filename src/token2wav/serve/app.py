@@ -40,7 +40,7 @@ from token2wav.streaming.options import StreamOptions
 from token2wav.streaming.state import PromptCache
 from token2wav.threads import ShortLivedThreads
 
-__all__ = ["ServerState", "create_app", "uvicorn_config"]
+__all__ = ["ServerState", "create_app", "first_hop", "uvicorn_config"]
 
 T = TypeVar("T")
 # Admission keeps this share of the measured capacity for new streams at most: the measurement is noisy and
@@ -48,6 +48,14 @@ T = TypeVar("T")
 CAPACITY_HEADROOM = 0.9
 
 log = logging.getLogger("token2wav.serve")
+
+
+def first_hop(t2w: Any, prompt: Any) -> int | None:
+    """The hop an adaptive stream on this server starts from when its client names none: the first audio as
+    early as the model allows, its smallest valid hop after ``prompt`` (the demo voice's run-time chunk), from
+    which the adaptive schedule grows; None: the model's default (trained chunks). The start-up calibration
+    measures this hop (serve/assembly.py)."""
+    return low_latency_options(t2w, prompt).get("hop")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -857,11 +865,9 @@ class _StreamHandler:
         if msg.schedule is not None or exact_any_hop:
             kwargs["schedule"] = msg.schedule or "adaptive"
         if kwargs.get("schedule") == "adaptive" and msg.hop is None and msg.preset is None:
-            # the first audio as early as the model allows: its smallest valid hop (the demo voice's run-time
-            # chunk), from which the adaptive schedule grows
-            kwargs["hop"] = low_latency_options(st.t2w, prompt).get("hop")
-            if kwargs["hop"] is None:
-                del kwargs["hop"]
+            hop = first_hop(st.t2w, prompt)
+            if hop is not None:
+                kwargs["hop"] = hop
         for key in ("preset", "hop", "mode", "window_frames", "pre_lookahead_len", "start_buffer_ms"):
             if getattr(msg, key) is not None:
                 kwargs[key] = getattr(msg, key)

@@ -90,7 +90,7 @@ def build_server(spec: ServerSpec) -> AssembledServer:
 
     The building runs on a short-lived thread: the OpenMP pool that loading starts ends with it, and the
     batcher's worker keeps the process's only pool (token2wav.threads)."""
-    from token2wav.demo import low_latency_options
+    from token2wav.serve.app import first_hop
     from token2wav.threads import run_in_short_lived_thread
 
     server = run_in_short_lived_thread(_build_server, spec, name="token2wav-load")
@@ -100,8 +100,8 @@ def build_server(spec: ServerSpec) -> AssembledServer:
         # slower, and the calibration measured it (12-token demo chunks 0.20-0.25 s against 0.16 s when serving)
         t0 = time.perf_counter()
         try:
-            # the hop the server's streams start from (see serve/app.py: the smallest valid hop, or the default)
-            run_in_short_lived_thread(server.batcher.calibrate, hop=low_latency_options(server.t2w, None).get("hop"),
+            # the hop the server's streams start from, after the default prompt (None)
+            run_in_short_lived_thread(server.batcher.calibrate, hop=first_hop(server.t2w, None),
                                       name="token2wav-calibrate")
         except BaseException:
             server.batcher.close()
