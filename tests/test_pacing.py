@@ -411,6 +411,15 @@ def test_call_meter_fits_a_calls_fixed_cost_and_its_cost_per_audio_second() -> N
         slow.observe(1.0, bad)
     slow.observe(1.0, 1.0, rows=0)
     assert len(slow.calls) == 20
+    # priced 1.25x (calls measured after short histories standing for a stream's dearer ones): the fixed cost and
+    # the cost per audio second scale alike, the spread does not, the throughput falls by as much
+    before, fit = slow.throughput(), slow.fit()
+    slow.reprice(1.25)
+    assert slow.fit() == pytest.approx((1.25 * fit[0], 1.25 * fit[1], fit[2]))
+    assert slow.throughput() == pytest.approx(before / 1.25)
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="factor must be a positive finite number"):
+            slow.reprice(bad)
 
 
 def test_call_meter_capacity_grows_with_the_rows_a_call_would_hold() -> None:

@@ -58,7 +58,7 @@ from ..models.kv_pool import RESERVED_PAGES, KVPool, PageTable
 from ..models.padded_solve import PaddedSolver, has_fixed_shapes
 from ..threads import run_in_short_lived_thread
 from .compute import CacheExhaustedError, Chunk, Row, run_rows
-from .pacing import SAFETY_MARGIN_S, CallMeter, ComputeMeter
+from .pacing import PLAN_S, SAFETY_MARGIN_S, CallMeter, ComputeMeter
 from .schedule import Emission
 from .session import SessionClosedError, StreamSession
 from .state import SessionState
@@ -307,7 +307,8 @@ class Batcher:
         measured on audio chunks of the same size after the same history. (The growth is not linear: the demo
         voice's chunks cost about the same over their first 5 s of history, so 6 s fitted too little of it and
         first streams stalled in 3 of 6 runs; paced streams grow faster still than unpaced ones.) These
-        measurements replace what the meter and ``capacity()`` had seen; under a ``max_cache_bytes`` too small
+        measurements replace what the meter and ``capacity()`` had seen (the calls priced at the middle of a
+        ``PLAN_S`` stream, where its chunks cost more than here); under a ``max_cache_bytes`` too small
         for a stream that long, each stream goes as far as the budget allows. Call it before serving: its calls
         hold the workers (demo voice: about 5 s)."""
         # Opening the first session prepares the prompt's state on the opening thread: on a thread that ends, whose
@@ -352,6 +353,16 @@ class Batcher:
                 self.compute.observe(t, s + vocoder_s, h)
             for sample in audio:
                 self.compute.observe(*sample)
+            # The audio calls ran after short histories, and admission reads its capacity from them: priced as
+            # they are, two demo streams were admitted (capacity 2.2 audio s/s) that together needed more than
+            # the two cores (both stalled 34 times). A stream's chunks get dearer with its history: the calls are
+            # priced at the middle of the plan, PLAN_S / 2 of speech further on (by the growth fitted above;
+            # none when the growth was not significant).
+            if audio:
+                short = statistics.fmean(h for _, _, h in audio)
+                later = short + PLAN_S / 2 * tokens_per_s
+                now_s = max(self.compute.seconds(first, short), 1e-9)
+                self.calls.reprice(max(1.0, self.compute.seconds(first, later) / now_s))
             return len(self.compute.samples)
 
     def _abandoned(self, reservation: _Reservation) -> None:

@@ -261,6 +261,14 @@ class CallMeter:
         self.calls.clear()
         self._fit = None
 
+    def reprice(self, factor: float) -> None:
+        """Scale every measured call's wall time by ``factor`` (> 0): calls measured where chunks were cheaper
+        than a stream's will be (short histories) stand for the dearer ones."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"factor must be a positive finite number, got {factor!r}")
+        self.calls = deque((w * factor, a, r) for w, a, r in self.calls)
+        self._fit = None
+
     @property
     def measured(self) -> bool:
         return len(self.calls) >= self.MIN_CALLS
