@@ -354,8 +354,8 @@ class Batcher:
             for sample in audio:
                 self.compute.observe(*sample)
             # The audio calls ran after short histories, and admission reads its capacity from them: priced as
-            # they are, two demo streams were admitted (capacity 2.2 audio s/s) that together needed more than
-            # the two cores (both stalled 34 times). A stream's chunks get dearer with its history: the calls are
+            # they are, two demo streams were admitted that together needed more than two cores (both stalled
+            # 34-35 times). A stream's chunks get dearer with its history: the calls are
             # priced at the middle of the plan, PLAN_S / 2 of speech further on (by the growth fitted above;
             # none when the growth was not significant).
             if audio:
