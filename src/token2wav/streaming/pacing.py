@@ -10,6 +10,9 @@ on a simulated clock without a model.
 * ``ComputeMeter``: seconds a chunk of ``h`` tokens takes from submission to delivery on this model at the current
   load (queueing included), fitted as ``a + b * h + c * h * history`` over recent chunks (a chunk attends to
   the tokens before it).
+* ``CallMeter``: a scheduler's calls, wall time against audio, fitted as a fixed cost plus a cost per audio
+  second: the audio it computes per second (admission's capacity) and how long a chunk can wait behind other
+  streams' chunks (a start buffer's bound).
 * ``choose_hop``: the ``adaptive`` schedule. The smallest valid hop while there is no audio (first audio comes
   early); then the largest hop whose tokens (at the measured rate) plus its compute still arrive before the
   audio runs dry, with a margin, so hops grow with slack (fewer, larger calls) and shrink when it runs short;
@@ -237,11 +240,12 @@ class ComputeMeter:
 @dataclass
 class CallMeter:
     """Wall seconds of a scheduler's recent calls against the audio seconds each computed, fitted as
-    ``fixed + per_audio * audio``. Its two questions: how much audio the calls compute per second
-    (``throughput``), and how long a chunk can take, waiting included, when other streams' chunks go before it
-    or share its call (``chunk_bound_s``). A stream's own meter (``ComputeMeter``) measures the load as it was;
-    when several streams start together, their first chunks see a load that no meter has seen yet (measured on
-    mid-size CosyVoice 3, 8 batched streams after a run of 4: start buffers of 0.2 s, stalls up to 213 ms)."""
+    ``fixed + per_audio * audio``. It answers how much audio the calls compute per second (``throughput``, and
+    ``throughput_at`` for calls of more rows), and how long a chunk can take, waiting included, when other
+    streams' chunks go before it or share its call (``chunk_bound_s``). A stream's own meter (``ComputeMeter``)
+    measures the load as it was; when several streams start together, their first chunks see a load that no
+    meter has seen yet (measured on mid-size CosyVoice 3, 8 batched streams after a run of 4: start buffers of
+    0.2 s, stalls up to 213 ms)."""
 
     window: int = 64
     calls: deque = field(default_factory=deque)  # (wall seconds, audio seconds, rows), the last ``window``
