@@ -24,9 +24,11 @@ AUDIO_PER_TOKEN = 2 * 256 / 22050  # the demo voice: 43.07 tokens per second of 
 def test_playback_clock_counts_each_stall() -> None:
     clock = PlaybackClock(start_buffer_s=0.25)
     assert clock.dry_at == math.inf and clock.deliver(10.0, 1.0) == 0.0
-    assert clock.dry_at == 11.25  # plays from 10.25 for 1 s
+    assert clock.dry_at == 11.25 and clock.least_slack_s == math.inf  # plays from 10.25 for 1 s
     assert clock.deliver(11.0, 0.5) == 0.0 and clock.dry_at == 11.75
+    assert clock.least_slack_s == pytest.approx(0.25)  # arrived with 0.25 s still to play
     assert clock.deliver(12.0, 0.5) == pytest.approx(0.25)  # 0.25 s of silence from 11.75
+    assert clock.least_slack_s == pytest.approx(-0.25)
     assert clock.dry_at == pytest.approx(12.5)
     assert clock.deliver(13.5, 0.1) == pytest.approx(1.0)
     assert (clock.stalls, clock.stall_s, clock.worst_stall_s) == (2, pytest.approx(1.25), pytest.approx(1.0))

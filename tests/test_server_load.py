@@ -137,8 +137,8 @@ def test_stall_shares_and_the_realtime_criterion() -> None:
 
 STREAM_FIELDS = {
     "index", "start_offset_s", "tokens", "chunks", "audio_s", "first_chunk_latency_s", "first_audio_s", "first_play_s",
-    "prebuffer_s", "prebuffer_from", "underruns", "underrun_s", "stall_s", "worst_stall_s", "viable", "slow_downs",
-    "wall_s", "error", "close_code",
+    "prebuffer_s", "prebuffer_from", "underruns", "underrun_s", "stall_s", "worst_stall_s", "least_slack_s", "viable",
+    "slow_downs", "wall_s", "error", "close_code",
 }
 
 
@@ -169,6 +169,11 @@ def test_loadtest_command_reports_per_stream_and_aggregate(engine: Any, tmp_path
         assert 0 < s["first_chunk_latency_s"] <= s["first_audio_s"]
         assert s["first_audio_s"] >= 27 / 25  # the 28th token is sent 27/25 s after the first
         assert s["underruns"] >= 0 and s["underrun_s"] == s["stall_s"] >= s["worst_stall_s"] >= 0
+        # a stalled stream's least slack is minus a stall; one without, what its buffer had left (at most all of it)
+        if s["underruns"]:
+            assert s["least_slack_s"] < 0 and -s["least_slack_s"] <= s["worst_stall_s"] + 1e-3
+        else:
+            assert 0 <= s["least_slack_s"] <= s["prebuffer_s"] + 2.0 + 1e-3  # plus the first chunk's 2 s of audio
         # no --prebuffer: the server's recommendation, or 0.5 s from a server that sends none
         assert s["prebuffer_from"] in ("server", "default")
         if s["prebuffer_from"] == "default":

@@ -15,6 +15,8 @@ stream (``prebuffer_s`` and ``prebuffer_from``: ``option``, ``server`` or ``defa
   ``first_play_s``: to the start of playback (``first_audio_s`` plus the start buffer);
 * ``worst_stall_s`` (the longest single stall), ``stall_s`` (their total), ``underruns`` (their number;
   ``underrun_s`` is the older name of ``stall_s``), audio seconds, errors;
+* ``least_slack_s``: the least audio still buffered when a chunk arrived (negative: a stall); in a stream
+  without a stall, ``prebuffer_s - least_slack_s`` is the start buffer it needed;
 * ``viable``: no error, worst stall <= 100 ms and first audio *heard* (``first_play_s``) within
   ``--latency-bound``. A start buffer as long as the stream would play every stream without a stall; the
   bound on when the listener hears it is what makes a stream real time.
@@ -151,6 +153,7 @@ class StreamStats:
     underrun_s: float = 0.0
     stall_s: float = 0.0
     worst_stall_s: float = 0.0
+    least_slack_s: float | None = None  # the least audio still buffered when a chunk arrived (None: one chunk)
     viable: bool | None = None
     slow_downs: int = 0
     wall_s: float = 0.0
@@ -280,6 +283,7 @@ async def _one_stream(cfg: LoadConfig, index: int, offset: float, ids: list[int]
     st.underruns = player.underruns
     st.underrun_s = st.stall_s = round(player.stall_s, 4)
     st.worst_stall_s = round(player.worst_stall_s, 4)
+    st.least_slack_s = round(player.least_slack_s, 4) if math.isfinite(player.least_slack_s) else None
     st.prebuffer_s, st.prebuffer_from = round(player.prebuffer_s, 4), source
     if player.start is not None and sent_at:
         st.first_play_s = player.start - sent_at[0]
@@ -650,6 +654,7 @@ def main(args: argparse.Namespace) -> int:
             log(f"  stream {s['index']:3d}: first chunk {_ms(s['first_chunk_latency_s'])}, first audio "
                 f"{_ms(s['first_audio_s'])}, start buffer {_ms(s['prebuffer_s'])} ({s['prebuffer_from']}), heard "
                 f"{_ms(s['first_play_s'])}, "
+                f"least slack {_ms(s['least_slack_s'])}, "
                 f"{s['audio_s']:.2f} s audio, {s['underruns']} stall(s) {_ms(s['stall_s'])} (worst "
                 f"{_ms(s['worst_stall_s'])}), {'viable' if s['viable'] else 'NOT viable'}"
                 + (f", error: {s['error']}" if s["error"] else ""))

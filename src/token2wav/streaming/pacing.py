@@ -61,6 +61,9 @@ class PlaybackClock:
     stall_s: float = 0.0  # silence heard so far (sum of stalls)
     worst_stall_s: float = 0.0
     stalls: int = 0
+    # the least audio left to play when a later chunk arrived (negative: a stall that long): how much of the start
+    # buffer the stream did not need; inf until a second chunk
+    least_slack_s: float = math.inf
 
     def deliver(self, now: float, seconds: float) -> float:
         """A chunk of ``seconds`` of audio reaches the listener at ``now``; returns the stall it causes (0 if none).
@@ -73,6 +76,7 @@ class PlaybackClock:
             self.play_start = now + self.start_buffer_s
         else:
             end = self.dry_at
+            self.least_slack_s = min(self.least_slack_s, end - now)
             if now > end:  # the listener has been hearing silence since `end`
                 gap = now - end
                 self.stall_s += gap
