@@ -355,9 +355,9 @@ class Batcher:
                 self.compute.observe(*sample)
             # The audio calls ran after short histories, and admission reads its capacity from them: priced as
             # they are, two demo streams were admitted that together needed more than two cores (both stalled
-            # 34-35 times). A stream's chunks get dearer with its history: the calls are
-            # priced at the middle of the plan, PLAN_S / 2 of speech further on (by the growth fitted above;
-            # none when the growth was not significant).
+            # 34-35 times). A stream's chunks get dearer with its history: the calls are priced at the middle of
+            # the plan, PLAN_S / 2 of speech further on (by the growth fitted above; none when the growth was not
+            # significant).
             if audio:
                 short = statistics.fmean(h for _, _, h in audio)
                 later = short + PLAN_S / 2 * tokens_per_s
