@@ -180,7 +180,7 @@ class ServerState:
     waiting: list[Any] = field(default_factory=list)  # streams waiting for capacity, in order
     # streams admitted by load whose session is still being opened: counted from admission on. Counted only once
     # open, streams that arrived together were each admitted against the few already open (measured: of 16 within
-    # 0.5 s, 15-16 admitted and 14-16 stalled)
+    # 0.5 s, 14-16 admitted and 14-16 stalled)
     starting: set[Any] = field(default_factory=set)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

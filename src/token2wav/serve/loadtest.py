@@ -653,9 +653,8 @@ def main(args: argparse.Namespace) -> int:
         for s in report["streams"]:
             log(f"  stream {s['index']:3d}: first chunk {_ms(s['first_chunk_latency_s'])}, first audio "
                 f"{_ms(s['first_audio_s'])}, start buffer {_ms(s['prebuffer_s'])} ({s['prebuffer_from']}), heard "
-                f"{_ms(s['first_play_s'])}, "
-                f"least slack {_ms(s['least_slack_s'])}, "
-                f"{s['audio_s']:.2f} s audio, {s['underruns']} stall(s) {_ms(s['stall_s'])} (worst "
+                f"{_ms(s['first_play_s'])}, least slack {_ms(s['least_slack_s'])}, {s['audio_s']:.2f} s audio, "
+                f"{s['underruns']} stall(s) {_ms(s['stall_s'])} (worst "
                 f"{_ms(s['worst_stall_s'])}), {'viable' if s['viable'] else 'NOT viable'}"
                 + (f", error: {s['error']}" if s["error"] else ""))
     if args.json == "-":

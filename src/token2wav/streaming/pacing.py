@@ -211,7 +211,7 @@ class ComputeMeter:
             p95 = median = 1.5  # too few chunks to measure the spread: assume half again
             if self.measured:  # the spread of the recent chunks
                 ratios = sorted(y / max(a + b * x + c * x * h, 1e-6) for x, y, h in self.samples)
-                p95 = max(1.0, ratios[min(len(ratios) - 1, int(0.95 * len(ratios)))])
+                p95 = _p95_ratio(ratios)
                 median = ratios[len(ratios) // 2]
             self._fit = (a, b, c, p95, median)
         return self._fit
@@ -291,8 +291,8 @@ class CallMeter:
         """Audio seconds per wall second of calls of ``rows`` rows of the mean size measured, from the fit: a
         busier scheduler puts more rows in a call and pays its fixed cost fewer times per audio second. Carried
         at most one row past the largest call measured: the line fitted to small calls underprices large ones
-        (mid-size CosyVoice 3 on 2 cores: 12.9 audio s/s predicted for 13 rows from calls of up to 6, and 7 of 12
-        admitted streams stalled). At least the throughput measured (None under ``MIN_CALLS``)."""
+        (mid-size CosyVoice 3 on 2 cores, carried as far as the streams went: 12.9 audio s/s read with 12 streams
+        open, and 7 of the 12 admitted stalled). At least the throughput measured (None under ``MIN_CALLS``)."""
         terms = self.fit()
         if terms is None:
             return None
@@ -310,7 +310,7 @@ class CallMeter:
         if self._fit is None:
             fixed, per_audio = _line_fit([(a, w, 0) for w, a, _ in self.calls])
             ratios = sorted(w / max(fixed + per_audio * a, 1e-9) for w, a, _ in self.calls)
-            self._fit = fixed, per_audio, max(1.0, ratios[min(len(ratios) - 1, int(0.95 * len(ratios)))])
+            self._fit = fixed, per_audio, _p95_ratio(ratios)
         return self._fit
 
     def chunk_bound_s(self, audio_s: float, others: int, max_batch: int) -> float | None:
@@ -324,6 +324,11 @@ class CallMeter:
         fixed, per_audio, p95 = terms
         calls = -(-max(0, others) // max(1, max_batch)) + 1
         return p95 * (calls * fixed + per_audio * (max(0, others) + 1) * audio_s)
+
+
+def _p95_ratio(ratios: Sequence[float]) -> float:
+    """The 95th percentile of sorted observed / fitted ratios, at least 1 (a fit is never read as pessimistic)."""
+    return max(1.0, ratios[min(len(ratios) - 1, int(0.95 * len(ratios)))])
 
 
 def _line_fit(samples: Sequence[tuple[float, float, int]]) -> tuple[float, float]:
