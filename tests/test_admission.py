@@ -220,3 +220,29 @@ def test_capacity_counts_the_rows_more_streams_would_put_in_a_call(engine: Any) 
             assert batcher.capacity(streams=8) == pytest.approx(at_8 or measured)
         finally:
             batcher.close()
+
+
+def test_a_stream_whose_chunks_run_slower_than_the_meter_measured_reads_its_own_slowdown(engine: Any) -> None:
+    """The meter holds a calibration 30 chunks long that priced a token at 10 us. A stream's steady chunks take
+    far longer: its ``slowdown`` is the least of their ratios to what the meter expected when the stream started
+    (the meter itself soon fits them), and its recommendation is costed at that rate. A stream whose chunks
+    cost what the meter holds reads 1."""
+    batcher = engine.batcher(max_batch=1)
+    try:
+        for i in range(30):
+            batcher.compute.observe(25 + 25 * (i % 2), 1e-5 * (25 + 25 * (i % 2)))
+        vocab = int(engine.config.vocab_size)
+        with batcher.stream(hop=25, schedule="fixed") as session:
+            assert session.slowdown == 1.0  # nothing measured yet
+            session.push([i % vocab for i in range(25 * 5 + 3)])  # chunks 0-4; 1-4 are steady
+            slowdown = session.slowdown
+            assert slowdown > 10 * batcher.compute.p95_ratio(), (slowdown, batcher.compute.p95_ratio())
+        costs = [s for _, s, _ in batcher.compute.samples][-4:]  # the stream's own chunks, as the meter saw them
+        batcher.compute = type(batcher.compute)()
+        for i in range(30):
+            batcher.compute.observe(25, costs[i % len(costs)] * (0.5 + 0.75 * (i % 3)))
+        with batcher.stream(hop=25, schedule="fixed") as session:
+            session.push([i % vocab for i in range(25 * 5 + 3)])
+            assert session.slowdown == 1.0
+    finally:
+        batcher.close()

@@ -34,6 +34,21 @@ def test_playback_clock_counts_each_stall() -> None:
     assert (clock.stalls, clock.stall_s, clock.worst_stall_s) == (2, pytest.approx(1.25), pytest.approx(1.0))
 
 
+def test_a_listener_still_buffering_when_the_stream_ends_starts_at_once() -> None:
+    clock = PlaybackClock(start_buffer_s=5.0)
+    clock.complete(1.0)  # nothing arrived: nothing to play
+    assert not clock.started
+    clock.deliver(10.0, 0.3)
+    clock.deliver(10.5, 0.4)
+    clock.complete(10.6)  # all 0.7 s are in by 10.6: waiting until 15.0 would be 4.4 s of needless silence
+    assert clock.play_start == 10.6 and clock.start_buffer_s == pytest.approx(0.6)
+    assert clock.dry_at == pytest.approx(11.3) and clock.stalls == 0
+    late = PlaybackClock(start_buffer_s=0.2)  # already playing when the stream ends: nothing changes
+    late.deliver(10.0, 1.0)
+    late.complete(10.5)
+    assert late.play_start == 10.2 and late.start_buffer_s == 0.2
+
+
 def test_rate_meter_measures_arrivals() -> None:
     meter = RateMeter(prior=43.0)
     assert meter.rate == 43.0
@@ -148,6 +163,29 @@ def test_the_recommendation_reaches_a_hop_that_keeps_up() -> None:
     run = _simulate(compute_s=cost, rate=43.07, n_tokens=860, chunk=16, first_hop=16, max_hop=96, buffer_s=buffer_s)
     # the simulated meter starts empty (it learns the cost as it goes): short stalls, none over 100 ms
     assert run["clock"].worst_stall_s <= 0.1
+
+
+def test_a_stream_slower_than_the_meter_measured_is_buffered_for_its_own_rate() -> None:
+    """A meter calibrated on an idle machine (chunks at half their audio), and a stream whose chunks run 3x
+    that (a browser on the same cores): costed at the meter's rate it is told a buffer that stalls at nearly every
+    chunk; costed at its own (``slowdown``), one that carries 10 s of speech without a stall."""
+    calibrated = lambda h: 0.5 * h * AUDIO_PER_TOKEN  # noqa: E731
+    meter = ComputeMeter()
+    for h in (16, 32, 48, 64) * 2:
+        meter.observe(h, calibrated(h))
+    kwargs = dict(first_hop=16, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=43.07, compute=meter, chunk=16,
+                  max_hop=64)
+    calm = recommend_start_buffer(**kwargs)
+    busy = recommend_start_buffer(**kwargs, slowdown=3.0)
+    assert calm < 0.5 and busy > 4.0
+    assert recommend_start_buffer(**kwargs, slowdown=1.0) == calm
+    actual = lambda h: 3.0 * calibrated(h)  # noqa: E731 - 1.5x real time
+    run = dict(compute_s=actual, rate=43.07, n_tokens=430, chunk=16, first_hop=16, max_hop=16, adaptive=False)
+    stalled = _simulate(buffer_s=calm, **run)["clock"]
+    assert stalled.stalls > 10 and stalled.stall_s > 3.0  # a stall at nearly every chunk: 1/3 of it silence
+    assert _simulate(buffer_s=busy, **run)["clock"].stalls == 0
+    with pytest.raises(ValueError, match="slowdown must be a positive finite number"):
+        recommend_start_buffer(**kwargs, slowdown=0.0)
 
 
 def test_choose_hop_takes_the_largest_hop_that_arrives_in_time() -> None:
@@ -336,8 +374,8 @@ def test_a_growth_the_samples_cannot_tell_from_noise_is_left_out(monkeypatch: py
 def test_the_start_buffer_is_costed_against_the_first_chunks_measured_time() -> None:
     """Playback starts when the first chunk is delivered, so each later chunk has its own cost less the first
     one's to make up: a first chunk cheaper than the steady ones (a stream's first 12 demo tokens: 0.13 s, the
-    next ones 0.17-0.2 s) needs that much more buffer, one that took longer needs less (never below the
-    margin)."""
+    next ones 0.17-0.2 s) needs that much more buffer; one that took longer earns no more than the estimate (the
+    chunks behind it run back to back)."""
     meter = _measured(lambda h: 0.06 + 0.0107 * h, hops=(12, 24) * 3)
     kwargs = dict(first_hop=12, audio_s_per_token=AUDIO_PER_TOKEN, token_rate=1 / AUDIO_PER_TOKEN, compute=meter,
                   chunk=12, max_hop=48)
@@ -345,6 +383,13 @@ def test_the_start_buffer_is_costed_against_the_first_chunks_measured_time() -> 
     assert recommend_start_buffer(**kwargs) == pytest.approx(SAFETY_MARGIN_S)  # estimated: the steady cost
     assert recommend_start_buffer(first_compute_s=steady - 0.05, **kwargs) == pytest.approx(SAFETY_MARGIN_S + 0.05)
     assert recommend_start_buffer(first_compute_s=steady + 0.05, **kwargs) == pytest.approx(SAFETY_MARGIN_S)
+    spread = ComputeMeter()  # the same chunks, 20 % apart: p95 over the fit above 1
+    for i, h in enumerate((12, 24) * 4):
+        spread.observe(h, (0.06 + 0.0107 * h) * (0.9 if i % 4 < 2 else 1.1))
+    kwargs["compute"] = spread
+    estimated = recommend_start_buffer(**kwargs)
+    assert estimated > SAFETY_MARGIN_S + 0.01
+    assert recommend_start_buffer(first_compute_s=spread.seconds(12, 0) + 1.0, **kwargs) == pytest.approx(estimated)
 
 
 def test_one_off_slow_chunks_are_covered_by_the_buffer_not_priced_as_a_rate() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
@@ -267,9 +268,10 @@ def test_loadtest_rejects_bad_options(capsys) -> None:
     assert "cannot reach the server" in capsys.readouterr().err
 
 
-async def _recommending_server(ws: Any) -> None:
+async def _recommending_server(ws: Any, done_after_s: float = 0.0) -> None:
     """A stand-in server that recommends a start buffer: 300 ms in 'started', then 400 and 900 ms in the
-    first two chunk headers (both arrive before playback starts), each chunk 0.1 s of audio at 1 kHz."""
+    first two chunk headers (both arrive before playback starts), each chunk 0.1 s of audio at 1 kHz; 'done'
+    ``done_after_s`` after them."""
     await ws.recv()  # start
     await ws.send(json.dumps({"type": "started", "sample_rate": 1000, "start_buffer_ms": 300}))
     await ws.recv()  # the first tokens
@@ -278,6 +280,7 @@ async def _recommending_server(ws: Any) -> None:
                                   "start_buffer_ms": rec}))
         await ws.send(bytes(200))
         await asyncio.sleep(0.05)
+    await asyncio.sleep(done_after_s)
     await ws.send(json.dumps({"type": "done"}))
     try:
         async for _ in ws:  # the rest of the tokens, and 'end'
@@ -291,8 +294,9 @@ def test_loadtest_uses_the_servers_newest_start_buffer_unless_given_one() -> Non
 
     from token2wav.serve.loadtest import LoadConfig, run_load
 
-    async def main(prebuffer_s: float | None) -> dict[str, Any]:
-        async with serve(_recommending_server, "127.0.0.1", 0) as server:
+    async def main(prebuffer_s: float | None, done_after_s: float = 1.0) -> dict[str, Any]:
+        handler = functools.partial(_recommending_server, done_after_s=done_after_s)
+        async with serve(handler, "127.0.0.1", 0) as server:
             port = server.sockets[0].getsockname()[1]
             cfg = LoadConfig(url=f"ws://127.0.0.1:{port}/v1/stream", sessions=1, rate=50.0, duration_s=0.1,
                              ramp_s=0.0, prebuffer_s=prebuffer_s, vocab_size=10, timeout_s=10.0)
@@ -307,6 +311,12 @@ def test_loadtest_uses_the_servers_newest_start_buffer_unless_given_one() -> Non
     given = asyncio.run(main(0.05))
     (s,) = given["streams"]
     assert (s["prebuffer_s"], s["prebuffer_from"]) == (0.05, "option")
+    # done 0.05 s after the last audio, long before 0.9 s: a player starts then, with all the audio in
+    early = asyncio.run(main(None, done_after_s=0.0))
+    (s,) = early["streams"]
+    assert s["error"] is None and s["prebuffer_from"] == "server" and s["worst_stall_s"] == 0.0
+    assert 0.05 <= s["prebuffer_s"] < 0.5, s
+    assert s["first_play_s"] == pytest.approx(s["first_audio_s"] + s["prebuffer_s"], abs=2e-4)
 
 
 def test_client_reports_the_servers_newest_start_buffer() -> None:

@@ -84,9 +84,9 @@ class Player(PlaybackClock):
     """A real-time audio player: what a caller would hear from chunks arriving at given times (the listener's
     clock of ``streaming/pacing.py`` under the load test's names).
 
-    Playback starts ``prebuffer_s`` after the first chunk arrives; a chunk arriving after the audio before it
-    has finished playing is a stall of that length (``underruns`` counts them, ``stall_s`` is their total,
-    ``worst_stall_s`` the longest)."""
+    Playback starts ``prebuffer_s`` after the first chunk arrives, or when the stream is done if that is sooner;
+    a chunk arriving after the audio before it has finished playing is a stall of that length (``underruns``
+    counts them, ``stall_s`` is their total, ``worst_stall_s`` the longest)."""
 
     def __init__(self, prebuffer_s: float = 0.0) -> None:
         super().__init__(start_buffer_s=float(prebuffer_s))
@@ -265,6 +265,7 @@ async def _one_stream(cfg: LoadConfig, index: int, offset: float, ids: list[int]
                     elif kind == "slow_down":
                         st.slow_downs += 1
                     elif kind == "done":
+                        player.complete(now)  # all audio is in: a player still buffering starts now
                         break
                     elif kind == "error":
                         st.close_code = data.get("code")

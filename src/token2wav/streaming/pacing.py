@@ -100,6 +100,15 @@ class PlaybackClock:
             self.play_start = max(now, self.first_at + self.start_buffer_s)
             self.start_buffer_s = self.play_start - self.first_at
 
+    def complete(self, now: float) -> None:
+        """The stream's last audio has arrived by ``now``: a listener still buffering starts at once, whatever its
+        start buffer asked for, since nothing is left to wait for (a slow machine's recommendation covers a long
+        stream; a short utterance would otherwise sit in silence). The buffer actually used becomes
+        ``start_buffer_s``."""
+        if self.first_at is not None and self.buffering(now):
+            self.play_start = max(now, self.first_at)
+            self.start_buffer_s = self.play_start - self.first_at
+
     @property
     def started(self) -> bool:
         return self.play_start is not None
@@ -230,6 +239,12 @@ class ComputeMeter:
     def measured(self) -> bool:
         """Whether enough chunks were measured for the spread (``p95_ratio``) to be observed, not assumed."""
         return len(self.samples) >= 4
+
+    def snapshot(self) -> ComputeMeter:
+        """A copy that later observations leave as it is: what a stream expected when it started."""
+        return ComputeMeter(window=self.window, samples=deque(self.samples), per_size=self.per_size,
+                            max_sizes=self.max_sizes,
+                            _by_size={k: deque(v, maxlen=v.maxlen) for k, v in self._by_size.items()}, _fit=self._fit)
 
     def p95_ratio(self) -> float:
         """The 95th percentile of observed / fitted time: how much slower than expected a chunk can be."""
@@ -460,7 +475,7 @@ def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_ra
                            chunk: int | None = None, max_hop: int | None = None, horizon_s: float = 10.0,
                            margin_s: float = SAFETY_MARGIN_S, history: int = 0, plan_s: float = PLAN_S,
                            first_compute_s: float | None = None,
-                           loaded_s: Callable[[int], float | None] | None = None) -> float:
+                           loaded_s: Callable[[int], float | None] | None = None, slowdown: float = 1.0) -> float:
     """Seconds of audio to buffer before playing so that the stream does not stall, at the current load.
 
     The adaptive schedule starts with ``first_hop`` and can move to any hop ``h`` (a multiple of ``chunk`` up to
@@ -477,17 +492,29 @@ def recommend_start_buffer(*, first_hop: int, audio_s_per_token: float, token_ra
 
     ``first_compute_s``: what the first chunk took, once it was delivered. Playback starts from its delivery, so
     a later chunk has its own cost less this one's to make up; a stream's first chunk is often cheaper than its
-    steady ones (demo voice: 0.13 s against 0.17-0.2 s for 12 tokens), which the meter's estimate misses.
+    steady ones (demo voice: 0.13 s against 0.17-0.2 s for 12 tokens), which the meter's estimate misses. A
+    first chunk dearer than the estimate earns no more than it: its tokens kept arriving meanwhile, so the chunks
+    behind it run back to back with no slack of its making, and what made it dear (a new voice's prompt state,
+    another program on the cores) may hold for them too (the page on a 2-core AVX2 machine: a first chunk of
+    1.56 s, credited in full, left a 0.45 s buffer and three stalls).
 
     ``loaded_s(h)``: the longest a chunk of ``h`` tokens can take with the streams open now, waiting for theirs
     included (``CallMeter.chunk_bound_s``; None: no bound). The buffer covers it too: the meter measured the
     load of the chunks before, and streams that start together see a load it has not measured.
+
+    ``slowdown``: how much slower than the meter's fit this stream's own chunks ran, where that is beyond the
+    meter's spread (1: not). Its chunks are then costed at that rate, typical and p95 alike: the machine is
+    busier than the meter measured (a browser on the same two cores: chunks at 2x the calibrated cost).
     """
+    if not (math.isfinite(slowdown) and slowdown > 0):
+        raise ValueError(f"slowdown must be a positive finite number, got {slowdown!r}")
     step = chunk or first_hop
     top = max(first_hop, max_hop or first_hop)
-    slow, typical = compute.p95_ratio(), compute.typical_ratio()
+    slow, typical = max(compute.p95_ratio(), slowdown), max(compute.typical_ratio(), slowdown)
     later = history + int(plan_s / audio_s_per_token)
-    first_s = compute.seconds(first_hop, history) if first_compute_s is None else first_compute_s
+    first_s = compute.seconds(first_hop, history)
+    if first_compute_s is not None:
+        first_s = min(first_s, first_compute_s)
     best_short = math.inf
     h = first_hop
     while h <= top:

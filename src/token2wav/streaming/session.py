@@ -34,6 +34,7 @@ import asyncio
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -167,6 +168,11 @@ class StreamSession:
         # seconds from submitting the first audible chunk to its delivery: the listener's clock starts there, so
         # a later chunk has what it costs beyond this one to spare (pacing.recommend_start_buffer)
         self._first_chunk_s: float | None = None
+        # this stream's own steady chunks, measured over what the meter expected when the stream started: a
+        # machine busier than the meter measured shows here (the meter soon absorbs a stream's chunks into its
+        # fit; a browser on the same cores made the demo's chunks 2x dearer and a stream told 1.1 s stalled)
+        self._expected: ComputeMeter | None = None
+        self._ratios: deque[float] = deque(maxlen=8)
 
     # ---------------------------------------------------------------------------------------------- settings
 
@@ -261,7 +267,19 @@ class StreamSession:
             compute=self._scheduler.compute, chunk=plan.chunk if adaptive else None,
             max_hop=plan.max_hop if adaptive else None, history=self.spec.history(self.state.offset),
             first_compute_s=self._first_chunk_s,
-            loaded_s=lambda h: self._scheduler.chunk_bound_s(h * self.spec.audio_s_per_token))
+            loaded_s=lambda h: self._scheduler.chunk_bound_s(h * self.spec.audio_s_per_token),
+            slowdown=self.slowdown)
+
+    @property
+    def slowdown(self) -> float:
+        """How much slower than the compute meter expected when this stream started its recent steady chunks all
+        ran, where even the least of them is beyond that meter's p95 spread (1.0: within it, or nothing measured
+        yet). The recommendation then costs its chunks at that rate."""
+        expected = self._expected
+        if expected is None or not expected.measured or not self._ratios:
+            return 1.0
+        least = min(self._ratios)
+        return least if least > expected.p95_ratio() else 1.0
 
     @property
     def deadline(self) -> float:
@@ -353,6 +371,10 @@ class StreamSession:
         if not self.playback.started and seconds > 0:
             self._lag_s = max(0.0, em.end * self.spec.audio_s_per_token - self.playback.audio_s - seconds)
             self._first_chunk_s = now - submitted
+        elif em.index > 0 and not em.finalize and seconds > 0 and self._expected is not None:  # a steady chunk
+            fitted = self._expected.seconds(em.end - em.start, self.spec.history(em.start))
+            if fitted > 0:
+                self._ratios.append((now - submitted) / fitted)
         if self._explicit_buffer_s is None:
             if not self.playback.started:
                 self.playback.start_buffer_s = self.recommended_start_buffer_s()
@@ -363,6 +385,8 @@ class StreamSession:
                     self.playback.recommend(now, newer)
                     self._adopted_cold = not self._scheduler.compute.measured
         self.playback.deliver(now, seconds)
+        if em.finalize:
+            self.playback.complete(now)  # as a listener does: the last audio is in, nothing left to buffer for
 
     def _plan_finish(self) -> tuple[SessionState, Emission]:
         self._check_open("finish")
@@ -377,6 +401,8 @@ class StreamSession:
         work = self._plan_push(tokens, arrived_at)
         outs = []
         while (em := self._next_emission(work)) is not None:
+            if self._expected is None:
+                self._expected = self._scheduler.compute.snapshot()
             submitted = time.perf_counter()
             value = yield work, em
             self._delivered(value, em, submitted)

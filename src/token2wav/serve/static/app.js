@@ -21,6 +21,8 @@
     worstStallS: 0, // the longest one (s)
     recommendedBufferMs: null, // the server's newest start_buffer_ms (null: it sent none)
     startBufferMs: null, // the start buffer used: the field's value, else the recommendation, else 500 ms
+    playedAtDone: false, // the stream ended while buffering, so playback started then (nothing left to wait for)
+    doneAudioS: null, // the audio clock when the 'done' message arrived
     computeMs: 0,
     audioSeconds: 0,
     rtf: null,
@@ -333,7 +335,7 @@
     Object.assign(st, {
       tokensTotal: 0, tokensSent: 0, sends: [], chunks: [], firstTokensAt: null, firstChunkMs: null,
       underruns: 0, underrunS: 0, worstStallS: 0, recommendedBufferMs: null, startBufferMs: null,
-      computeMs: 0, audioSeconds: 0, rtf: null, done: null,
+      playedAtDone: false, doneAudioS: null, computeMs: 0, audioSeconds: 0, rtf: null, done: null,
     });
     run.header = null;
     run.nextTime = null;
@@ -469,6 +471,14 @@
       run.slowed = false;
     } else if (msg.type === "done") {
       st.done = msg;
+      st.doneAudioS = run.ctx ? run.ctx.currentTime : null;
+      // all audio is here: a listener still buffering has nothing left to wait for, whatever the buffer asked
+      // (a slow machine's recommendation covers a long stream; a short one would otherwise sit in silence)
+      if (run.nextTime != null && run.ctx.currentTime + 0.02 < run.playStart) {
+        const at = run.ctx.currentTime + 0.02;
+        reschedule(at, (at - run.firstAt) * 1000);
+        st.playedAtDone = true;
+      }
       setPhase("done");
     } else if (msg.type === "error") {
       showError("server error " + msg.status + ": " + msg.message);
