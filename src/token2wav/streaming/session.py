@@ -259,16 +259,19 @@ class StreamSession:
         the model's rate must not read as slower) and the smallest hop (``pacing.recommend_start_buffer``), plus
         the audio the vocoder holds back (``vocoder_lag_s``); once audio has left, later chunks are costed against
         the first one's measured time rather than the meter's estimate of it. With other streams open, the
-        buffer also covers a chunk that waits for a chunk of each of theirs (``Batcher.chunk_bound_s``)."""
+        buffer also covers a chunk that waits for a chunk of each of theirs (``Batcher.chunk_bound_s``). A lone
+        stream's chunks costed over the meter's spread (``slowdown``) are costed at their own rate; with others
+        open, the bound covers their load, and waits behind their chunks would read as a slowdown."""
         plan = self.plan
         adaptive = plan.schedule == "adaptive"
+        bounded = self._scheduler.chunk_bound_s(plan.hop * self.spec.audio_s_per_token) is not None
         return self._lag_s + recommend_start_buffer(
             first_hop=plan.hop, audio_s_per_token=self.spec.audio_s_per_token, token_rate=self.arrivals.upper_rate,
             compute=self._scheduler.compute, chunk=plan.chunk if adaptive else None,
             max_hop=plan.max_hop if adaptive else None, history=self.spec.history(self.state.offset),
             first_compute_s=self._first_chunk_s,
             loaded_s=lambda h: self._scheduler.chunk_bound_s(h * self.spec.audio_s_per_token),
-            slowdown=self.slowdown)
+            slowdown=1.0 if bounded else self.slowdown)
 
     @property
     def slowdown(self) -> float:
