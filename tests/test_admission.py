@@ -225,8 +225,8 @@ def test_capacity_counts_the_rows_more_streams_would_put_in_a_call(engine: Any) 
 def test_a_stream_whose_chunks_run_slower_than_the_meter_measured_reads_its_own_slowdown(engine: Any) -> None:
     """The meter holds a calibration 30 chunks long that priced a token at 10 us. A stream's steady chunks take
     far longer: its ``slowdown`` is the least of their ratios to what the meter expected when the stream started
-    (the meter itself soon fits them), and its recommendation is costed at that rate. A stream whose chunks
-    cost what the meter holds reads 1."""
+    (the meter itself soon fits them; the recommendation then costs its chunks at that rate, tests/test_pacing.py).
+    A stream whose chunks cost what the meter holds reads 1."""
     batcher = engine.batcher(max_batch=1)
     try:
         for i in range(30):
