@@ -39,6 +39,16 @@ PARITY_MODULES = frozenset({
 })
 
 
+# Modules whose assertions hold only on an otherwise idle machine: they time streams against the listener's
+# clock (stalls, start buffers, the page's underruns), bound a server's waits or drains in seconds, or run Ray's
+# processes on both cores. Single tests elsewhere carry @pytest.mark.wallclock. `make test` runs the rest on two
+# workers (pytest-xdist, one thread each) and then these alone, one at a time.
+WALLCLOCK_MODULES = frozenset({
+    "test_admission", "test_browser", "test_ray", "test_server_hostile", "test_server_load",
+    "test_server_shutdown", "test_server_soak", "test_threads",
+})
+
+
 # The kernel passes leave out the slowest repeats of a comparison the pass already makes on a smaller model
 # (the same code path, the same tolerance class), and slow tests of parity modules that compare no floats (the
 # demo command's report), to keep CI under 15 minutes on 2 cores; `make test` runs them.
@@ -58,12 +68,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "parity: compares float results; also run under limited CPU kernels")
+    config.addinivalue_line("markers", "wallclock: asserts times or needs the cores to itself; never run beside "
+                                       "another test")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in PARITY_MODULES:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if module in PARITY_MODULES:
             item.add_marker(pytest.mark.parity)
+        if module in WALLCLOCK_MODULES:
+            item.add_marker(pytest.mark.wallclock)
+        if item.get_closest_marker("parity") and item.get_closest_marker("wallclock"):
+            # the kernel passes run every parity test on two workers
+            raise pytest.UsageError(f"{item.nodeid} compares floats (parity) and needs an idle machine "
+                                    "(wallclock): split the timing out of it")
     if config.getoption("--kernel-pass"):
         left = [i for i in items if i.nodeid.split("/")[-1] in KERNEL_PASS_LEAVES_OUT]
         if left:

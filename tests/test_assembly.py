@@ -103,6 +103,7 @@ def test_a_served_demo_voice_runs_the_vocoder_precision_it_was_given() -> None:
         build_server(ServerSpec(model="bench:cv3", vocoder_precision="bfloat16-mixed", limits=LIMITS))
 
 
+@pytest.mark.wallclock  # the calibration's chunk times decide what it asserts
 def test_calibration_plans_the_first_stream_from_measurements() -> None:
     """Before any stream, the meter knows nothing and a first stream is told to buffer for a cold guess (demo
     voice: 3.2 s before its first chunk is measured). Calibrated, it holds the chunk sizes an adaptive stream
