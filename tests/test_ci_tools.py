@@ -41,6 +41,7 @@ def test_cpu_beyond_avx2_reads_the_flags(tmp_path: Path, flags: str | None, code
 
 
 def _suite(pytester: pytest.Pytester, **modules: str) -> None:
+    # run in a subprocess: this process may have imported the real test_server, test_browser, ... already
     pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
     pytester.makepyfile(**modules)
 
@@ -49,18 +50,18 @@ def test_a_wallclock_module_and_a_marked_test_run_alone(pytester: pytest.Pyteste
     _suite(pytester, test_browser="def test_page():\n    pass\n",
            test_assembly="import pytest\n\n@pytest.mark.wallclock\ndef test_timed():\n    pass\n\n"
                          "def test_plain():\n    pass\n")
-    alone = pytester.runpytest("-m", "wallclock", "--collect-only", "-q")
+    alone = pytester.runpytest_subprocess("-m", "wallclock", "--collect-only", "-q")
     assert alone.ret == 0
     assert sorted(line for line in alone.outlines if "::" in line) == [
         "test_assembly.py::test_timed", "test_browser.py::test_page"]
-    rest = pytester.runpytest("-m", "not wallclock", "--collect-only", "-q")
+    rest = pytester.runpytest_subprocess("-m", "not wallclock", "--collect-only", "-q")
     assert [line for line in rest.outlines if "::" in line] == ["test_assembly.py::test_plain"]
 
 
 def test_a_parity_test_that_needs_an_idle_machine_is_refused(pytester: pytest.Pytester) -> None:
     # test_server is a parity module: the kernel passes would run this test beside another
     _suite(pytester, test_server="import pytest\n\n@pytest.mark.wallclock\ndef test_timed_audio():\n    pass\n")
-    result = pytester.runpytest("--collect-only", "-q")
+    result = pytester.runpytest_subprocess("--collect-only", "-q")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*test_server.py::test_timed_audio compares floats (parity) and needs an idle "
                                  "machine (wallclock)*"])
