@@ -2,8 +2,10 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PYTEST := $(PYTHON) -m pytest
-# a kernel pass: the parity tests (none of them `wallclock`) on two workers of one torch thread each
-KERNEL_PASS := OMP_NUM_THREADS=1 $(PYTEST) -n 2 --dist loadfile -m parity --kernel-pass
+# two pytest-xdist workers of one torch thread each, whole files per worker (a module's models load once)
+ON_WORKERS := OMP_NUM_THREADS=1 $(PYTEST) -n 2 --dist loadfile
+# a kernel pass: the parity tests (none of them `wallclock`) on the workers
+KERNEL_PASS := $(ON_WORKERS) -m parity --kernel-pass
 
 .PHONY: install install-dev demo browser test test-kernels lint
 
@@ -28,10 +30,8 @@ browser:
 # the `wallclock` tests (tests/conftest.py), which time streams or servers, alone. Both run even if the first fails.
 test: install-dev browser
 	$(PYTHON) -m ruff check src tests benchmarks recipes tools
-	@rc=0; \
-	echo "OMP_NUM_THREADS=1 $(PYTEST) -n 2 --dist loadfile -m 'not wallclock'"; \
-	OMP_NUM_THREADS=1 $(PYTEST) -n 2 --dist loadfile -m "not wallclock" || rc=1; \
-	echo "$(PYTEST) -m wallclock"; \
+	rc=0; \
+	$(ON_WORKERS) -m "not wallclock" || rc=1; \
 	$(PYTEST) -m wallclock || rc=1; \
 	exit $$rc
 
@@ -40,8 +40,7 @@ test: install-dev browser
 # machine (docs/exactness.md). CI runs it after `make test`. On a CPU whose best is AVX2 the AVX2 pass would
 # run the kernels `make test` just ran, so it is left out there (tools/cpu-beyond-avx2), and says so.
 test-kernels: install-dev
-	@if ./tools/cpu-beyond-avx2; then \
-	  echo "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(KERNEL_PASS)"; \
+	if ./tools/cpu-beyond-avx2; then \
 	  ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(KERNEL_PASS); \
 	else \
 	  echo "test-kernels: this CPU has nothing beyond AVX2, so its own kernels (make test) are the AVX2 pass; running the default-kernel pass only"; \
