@@ -236,6 +236,32 @@ def test_a_stream_that_fell_behind_moves_to_a_hop_that_keeps_up() -> None:
     middle = new["hops"][1:-1]
     assert middle.count(24) >= 0.6 * len(middle) and set(middle) <= {12, 24}, new["hops"]
 
+    # A producer at the model's rate reads a hair slower on the server (42.8-42.9 tokens/s for 43.07). That weighs
+    # on every hop alike and must not hide which hops keep up with their compute: it once made every hop count as
+    # falling behind, and a stream that fell behind kept its smallest hop.
+    hair = dict(kwargs, token_rate=42.9)
+    assert choose_hop(now=0.0, dry_at=0.0, **hair) == 24
+    assert choose_hop(now=0.0, dry_at=0.42, **hair) == 24
+    hair_run = _simulate(meter=_measured(cost), **dict(run, rate=42.9))
+    assert hair_run["clock"].stall_s < 0.5, hair_run["clock"]
+
+
+def test_a_demo_stream_on_a_slow_cpu_recovers_from_a_short_buffer() -> None:
+    """The demo voice on a 2-core AVX2 CPU, as the server's debug log measured it: 0.13 s + 15 ms per token, so a
+    12-token chunk takes 0.31 s for 0.28 s of audio and a 24-token one 0.49 s for 0.56 s. The meter calibrated on
+    both sizes (as ``Batcher.calibrate`` does), tokens at 42.9 per second (the model's rate as the server reads
+    it), and a start buffer too short to wait for a 24-token hop at once. The stream kept 12-token hops and
+    stalled at every chunk (on the server: 25 stalls, 4.6 s of silence in 20 s; here 62, 2.35 s); it now takes
+    one short gap to reach 24-token hops and keeps them."""
+    cost = lambda h: 0.13 + 0.015 * h  # noqa: E731
+    run = _simulate(compute_s=cost, rate=42.9, n_tokens=860, chunk=12, first_hop=12, max_hop=96, buffer_s=0.3,
+                    meter=_measured(cost, (12, 24) * 4))
+    clock = run["clock"]
+    # the first gap reaches the 24-token hop (0.16 s); then each chunk waits for tokens 0.4 % slower than its
+    # audio (a few ms per chunk: what no start buffer avoids for good)
+    assert clock.worst_stall_s < 0.2 and clock.stall_s < 0.5, clock
+    assert all(h >= 24 for h in run["hops"][1:-1]), run["hops"]
+
 
 def test_a_stream_with_slack_keeps_growing_its_hops() -> None:
     """Every hop faster than real time: no silence anywhere, so the largest hop that arrives in time, as before."""

@@ -429,41 +429,50 @@ def choose_hop(*, chunk: int, first_hop: int, max_hop: int, offset: int, availab
     tokens arrive (at ``token_rate``) and whose chunk is computed (p95) before ``dry_at - margin_s``, so hops
     grow with slack; the smallest hop when none does.
 
-    Unless a hop that keeps up exists (its tokens take no longer than its audio and its typical compute, the
-    median of observed over fitted times, leaves ``HEADROOM`` of it free) and the
-    rule above would not take one: then each hop is scored by the silence the listener would hear over the
-    next ``horizon_s`` seconds of audio if the stream kept it (the gap before this chunk arrives, plus what the
-    hop loses at every later call, less the slack left after this chunk), and the least silence wins (among
-    hops that cost none, the largest). Small hops carry a call's fixed cost: a stream that fell behind moves to
-    a hop that keeps up, instead of repeating a small hop that stalls chunk after chunk. While the meter has
-    seen one hop size only it cannot tell a fixed cost, so no hop is known to keep up and the rule above holds.
-    ``history``: the tokens the next chunk attends to before its own (see ``ComputeMeter``).
+    Unless the stream is behind (not even the smallest hop arrives in time), or the hop that rule takes does not
+    keep up with its compute while another does (its typical compute, the median of observed over fitted times,
+    leaves ``HEADROOM`` of its audio free): then each hop is scored by the silence the listener would hear over
+    the next ``horizon_s`` seconds of audio if the stream kept it (the gap before this chunk arrives, plus what
+    the hop loses at every later call, to its compute or to tokens slower than real time, less the slack left
+    after this chunk), and the least silence wins (among hops that cost none, the largest). Small hops carry a
+    call's fixed cost: a stream that fell behind moves to a hop that keeps up, instead of repeating a small hop
+    that stalls chunk after chunk. Whether a hop keeps up is judged on its compute alone: the token rate weighs
+    on every hop alike (a hop of ``h`` tokens waits ``h / token_rate`` for ``h`` tokens of audio), and a producer at
+    exactly the model's rate reads a hair slower than it (42.8-42.9 tokens/s for 43.07 on the server), which
+    once made every hop count as falling behind, so that a stream that fell behind kept its smallest hop and
+    stalled at every chunk (demo voice on a 2-core AVX2 CPU: 25 stalls, 4.6 s of silence in 20 s). While the
+    meter has seen one hop size only it cannot tell a fixed cost: every hop then costs the same per token, and
+    the score takes the smallest. ``history``: the tokens the next chunk attends to before its own (see
+    ``ComputeMeter``).
     """
     if not math.isfinite(dry_at):
         return first_hop
     slow, typical = compute.p95_ratio(), compute.typical_ratio()
-    scored = []  # (hop, slack after its chunk arrives (negative: a gap), silence lost per second of audio)
+    # (hop, slack after its chunk arrives (negative: a gap), silence lost per second of audio, whether its compute
+    # keeps up)
+    scored: list[tuple[int, float, float, bool]] = []
     for h in range(first_hop, max(first_hop, max_hop) + 1, chunk):
         missing = max(0, offset + h + lookahead - available)
         wait = 0.0 if missing == 0 else (missing / token_rate if token_rate > 0 else math.inf)
         fitted = compute.seconds(h, history)
-        cost = slow * fitted
-        tokens_s = h / token_rate if token_rate > 0 else math.inf
+        audio = h * audio_s_per_token
         # keeping up: a typical chunk leaves HEADROOM of its audio free (else what a slow chunk loses is never won
         # back); one up to the p95 is a one-off, which the slack covers
-        behind = max(0.0, max(typical * fitted / (1.0 - HEADROOM), tokens_s) / (h * audio_s_per_token) - 1.0)
-        scored.append((h, dry_at - (now + wait + cost + margin_s), behind))
+        rate_s = typical * fitted / (1.0 - HEADROOM)
+        tokens_s = h / token_rate if token_rate > 0 else math.inf
+        behind = max(0.0, max(rate_s, tokens_s) / audio - 1.0)
+        scored.append((h, dry_at - (now + wait + slow * fitted + margin_s), behind, rate_s <= audio))
     in_time = first_hop
-    for h, slack, _ in scored:
+    for h, slack, _, _ in scored:
         if slack < 0:
             break
         in_time = h
-    keeps_up = {h for h, _, behind in scored if behind == 0.0}
-    if not keeps_up or (in_time in keeps_up and scored[0][1] >= 0):
+    keeps_up = {h for h, _, _, computed in scored if computed}
+    if scored[0][1] >= 0 and (not keeps_up or in_time in keeps_up):
         return in_time
 
-    def silence(item: tuple[int, float, float]) -> float:
-        _, slack, behind = item
+    def silence(item: tuple[int, float, float, bool]) -> float:
+        _, slack, behind, _ = item
         return max(0.0, -slack) + max(0.0, behind * horizon_s - max(0.0, slack))
 
     least = min(silence(item) for item in scored)

@@ -31,6 +31,7 @@ The vocoder's randomness comes from the session's ``rng`` (seed 0 by default), n
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -52,6 +53,8 @@ from .schedule import Emission, HopPlan, final_emission, ready_emissions
 from .state import PreparedPrompt, SessionState
 
 DEFAULT_TIMESTEPS = 10
+
+log = logging.getLogger("token2wav.session")
 
 RngSpec = int | torch.Generator | Callable[[int], torch.Generator | None] | None
 
@@ -353,6 +356,13 @@ class StreamSession:
                          now=time.perf_counter(), dry_at=self.playback.dry_at, token_rate=self.arrivals.rate,
                          compute=self._scheduler.compute, audio_s_per_token=self.spec.audio_s_per_token,
                          history=self.spec.history(work.offset))  # fmt: skip
+        if log.isEnabledFor(logging.DEBUG):  # why a stream took the hops it took (`serve --log-level debug`)
+            meter, history = self._scheduler.compute, self.spec.history(work.offset)
+            log.debug("adaptive hop %d: %.3f s of audio left to play, %d tokens beyond the last chunk, %.1f tokens/s; "
+                      "meter: %d tokens %.3f s, %d tokens %.3f s (history %d), p95 x%.2f, typical x%.2f",
+                      hop, self.playback.dry_at - time.perf_counter(), work.available - work.offset - plan.lookahead,
+                      self.arrivals.rate, plan.hop, meter.seconds(plan.hop, history), 2 * plan.hop,
+                      meter.seconds(2 * plan.hop, history), history, meter.p95_ratio(), meter.typical_ratio())
         if work.available - work.offset < hop + plan.lookahead:
             return None
         end = work.offset + hop
