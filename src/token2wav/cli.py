@@ -645,7 +645,7 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from token2wav.serve.assembly import ServerSpec, build_server
     from token2wav.serve.protocol import ServerLimits
-    from token2wav.serve.runner import access_from_args, run_server
+    from token2wav.serve.runner import access_from_args, run_server, show_own_logs
 
     if args.ray:  # the same server on Ray Serve replicas (serve/ray/)
         from token2wav.serve.ray import serve_on_ray
@@ -694,6 +694,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=access.api_key, allow_origins=access.allow_origins, allowed_hosts=access.allowed_hosts,
         prompt_dir=args.prompt_dir,
     )
+    show_own_logs(args.log_level)  # before building: the calibration's measurements at debug
     server = build_server(spec)
     done = "loaded, warmed up and measured" if spec.calibrate else "loaded and warmed up"
     print(f"token2wav: model {args.model} {done} ({server.load_s:.1f} s)", file=sys.stderr)

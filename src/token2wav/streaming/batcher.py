@@ -358,6 +358,11 @@ class Batcher:
             # 34-35 times). A stream's chunks get dearer with its history: the calls are priced at the middle of
             # the plan, PLAN_S / 2 of speech further on (by the growth fitted above; none when the growth was not
             # significant).
+            if log.isEnabledFor(logging.DEBUG):
+                start_s, later_s = (self.compute.seconds(first, h) for h in (0, int(PLAN_S * tokens_per_s)))
+                log.debug("calibrated: %d-token chunks %.3f s at the start of a stream, %.3f s %g s into it (%.3f s "
+                          "of audio); p95 x%.2f", first, start_s, later_s, PLAN_S, first / tokens_per_s,
+                          self.compute.p95_ratio())
             if audio:
                 short = statistics.fmean(h for _, _, h in audio)
                 later = short + PLAN_S / 2 * tokens_per_s

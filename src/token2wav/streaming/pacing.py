@@ -46,8 +46,12 @@ PLAN_S = 20.0
 # the vocoder holds back, which the session now adds, see StreamSession.vocoder_lag_s. It stays as a margin.)
 HEADROOM = 0.05
 
-# How many standard errors a fitted growth with history must stand above zero to be used (see _growth_fit).
-GROWTH_T = 3.0
+# How many standard errors a fitted growth with history must stand above zero to be used (see _growth_fit). Three
+# was set when a start-up calibration reached histories of 84 tokens; since it measures over 10 s of history, a
+# real growth stands 2.4-4.2 standard errors up on a noisy 2-core AVX2 VM (three calibrations of the demo voice:
+# 7.0e-6, 9.8e-6 and 7.5e-6 s per token per token of history), and three dropped the one at 2.4: the first stream
+# was then planned with no growth at all and stalled. The spurious growth of short histories stands at 1.8.
+GROWTH_T = 2.0
 
 
 @dataclass
