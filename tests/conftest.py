@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,19 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture(autouse=True)
+def own_logger_restored():
+    """``token2wav serve`` configures the ``token2wav`` logger (a handler, its level, no propagation to the root,
+    ``serve.runner.show_own_logs``); a test that runs the command in-process must not leave that to the tests after
+    it on the same worker, whose ``caplog`` hears the root logger."""
+    logger = logging.getLogger("token2wav")
+    before = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(before[0])
+    logger.handlers[:] = before[1]
+    logger.propagate = before[2]
 
 
 @pytest.fixture(scope="module")

@@ -502,15 +502,9 @@ def test_the_server_prints_its_own_logs_at_its_log_level():
 
     from token2wav.serve.runner import show_own_logs
 
-    logger = logging.getLogger("token2wav")
-    before = (logger.level, list(logger.handlers), logger.propagate)
-    try:
-        show_own_logs("debug")
-        show_own_logs("warning")  # a second call changes the level, adds no second handler
-        own = [h for h in logger.handlers if getattr(h, "token2wav_own", False)]
-        assert len(own) == 1 and logger.level == logging.WARNING
-        assert logging.getLogger("token2wav.batcher").getEffectiveLevel() == logging.WARNING
-    finally:
-        logger.setLevel(before[0])
-        logger.handlers[:] = before[1]
-        logger.propagate = before[2]
+    logger = logging.getLogger("token2wav")  # restored after the test (tests/conftest.py)
+    show_own_logs("debug")
+    show_own_logs("warning")  # a second call changes the level, adds no second handler
+    own = [h for h in logger.handlers if getattr(h, "token2wav_own", False)]
+    assert len(own) == 1 and logger.level == logging.WARNING
+    assert logging.getLogger("token2wav.batcher").getEffectiveLevel() == logging.WARNING
