@@ -497,6 +497,23 @@ def test_every_call_is_logged_with_its_timing_at_debug(cv3, caplog):
     assert "1 row(s), 10 tokens (0.40 s of audio)" in calls[2]
 
 
+def test_the_calibration_and_each_adaptive_hop_are_logged_at_debug(cv3, caplog):
+    """``serve --log-level debug`` also shows what the start-up calibration measured and, for a stream on the
+    adaptive schedule, every hop it chose with what it chose from (the log that found a stream stuck at its
+    smallest hop on a slow CPU, docs/serving.md)."""
+    with cv3.batcher() as batcher:
+        with caplog.at_level("DEBUG", logger="token2wav"):
+            batcher.calibrate()
+            session = batcher.stream(schedule="adaptive")
+            _run(session, _tokens(cv3, 1, seed=7)[0], [10])
+    calibrated = [r.getMessage() for r in caplog.records if r.getMessage().startswith("calibrated: ")]
+    assert len(calibrated) == 1 and " with no history, " in calibrated[0] and " after 20 s of it (" in calibrated[0]
+    hops = [r.getMessage() for r in caplog.records if r.name == "token2wav.session"]
+    # every emission after the first is chosen (the first takes the smallest hop before any audio exists)
+    assert hops and all(m.startswith("adaptive hop ") and " s of audio left to play, " in m for m in hops), hops
+    assert all(int(m.split()[2].rstrip(":")) % int(session.plan.chunk or session.plan.hop) == 0 for m in hops)
+
+
 def test_the_server_prints_its_own_logs_at_its_log_level():
     import logging
 

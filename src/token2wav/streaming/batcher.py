@@ -360,8 +360,8 @@ class Batcher:
             # significant).
             if log.isEnabledFor(logging.DEBUG):
                 start_s, later_s = (self.compute.seconds(first, h) for h in (0, int(PLAN_S * tokens_per_s)))
-                log.debug("calibrated: %d-token chunks %.3f s at the start of a stream, %.3f s %g s into it (%.3f s "
-                          "of audio); p95 x%.2f", first, start_s, later_s, PLAN_S, first / tokens_per_s,
+                log.debug("calibrated: %d-token chunks %.3f s with no history, %.3f s after %g s of it (%.3f s of "
+                          "audio); p95 x%.2f", first, start_s, later_s, PLAN_S, first / tokens_per_s,
                           self.compute.p95_ratio())
             if audio:
                 short = statistics.fmean(h for _, _, h in audio)
