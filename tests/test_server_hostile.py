@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import socket
 from typing import Any
 
@@ -142,10 +143,11 @@ def _junk_form(boundary: str, lines: int) -> bytes:
 
 
 def _parse_seconds(body: bytes, content_type: str) -> float:
+    """How long the server's own parse takes here (the form has no file, which it says at the end)."""
     import time
 
     started = time.perf_counter()
-    with pytest.raises(ProtocolError, match="no file part"):  # the server's own parse; the form has no file
+    with pytest.raises(ProtocolError, match="no file part"):
         audio_from_body(body, content_type)
     return time.perf_counter() - started
 
@@ -153,21 +155,16 @@ def _parse_seconds(body: bytes, content_type: str) -> float:
 def test_a_large_upload_is_parsed_off_the_event_loop(engine: Any) -> None:
     """A multipart upload of millions of short lines takes the standard library's parser seconds; parsed on the
     event loop it stalled every open stream for that long. In the worker pool, the server keeps answering
-    meanwhile. The body is sized on this CPU (a parse of at least 1.5 s, measured here first), so that a fast
-    machine does not make the stall too short to see."""
+    meanwhile. The body is sized on this CPU (a parse of about 4 s, from one of a million lines timed here
+    first), so that a fast machine does not make the parse too short to tell a stall from a few slow replies."""
     import threading
     import time
 
     boundary = "b0undary"
     content_type = f"multipart/form-data; boundary={boundary}"
-    lines = 1 << 20
+    probe = 1 << 20
+    lines = max(probe, math.ceil(probe * 4.0 / _parse_seconds(_junk_form(boundary, probe), content_type)))
     body = _junk_form(boundary, lines)
-    parse_s = _parse_seconds(body, content_type)
-    while parse_s < 1.5 and lines < 1 << 25:
-        lines *= 2
-        body = _junk_form(boundary, lines)
-        parse_s = _parse_seconds(body, content_type)
-    assert parse_s >= 1.5, (lines, parse_s)
     app = create_app(engine, name="big", limits=ServerLimits(workers=2, max_prompt_bytes=len(body) + 1024))
     with running_server(app) as addr:
         base = f"http://{addr}"
@@ -182,6 +179,7 @@ def test_a_large_upload_is_parsed_off_the_event_loop(engine: Any) -> None:
                 done.set()
 
         t = threading.Thread(target=upload)
+        started = time.perf_counter()
         t.start()
         worst = 0.0
         while not done.is_set():
@@ -189,12 +187,13 @@ def test_a_large_upload_is_parsed_off_the_event_loop(engine: Any) -> None:
             assert httpx.get(base + "/health", timeout=30).status_code == 200
             worst = max(worst, time.perf_counter() - t0)
         t.join()
+        took = time.perf_counter() - started
     assert status == [400]  # parsed to the end: no file part
-    # /health waited at most a fraction of the parse (one GIL switch interval per request, plus the time the body
-    # takes to arrive). A fraction, not a time: a slower CPU parses longer and switches slower (on a 2-core AVX2
-    # EPYC: worst 0.43-0.52 s beside parses of 2.5-2.8 s). Were the parse on the event loop, /health would wait for
-    # all of it.
-    assert worst < parse_s / 3, (worst, parse_s)
+    assert took > 2.0, (lines, took)  # sized for about 4 s of parsing
+    # /health waited at most a fraction of the upload (one GIL switch interval per request, plus the time the
+    # body takes to arrive; about half a second on a 2-core AVX2 EPYC, whatever the parse's length: 0.43-0.53 s
+    # beside parses of 1.6-2.8 s). Were the parse on the event loop, /health would wait for all of it.
+    assert worst < took / 3, (worst, took)
 
 
 def test_uploads_are_admitted_like_streams(engine: Any) -> None:
