@@ -191,8 +191,8 @@ def test_a_large_upload_is_parsed_off_the_event_loop(engine: Any) -> None:
     assert status == [400]  # parsed to the end: no file part
     assert took > 2.0, (lines, took)  # sized for about 4 s of parsing
     # /health waited at most a fraction of the upload (one GIL switch interval per request, plus the time the
-    # body takes to arrive; about half a second on a 2-core AVX2 EPYC, whatever the parse's length: 0.43-0.53 s
-    # beside parses of 1.6-2.8 s). Were the parse on the event loop, /health would wait for all of it.
+    # body takes to arrive): on a 2-core AVX2 EPYC about a sixth, 0.54-1.03 s beside uploads of 4.8-6.2 s. Were
+    # the parse on the event loop, /health would wait for all of it.
     assert worst < took / 3, (worst, took)
 
 
