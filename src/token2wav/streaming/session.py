@@ -351,16 +351,15 @@ class StreamSession:
         if plan.schedule != "adaptive" or work.index == 0:
             ready = ready_emissions(plan, work.available, work.offset, work.index)
             return ready[0] if ready else None
+        now, meter, history = time.perf_counter(), self._scheduler.compute, self.spec.history(work.offset)
         hop = choose_hop(chunk=plan.chunk or plan.hop, first_hop=plan.hop, max_hop=plan.max_hop or plan.hop,
                          offset=work.offset, available=work.available, lookahead=plan.lookahead,
-                         now=time.perf_counter(), dry_at=self.playback.dry_at, token_rate=self.arrivals.rate,
-                         compute=self._scheduler.compute, audio_s_per_token=self.spec.audio_s_per_token,
-                         history=self.spec.history(work.offset))  # fmt: skip
+                         now=now, dry_at=self.playback.dry_at, token_rate=self.arrivals.rate,
+                         compute=meter, audio_s_per_token=self.spec.audio_s_per_token, history=history)  # fmt: skip
         if log.isEnabledFor(logging.DEBUG):  # why a stream took the hops it took (`serve --log-level debug`)
-            meter, history = self._scheduler.compute, self.spec.history(work.offset)
             log.debug("adaptive hop %d: %.3f s of audio left to play, %d tokens beyond the last chunk, %.1f tokens/s; "
                       "meter: %d tokens %.3f s, %d tokens %.3f s (history %d), p95 x%.2f, typical x%.2f",
-                      hop, self.playback.dry_at - time.perf_counter(), work.available - work.offset - plan.lookahead,
+                      hop, self.playback.dry_at - now, work.available - work.offset - plan.lookahead,
                       self.arrivals.rate, plan.hop, meter.seconds(plan.hop, history), 2 * plan.hop,
                       meter.seconds(2 * plan.hop, history), history, meter.p95_ratio(), meter.typical_ratio())
         if work.available - work.offset < hop + plan.lookahead:
