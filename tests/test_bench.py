@@ -131,6 +131,19 @@ def test_batch_workers_flag_is_checked():
         cli.main(["bench", "--quick", "--modes", "", "--sessions", "2", "--batch-workers", "0"])
 
 
+@pytest.mark.parametrize("seconds", ["-1", "0", "0.5", "nan", "601"])
+def test_utterance_lengths_are_checked_before_any_model_is_built(seconds, monkeypatch):
+    from token2wav import bench, cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bench ran before the bad --utterance was reported")
+
+    monkeypatch.setattr(bench, "run_bench", refuse)
+    # -1 reached numpy's seed ("expected non-negative integer"), 0 the engine ("tokens is empty")
+    with pytest.raises(SystemExit, match=r"--utterance must be in \[1, 600\] seconds, got "):
+        cli.main(["bench", "--quick", "--utterance", "10", "--utterance", seconds])
+
+
 def test_gpu_targets_prefer_the_graphs_rows():
     from token2wav.bench import gpu_targets
 

@@ -186,6 +186,38 @@ def test_synth_bad_input_is_one_clear_line(tmp_path, capsys, extra, tokens, word
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_tokenize_command_reads_a_recording_and_refuses_what_is_not_one(tmp_path, capsys) -> None:
+    import soundfile as sf
+
+    from token2wav.streaming.engine import Token2Wav
+
+    sr = 24000
+    t = np.arange(sr) / sr
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.2 * np.sin(2 * np.pi * 330 * t)], axis=1)
+    path = tmp_path / "two.wav"
+    sf.write(path, stereo.astype(np.float32), sr, subtype="FLOAT")
+    out = tmp_path / "tokens.json"
+    assert cli.main(["tokenize", str(path), "-o", str(out)]) == 0
+    tokens = json.loads(out.read_text())
+    # what the library makes of the same samples (the channels averaged), through the CLI's file handling
+    assert tokens == Token2Wav.from_pretrained("demo").tokenize(stereo.astype(np.float32), sr)
+    assert 40 <= len(tokens) <= 44  # 1 s at the demo's 43 tokens/s
+    capsys.readouterr()
+
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    not_audio = tmp_path / "notes.txt"
+    not_audio.write_text("1 2 3")
+    for audio, words in [
+        (tmp_path / "missing.wav", "audio: no such file"),
+        (not_audio, "is not a readable audio file"),
+        (empty, "wave is empty"),
+    ]:
+        assert cli.main(["tokenize", str(audio)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_unknown_model_is_a_clear_error(tmp_path, capsys, token_file) -> None:
     code = cli.main(
         ["synth", "--model", "no-such-model", "--tokens", str(token_file), "--out", str(tmp_path / "x.wav")]

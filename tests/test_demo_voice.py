@@ -47,6 +47,41 @@ def test_tokenize_roundtrip_shape(demo):
     assert all(0 <= x < demo.config.vocab_size for x in tokens)
     with pytest.raises(ValueError, match="sample_rate must be a positive int"):
         demo.tokenize(wave, 0)
+    # the recording's layouts and PCM types that prompts take: channels averaged, int16 scaled like a WAV loader
+    assert demo.tokenize(np.stack([wave, wave]), sr) == tokens
+    assert demo.tokenize(np.stack([wave, wave], axis=1), sr) == tokens
+    pcm = np.round(wave * 32767).astype(np.int16)
+    assert demo.tokenize(pcm, sr) == demo.tokenize(pcm.astype(np.float32) / 32768, sr)
+
+
+@pytest.mark.parametrize(("wave", "error", "message"), [
+    (np.zeros(0, np.float32), ValueError, "wave is empty: tokenizing needs at least one sample"),
+    (np.full(100, np.nan, np.float32), ValueError, "wave holds NaN or infinite samples"),
+    (np.zeros((1, 2, 100), np.float32), ValueError, r"wave must be \[samples\], \[channels, samples\] or"),
+    ("a.wav", TypeError, "wave must hold float or int16/int32 PCM samples"),
+])
+def test_tokenize_refuses_what_is_not_a_recording(demo, wave, error, message):
+    with pytest.raises(error, match=message):
+        demo.tokenize(wave, 16000)
+
+
+def test_vocode_takes_one_mel_as_a_tensor_or_an_array_and_refuses_the_rest(demo):
+    mel = torch.randn(80, 12, generator=torch.Generator().manual_seed(0)) - 5
+    audio = demo.vocode(mel)
+    assert audio.shape == (12 * 256,) and np.isfinite(audio).all()
+    np.testing.assert_array_equal(demo.vocode(mel.numpy()), audio)  # the same call on the same values
+    np.testing.assert_array_equal(demo.vocode(mel[None]), audio)
+    cases = [
+        (torch.zeros(2, 80, 12), ValueError, r"mel must be \[80, frames\] or \[1, 80, frames\] \(one mel at a time\), "
+                                             r"got shape \(2, 80, 12\)"),
+        (torch.zeros(79, 12), ValueError, r"got shape \(1, 79, 12\)"),
+        (torch.zeros(80, 0), ValueError, "mel has no frames: vocode needs at least one"),
+        (torch.full((80, 12), float("inf")), ValueError, "mel holds NaN or infinite values"),
+        ("mel.npy", TypeError, "mel must be array-like, got str"),
+    ]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            demo.vocode(bad)
 
 
 def test_default_stream_equals_chunk_synthesis(demo):

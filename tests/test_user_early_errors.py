@@ -122,7 +122,21 @@ def test_serve_graphs_without_batching_refused_before_loading(tmp_path, capsys, 
     d = tmp_path / "CosyVoice2-0.5B"
     d.mkdir()
     shutil.copy(DATA / "real_configs" / "cosyvoice2.yaml", d / "cosyvoice2.yaml")
-    assert cli.main(["serve", "--model", str(d), "--graphs", "--no-batching", "--port", "0"]) == 2
+    assert cli.main(["serve", "--model", str(d), "--graphs", "--no-batching", "--port", "50123"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "--graphs runs the batcher's fixed-shape batches; it cannot be used with --no-batching" in err
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "99999", "-5"])
+def test_serve_refuses_a_port_it_cannot_bind_before_loading(tmp_path, capsys, monkeypatch, port):
+    # uvicorn took 99999 and bound another port (99999 mod 65536) after the model had loaded
+    import token2wav.serve.assembly as assembly
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server was built before the bad port was reported")
+
+    monkeypatch.setattr(assembly, "build_server", refuse)
+    assert cli.main(["serve", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"token2wav serve: error: --port must be in [1, 65535], got {port}"

@@ -30,6 +30,7 @@ from .models.padded_solve import has_fixed_shapes
 _CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
 MODES = ("offline", "cached", "window", "recompute", "constrained")  # constrained: cached + int8 flow (CPU)
 PROMPT_SECONDS = 3.0
+UTTERANCE_RANGE_S = (1.0, 600.0)  # --utterance: at least a chunk's worth; at most what a bench run can hold
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -758,6 +759,10 @@ def main(args: argparse.Namespace) -> int:
     if not 1 <= args.repeat <= 50:
         raise SystemExit(f"--repeat must be in [1, 50], got {args.repeat}")
     utterances = args.utterance or ([10.0, 20.0] if args.quick else [10.0, 30.0, 60.0])
+    low, high = UTTERANCE_RANGE_S
+    bad_lengths = [u for u in utterances if not low <= u <= high]
+    if bad_lengths:
+        raise SystemExit(f"--utterance must be in [{low:g}, {high:g}] seconds, got {bad_lengths[0]:g}")
     models = args.model or (["cv3"] if args.quick else ["cv3", "cv2"])
     def write(report: dict[str, Any], complete: bool) -> None:
         if args.json:

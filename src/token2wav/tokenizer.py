@@ -201,10 +201,14 @@ class KMeansTokenizer:
     def prepare(self, wave: Tensor | np.ndarray, sample_rate: int) -> Tensor:
         """Mono float audio at the analysis rate, peak-normalised like the vocoder's training data."""
         w = torch.as_tensor(np.asarray(wave, dtype=np.float32)) if not isinstance(wave, Tensor) else wave.float()
+        if w.numel() == 0:
+            raise ValueError("wave is empty: tokenizing needs at least one sample")
         if w.dim() == 2:  # (channels, T) or (T, channels): average to mono
             w = w.mean(0) if w.shape[0] < w.shape[1] else w.mean(1)
         if w.dim() != 1:
             raise ValueError(f"wave must be 1-D (or 2-D multi-channel), got shape {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError("wave holds NaN or infinite samples")
         w = resample(w, int(sample_rate), self.mel.sample_rate)
         if self.peak is not None:
             m = w.abs().max()
@@ -267,16 +271,15 @@ def main(args) -> int:
     import json
     import sys
 
-    import soundfile as sf
-
+    from token2wav.frontend.dsp import read_audio
     from token2wav.loading import resolve_model_dir
 
     path = resolve_model_dir(args.model) / "tokenizer.safetensors"
     if not path.is_file():
         print(f"error: model '{args.model}' has no tokenizer ({path} missing)", file=sys.stderr)
         return 2
-    wave, sample_rate = sf.read(args.audio, dtype="float32", always_2d=True)
-    tokens = KMeansTokenizer.from_file(path)(torch.from_numpy(wave.T.copy()), int(sample_rate))
+    wave, sample_rate = read_audio(args.audio, "audio")  # ValueError / FileNotFoundError: one line, exit 2
+    tokens = KMeansTokenizer.from_file(path)(torch.from_numpy(wave.T.copy()), sample_rate)
     text = json.dumps(tokens)
     if args.output == "-":
         print(text)

@@ -232,38 +232,41 @@ def _mono_1d(wave: Any, name: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ loading
 
 
-def as_float_array(data: Any) -> np.ndarray:
+def as_float_array(data: Any, name: str = "wav") -> np.ndarray:
     arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
     if arr.dtype == np.int16:  # PCM as stored in a WAV: the loader's [-1, 1) scaling
         return arr.astype(np.float32) / 32768.0
     if arr.dtype == np.int32:
         return (arr.astype(np.float64) / 2147483648.0).astype(np.float32)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"wav must hold float or int16/int32 PCM samples, got dtype {arr.dtype}")
+        raise TypeError(f"{name} must hold float or int16/int32 PCM samples, got dtype {arr.dtype}")
     return arr.astype(np.float32, copy=False)
 
 
-def to_mono(arr: np.ndarray) -> np.ndarray:
+def to_mono(arr: np.ndarray, name: str = "wav") -> np.ndarray:
     if arr.ndim == 1:
         return arr
+    if arr.ndim == 2 and arr.size == 0:  # no samples on any channel: empty, whichever side is which
+        return arr.reshape(0)
     if arr.ndim != 2:
-        raise ValueError(f"wav must be [samples], [channels, samples] or [samples, channels], got shape {arr.shape}")
+        raise ValueError(f"{name} must be [samples], [channels, samples] or [samples, channels], got shape {arr.shape}")
     # [channels, samples] (torch convention) or [samples, channels] (soundfile's): channels are the short side
     chans_first = arr.shape[0] <= arr.shape[1]
     return arr.mean(axis=0 if chans_first else 1, dtype=np.float32)
 
 
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """A sound file as float32 ``[samples, channels]`` in [-1, 1) and its rate; ValueError if it is not audio."""
+def read_audio(path: str | Path, name: str = "wav") -> tuple[np.ndarray, int]:
+    """A sound file as float32 ``[samples, channels]`` in [-1, 1) and its rate; ValueError if it is not audio
+    (``name``: the parameter the messages name)."""
     import soundfile as sf
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"wav: no such file: {p}")
+        raise FileNotFoundError(f"{name}: no such file: {p}")
     try:
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError) as exc:  # libsndfile's "format not recognised" etc.
-        raise ValueError(f"wav: {p} is not a readable audio file ({str(exc).splitlines()[0]})") from None
+        raise ValueError(f"{name}: {p} is not a readable audio file ({str(exc).splitlines()[0]})") from None
     return data, int(sr)
 
 

@@ -68,9 +68,12 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
 
 
 def access_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`AccessPolicy` of the command line; refuses a public address without a key (ValueError)."""
+    """The :class:`AccessPolicy` of the command line; refuses a public address without a key, and a port that
+    cannot be bound (ValueError)."""
     from token2wav.serve.auth import AccessPolicy, check_bind_address, resolve_api_key
 
+    if isinstance(args.port, bool) or not isinstance(args.port, int) or not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     key = resolve_api_key(args.api_key, args.api_key_file)
     check_bind_address(args.host, has_key=key is not None, insecure=args.insecure)
     # a keyless server answers its own --host besides loopback names; on every interface (--insecure) any name

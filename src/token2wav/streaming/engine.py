@@ -358,11 +358,13 @@ class Token2Wav:
         entry = self._speakers[name]
         return Prompt(entry["prompt_token"][0], entry["prompt_feat"][0], entry["embedding"][0])
 
-    def tokenize(self, wave: np.ndarray, sample_rate: int) -> list[int]:
-        """Speech tokens of a waveform (mono float, any sample rate), with the model's own tokenizer."""
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
-            raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
-        return self.speech_tokenizer()(wave, sample_rate)
+    def tokenize(self, wave: Any, sample_rate: int) -> list[int]:
+        """Speech tokens of a waveform, with the model's own tokenizer: ``[samples]``, ``[channels, samples]``
+        or ``[samples, channels]`` (averaged to mono), float in [-1, 1] or int16/int32 PCM, any sample rate."""
+        from ..frontend.dsp import as_float_array, check_rate, to_mono
+
+        rate = check_rate(sample_rate, "sample_rate")
+        return self.speech_tokenizer()(to_mono(as_float_array(wave, "wave"), "wave"), rate)
 
     def speech_tokenizer(self) -> Any:
         """The bundled model's own k-means speech tokenizer, loaded once."""
@@ -518,12 +520,23 @@ class Token2Wav:
         mel = np.concatenate([m for m in pieces if m.ndim == 2 and m.shape[-1]], axis=-1)
         return torch.from_numpy(mel).unsqueeze(0).to(device=self._device, dtype=self._dtype)
 
-    def vocode(self, mel: torch.Tensor, rng: RngSpec = None) -> np.ndarray:
-        """Vocode a whole mel ``[1, mel_dim, frames]`` (or ``[mel_dim, frames]``) at once."""
+    def vocode(self, mel: Any, rng: RngSpec = None) -> np.ndarray:
+        """Vocode a whole mel ``[1, mel_dim, frames]`` (or ``[mel_dim, frames]``; a tensor or an array) at once."""
         if self._vocoder is None:
             raise ValueError("this engine has no vocoder; use output='mel'")
+        mel = _to_tensor(mel, "mel", torch.float32) if not isinstance(mel, torch.Tensor) else mel
         if mel.dim() == 2:
             mel = mel.unsqueeze(0)
+        dim = int(self._config.mel_dim)
+        if mel.dim() != 3 or mel.shape[0] != 1 or mel.shape[1] != dim:
+            raise ValueError(f"mel must be [{dim}, frames] or [1, {dim}, frames] (one mel at a time), got shape "
+                             f"{tuple(mel.shape)}")
+        if mel.shape[2] == 0:
+            raise ValueError("mel has no frames: vocode needs at least one")
+        if not mel.is_floating_point():
+            mel = mel.float()
+        if not torch.isfinite(mel).all():
+            raise ValueError("mel holds NaN or infinite values")
         mel = mel.to(device=self._device, dtype=self._dtype)
         speech = vocode_whole(self._vocoder, mel, rng=make_rng(rng)[0], piece_frames=self.one_shot_frames)
         return speech[0].float().cpu().numpy()

@@ -107,9 +107,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     require_ray()
     from token2wav.serve.runner import access_from_args
 
-    access_from_args(args)  # a public --host without a key is refused here, as without --ray
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    access_from_args(args)  # a public --host without a key, or a bad --port, is refused here, as without --ray
     cpus = args.ray_cpus if args.ray_cpus is not None else (os.cpu_count() or 1)
     if args.ray_address is None:
         if not 1 <= cpus <= 4096:
