@@ -84,6 +84,14 @@ def test_vocode_takes_one_mel_as_a_tensor_or_an_array_and_refuses_the_rest(demo)
             demo.vocode(bad)
 
 
+def test_recompute_mode_says_why_the_demo_voice_cannot_run_it(demo):
+    # it decodes at lookahead 3 with a flow built for 5 (trained with random lookahead): no reference loop to redo
+    with pytest.raises(ValueError, match=r"mode='recompute' is the reference algorithm, trained chunk and lookahead "
+                                         r"only, which this model cannot run: it decodes with a lookahead of 3 "
+                                         r"tokens, its flow was built with 5; mode='cached' is exact"):
+        demo.stream(mode="recompute")
+
+
 def test_default_stream_equals_chunk_synthesis(demo):
     # The demo flow was trained with lookahead up to 5 and runs at 3 by default: stream and offline chunk decode
     # must use the same value, so they agree to float rounding.

@@ -119,13 +119,18 @@ def test_lookahead_must_be_the_trained_one_unless_supported(engine):
     assert flexible.stream(pre_lookahead_len=2).plan.lookahead == 2
     with pytest.raises(ValueError, match=r"allowed 1\.\.3"):
         flexible.stream(pre_lookahead_len=5)
-    with pytest.raises(ValueError, match="mode='recompute' is the reference algorithm"):
+    with pytest.raises(ValueError, match="mode='recompute' is the reference algorithm, trained chunk and lookahead "
+                                         "only: leave pre_lookahead_len out"):
         flexible.stream(pre_lookahead_len=2, mode="recompute")
 
 
 def test_dynamic_chunk_models_accept_other_hops(engine):
     dyn = Token2Wav(engine.flow, None, dataclasses.replace(engine.config, supported_chunk_tokens=(5, 25)),
                     n_timesteps=2)
+    with pytest.raises(ValueError, match=r"mode='recompute' is the reference algorithm, trained chunk and lookahead "
+                                         r"only: hop=7 is a dynamic chunk of this model; use a multiple of the "
+                                         r"trained chunk \(25 tokens\)"):
+        dyn.stream(hop=7, mode="recompute")
     with pytest.raises(ValueError, match=r"or any hop in 5\.\.25 tokens"):
         dyn.stream(hop=3)
     ids = tokens(23)

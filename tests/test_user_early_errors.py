@@ -69,6 +69,18 @@ def test_config_decided_errors_come_before_loading(cv3_dir, tmp_path, capsys, no
         assert w in err, (w, err)
 
 
+def test_recompute_on_the_demo_voice_refused_before_loading(tmp_path, capsys, no_loading):
+    # its config alone says it decodes at lookahead 3 with a flow built for 5: no reference loop to redo
+    path = tmp_path / "tokens.txt"
+    path.write_text("1 2 3")
+    assert cli.main(["synth", "--model", "demo", "--tokens", str(path), "--out", str(tmp_path / "o.wav"),
+                     "--stream", "--mode", "recompute"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("token2wav synth: error: --mode recompute is the reference algorithm, trained chunk and "
+                           "lookahead only, which this model cannot run: it decodes with a lookahead of 3 tokens, "
+                           "its flow was built with 5; --mode cached is exact")
+
+
 def test_window_message_names_the_flag_not_the_api_argument(cv3_dir, tmp_path, capsys, no_loading):
     assert _synth(cv3_dir, tmp_path, "1 2 3", "--stream", "--mode", "window") == 2
     err = capsys.readouterr().err

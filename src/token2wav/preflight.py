@@ -44,8 +44,11 @@ def check_stream_options(
 ) -> None:
     """Raise ValueError for streaming options this model cannot run, before anything is loaded (the rules are
     ``StreamOptions.resolve``'s, the engine's own)."""
+    # the lookahead the flow is built with, from its config (the loaded flow's own, as the engine reads it)
+    flow = getattr(config, "flow", None)
+    built = flow.get("pre_lookahead_len", config.pre_lookahead_len) if flow is not None else None
     StreamOptions(preset=preset, hop=hop, mode=mode or "cached", window_frames=window_frames).resolve(
-        config, names=names)
+        config, trained_lookahead=built, names=names)
 
 
 def check_token_ids(tokens: Any, config: ModelConfig, *, name: str = "tokens") -> None:

@@ -148,8 +148,16 @@ class StreamOptions:
         elif trained_lookahead is not None and trained_lookahead != lookahead:
             override = lookahead  # a model trained with random lookahead runs at the config's
         if self.mode == "recompute" and (chunk_frames is not None or override is not None):
-            raise ValueError(f"{spell('mode', 'recompute', with_value=True)} is the reference algorithm: trained "
-                             "chunk and lookahead only")
+            rec = f"{spell('mode', 'recompute', with_value=True)} is the reference algorithm, trained chunk and " \
+                  "lookahead only"
+            if chunk_frames is not None:
+                raise ValueError(f"{rec}: {spell('hop', hop, with_value=True)} is a dynamic chunk of this model; use a "
+                                 f"multiple of the trained chunk ({trained} tokens)")
+            if look is not None:
+                raise ValueError(f"{rec}: leave {spell('pre_lookahead_len')} out")
+            raise ValueError(f"{rec}, which this model cannot run: it decodes with a lookahead of {lookahead} "
+                             f"tokens, its flow was built with {trained_lookahead}; "
+                             f"{spell('mode', 'cached', with_value=True)} is exact")
         if schedule == "adaptive" and not self.exact_under_any_hops(self.mode, self.preset, config):
             raise ValueError(f"{spell('schedule')}='adaptive' needs {spell('mode', 'cached', with_value=True)} without "
                              "the int8 flow (preset constrained): only there is a chunk the same whatever the hops")
