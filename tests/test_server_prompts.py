@@ -214,3 +214,17 @@ def test_damaged_prompt_files_never_stop_the_server(engine: Any, tmp_path: Path,
     lines = [r.getMessage() for r in caplog.records if "prompt store: skipping" in r.getMessage()]
     for pid in bad:
         assert sum(pid in line for line in lines) == 1, (pid, lines)  # one warning line per skipped file
+
+
+def test_a_voice_name_given_as_prompt_id_is_told_where_its_id_is() -> None:
+    from token2wav import Token2Wav
+    from token2wav.serve.protocol import ProtocolError
+
+    state = create_app(Token2Wav.from_pretrained("demo"), limits=LIMITS).state.server
+    with pytest.raises(ProtocolError) as voice:
+        state.lookup_prompt("slt")
+    assert voice.value.message == ("unknown prompt_id 'slt'; register it with POST /v1/prompts ('slt' is one of the "
+                                   "model's voices: GET /v1/voices gives its prompt_id)")
+    with pytest.raises(ProtocolError) as other:
+        state.lookup_prompt("p_nope")
+    assert other.value.message == "unknown prompt_id 'p_nope'; register it with POST /v1/prompts"
