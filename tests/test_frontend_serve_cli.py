@@ -249,6 +249,15 @@ def test_wav_upload_limits(server, make, status, words) -> None:
                    timeout=TIMEOUT)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
+    if status == 400:
+        assert r.json()["error"].startswith("cannot clone a voice from this recording: ")
+        assert "<_io." not in r.json()["error"]  # libsndfile named the in-memory body by its address
+
+
+def test_an_upload_for_a_voice_the_model_lacks_is_refused_before_decoding(server) -> None:
+    r = httpx.post(f"http://{server}/v1/prompts?speaker=slt", content=b"not even audio",
+                   headers={"Content-Type": "audio/wav"}, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"] == "?speaker='slt' is not one of the model's voices: it has none"
 
 
 def test_upload_to_a_model_without_front_end_is_501(tmp_path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,10 +23,16 @@ MAX_CHANNELS = 8  # 7.1; a voice recording has one or two
 MAX_DECODED_SAMPLES = 16 << 20  # samples over all channels: 64 MB of float32
 
 
+def unreadable_reason(exc: Exception) -> str:
+    """libsndfile's reason for refusing a file, without its "Error opening <object or path>: " prefix (which
+    names an in-memory buffer by its address)."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^Error opening .*?: ", "", first)[:120] or type(exc).__name__
+
+
 def _not_audio(source: bytes | str | Path, exc: Exception) -> ValueError:
-    first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
     what = "body" if isinstance(source, bytes) else f"wav: {source}"
-    return ValueError(f"{what} is not a readable audio file ({first})")
+    return ValueError(f"{what} is not a readable audio file ({unreadable_reason(exc)})")
 
 
 def read_audio_bounded(

@@ -266,7 +266,9 @@ def read_audio(path: str | Path, name: str = "wav") -> tuple[np.ndarray, int]:
     try:
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError) as exc:  # libsndfile's "format not recognised" etc.
-        raise ValueError(f"{name}: {p} is not a readable audio file ({str(exc).splitlines()[0]})") from None
+        from .audio_file import unreadable_reason
+
+        raise ValueError(f"{name}: {p} is not a readable audio file ({unreadable_reason(exc)})") from None
     return data, int(sr)
 
 

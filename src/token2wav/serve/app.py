@@ -308,19 +308,13 @@ class ServerState:
         prompt = self.prompts.get(prompt_id)
         if prompt is None:
             hint = ""
-            if prompt_id in self._voice_names():  # a voice's name where its prompt id belongs
+            if prompt_id in P.voice_names(self.t2w):  # a voice's name where its prompt id belongs
                 hint = f" ({prompt_id!r} is one of the model's voices: GET /v1/voices gives its prompt_id)"
             raise P.ProtocolError(
                 f"unknown prompt_id {prompt_id[:40]!r}; register it with POST /v1/prompts{hint}", status=status
             )
         self.prompts.move_to_end(prompt_id)
         return prompt
-
-    def _voice_names(self) -> list[str]:
-        try:
-            return list(self.t2w.speakers)
-        except Exception:  # noqa: BLE001 - no voices, or a damaged voices file: no hint
-            return []
 
     async def get_prompt(self, prompt_id: str | None, *, status: int = 404) -> Any:
         """:meth:`lookup_prompt`, reloading a prompt dropped from memory from ``--prompt-dir`` if it is there."""

@@ -58,14 +58,6 @@ def _csp(host: str) -> str:
     )
 
 
-def _speakers(t2w: Any) -> list[str]:
-    try:
-        return [str(s) for s in (getattr(t2w, "speakers", None) or [])]
-    except Exception as e:  # a model directory with a damaged voices file still serves the page
-        log.warning("voices unavailable: %s", e)
-        return []
-
-
 def _utterances(t2w: Any) -> list[dict[str, Any]]:
     """The held-out utterances shipped with the model (``files.demo_tokens`` of its config), else none."""
     cfg = getattr(t2w, "config", None)
@@ -143,7 +135,7 @@ def install_page(app: FastAPI, state: Any) -> None:
     @app.get("/v1/voices")
     async def voices() -> Response:
         bundled = []
-        for name in _speakers(t2w):
+        for name in P.voice_names(t2w):
             pid = speaker_ids.get(name)
             if pid is None or pid not in state.prompts:
                 try:

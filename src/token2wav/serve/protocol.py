@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import wave
 from dataclasses import dataclass
@@ -407,6 +408,16 @@ def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------- model facts
+
+
+def voice_names(t2w: Any) -> list[str]:
+    """The model's voices (``Token2Wav.speakers``); none for an engine without them or with a damaged voices
+    file, which still serves everything else (logged)."""
+    try:
+        return [str(s) for s in (getattr(t2w, "speakers", None) or [])]
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("token2wav.serve").warning("voices unavailable: %s", e)
+        return []
 
 
 def describe_model(t2w: Any, name: str = "") -> dict[str, Any]:

@@ -81,13 +81,18 @@ async def prompt_request(
     if not callable(getattr(t2w, "prompt_from_wav", None)):
         raise P.ProtocolError("this server's engine cannot clone a voice from audio; post the prompt's arrays",
                               status=_NOT_SUPPORTED)
+    if speaker is not None:
+        voices = P.voice_names(t2w)
+        if speaker not in voices:
+            raise P.ProtocolError(f"?speaker={speaker[:40]!r} is not one of the model's voices: "
+                                  f"{', '.join(voices) or 'it has none'}")
     try:
         prompt, pid = await state.run(_clone, t2w, data, speaker)
     except (ImportError, FileNotFoundError) as exc:  # the model has no front end (onnxruntime / ONNX files)
         raise P.ProtocolError(f"voice cloning is not available on this server: {exc}",
                               status=_NOT_SUPPORTED) from None
-    except (ValueError, TypeError) as exc:  # too long, too short, silent, not audio, below 16 kHz
-        raise P.ProtocolError(f"invalid prompt audio: {exc}") from None
+    except (ValueError, TypeError) as exc:  # too long, too short, silent, not audio, below 16 kHz; no ?speaker=
+        raise P.ProtocolError(f"cannot clone a voice from this recording: {exc}") from None
     return P.PromptRequest(
         tokens=np.asarray(prompt.tokens, dtype=np.int64),
         mel=np.asarray(prompt.mel, dtype=np.float32),
