@@ -576,6 +576,8 @@ def test_client_command(server: dict[str, Any], engine: Any, tmp_path, capsys) -
         str(out),
         "--prompt",
         str(tmp_path / "prompt.npz"),
+        "--prebuffer",
+        "60",
         "--json",
     ]
     assert cli.main(argv) == 0
@@ -583,6 +585,10 @@ def test_client_command(server: dict[str, Any], engine: Any, tmp_path, capsys) -
     assert summary["tokens"] == 60 and summary["chunks"] >= 2
     assert 0 < summary["first_chunk_latency_s"] < summary["wall_s"]
     assert summary["rtf"] > 0 and summary["wall_rtf"] > 0
+    # the listener: a 60 s start buffer outlasts the stream, so playback starts when the last audio is in (at
+    # 'done'), shortening the buffer to what was needed, and nothing can stall after that
+    assert summary["first_play_s"] == summary["wall_s"]
+    assert summary["start_buffer_ms"] < 60_000 and summary["stalls"] == 0 and summary["worst_stall_s"] == 0
     # the server's recommended start buffer, when it sends one (None from a server that does not)
     rec = summary["recommended_start_buffer_ms"]
     assert rec is None or (isinstance(rec, int) and rec >= 0)
@@ -602,6 +608,14 @@ def test_client_command(server: dict[str, Any], engine: Any, tmp_path, capsys) -
 
     assert cli.main(["client", "--url", server["ws"], "--tokens", str(token_file), "--preset", "turbo"]) == 1
     assert "preset" in capsys.readouterr().err
+    assert cli.main(["client", "--url", server["ws"], "--tokens", str(token_file), "--voice", "slt"]) == 1
+    assert capsys.readouterr().err.strip() == ("token2wav client: error: voice 'slt' is not one of the server's "
+                                               "voices: none")
+    # without --rate: the model's own token rate, from 'started'
+    token_file.write_text(" ".join(map(str, tokens[:8])))
+    assert cli.main(["client", "--url", server["ws"], "--tokens", str(token_file), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rate"] == engine.token_rate and summary["wall_s"] >= 7 / engine.token_rate
 
 
 def test_batched_calls_are_counted_in_metrics(server: dict[str, Any], engine: Any) -> None:

@@ -723,8 +723,13 @@ def _serve(args: argparse.Namespace) -> int:
     args=[
         arg("--url", default="ws://127.0.0.1:50000/v1/stream", help="server (ws://HOST:PORT/v1/stream)"),
         arg("--tokens", required=True, metavar="FILE|-", help="token file (same formats as synth)"),
-        arg("--rate", type=float, default=25.0, help="tokens per second to send (0: all at once)"),
+        arg("--rate", type=float, default=None,
+            help="tokens per second to send (default: the model's own token rate, as a real-time LLM sends them; "
+                 "0: all at once)"),
+        arg("--prebuffer", type=float, metavar="SECONDS",
+            help="the listener's start buffer, for the stalls reported (default: the server's recommendation)"),
         arg("--out", metavar="OUT.wav", help="write the received audio"),
+        arg("--voice", help="one of the server's voices (GET /v1/voices; the demo voice: slt, rms, awb)"),
         arg("--prompt", metavar="PROMPT.npz", help="register this prompt first and use it"),
         arg("--prompt-wav", metavar="IN.wav", help="upload this recording as the prompt (the server clones it)"),
         arg("--prompt-id", help="use an already registered prompt"),
@@ -739,15 +744,17 @@ def _client(args: argparse.Namespace) -> int:
     import httpx
     from websockets.exceptions import WebSocketException
 
-    from token2wav.serve.client import StreamError, register_prompt, stream_tokens_sync
+    from token2wav.serve.client import StreamError, register_prompt, stream_tokens_sync, voice_prompt_id
     from token2wav.tokens_io import load_prompt_npz, read_tokens
 
-    if sum(x is not None for x in (args.prompt, args.prompt_id, args.prompt_wav)) > 1:
-        raise ValueError("give one of --prompt, --prompt-wav, --prompt-id")
+    if sum(x is not None for x in (args.voice, args.prompt, args.prompt_id, args.prompt_wav)) > 1:
+        raise ValueError("give one of --voice, --prompt, --prompt-wav, --prompt-id")
     if args.prompt_wav is not None and not Path(args.prompt_wav).is_file():
         raise FileNotFoundError(f"--prompt-wav: no such file: {args.prompt_wav}")
-    if args.rate < 0:
-        raise ValueError(f"--rate must be >= 0, got {args.rate}")
+    if args.rate is not None and not 0 <= args.rate < float("inf"):
+        raise ValueError(f"--rate must be a number of tokens per second >= 0, got {args.rate}")
+    if args.prebuffer is not None and not 0 <= args.prebuffer <= 60:
+        raise ValueError(f"--prebuffer must be in [0, 60] seconds, got {args.prebuffer}")
     tokens = read_tokens(args.tokens)
     if tokens.size == 0:
         raise ValueError(f"--tokens: {args.tokens} holds no tokens")
@@ -760,10 +767,13 @@ def _client(args: argparse.Namespace) -> int:
             from token2wav.serve.client import register_prompt_wav
 
             prompt_id = register_prompt_wav(args.url, args.prompt_wav)
+        elif args.voice:
+            prompt_id = voice_prompt_id(args.url, args.voice)
         result = stream_tokens_sync(
             args.url,
             tokens,
             rate=args.rate,
+            prebuffer_ms=None if args.prebuffer is None else args.prebuffer * 1e3,
             prompt_id=prompt_id,
             preset=args.preset,
             hop=args.hop,
@@ -777,14 +787,21 @@ def _client(args: argparse.Namespace) -> int:
         _write_wav(args.out, result.audio, result.sample_rate)
     summary = result.summary()
     summary["tokens"] = int(tokens.size)
-    summary["rate"] = args.rate
+    summary["rate"] = args.rate if args.rate is not None else result.started.get("token_rate")
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        lat = summary["first_chunk_latency_s"]
+        lat, heard = summary["first_chunk_latency_s"], summary["first_play_s"]
         print(
             f"{summary['chunks']} chunks, {summary['audio_s']:.2f} s of audio; first chunk after "
             f"{lat if lat is None else f'{lat * 1e3:.1f} ms'}; RTF {summary['rtf']} (server compute), "
             f"wall/audio {summary['wall_rtf']}"
         )
+        if heard is not None:
+            source = "given" if args.prebuffer is not None else "the server's recommendation"
+            stalls = summary["stalls"]
+            print(f"a player would start {heard * 1e3:.0f} ms after the first token (start buffer "
+                  f"{summary['start_buffer_ms']} ms, {source}) and hear "
+                  + (f"{stalls} stall(s), {summary['stall_s'] * 1e3:.0f} ms in all, the worst "
+                     f"{summary['worst_stall_s'] * 1e3:.0f} ms" if stalls else "no stall"))
     return 0

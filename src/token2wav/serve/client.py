@@ -3,8 +3,8 @@
 Example::
 
     from token2wav.serve.client import stream_tokens_sync
-    result = stream_tokens_sync("ws://127.0.0.1:50000/v1/stream", tokens, rate=25)
-    print(result.first_chunk_latency_s, result.rtf)
+    result = stream_tokens_sync("ws://127.0.0.1:50000/v1/stream", tokens, rate=None)  # the model's token rate
+    print(result.first_chunk_latency_s, result.rtf, result.listener.worst_stall_s)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from token2wav.serve.protocol import pcm16_to_float
+from token2wav.streaming.pacing import PlaybackClock
 
 __all__ = [
     "StreamError",
@@ -33,6 +34,7 @@ __all__ = [
     "start_buffer_ms",
     "stream_tokens",
     "stream_tokens_sync",
+    "voice_prompt_id",
 ]
 
 _MAX_TOKENS_PER_MESSAGE = 4096  # keeps each message far below the server's default size limit
@@ -61,6 +63,10 @@ class StreamResult:
     # newer one in a chunk header while a player would still be buffering (playback starts that many ms after
     # the first audio); None: the server sent none
     start_buffer_ms: int | None = None
+    # what a player would have heard, with the start buffer given (prebuffer_ms) or else the server's newest
+    # recommendation while it was still buffering (else none): stalls, and when playback started
+    listener: PlaybackClock = field(default_factory=PlaybackClock)
+    first_play_s: float | None = None  # first token sent -> playback started
 
     @property
     def audio(self) -> np.ndarray:
@@ -101,6 +107,11 @@ class StreamResult:
             "rtf": round(self.rtf, 4) if self.audio_s else None,
             "wall_rtf": round(self.wall_rtf, 4) if self.audio_s else None,
             "recommended_start_buffer_ms": self.start_buffer_ms,
+            "start_buffer_ms": round(self.listener.start_buffer_s * 1e3) if self.listener.started else None,
+            "first_play_s": None if self.first_play_s is None else round(self.first_play_s, 4),
+            "stalls": self.listener.stalls,
+            "stall_s": round(self.listener.stall_s, 4),
+            "worst_stall_s": round(self.listener.worst_stall_s, 4),
         }
 
 
@@ -156,6 +167,20 @@ def register_prompt(
     return str(r.json()["prompt_id"])
 
 
+def voice_prompt_id(url: str, name: str, *, timeout: float = 30.0, api_key: str | None = None) -> str:
+    """The ``prompt_id`` of the model's voice ``name`` (``GET /v1/voices``: the server registers its voices)."""
+    import httpx
+
+    r = httpx.get(http_base_url(url) + "/v1/voices", timeout=timeout, headers=auth_headers(api_key))
+    if r.status_code != 200:
+        raise StreamError(f"voice lookup failed: HTTP {r.status_code}: {r.text[:200]}", status=r.status_code)
+    voices = {str(v.get("name")): v.get("prompt_id") for v in r.json().get("speakers", [])}
+    if voices.get(name) is None:
+        have = ", ".join(sorted(voices)) or "none"
+        raise StreamError(f"voice {name[:40]!r} is not one of the server's voices: {have}")
+    return str(voices[name])
+
+
 def register_prompt_wav(url: str, path: str | Path, *, timeout: float = 120.0, api_key: str | None = None) -> str:
     """Upload a recording (WAV body, ``Content-Type: audio/wav``); the server clones it into a prompt and
     returns its ``prompt_id`` (the same id the prompt's arrays would get)."""
@@ -175,7 +200,7 @@ async def stream_tokens(
     url: str,
     tokens: Sequence[int] | np.ndarray,
     *,
-    rate: float = 25.0,
+    rate: float | None = 25.0,
     prompt_id: str | None = None,
     preset: str | None = None,
     hop: int | None = None,
@@ -187,7 +212,12 @@ async def stream_tokens(
     receive_timeout: float = 120.0,
     api_key: str | None = None,
 ) -> StreamResult:
-    """Stream ``tokens`` to ``/v1/stream`` at ``rate`` tokens per second (``rate <= 0``: all at once).
+    """Stream ``tokens`` to ``/v1/stream`` at ``rate`` tokens per second (``rate <= 0``: all at once; None: the
+    model's own token rate, from ``started``, as a real-time LLM would send them).
+
+    The result also tells what a player would have heard (``listener``): playback starting ``prebuffer_ms``
+    after the first audio, or else after the server's newest recommendation while still buffering, and at the
+    latest when the stream is done.
 
     Tokens due at the same moment go in one message, so a high rate costs few messages. The client never
     has more than the server's ``max_queued_tokens`` tokens sent but not yet decoded (it waits for the
@@ -233,6 +263,16 @@ async def stream_tokens(
         started = _expect(json.loads(first), "started")
         result = StreamResult(pcm=b"", sample_rate=int(started["sample_rate"]), started=started,
                               start_buffer_ms=start_buffer_ms(started))
+        listener = result.listener
+        if prebuffer_ms is not None:
+            listener.start_buffer_s = prebuffer_ms / 1e3
+        elif result.start_buffer_ms is not None:
+            listener.start_buffer_s = result.start_buffer_ms / 1e3
+        if rate is None:
+            model_rate = started.get("token_rate")
+            if isinstance(model_rate, bool) or not isinstance(model_rate, (int, float)) or not model_rate > 0:
+                raise StreamError("rate=None needs the server's token_rate in 'started'; give a rate")
+            rate = float(model_rate)
         t_first: list[float] = []
         limit = started.get("max_queued_tokens")
         window = limit if isinstance(limit, int) and limit > 0 else None  # None: an older server
@@ -284,9 +324,11 @@ async def stream_tokens(
                         raise StreamError("protocol error: audio frame without a chunk header")
                     if len(msg) != 2 * int(expecting_audio["samples"]):
                         raise StreamError("protocol error: audio frame length differs from its header")
+                    now = time.perf_counter()
                     if result.first_chunk_latency_s is None:
-                        first_audio_at = time.perf_counter()
+                        first_audio_at = now
                         result.first_chunk_latency_s = first_audio_at - t_first[0]
+                    listener.deliver(now, len(msg) / 2 / result.sample_rate)
                     pcm.extend(msg)
                     result.chunks.append(expecting_audio)
                     expecting_audio = None
@@ -302,13 +344,20 @@ async def stream_tokens(
                 if kind == "chunk":
                     expecting_audio = data
                     newer = start_buffer_ms(data)
+                    now = time.perf_counter()
                     if newer is not None and (
                         first_audio_at is None  # a player would still be buffering
-                        or time.perf_counter() < first_audio_at + (result.start_buffer_ms or 0) / 1e3
+                        or now < first_audio_at + (result.start_buffer_ms or 0) / 1e3
                     ):
                         result.start_buffer_ms = newer
+                    if newer is not None and prebuffer_ms is None:
+                        listener.recommend(now, newer / 1e3)  # only while the player is still buffering
                 elif kind == "done":
-                    result.wall_s = time.perf_counter() - t_first[0]
+                    now = time.perf_counter()
+                    result.wall_s = now - t_first[0]
+                    listener.complete(now)  # all audio is in: a player still buffering starts now
+                    if listener.play_start is not None:
+                        result.first_play_s = listener.play_start - t_first[0]
                     break
                 elif kind == "error":
                     raise StreamError(str(data.get("message")), data.get("code"), data.get("status"))
