@@ -218,6 +218,21 @@ def test_tokenize_command_reads_a_recording_and_refuses_what_is_not_one(tmp_path
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_loading(tmp_path, capsys, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad --out was reported")
+
+    monkeypatch.setattr(cli, "load_engine", refuse)
+    tokens = tmp_path / "t.txt"
+    tokens.write_text("1 2 3")
+    for out, words in [(tmp_path / "no" / "x.wav", f"the folder {tmp_path / 'no'} does not exist"),
+                       (tmp_path, "is a folder; give a file name")]:
+        assert cli.main(["synth", "--model", MODEL, "--tokens", str(tokens), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"token2wav synth: error: --out {out}") and words in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_unknown_model_is_a_clear_error(tmp_path, capsys, token_file) -> None:
     code = cli.main(
         ["synth", "--model", "no-such-model", "--tokens", str(token_file), "--out", str(tmp_path / "x.wav")]

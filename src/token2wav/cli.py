@@ -235,15 +235,29 @@ def _local_model(model: str) -> str:
     return str(hub.resolve(model))
 
 
-def _write_wav(path: str, audio: Any, sample_rate: int) -> None:
+def _check_out(path: str | None, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written before any work is done (ValueError naming ``flag``)."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist")
+
+
+def _write_wav(path: str, audio: Any, sample_rate: int, flag: str = "--out") -> None:
     from token2wav.serve.protocol import wav_bytes
 
     data = wav_bytes(audio, sample_rate)
     if path == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    else:
+        return
+    try:
         Path(path).write_bytes(data)
+    except OSError as e:  # a read-only folder, a full disk: one line, not a traceback
+        raise ValueError(f"{flag} {path}: cannot write it ({e.strerror or e})") from None
 
 
 def _load_prompt(path: str | None) -> Any:
@@ -462,6 +476,7 @@ def _synth(args: argparse.Namespace) -> int:
     tokens = read_tokens(args.tokens)
     if tokens.size == 0:
         raise ValueError(f"tokens: {args.tokens} holds no tokens")
+    _check_out(args.out)
     if not args.stream:
         for opt in ("preset", "hop", "mode", "window_frames"):
             if getattr(args, opt) is not None:
@@ -755,6 +770,7 @@ def _client(args: argparse.Namespace) -> int:
         raise ValueError(f"--rate must be a number of tokens per second >= 0, got {args.rate}")
     if args.prebuffer is not None and not 0 <= args.prebuffer <= 60:
         raise ValueError(f"--prebuffer must be in [0, 60] seconds, got {args.prebuffer}")
+    _check_out(args.out)
     tokens = read_tokens(args.tokens)
     if tokens.size == 0:
         raise ValueError(f"--tokens: {args.tokens} holds no tokens")
