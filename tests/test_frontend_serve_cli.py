@@ -116,6 +116,10 @@ def test_prompt_command_errors_are_one_line(model_dir, tmp_path, capsys) -> None
     assert cli.main(["synth", "--model", str(model_dir), "--tokens", str(tokens), "--out", "x.wav",
                      "--prompt", "a.npz", "--prompt-wav", wav]) == 2
     assert "alternatives" in capsys.readouterr().err
+    # an --out that cannot be written: refused before the recording is read (it does not exist either)
+    assert cli.main(["prompt", "--model", str(model_dir), "missing.wav", "--out", str(tmp_path / "no" / "p.npz")]) == 2
+    assert capsys.readouterr().err.strip() == (f"token2wav prompt: error: --out {tmp_path / 'no' / 'p.npz'}: the "
+                                               f"folder {tmp_path / 'no'} does not exist")
 
 
 def test_prompt_command_without_onnxruntime_says_what_to_install(model_dir, tmp_path, monkeypatch, capsys) -> None:

@@ -235,17 +235,6 @@ def _local_model(model: str) -> str:
     return str(hub.resolve(model))
 
 
-def _check_out(path: str | None, flag: str = "--out") -> None:
-    """Refuse an output path that cannot be written before any work is done (ValueError naming ``flag``)."""
-    if path is None or path == "-":
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give a file name")
-    if not p.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist")
-
-
 def _write_wav(path: str, audio: Any, sample_rate: int, flag: str = "--out") -> None:
     from token2wav.serve.protocol import wav_bytes
 
@@ -471,12 +460,12 @@ def _download(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from token2wav.tokens_io import read_tokens
+    from token2wav.tokens_io import check_output_path, read_tokens
 
     tokens = read_tokens(args.tokens)
     if tokens.size == 0:
         raise ValueError(f"tokens: {args.tokens} holds no tokens")
-    _check_out(args.out)
+    check_output_path(args.out)
     if not args.stream:
         for opt in ("preset", "hop", "mode", "window_frames"):
             if getattr(args, opt) is not None:
@@ -760,7 +749,7 @@ def _client(args: argparse.Namespace) -> int:
     from websockets.exceptions import WebSocketException
 
     from token2wav.serve.client import StreamError, register_prompt, stream_tokens_sync, voice_prompt_id
-    from token2wav.tokens_io import load_prompt_npz, read_tokens
+    from token2wav.tokens_io import check_output_path, load_prompt_npz, read_tokens
 
     if sum(x is not None for x in (args.voice, args.prompt, args.prompt_id, args.prompt_wav)) > 1:
         raise ValueError("give one of --voice, --prompt, --prompt-wav, --prompt-id")
@@ -770,7 +759,7 @@ def _client(args: argparse.Namespace) -> int:
         raise ValueError(f"--rate must be a number of tokens per second >= 0, got {args.rate}")
     if args.prebuffer is not None and not 0 <= args.prebuffer <= 60:
         raise ValueError(f"--prebuffer must be in [0, 60] seconds, got {args.prebuffer}")
-    _check_out(args.out)
+    check_output_path(args.out)
     tokens = read_tokens(args.tokens)
     if tokens.size == 0:
         raise ValueError(f"--tokens: {args.tokens} holds no tokens")

@@ -1,4 +1,4 @@
-"""Reading speech-token sequences and prompts from files.
+"""Reading speech-token sequences and prompts from files, and checking where the commands write theirs.
 
 Accepted token formats (detected from content, not only from the extension):
 
@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["PromptArrays", "load_prompt_npz", "parse_tokens", "read_tokens", "tokens_from_array"]
+__all__ = ["PromptArrays", "check_output_path", "load_prompt_npz", "parse_tokens", "read_tokens", "tokens_from_array"]
 
 _SPEECH_MARKER = re.compile(r"<\|s_(\d+)\|>")
 _NPY_MAGIC = b"\x93NUMPY"
@@ -175,3 +175,15 @@ def load_prompt_npz(path: str | Path) -> PromptArrays:
                 raise
             raise ValueError(f"prompt: {path} holds Python objects, not plain arrays; {PROMPT_FILE_HELP}") from None
     return PromptArrays(tokens=tokens, mel=mel, embedding=embedding)
+
+
+def check_output_path(path: str | Path | None, flag: str = "--out") -> None:
+    """Refuse an output file that cannot be written, before any work is done (ValueError naming ``flag``).
+    None and ``-`` (standard output) pass."""
+    if path is None or str(path) == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist")

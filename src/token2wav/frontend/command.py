@@ -27,10 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from token2wav import Prompt, Token2Wav
-    from token2wav.tokens_io import load_prompt_npz
+    from token2wav.tokens_io import check_output_path, load_prompt_npz
 
     if args.out is None and args.save_as is None:
         raise ValueError("give --out PROMPT.npz and/or --save-as NAME (otherwise the prompt goes nowhere)")
+    check_output_path(args.out)
     t2w = Token2Wav.from_pretrained(args.model)
     start = time.perf_counter()
     if args.input.endswith(".npz"):
