@@ -233,6 +233,15 @@ def test_an_output_that_cannot_be_written_is_refused_before_loading(tmp_path, ca
         assert len(err.strip().splitlines()) == 1
 
 
+def test_an_unknown_option_is_reported_by_its_command_with_its_usage(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prompt", "--model", "demo", "--wav", "x.wav"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: token2wav prompt ")  # the command's usage, not "token2wav [-h] COMMAND ..."
+    assert err.strip().endswith("token2wav prompt: error: unrecognized arguments: --wav")
+
+
 def test_unknown_model_is_a_clear_error(tmp_path, capsys, token_file) -> None:
     code = cli.main(
         ["synth", "--model", "no-such-model", "--tokens", str(token_file), "--out", str(tmp_path / "x.wav")]

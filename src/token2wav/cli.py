@@ -146,7 +146,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         entries[cmd.name] = (cmd.help, _command_configurer(cmd))
     for name in sorted(entries):
         help_text, configure = entries[name]
-        configure(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(command_parser=command)  # its own usage line for options it does not know
+        configure(command)
     return parser
 
 
@@ -174,7 +176,9 @@ def _module_configurer(name: str, module: str, selected: bool) -> Callable[[argp
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's parser (its usage), not the top-level one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _note_printer(args.command)  # notes (e.g. ignored training entries): one line
