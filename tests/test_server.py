@@ -486,9 +486,15 @@ def test_a_client_that_closes_at_once_does_not_hold_its_connection(engine: Any) 
     assert time.perf_counter() - stop_from < 3.0  # no stream task left waiting: uvicorn stops at once
 
 
-def test_start_timeout_is_validated() -> None:
-    with pytest.raises(ValueError, match="start_timeout_s must be a finite number > 0"):
+def test_limits_are_validated_naming_the_field_and_its_serve_option() -> None:
+    with pytest.raises(ValueError, match=r"start_timeout_s \(--start-timeout\) must be a finite number > 0"):
         ServerLimits(start_timeout_s=0)
+    # no room for a 'start' message: refused, not a server that answers every message with 1009
+    with pytest.raises(ValueError, match=r"max_message_bytes \(--max-message-bytes\) must be an integer >= 1024, "
+                                         r"got 10"):
+        ServerLimits(max_message_bytes=10)
+    with pytest.raises(ValueError, match=r"^max_prompts must be an integer >= 1, got 0$"):  # no option of its own
+        ServerLimits(max_prompts=0)
 
 
 def test_client_that_never_reads_does_not_stall_others(server: dict[str, Any], engine: Any) -> None:

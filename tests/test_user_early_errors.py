@@ -140,6 +140,22 @@ def test_serve_graphs_without_batching_refused_before_loading(tmp_path, capsys, 
     assert "--graphs runs the batcher's fixed-shape batches; it cannot be used with --no-batching" in err
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-tokens", "0"], "max_tokens_per_session (--max-tokens) must be an integer >= 1, got 0"),
+    (["--max-message-bytes", "10"], "max_message_bytes (--max-message-bytes) must be an integer >= 1024, got 10"),
+    (["--idle-timeout", "-1"], "idle_timeout_s (--idle-timeout) must be a finite number > 0, got -1.0"),
+])
+def test_serve_limits_name_their_option_before_loading(capsys, monkeypatch, args, message):
+    import token2wav.serve.assembly as assembly
+
+    def refuse(*a, **k):
+        raise AssertionError("the server was built before the bad limit was reported")
+
+    monkeypatch.setattr(assembly, "build_server", refuse)
+    assert cli.main(["serve", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"token2wav serve: error: {message}"
+
+
 @pytest.mark.parametrize("port", ["0", "65536", "99999", "-5"])
 def test_serve_refuses_a_port_it_cannot_bind_before_loading(tmp_path, capsys, monkeypatch, port):
     # uvicorn took 99999 and bound another port (99999 mod 65536) after the model had loaded

@@ -180,12 +180,36 @@ class ServerLimits:
         )
         for name in ints:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            low = LIMIT_MINIMUMS.get(name, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{_limit_name(name)} must be an integer >= {low}, got {v!r}")
         for name in ("idle_timeout_s", "start_timeout_s", "send_timeout_s", "admission_wait_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+                raise ValueError(f"{_limit_name(name)} must be a finite number > 0, got {v!r}")
+
+
+# Limits below these leave no room for what they bound: a 'start' or 'tokens' message, a prompt's JSON or WAV.
+LIMIT_MINIMUMS = {"max_message_bytes": 1024, "max_prompt_bytes": 1024}
+# The `token2wav serve` option of each limit, named in its error beside the field
+LIMIT_FLAGS = {
+    "max_sessions": "--max-sessions",
+    "max_tokens_per_session": "--max-tokens",
+    "max_message_bytes": "--max-message-bytes",
+    "max_prompt_bytes": "--max-prompt-bytes",
+    "max_prompt_tokens": "--max-prompt-tokens",
+    "workers": "--workers",
+    "max_queued_tokens": "--max-queued-tokens",
+    "max_waiting_streams": "--max-waiting-streams",
+    "idle_timeout_s": "--idle-timeout",
+    "start_timeout_s": "--start-timeout",
+    "admission_wait_s": "--admission-wait",
+}
+
+
+def _limit_name(field: str) -> str:
+    flag = LIMIT_FLAGS.get(field)
+    return f"{field} ({flag})" if flag else field
 
 
 # ----------------------------------------------------------------------------------------- validation

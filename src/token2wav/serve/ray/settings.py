@@ -14,7 +14,7 @@ from typing import Any
 
 from token2wav.models.hifigan import VOCODER_PRECISIONS
 from token2wav.serve.assembly import ServerSpec
-from token2wav.serve.protocol import ServerLimits
+from token2wav.serve.protocol import LIMIT_MINIMUMS, ServerLimits
 
 __all__ = ["DEFAULTS", "MAX_REPLICAS", "RaySettings", "settings_from_options"]
 
@@ -198,8 +198,8 @@ def settings_from_options(
     limits = ServerLimits(
         max_sessions=_int(opts, "max_sessions", 1, 100_000),
         max_tokens_per_session=_int(opts, "max_tokens", 1, 10**9),
-        max_message_bytes=_int(opts, "max_message_bytes", 1, 1 << 30),
-        max_prompt_bytes=_int(opts, "max_prompt_bytes", 1, 1 << 30),
+        max_message_bytes=_int(opts, "max_message_bytes", LIMIT_MINIMUMS["max_message_bytes"], 1 << 30),
+        max_prompt_bytes=_int(opts, "max_prompt_bytes", LIMIT_MINIMUMS["max_prompt_bytes"], 1 << 30),
         idle_timeout_s=_float(opts, "idle_timeout", 0, 86400, open_lo=True),
         start_timeout_s=_float(opts, "start_timeout", 0, 86400, open_lo=True),
         workers=_int(opts, "workers", 1, 1024),
