@@ -90,6 +90,8 @@ def test_recompute_mode_says_why_the_demo_voice_cannot_run_it(demo):
                                          r"only, which this model cannot run: it decodes with a lookahead of 3 "
                                          r"tokens, its flow was built with 5; mode='cached' is exact"):
         demo.stream(mode="recompute")
+    with pytest.raises(ValueError, match="which this model cannot run"):  # its own lookahead, named: the same
+        demo.stream(mode="recompute", pre_lookahead_len=3)
 
 
 def test_default_stream_equals_chunk_synthesis(demo):

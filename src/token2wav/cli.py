@@ -239,7 +239,7 @@ def _local_model(model: str) -> str:
     return str(hub.resolve(model))
 
 
-def _write_wav(path: str, audio: Any, sample_rate: int, flag: str = "--out") -> None:
+def _write_wav(path: str, audio: Any, sample_rate: int) -> None:
     from token2wav.serve.protocol import wav_bytes
 
     data = wav_bytes(audio, sample_rate)
@@ -250,7 +250,7 @@ def _write_wav(path: str, audio: Any, sample_rate: int, flag: str = "--out") -> 
     try:
         Path(path).write_bytes(data)
     except OSError as e:  # a read-only folder, a full disk: one line, not a traceback
-        raise ValueError(f"{flag} {path}: cannot write it ({e.strerror or e})") from None
+        raise ValueError(f"--out {path}: cannot write it ({e.strerror or e})") from None
 
 
 def _load_prompt(path: str | None) -> Any:

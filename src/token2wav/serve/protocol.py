@@ -143,6 +143,29 @@ class ProtocolError(Exception):
         return raw[:120].decode("utf-8", errors="ignore") + "..."
 
 
+# Limits below these leave no room for what they bound: a 'start' or 'tokens' message, a prompt's JSON or WAV.
+LIMIT_MINIMUMS = {"max_message_bytes": 1024, "max_prompt_bytes": 1024}
+# The `token2wav serve` option of each limit, named in its error beside the field
+LIMIT_FLAGS = {
+    "max_sessions": "--max-sessions",
+    "max_tokens_per_session": "--max-tokens",
+    "max_message_bytes": "--max-message-bytes",
+    "max_prompt_bytes": "--max-prompt-bytes",
+    "max_prompt_tokens": "--max-prompt-tokens",
+    "workers": "--workers",
+    "max_queued_tokens": "--max-queued-tokens",
+    "max_waiting_streams": "--max-waiting-streams",
+    "idle_timeout_s": "--idle-timeout",
+    "start_timeout_s": "--start-timeout",
+    "admission_wait_s": "--admission-wait",
+}
+
+
+def _limit_name(field: str) -> str:
+    flag = LIMIT_FLAGS.get(field)
+    return f"{field} ({flag})" if flag else field
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     """Resource limits of one server process. Every value is checked by ``__post_init__``."""
@@ -187,29 +210,6 @@ class ServerLimits:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{_limit_name(name)} must be a finite number > 0, got {v!r}")
-
-
-# Limits below these leave no room for what they bound: a 'start' or 'tokens' message, a prompt's JSON or WAV.
-LIMIT_MINIMUMS = {"max_message_bytes": 1024, "max_prompt_bytes": 1024}
-# The `token2wav serve` option of each limit, named in its error beside the field
-LIMIT_FLAGS = {
-    "max_sessions": "--max-sessions",
-    "max_tokens_per_session": "--max-tokens",
-    "max_message_bytes": "--max-message-bytes",
-    "max_prompt_bytes": "--max-prompt-bytes",
-    "max_prompt_tokens": "--max-prompt-tokens",
-    "workers": "--workers",
-    "max_queued_tokens": "--max-queued-tokens",
-    "max_waiting_streams": "--max-waiting-streams",
-    "idle_timeout_s": "--idle-timeout",
-    "start_timeout_s": "--start-timeout",
-    "admission_wait_s": "--admission-wait",
-}
-
-
-def _limit_name(field: str) -> str:
-    flag = LIMIT_FLAGS.get(field)
-    return f"{field} ({flag})" if flag else field
 
 
 # ----------------------------------------------------------------------------------------- validation

@@ -139,7 +139,8 @@ class StreamOptions:
         lookahead = int(config.pre_lookahead_len)
         override = None
         look = self.pre_lookahead_len
-        if look is not None and look != lookahead:
+        look_given = look is not None and look != lookahead  # a lookahead other than the config's, asked for
+        if look_given:
             allowed = getattr(config, "supported_pre_lookahead", None)
             if not allowed or not allowed[0] <= look <= allowed[1]:
                 what = f"{allowed[0]}..{allowed[1]}" if allowed else f"{lookahead} (trained value)"
@@ -153,7 +154,7 @@ class StreamOptions:
             if chunk_frames is not None:
                 raise ValueError(f"{rec}: {spell('hop', hop, with_value=True)} is a dynamic chunk of this model; use a "
                                  f"multiple of the trained chunk ({trained} tokens)")
-            if look is not None:
+            if look_given:
                 raise ValueError(f"{rec}: leave {spell('pre_lookahead_len')} out")
             raise ValueError(f"{rec}, which this model cannot run: it decodes with a lookahead of {lookahead} "
                              f"tokens, its flow was built with {trained_lookahead}; "
