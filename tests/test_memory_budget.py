@@ -57,6 +57,10 @@ def test_a_budget_too_small_for_one_chunk_is_refused_with_the_minimum(engine: An
         engine.batcher(max_cache_bytes=200_000)
     least = 1872458
     engine.batcher(max_cache_bytes=least).close()  # the minimum is enough for one chunk
+    # the server's option, in MiB rounded up to what it prints: enough too
+    with pytest.raises(ValueError, match=r"key/value pages; token2wav serve --max-cache-mb 1\.79\)$"):
+        engine.batcher(max_cache_bytes=200_000)
+    engine.batcher(max_cache_bytes=int(1.79 * 2**20)).close()
 
 
 def _prompt_body(seed: int, vocab: int, tokens: int = 40) -> dict[str, Any]:

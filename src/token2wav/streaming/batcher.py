@@ -230,9 +230,10 @@ class Batcher:
             chunk = -(-frames // page_frames) * page_frames * self._bytes_per_frame
             least = int(-(-chunk // KV_SHARE))
             if self.memory.kv_bytes < chunk:
+                least_mb = math.ceil(least / 2**20 * 100) / 100  # as `serve --max-cache-mb` takes it, rounded up
                 raise ValueError(f"max_cache_bytes={max_cache_bytes} cannot hold one chunk of one stream: at least "
                                  f"{least} bytes ({least / 2**20:.2f} MiB; {KV_SHARE:.0%} of the budget is for "
-                                 "key/value pages)")
+                                 f"key/value pages; token2wav serve --max-cache-mb {least_mb:.2f})")
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._pushers = 0
