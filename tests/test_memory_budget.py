@@ -63,6 +63,38 @@ def test_a_budget_too_small_for_one_chunk_is_refused_with_the_minimum(engine: An
     engine.batcher(max_cache_bytes=int(1.79 * 2**20)).close()
 
 
+@pytest.mark.parametrize("model", ["demo", "tiny", "real_configs/cosyvoice2.yaml", "real_configs/cosyvoice3.yaml"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_configs_key_value_bytes_per_frame_are_the_built_flows(model: str, dtype: torch.dtype) -> None:
+    # what serve checks --max-cache-mb against before loading == what the batcher reads off the loaded flow
+    from pathlib import Path
+
+    from token2wav.config import read_config
+    from token2wav.loading import build_flow, resolve_model_dir
+    from token2wav.memory import kv_bytes_per_frame
+    from token2wav.streaming.batcher import cache_bytes_per_frame
+
+    path = Path(__file__).parent / "data" / model if model.endswith(".yaml") else resolve_model_dir(model)
+    config = read_config(path)
+    flow = build_flow(config, device="meta").to(dtype)
+    assert kv_bytes_per_frame(config, dtype, n_timesteps=7) == cache_bytes_per_frame(flow, 7) > 0
+
+
+def test_serve_refuses_a_budget_too_small_for_one_chunk_before_loading(capsys, monkeypatch) -> None:
+    import token2wav.serve.assembly as assembly
+    from token2wav import cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server was built before the budget was refused")
+
+    monkeypatch.setattr(assembly, "build_server", refuse)
+    assert cli.main(["serve", "--model", "tiny", "--max-cache-mb", "1"]) == 2
+    # the message the batcher gives (tested above): 1,872,458 bytes at least, 1.79 MiB
+    assert capsys.readouterr().err.strip() == (
+        "token2wav serve: error: max_cache_bytes=1048576 cannot hold one chunk of one stream: at least 1872458 "
+        "bytes (1.79 MiB; 70% of the budget is for key/value pages; token2wav serve --max-cache-mb 1.79)")
+
+
 def _prompt_body(seed: int, vocab: int, tokens: int = 40) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     return {"tokens": _tokens(tokens, seed, vocab), "mel": rng.random((2 * tokens, 80)).round(3).tolist(),

@@ -564,6 +564,20 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precheck_cache_budget(args: argparse.Namespace) -> None:
+    """Refuse a ``--max-cache-mb`` that cannot hold one chunk of one stream, from the model's config."""
+    import torch
+
+    from token2wav.config import read_config
+    from token2wav.loading import resolve_model_dir
+    from token2wav.memory import kv_bytes_per_frame
+    from token2wav.streaming.batcher import check_cache_budget
+
+    config = read_config(resolve_model_dir(_local_model(args.model)))
+    per_frame = kv_bytes_per_frame(config, getattr(torch, args.dtype))
+    check_cache_budget(int(args.max_cache_mb * 2**20), per_frame, int(config.static_chunk_size))
+
+
 def _precheck_synth(args: argparse.Namespace, tokens: Any, prompt: Any = None, model: str | None = None) -> None:
     """Refuse, before any weights are read, what the model's config alone rules out (flags named as typed).
     ``model``: ``args.model`` already resolved to this disk (see :func:`_local_model`)."""
@@ -674,6 +688,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-workers must be in [1, 64], got {args.batch_workers}")
     if args.max_cache_mb is not None and not args.max_cache_mb > 0:
         raise ValueError(f"--max-cache-mb must be > 0, got {args.max_cache_mb}")
+    if args.max_cache_mb is not None and not args.model.startswith("bench:"):
+        _precheck_cache_budget(args)  # the config alone decides it: before seconds of loading
     if args.graphs and args.no_batching:
         raise ValueError("--graphs runs the batcher's fixed-shape batches; it cannot be used with --no-batching")
     if args.threads is not None and args.threads < 1:

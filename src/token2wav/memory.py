@@ -27,6 +27,7 @@ __all__ = [
     "available_bytes",
     "check_offline_memory",
     "full_attention_bytes",
+    "kv_bytes_per_frame",
     "kv_cache_bytes",
     "out_of_memory_message",
 ]
@@ -89,10 +90,17 @@ def full_attention_bytes(config: Any, frames: int, dtype: torch.dtype = torch.fl
     return 2 * heads * frames * frames * _itemsize(dtype)
 
 
+def kv_bytes_per_frame(config: Any, dtype: torch.dtype = torch.float32, n_timesteps: int = 10) -> int:
+    """Bytes one mel frame adds to a cached stream's keys and values (every solver step, guidance branch and
+    attention layer), from the config alone: what ``streaming.batcher.cache_bytes_per_frame`` reads off a
+    loaded flow."""
+    _, layers, inner = attention_shape(config)
+    return n_timesteps * 2 * layers * 2 * inner * _itemsize(dtype)
+
+
 def kv_cache_bytes(config: Any, frames: int, dtype: torch.dtype = torch.float32, n_timesteps: int = 10) -> int:
     """Bytes of the cached path's key/value stores over ``frames`` frames (every step, branch and layer)."""
-    _, layers, inner = attention_shape(config)
-    return int(n_timesteps * 2 * layers * 2 * inner * frames * _itemsize(dtype) * _KV_GROWTH)
+    return int(kv_bytes_per_frame(config, dtype, n_timesteps) * frames * _KV_GROWTH)
 
 
 def _gb(n: float) -> str:

@@ -104,6 +104,20 @@ def rows_are_independent(flow: torch.nn.Module) -> bool:
     return not any(isinstance(m, (dynamic.Linear, dynamic.LSTM, dynamic.GRU)) for m in flow.modules())
 
 
+def check_cache_budget(max_cache_bytes: int, bytes_per_frame: int, chunk_frames: int,
+                       page_frames: int = DEFAULT_PAGE_FRAMES) -> None:
+    """Refuse a memory budget whose key/value share cannot hold one chunk of one stream (in whole pages);
+    the message gives the smallest budget that can. ``bytes_per_frame``: :func:`cache_bytes_per_frame`, or
+    ``token2wav.memory.kv_bytes_per_frame`` of the config before a model is loaded."""
+    chunk = -(-chunk_frames // page_frames) * page_frames * bytes_per_frame
+    if MemoryBudget(max_cache_bytes).kv_bytes < chunk:
+        least = int(-(-chunk // KV_SHARE))
+        least_mb = math.ceil(least / 2**20 * 100) / 100  # as `serve --max-cache-mb` takes it, rounded up
+        raise ValueError(f"max_cache_bytes={max_cache_bytes} cannot hold one chunk of one stream: at least "
+                         f"{least} bytes ({least / 2**20:.2f} MiB; {KV_SHARE:.0%} of the budget is for "
+                         f"key/value pages; token2wav serve --max-cache-mb {least_mb:.2f})")
+
+
 def cache_bytes_per_frame(flow: torch.nn.Module, n_timesteps: int) -> int:
     """Bytes one mel frame adds to a cached session: keys and values of every attention layer, for every
     solver step and both guidance branches."""
@@ -226,14 +240,7 @@ class Batcher:
         self._bytes_per_frame = cache_bytes_per_frame(t2w.flow, t2w.n_timesteps)
         self._ratio = int(t2w.config.token_mel_ratio)
         if max_cache_bytes is not None:
-            frames = int(t2w.config.static_chunk_size)  # one chunk of one stream, in whole pages
-            chunk = -(-frames // page_frames) * page_frames * self._bytes_per_frame
-            least = int(-(-chunk // KV_SHARE))
-            if self.memory.kv_bytes < chunk:
-                least_mb = math.ceil(least / 2**20 * 100) / 100  # as `serve --max-cache-mb` takes it, rounded up
-                raise ValueError(f"max_cache_bytes={max_cache_bytes} cannot hold one chunk of one stream: at least "
-                                 f"{least} bytes ({least / 2**20:.2f} MiB; {KV_SHARE:.0%} of the budget is for "
-                                 f"key/value pages; token2wav serve --max-cache-mb {least_mb:.2f})")
+            check_cache_budget(max_cache_bytes, self._bytes_per_frame, int(t2w.config.static_chunk_size), page_frames)
         self._cv = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._pushers = 0
