@@ -242,6 +242,31 @@ def test_an_unknown_option_is_reported_by_its_command_with_its_usage(capsys) -> 
     assert err.strip().endswith("token2wav prompt: error: unrecognized arguments: --wav")
 
 
+def test_demo_command_refuses_bad_steps_outputs_and_voices(tmp_path, capsys, monkeypatch) -> None:
+    from token2wav.streaming.engine import Token2Wav
+
+    loaded = Token2Wav.from_pretrained
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad option was reported")
+
+    monkeypatch.setattr(Token2Wav, "from_pretrained", refuse)
+    # --steps 0 ran the model's 10 steps (0 read as "not given"); 1000 ran for minutes
+    for args, message in [
+        (["--steps", "0"], "--steps must be in [1, 100], got 0"),
+        (["--steps", "1000"], "--steps must be in [1, 100], got 1000"),
+        (["--out", str(tmp_path / "no" / "d.wav")], f"--out {tmp_path / 'no' / 'd.wav'}: the folder "
+                                                      f"{tmp_path / 'no'} does not exist"),
+        (["--out", str(tmp_path)], f"--out {tmp_path} is a folder; give a file name"),
+    ]:
+        assert cli.main(["demo", *args]) == 2
+        assert capsys.readouterr().err.strip() == f"token2wav demo: error: {message}"
+    monkeypatch.setattr(Token2Wav, "from_pretrained", loaded)
+    assert cli.main(["demo", "--speaker", "bob", "--out", str(tmp_path / "d.wav")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "token2wav demo: error: --speaker bob is not one of the model's voices: slt, rms, awb")
+
+
 def test_unknown_model_is_a_clear_error(tmp_path, capsys, token_file) -> None:
     code = cli.main(
         ["synth", "--model", "no-such-model", "--tokens", str(token_file), "--out", str(tmp_path / "x.wav")]

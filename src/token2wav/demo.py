@@ -70,10 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="also print the measurements as one JSON line")
 
 
+MAX_STEPS = 100  # --steps: ten times the model's 10 is far past any gain (and ten times the wait)
+
+
 def main(args: argparse.Namespace) -> int:
     from .audio import write_wav
     from .streaming.engine import Token2Wav
+    from .tokens_io import check_output_path
 
+    if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be in [1, {MAX_STEPS}], got {args.steps}")
+    check_output_path(args.out)
     model = args.model or default_model()
     if model == "tiny":
         print("note: the bundled demo voice is not installed; running the tiny model with RANDOM weights "
@@ -82,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
     t2w = Token2Wav.from_pretrained(model, vocoder_precision=args.vocoder_precision)
     load_s = time.perf_counter() - t_load
     if args.speaker is not None and args.speaker not in t2w.speakers:
-        raise SystemExit(f"--speaker must be one of {t2w.speakers or 'none (this model has no bundled voices)'}")
+        raise ValueError(f"--speaker {args.speaker} is not one of the model's voices: "
+                         f"{', '.join(t2w.speakers) or 'it has none'}")
     tokens, text, speaker = _utterance(t2w, args.speaker)
     prompt = t2w.speaker_prompt(speaker) if speaker in t2w.speakers else None
     if args.preset is None:
@@ -91,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         options = {"preset": args.preset}
         label = f"preset {args.preset}"
-    steps = args.steps or (LOW_LATENCY_STEPS if args.preset is None else None)
+    steps = args.steps if args.steps is not None else (LOW_LATENCY_STEPS if args.preset is None else None)
     if steps:
         t2w.n_timesteps = steps
     if args.hop is not None:

@@ -121,11 +121,13 @@ class StreamOptions:
             try:
                 validate_hop(hop, chunk, name=spell("hop"))
             except ValueError as exc:
-                msg = str(exc).replace(f"{spell('hop')}={hop}", spell("hop", hop, with_value=True))
-                if supported:
-                    msg += f"; or any hop in {supported[0]}..{supported[1]} tokens, which this model supports as " \
-                           "a dynamic chunk"
-                raise ValueError(msg) from None
+                if supported:  # not "trained with a fixed chunk": say both ways this model takes a hop
+                    raise ValueError(
+                        f"{spell('hop', hop, with_value=True)} tokens: this model takes any hop in {supported[0]}.."
+                        f"{supported[1]} tokens (a dynamic chunk), or a multiple of its trained chunk ({trained} "
+                        f"tokens: {trained}, {2 * trained}, {3 * trained}, ...)") from None
+                raise ValueError(str(exc).replace(f"{spell('hop')}={hop}", spell("hop", hop, with_value=True))) \
+                    from None
         if max_hop is not None:
             if schedule not in ("exponential", "adaptive"):
                 raise ValueError(f"{spell('max_hop')} only applies to schedule='exponential' or 'adaptive'")
