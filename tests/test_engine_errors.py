@@ -264,3 +264,13 @@ def test_constrained_preset_quantizes_a_copy_once(engine, prompt):
     dev = float(np.abs(mel - ref).max())
     assert mel.shape == ref.shape and np.isfinite(mel).all()
     assert 0 < dev < 0.5 * float(np.abs(ref).max())
+
+
+def test_a_device_this_torch_cannot_use_is_named_before_loading():
+    # a CPU build asked for CUDA raised "Torch not compiled with CUDA enabled" (AssertionError) inside loading
+    beyond = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: unavailable on every machine
+    with pytest.raises(ValueError, match=rf"^device='{beyond}' is not available to this torch \("):
+        Token2Wav.from_pretrained("tiny", device=beyond)
+    with pytest.raises(ValueError, match=r"^device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                                         r"got 'tpu'$"):
+        Token2Wav.from_pretrained("tiny", device="tpu")

@@ -63,6 +63,21 @@ def _to_tensor(value: Any, name: str, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
+def _usable_device(device: Any) -> torch.device:
+    """``device`` as a torch device this torch can allocate on; else ValueError naming it (a CPU build asked for
+    CUDA raised an AssertionError deep in loading)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:  # torch says "not compiled with CUDA", "invalid device ordinal"
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"device={str(dev)!r} is not available to this torch ({reason})") from None
+    return dev
+
+
 @dataclass(frozen=True, eq=False)
 class Prompt:
     """A voice prompt: its speech tokens, its log-mel ``[frames, mel_dim]`` and a speaker embedding.
@@ -189,7 +204,8 @@ class Token2Wav:
         from ..loading import load_flow, load_vocoder, resolve_model_dir
         from ..models.hifigan import VOCODER_PRECISIONS, HiFiGANGenerator
 
-        if vocoder_precision not in VOCODER_PRECISIONS:  # before anything is downloaded or loaded
+        device = _usable_device(device)  # before anything is downloaded or loaded
+        if vocoder_precision not in VOCODER_PRECISIONS:
             raise ValueError(f"vocoder_precision must be one of {VOCODER_PRECISIONS}, got {vocoder_precision!r}")
         if vocoder_precision != "float32" and dtype != torch.float32:
             raise ValueError(f"vocoder_precision={vocoder_precision!r} needs dtype=torch.float32 (it picks which "
