@@ -96,6 +96,7 @@ def test_without_ray_serve_says_what_to_install() -> None:
         (["--autoscale", "2"], "--autoscale must be MIN:MAX with 1 <= MIN <= MAX <= 1024, got '2'"),
         (["--ray-address", "nowhere"], "--ray-address must be auto, HOST:PORT or ray://HOST:PORT, got 'nowhere'"),
         (["--port", "70000"], "--port must be in [1, 65535], got 70000"),
+        (["--max-cache-mb", "1"], "max_cache_bytes=1048576 cannot hold one chunk of one stream"),
     ],
 )
 def test_cli_refuses_bad_ray_options_before_starting_anything(args: list[str], message: str, capsys) -> None:

@@ -565,15 +565,19 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _precheck_cache_budget(args: argparse.Namespace) -> None:
-    """Refuse a ``--max-cache-mb`` that cannot hold one chunk of one stream, from the model's config."""
+    """Refuse a ``--max-cache-mb`` that cannot hold one chunk of one stream, from the model's config (the
+    random-weight ``bench:`` models are checked when built)."""
     import torch
 
     from token2wav.config import read_config
-    from token2wav.loading import resolve_model_dir
+    from token2wav.loading import default_model, resolve_model_dir
     from token2wav.memory import kv_bytes_per_frame
     from token2wav.streaming.batcher import check_cache_budget
 
-    config = read_config(resolve_model_dir(_local_model(args.model)))
+    model = args.model if args.model is not None else default_model()
+    if model.startswith("bench:"):
+        return
+    config = read_config(resolve_model_dir(_local_model(model)))
     per_frame = kv_bytes_per_frame(config, getattr(torch, args.dtype))
     check_cache_budget(int(args.max_cache_mb * 2**20), per_frame, int(config.static_chunk_size))
 
@@ -674,6 +678,8 @@ def _serve(args: argparse.Namespace) -> int:
 
         if args.model is not None:
             _local_model(args.model)  # a model id: downloaded once here; replicas find it in the (shared) cache
+        if args.max_cache_mb is not None and args.max_cache_mb > 0:
+            _precheck_cache_budget(args)  # before any replica loads the model
         return serve_on_ray(args)
     access = access_from_args(args)  # before loading anything: a refused address or a bad key fails fast
     if args.model is None:  # the bundled demo voice (the tiny random-weight model if it is not installed)
@@ -688,7 +694,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-workers must be in [1, 64], got {args.batch_workers}")
     if args.max_cache_mb is not None and not args.max_cache_mb > 0:
         raise ValueError(f"--max-cache-mb must be > 0, got {args.max_cache_mb}")
-    if args.max_cache_mb is not None and not args.model.startswith("bench:"):
+    if args.max_cache_mb is not None:
         _precheck_cache_budget(args)  # the config alone decides it: before seconds of loading
     if args.graphs and args.no_batching:
         raise ValueError("--graphs runs the batcher's fixed-shape batches; it cannot be used with --no-batching")
