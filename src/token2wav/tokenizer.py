@@ -199,14 +199,14 @@ class KMeansTokenizer:
         save_file({"centroids": self.centroids.half().contiguous()}, str(path), metadata=meta)
 
     def prepare(self, wave: Tensor | np.ndarray, sample_rate: int) -> Tensor:
-        """Mono float audio at the analysis rate, peak-normalised like the vocoder's training data."""
-        w = torch.as_tensor(np.asarray(wave, dtype=np.float32)) if not isinstance(wave, Tensor) else wave.float()
+        """Mono float audio at the analysis rate, peak-normalised like the vocoder's training data. ``wave``:
+        ``[samples]``, ``[channels, samples]`` or ``[samples, channels]`` (averaged), float or int16/int32 PCM,
+        read as a prompt's recording is (``frontend.dsp``)."""
+        from .frontend.dsp import as_float_array, to_mono
+
+        w = torch.from_numpy(np.ascontiguousarray(to_mono(as_float_array(wave, "wave"), "wave"), dtype=np.float32))
         if w.numel() == 0:
             raise ValueError("wave is empty: tokenizing needs at least one sample")
-        if w.dim() == 2:  # (channels, T) or (T, channels): average to mono
-            w = w.mean(0) if w.shape[0] < w.shape[1] else w.mean(1)
-        if w.dim() != 1:
-            raise ValueError(f"wave must be 1-D (or 2-D multi-channel), got shape {tuple(w.shape)}")
         if not torch.isfinite(w).all():
             raise ValueError("wave holds NaN or infinite samples")
         w = resample(w, int(sample_rate), self.mel.sample_rate)

@@ -377,10 +377,9 @@ class Token2Wav:
     def tokenize(self, wave: Any, sample_rate: int) -> list[int]:
         """Speech tokens of a waveform, with the model's own tokenizer: ``[samples]``, ``[channels, samples]``
         or ``[samples, channels]`` (averaged to mono), float in [-1, 1] or int16/int32 PCM, any sample rate."""
-        from ..frontend.dsp import as_float_array, check_rate, to_mono
+        from ..frontend.dsp import check_rate
 
-        rate = check_rate(sample_rate, "sample_rate")
-        return self.speech_tokenizer()(to_mono(as_float_array(wave, "wave"), "wave"), rate)
+        return self.speech_tokenizer()(wave, check_rate(sample_rate, "sample_rate"))  # the tokenizer reads the layout
 
     def speech_tokenizer(self) -> Any:
         """The bundled model's own k-means speech tokenizer, loaded once."""
